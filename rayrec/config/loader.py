@@ -1,0 +1,222 @@
+"""Load a job YAML, apply dotted overrides, validate, and explain errors in one message.
+
+Overrides are ``key=value`` strings (``train.optim.lr=3e-4``, ``train.eval.ks=[5,10]``,
+``scaling.use_gpu=true``). The value is read as a YAML scalar or flow list with
+``yaml.safe_load`` and then typed by the schema; nothing is ever ``eval``-ed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from rayrec.config.schema import JobConfig
+from rayrec.errors import ConfigError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def load_job(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
+    """Read ``path``, apply ``overrides`` and return the validated job config."""
+    return load_model(JobConfig, path, overrides)
+
+
+def load_model(model: type[M], path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> M:
+    """Read a YAML file into ``model`` (any strict pydantic model) with dotted overrides."""
+    path = Path(path)
+    raw, lines = read_yaml(path)
+    applied = apply_overrides(raw, overrides, model)
+    return validate(model, raw, source=str(path), lines=lines, overridden=applied)
+
+
+def read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
+    """Parse a YAML mapping and remember the line of every dotted key (for messages)."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such job file")
+    text = path.read_text(encoding="utf-8")
+    try:
+        raw = yaml.safe_load(text) or {}
+        lines = _key_lines(yaml.compose(text))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    return raw, lines
+
+
+def _key_lines(node: yaml.Node | None, prefix: str = "") -> dict[str, int]:
+    out: dict[str, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            dotted = f"{prefix}{key_node.value}"
+            out[dotted] = key_node.start_mark.line + 1
+            out.update(_key_lines(value_node, dotted + "."))
+    return out
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """Split ``a.b=value`` and read the value as YAML (numbers, booleans, lists, null)."""
+    key, sep, value = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.optim.lr=3e-4)")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{item}': value is not valid YAML: {e}") from None
+    return key, parsed
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...], model: type[BaseModel]) -> dict[str, str]:
+    """Set each override into ``raw`` in place; return ``{dotted key: override text}``."""
+    applied: dict[str, str] = {}
+    for item in overrides:
+        key, value = parse_override(item)
+        parts = key.split(".")
+        node = raw
+        for depth, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                prefix = ".".join(parts[: depth + 1])
+                raise ConfigError(f"override '{item}': '{prefix}' is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+        applied[key] = item
+    return applied
+
+
+def validate(
+    model: type[M],
+    raw: dict[str, Any],
+    *,
+    source: str,
+    lines: dict[str, int] | None = None,
+    overridden: dict[str, str] | None = None,
+) -> M:
+    """Validate ``raw`` against ``model``; turn pydantic's errors into one clear message."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(explain(e, model, source, lines or {}, overridden or {})) from None
+
+
+def explain(
+    err: ValidationError,
+    model: type[BaseModel],
+    source: str,
+    lines: dict[str, int],
+    overridden: dict[str, str],
+) -> str:
+    """One message: where (file:line or the override), the dotted key, given vs. allowed."""
+    out = []
+    for e in err.errors():
+        loc = [str(p) for p in e["loc"] if not _is_variant_tag(p, model)]
+        dotted = ".".join(loc)
+        where = _where(dotted, source, lines, overridden)
+        given = e.get("input")
+        if e["type"] == "extra_forbidden":
+            out.append(f"{where}: unknown key '{dotted}'{_suggest(dotted, model)}")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            out.append(f"{where}: {dotted or '(top level)'}: {msg} (given: {given!r})")
+    return "\n".join(out)
+
+
+def _where(dotted: str, source: str, lines: dict[str, int], overridden: dict[str, str]) -> str:
+    for key in _prefixes(dotted):
+        if key in overridden:
+            return f"{source}: override '{overridden[key]}'"
+        if key in lines:
+            return f"{source}:{lines[key]}"
+    return source
+
+
+def _prefixes(dotted: str) -> list[str]:
+    parts = dotted.split(".")
+    return [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
+
+
+def _is_variant_tag(part: Any, model: type[BaseModel]) -> bool:
+    """pydantic puts the discriminator value (e.g. 'sasrec') into error locations."""
+    return isinstance(part, str) and part in _variant_tags(model)
+
+
+def _variant_tags(model: type[BaseModel]) -> set[str]:
+    tags: set[str] = set()
+    for cls in _all_models(model):
+        field = cls.model_fields.get("name")
+        if field is not None and typing.get_origin(field.annotation) is typing.Literal:
+            tags.update(typing.get_args(field.annotation))
+    return tags
+
+
+def _suggest(dotted: str, model: type[BaseModel]) -> str:
+    paths = config_paths(model)
+    leaf = dotted.rsplit(".", 1)[-1]
+    parent = dotted.rsplit(".", 1)[0] if "." in dotted else ""
+    same_leaf = [p for p in paths if p.rsplit(".", 1)[-1] == leaf]
+    near = difflib.get_close_matches(dotted, paths, n=6, cutoff=0.75)
+    close = (same_leaf + [p for p in near if p not in same_leaf and not dotted.startswith(p + ".")])[:3]
+    siblings = sorted({p[len(parent) + 1 :].split(".")[0] for p in paths if parent and p.startswith(parent + ".")})
+    if not parent:
+        siblings = sorted({p.split(".")[0] for p in paths})
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
+    return f"{hint} (valid keys{' in ' + parent if parent else ''}: {', '.join(siblings)})"
+
+
+def config_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Every dotted path of ``model`` (leaves and sections), union over tagged variants."""
+    out: list[str] = []
+    for name, field in model.model_fields.items():
+        dotted = f"{prefix}{name}"
+        out.append(dotted)
+        for sub in _models_in(field.annotation):
+            out.extend(p for p in config_paths(sub, dotted + ".") if p not in out)
+    return out
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _models_in(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        return [m for a in typing.get_args(annotation) for m in _models_in(a)]
+    return []
+
+
+def _all_models(model: type[BaseModel]) -> list[type[BaseModel]]:
+    seen = [model]
+    for m in seen:
+        for field in m.model_fields.values():
+            seen.extend(s for s in _models_in(field.annotation) if s not in seen)
+    return seen
+
+
+def dump_job(cfg: BaseModel) -> str:
+    """The resolved config as YAML (paths as strings), for MLflow and checkpoints."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def flatten(cfg: BaseModel) -> dict[str, Any]:
+    """``{"train.optim.lr": 0.001, ...}``: the resolved config as flat params."""
+    out: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        else:
+            out[prefix[:-1]] = node
+
+    walk(cfg.model_dump(mode="json"), "")
+    return out

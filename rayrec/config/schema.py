@@ -1,0 +1,222 @@
+"""Typed schema of a job file. Defaults live here and nowhere else.
+
+Every model forbids unknown keys, so a typo is an error, never a silent default.
+Derived values (global batch size, ...) are properties computed in one place.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+SplitProtocol = Literal["leave_one_out", "temporal", "user_prefix"]
+SourceName = Literal[
+    "synthetic",
+    "movielens-100k",
+    "movielens-1m",
+    "movielens-multimodal",
+    "recbole",
+    "minionerec",
+    "csv",
+]
+
+
+class Strict(BaseModel):
+    """Base of every config section: unknown keys are errors; assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SynthConfig(Strict):
+    """Size and seed of the embedded synthetic dataset (source ``synthetic``)."""
+
+    users: int = Field(943, ge=10, description="number of users")
+    items: int = Field(1682, ge=10, description="number of items")
+    topics: int = Field(12, ge=1, description="latent topics that drive the Markov chains")
+    mean_len: int = Field(60, ge=3, description="mean sequence length")
+    seed: int = Field(0, description="generator seed")
+    images: bool = Field(True, description="write a small PNG per item")
+
+
+class FilterConfig(Strict):
+    """Filters applied in order: rating threshold, k-core, sequence length bounds."""
+
+    min_rating: float | None = Field(None, description="keep events with rating >= this")
+    user_core: int = Field(0, ge=0, description="users need at least this many events (k-core)")
+    item_core: int = Field(0, ge=0, description="items need at least this many events (k-core)")
+    min_seq_len: int = Field(3, ge=1, description="drop users with fewer events after k-core")
+    max_seq_len: int | None = Field(None, ge=1, description="keep only the last N events per user")
+
+
+class DataConfig(Strict):
+    """Where the prepared dataset lives, and how to build it when absent."""
+
+    path: Path = Field(Path("data/quickstart"), description="prepared dataset directory")
+    source: SourceName = Field("synthetic", description="raw source used when path is absent")
+    input: Path | None = Field(None, description="raw input (file or folder) of the source")
+    prepare_if_missing: bool = Field(True, description="prepare `path` from the source when absent")
+    split: SplitProtocol = "leave_one_out"
+    filters: FilterConfig = FilterConfig()
+    synth: SynthConfig = SynthConfig()
+    on_bad_line: Literal["skip", "error"] = "error"
+    source_options: dict[str, str | int | float | bool] = Field(
+        default_factory=dict, description="extra keyword options of the source reader"
+    )
+
+    @model_validator(mode="after")
+    def _input_for_real_sources(self) -> DataConfig:
+        if self.source != "synthetic" and self.input is None and self.prepare_if_missing:
+            if not self.path.exists():
+                raise ValueError(
+                    f"data.input is required for source '{self.source}' when data.path "
+                    f"({self.path}) does not exist yet; set data.input=/path/to/raw"
+                )
+        return self
+
+
+class LossConfig(Strict):
+    """Training objective of a sequential model.
+
+    ce: full softmax cross-entropy over all items (default, strongest).
+    bce: sampled binary cross-entropy with ``num_negatives`` uniform negatives.
+    gbce: generalised BCE (Petrov & Macdonald 2023) with calibration ``gbce_t``.
+    """
+
+    name: Literal["ce", "bce", "gbce"] = "ce"
+    num_negatives: int = Field(1, ge=1, description="negatives per positive for bce/gbce")
+    gbce_t: float = Field(0.75, ge=0.0, le=1.0, description="gBCE calibration t in [0, 1]")
+
+
+class SASRecConfig(Strict):
+    """SASRec (Kang & McAuley 2018) with pre-LN blocks and tied output embedding."""
+
+    name: Literal["sasrec"] = "sasrec"
+    hidden: int = Field(64, ge=4)
+    num_blocks: int = Field(2, ge=1)
+    num_heads: int = Field(1, ge=1)
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    max_len: int = Field(50, ge=2, description="history length fed to the model")
+    loss: LossConfig = LossConfig()
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> SASRecConfig:
+        if self.hidden % self.num_heads:
+            raise ValueError(
+                f"hidden ({self.hidden}) must be divisible by num_heads ({self.num_heads})"
+            )
+        return self
+
+
+class PopularityConfig(Strict):
+    """Most-popular baseline: scores every item by its training frequency."""
+
+    name: Literal["popularity"] = "popularity"
+    max_len: int = Field(50, ge=1, description="history length (only used to mask seen items)")
+
+
+ModelConfig = Annotated[SASRecConfig | PopularityConfig, Field(discriminator="name")]
+
+
+class OptimConfig(Strict):
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.98)
+    warmup_steps: int = Field(0, ge=0, description="linear warmup steps before cosine decay")
+    schedule: Literal["cosine", "constant"] = "cosine"
+    grad_clip: float | None = Field(1.0, gt=0.0, description="max global grad norm; null = off")
+
+
+class EarlyStopConfig(Strict):
+    metric: str = Field("val/ndcg@10", description="validation metric that picks the best epoch")
+    mode: Literal["max", "min"] = "max"
+    patience: int = Field(5, ge=1, description="epochs without improvement before stopping")
+
+    @field_validator("metric")
+    @classmethod
+    def _validation_only(cls, v: str) -> str:
+        if not v.startswith("val/"):
+            raise ValueError(
+                f"'{v}' is not a validation metric; early stopping and model selection "
+                "must use a val/ metric (e.g. val/ndcg@10) so the test split stays unseen"
+            )
+        return v
+
+
+class EvalConfig(Strict):
+    ks: list[int] = Field(default_factory=lambda: [5, 10, 20])
+    mode: str = Field("full", description="'full' ranking or 'sampled:N' negatives")
+    mask_seen: bool = Field(True, description="exclude items already in the history")
+    batch_size: int = Field(256, ge=1)
+
+    @field_validator("mode")
+    @classmethod
+    def _mode(cls, v: str) -> str:
+        if v == "full":
+            return v
+        head, _, n = v.partition(":")
+        if head != "sampled" or not n.isdigit() or int(n) < 1:
+            raise ValueError(f"'{v}' is not 'full' or 'sampled:N' with N >= 1 (e.g. sampled:100)")
+        return v
+
+    @field_validator("ks")
+    @classmethod
+    def _ks(cls, v: list[int]) -> list[int]:
+        if not v or any(k < 1 for k in v):
+            raise ValueError(f"ks must be a non-empty list of positive integers, got {v}")
+        return sorted(set(v))
+
+
+class TrainConfig(Strict):
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(128, ge=1, description="sequences per worker per step")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    optim: OptimConfig = OptimConfig()
+    early_stopping: EarlyStopConfig = EarlyStopConfig()
+    eval: EvalConfig = EvalConfig()
+    amp: bool = Field(True, description="bf16/fp16 autocast when on GPU (ignored on CPU)")
+    shuffle_buffer: int = Field(1024, ge=0, description="local shuffle buffer (rows); 0 = off")
+
+
+class ScalingConfig(Strict):
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=lambda: {"CPU": 1.0},
+        description="Ray resources each worker reserves; leave CPU for Ray Data on small hosts",
+    )
+
+
+class TrackingConfig(Strict):
+    enabled: bool = True
+    uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI (sqlite, http, ...)")
+    experiment: str = "rayrec"
+
+
+class CheckpointConfig(Strict):
+    num_to_keep: int | None = Field(2, ge=1, description="checkpoints kept (best by metric)")
+
+
+class RunConfig(Strict):
+    name: str = Field("quickstart", pattern=r"^[A-Za-z0-9_.\-]+$")
+    storage_path: Path = Field(Path("runs"), description="where Ray Train writes checkpoints")
+    seed: int = 0
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    max_failures: int = Field(0, ge=-1, description="worker failures tolerated (-1 = unlimited)")
+
+
+class JobConfig(Strict):
+    """One runnable job: what `rayrec train JOB.yaml` reads."""
+
+    data: DataConfig = DataConfig()
+    model: ModelConfig = SASRecConfig()
+    train: TrainConfig = TrainConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    run: RunConfig = RunConfig()
+
+    @property
+    def global_batch_size(self) -> int:
+        """Sequences per optimizer step over all workers."""
+        return self.train.batch_size * self.scaling.num_workers * self.train.grad_accum

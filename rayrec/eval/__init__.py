@@ -1,0 +1,1 @@
+"""Evaluation: ranking metrics (full and sampled)."""

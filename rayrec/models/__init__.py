@@ -1,0 +1,29 @@
+"""Model builders, looked up by the config's `name` in a plain dict."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from rayrec.config.schema import PopularityConfig, SASRecConfig
+from rayrec.errors import ConfigError
+from rayrec.models.popularity import Popularity, build_popularity
+from rayrec.models.sasrec import SASRec, build_sasrec
+
+# name -> builder(num_items, cfg)
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "sasrec": build_sasrec,
+    "popularity": build_popularity,
+}
+
+
+def build_model(cfg: SASRecConfig | PopularityConfig, num_items: int) -> nn.Module:
+    """Build the model named by `cfg.name` (a job's `model:` section) over items 1..num_items."""
+    builder = MODELS.get(cfg.name)
+    if builder is None:
+        raise ConfigError(f"unknown model '{cfg.name}'; registered: {sorted(MODELS)}")
+    return builder(num_items, cfg)
+
+
+__all__ = ["MODELS", "Popularity", "SASRec", "build_model", "build_popularity", "build_sasrec"]

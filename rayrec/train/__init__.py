@@ -1,0 +1,1 @@
+"""Training: the framework-free loop, checkpoints, and the Ray Train wiring."""

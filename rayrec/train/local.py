@@ -1,0 +1,81 @@
+"""Run the framework-free loop in this process (no Ray): baselines, tests, benchmarks."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rayrec.config.schema import JobConfig
+from rayrec.data.dataset import Prepared
+from rayrec.data.streaming import PlainLoader
+from rayrec.tracking.mlflow_tracking import Tracker
+from rayrec.train.checkpoint import load_state, save_state, seed_everything
+from rayrec.train.loop import LossModule, evaluate, fit
+from rayrec.train.worker import DataInfo, build, collate_for, has_parameters
+
+
+class PlainBatches:
+    """``Batches`` from in-memory tables; the same rows, order and seeds as the Ray path."""
+
+    def __init__(self, cfg: JobConfig, ds: Prepared, info: DataInfo) -> None:
+        self.cfg, self.info = cfg, info
+        max_len = cfg.model.max_len
+        self.train_df = ds.table("train")
+        self._eval = {
+            s: PlainLoader(ds.table(s), s, max_len=max_len, batch_size=cfg.train.eval.batch_size,
+                           collate=collate_for(cfg, info), seen_len=info.seen_len)
+            for s in ("valid", "test")
+        }
+        self._train = PlainLoader(self.train_df, "train", max_len=max_len, batch_size=cfg.train.batch_size,
+                                  collate=collate_for(cfg, info), shuffle=cfg.train.shuffle_buffer > 0)
+
+    def train(self, epoch: int):
+        self._train.collate = collate_for(self.cfg, self.info, epoch)
+        return self._train
+
+    def valid(self):
+        return self._eval["valid"]
+
+    def test(self):
+        return self._eval["test"]
+
+
+class LocalReporter:
+    """Logs metrics to MLflow and writes a checkpoint folder per epoch under ``run_dir``."""
+
+    def __init__(self, run_dir: Path | None, tracker: Tracker) -> None:
+        self.run_dir, self.tracker = run_dir, tracker
+        self.metrics: list[dict[str, float]] = []
+        self.last_checkpoint: Path | None = None
+
+    def report(self, metrics: dict[str, float], state: dict[str, Any] | None) -> None:
+        self.metrics.append(dict(metrics))
+        epoch = int(metrics.get("epoch", 0))
+        self.tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+        if state is not None and self.run_dir is not None:
+            self.last_checkpoint = self.run_dir / f"epoch_{epoch:04d}"
+            save_state(state, self.last_checkpoint)
+
+
+def run_local(cfg: JobConfig, ds: Prepared, info: DataInfo, *, run_dir: Path | None, tracker: Tracker,
+              resume_from: str | Path | None = None) -> tuple[dict[str, float], LocalReporter]:
+    """Fit (or, for parameter-free baselines, just evaluate) in this process."""
+    seed_everything(cfg.run.seed)
+    device = torch.device("cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu")
+    model = build(cfg, info).to(device)
+    batches = PlainBatches(cfg, ds, info)
+    reporter = LocalReporter(run_dir, tracker)
+    if not has_parameters(model):
+        model.fit(batches.train_df["seq"])
+        final = evaluate(model, batches.valid(), cfg, info.num_items, device, prefix="val/")
+        final.update(evaluate(model, batches.test(), cfg, info.num_items, device, prefix="test/"))
+        reporter.report({"epoch": 0, **final}, None)
+        return final, reporter
+    resume = load_state(resume_from) if resume_from else None
+    final = fit(LossModule(model), model, batches, cfg, num_items=info.num_items, device=device,
+                reporter=reporter, resume=resume,
+                steps_per_epoch=math.ceil(len(batches.train(1)) / cfg.train.grad_accum))
+    return final, reporter

@@ -1,0 +1,158 @@
+"""Ray Train wiring: the per-worker function and the ``TorchTrainer`` built from a job.
+
+The worker sets devices, seeds and the process group (via Ray), builds the model,
+and hands the framework-free ``fit`` three Ray-backed pieces: batches from its
+dataset shards, an all-reduce for metric sums, and a reporter that calls
+``ray.train.report(metrics, checkpoint)`` every epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rayrec.config.schema import JobConfig
+from rayrec.data.streaming import iter_shard, ray_dataset
+from rayrec.tracking.mlflow_tracking import Tracker
+from rayrec.train.checkpoint import load_state, save_state, seed_everything
+from rayrec.train.loop import LossModule, fit
+from rayrec.train.worker import DataInfo, build, collate_for, steps_per_epoch
+
+log = logging.getLogger(__name__)
+
+
+class ShardBatches:
+    """``Batches`` over this worker's Ray Data shards."""
+
+    def __init__(self, cfg: JobConfig, info: DataInfo) -> None:
+        import ray.train
+
+        self.cfg, self.info = cfg, info
+        self.shards = {s: ray.train.get_dataset_shard(s) for s in ("train", "valid", "test")}
+
+    def train(self, epoch: int):
+        return iter_shard(self.shards["train"], batch_size=self.cfg.train.batch_size,
+                          collate=collate_for(self.cfg, self.info, epoch), shuffle_buffer=self.cfg.train.shuffle_buffer)
+
+    def valid(self):
+        return iter_shard(self.shards["valid"], batch_size=self.cfg.train.eval.batch_size, collate=collate_for(self.cfg, self.info))
+
+    def test(self):
+        return iter_shard(self.shards["test"], batch_size=self.cfg.train.eval.batch_size, collate=collate_for(self.cfg, self.info))
+
+
+class RayReporter:
+    """Every worker reports (Train V2 requires it); rank 0 adds the checkpoint and logs to MLflow."""
+
+    def __init__(self, rank: int, tracker: Tracker) -> None:
+        self.rank, self.tracker = rank, tracker
+
+    def report(self, metrics: dict[str, float], state: dict[str, Any] | None) -> None:
+        import ray.train
+
+        epoch = int(metrics.get("epoch", 0))
+        self.tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+        if state is None or self.rank != 0:
+            ray.train.report(metrics, checkpoint=None)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            save_state(state, d)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+                             checkpoint_dir_name=f"epoch_{epoch:04d}")
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over workers (a no-op when there is one)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Entry point of each Ray Train worker."""
+    import ray.train
+    import ray.train.torch
+    from ray.experimental.tqdm_ray import tqdm
+
+    cfg = JobConfig.model_validate(config["job"])
+    info = DataInfo(**config["data"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    seed_everything(cfg.run.seed)  # same init on every rank; DDP broadcasts rank 0's anyway
+    device = ray.train.torch.get_device()
+    model = build(cfg, info)
+    module = ray.train.torch.prepare_model(LossModule(model))
+    model.to(device)
+    resume = _resume_state(config.get("resume_from"))
+    tracker = Tracker(config.get("tracking_uri"), config.get("mlflow_run_id")) if rank == 0 else Tracker.null()
+    steps = steps_per_epoch(cfg, info)
+    progress = (lambda it, epoch: tqdm(it, desc=f"epoch {epoch}", total=steps)) if rank == 0 else None
+    fit(module, model, ShardBatches(cfg, info), cfg, num_items=info.num_items, device=device,
+        reporter=RayReporter(rank, tracker), resume=resume, reduce=all_reduce_sum, world_size=world,
+        progress=progress, steps_per_epoch=steps)
+
+
+def _resume_state(explicit: str | None) -> dict[str, Any] | None:
+    """The newest checkpoint of this run (after a worker or driver restart), else ``explicit``."""
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            return load_state(d)
+    return load_state(explicit) if explicit else None
+
+
+def ray_datasets(cfg: JobConfig, info: DataInfo) -> dict[str, Any]:
+    """Lazy Ray Data pipelines for the three splits (read parquet -> pad/truncate)."""
+    max_len = cfg.model.max_len
+    return {
+        "train": ray_dataset(info.path, "train", max_len=max_len),
+        "valid": ray_dataset(info.path, "valid", max_len=max_len, seen_len=info.seen_len),
+        "test": ray_dataset(info.path, "test", max_len=max_len, seen_len=info.seen_len),
+    }
+
+
+def build_trainer(cfg: JobConfig, info: DataInfo, *, run_dir: Path, tracking_uri: str | None = None,
+                  mlflow_run_id: str | None = None, resume_from: str | None = None, callbacks: list | None = None):
+    """A ``TorchTrainer`` from the job's ``scaling`` and ``run`` sections."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    scaling = ray.train.ScalingConfig(
+        num_workers=cfg.scaling.num_workers,
+        use_gpu=cfg.scaling.use_gpu,
+        resources_per_worker=dict(cfg.scaling.resources_per_worker),
+    )
+    run = ray.train.RunConfig(
+        name=run_dir.name,
+        storage_path=str(run_dir.parent),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.checkpoint.num_to_keep),
+        failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+        callbacks=callbacks or [],
+        worker_runtime_env={"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", "")}},
+    )
+    loop_config = {
+        "job": cfg.model_dump(mode="json"),
+        "data": info.__dict__,
+        "tracking_uri": tracking_uri,
+        "mlflow_run_id": mlflow_run_id,
+        "resume_from": resume_from,
+    }
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
+        scaling_config=scaling,
+        run_config=run,
+        datasets=ray_datasets(cfg, info),
+        dataset_config=ray.train.DataConfig(datasets_to_split="all"),
+    )
