@@ -14,10 +14,25 @@ log = logging.getLogger(__name__)
 DATA_CPU_RESERVE = 1.0
 
 
-def ensure_ray(num_cpus: int | None = None, include_dashboard: bool = False) -> None:
-    """Join the cluster named by RAY_ADDRESS (ray job submit sets it) or start a local Ray."""
+def quiet_ray_data() -> None:
+    """One progress bar per epoch is ours; Ray Data's own bars and banners would drown it."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def ensure_ray(num_cpus: int | None = None, include_dashboard: bool = True) -> None:
+    """Join the cluster named by RAY_ADDRESS (ray job submit sets it) or start a local Ray.
+
+    The dashboard (ray[default]) backs the state API that Ray Train uses to clean up
+    placement groups; without it the controller warns every few seconds.
+    """
     import ray
 
+    quiet_ray_data()
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):

@@ -9,6 +9,7 @@ local checkpoint folder).
 from __future__ import annotations
 
 import copy
+from functools import partial
 import logging
 import math
 import time
@@ -213,7 +214,7 @@ def fit(
     module: nn.Module, model: nn.Module, batches: Batches, cfg: JobConfig, *, num_items: int,
     device: torch.device, reporter: Reporter, resume: dict[str, Any] | None = None,
     reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t, world_size: int = 1,
-    progress: Callable[[Iterable, int], Iterable] | None = None, steps_per_epoch: int | None = None,
+    progress: Callable[..., Iterable] | None = None, steps_per_epoch: int | None = None,
 ) -> dict[str, float]:
     """Train ``module`` (the possibly-DDP-wrapped ``LossModule``), validate every epoch,
     stop early, then evaluate the best weights on test. Returns the final metrics.
@@ -230,7 +231,7 @@ def fit(
     for epoch in range(st.epoch + 1, cfg.train.epochs + 1):
         if stopper.should_stop:
             break
-        wrap = (lambda it: progress(it, epoch)) if progress else (lambda it: it)
+        wrap = partial(progress, epoch=epoch) if progress else (lambda it: it)
         stats = train_epoch(module, batches.train(epoch), opt, sched, cfg, device, progress=wrap)
         metrics = _epoch_metrics(stats, epoch, world_size)
         metrics.update(evaluate(model, batches.valid(), cfg, num_items, device, prefix="val/", reduce=reduce))

@@ -82,6 +82,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
     from ray.experimental.tqdm_ray import tqdm
 
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     cfg = JobConfig.model_validate(config["job"])
     info = DataInfo(**config["data"])
     ctx = ray.train.get_context()
@@ -94,10 +96,34 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     resume = _resume_state(config.get("resume_from"))
     tracker = Tracker(config.get("tracking_uri"), config.get("mlflow_run_id")) if rank == 0 else Tracker.null()
     steps = steps_per_epoch(cfg, info)
-    progress = (lambda it, epoch: tqdm(it, desc=f"epoch {epoch}", total=steps)) if rank == 0 else None
-    fit(module, model, ShardBatches(cfg, info), cfg, num_items=info.num_items, device=device,
-        reporter=RayReporter(rank, tracker), resume=resume, reduce=all_reduce_sum, world_size=world,
-        progress=progress, steps_per_epoch=steps)
+    bar = EpochBar(tqdm, cfg.train.epochs, steps) if rank == 0 else None
+    try:
+        fit(module, model, ShardBatches(cfg, info), cfg, num_items=info.num_items, device=device,
+            reporter=RayReporter(rank, tracker), resume=resume, reduce=all_reduce_sum, world_size=world,
+            progress=bar, steps_per_epoch=steps)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+class EpochBar:
+    """One bar on the driver's console (tqdm_ray), reset in place at each epoch.
+
+    A new tqdm_ray bar per epoch would leave every closed bar on screen.
+    """
+
+    def __init__(self, factory, epochs: int, steps: int) -> None:
+        self.bar = factory(desc="epoch 1", total=epochs * steps)
+        self.epochs = epochs
+
+    def __call__(self, it, epoch: int):
+        self.bar.set_description(f"epoch {epoch}/{self.epochs}")
+        for x in it:
+            yield x
+            self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def _resume_state(explicit: str | None) -> dict[str, Any] | None:
@@ -138,6 +164,7 @@ def build_trainer(cfg: JobConfig, info: DataInfo, *, run_dir: Path, tracking_uri
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.checkpoint.num_to_keep),
         failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
         callbacks=callbacks or [],
+        logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         worker_runtime_env={"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", "")}},
     )
     loop_config = {

@@ -1,0 +1,132 @@
+"""Job config loading: overrides are typed by the schema; every error names file, key, value, fix."""
+
+from pathlib import Path
+
+import pytest
+
+from rayrec.config import config_paths, dump_job, flatten, load_job
+from rayrec.config.schema import JobConfig
+from rayrec.errors import ConfigError
+
+JOB = """\
+data:
+  path: data/x
+model:
+  name: sasrec
+  hidden: 32
+train:
+  epochs: 3
+  optim:
+    lr: 0.001
+"""
+
+
+@pytest.fixture
+def job(tmp_path: Path) -> Path:
+    p = tmp_path / "job.yaml"
+    p.write_text(JOB)
+    return p
+
+
+def error_of(path, overrides=()) -> str:
+    with pytest.raises(ConfigError) as e:
+        load_job(path, overrides)
+    return str(e.value)
+
+
+def test_defaults_and_values_from_file(job):
+    cfg = load_job(job)
+    assert cfg.model.hidden == 32 and cfg.train.epochs == 3
+    assert cfg.model.num_blocks == JobConfig().model.num_blocks  # default from the schema
+    assert cfg.global_batch_size == cfg.train.batch_size * cfg.scaling.num_workers * cfg.train.grad_accum
+
+
+def test_overrides_are_typed_by_schema(job):
+    cfg = load_job(job, ["train.optim.lr=3e-4", "scaling.num_workers=4", "scaling.use_gpu=true",
+                         "train.eval.ks=[20, 5]", "model.loss.name=gbce", "data.filters.max_seq_len=null"])
+    assert cfg.train.optim.lr == pytest.approx(3e-4)
+    assert cfg.scaling.num_workers == 4 and cfg.scaling.use_gpu is True
+    assert cfg.train.eval.ks == [5, 20]
+    assert cfg.model.loss.name == "gbce"
+    assert cfg.data.filters.max_seq_len is None
+
+
+def test_model_variant_is_chosen_by_name(job):
+    p = job.parent / "pop.yaml"
+    p.write_text("model:\n  name: popularity\n")
+    assert load_job(p).model.name == "popularity"
+    # a key of another variant is an error, not silently dropped
+    assert "unknown key 'model.hidden'" in error_of(job, ["model.name=popularity"])
+
+
+def test_typo_names_file_line_key_and_suggestion(job):
+    job.write_text(JOB.replace("  epochs: 3", "  epochz: 3"))
+    msg = error_of(job)
+    assert f"{job}:7" in msg
+    assert "unknown key 'train.epochz'" in msg
+    assert "train.epochs" in msg  # nearest valid key
+
+
+def test_misplaced_key_suggests_its_real_path(job):
+    msg = error_of(job, ["train.lr=3e-4"])
+    assert "override 'train.lr=3e-4'" in msg
+    assert "did you mean train.optim.lr" in msg
+
+
+def test_wrong_type_names_key_and_given_value(job):
+    msg = error_of(job, ["train.optim.lr=fast"])
+    assert "train.optim.lr" in msg and "'fast'" in msg and "valid number" in msg
+
+
+def test_out_of_range_value(job):
+    job.write_text(JOB.replace("hidden: 32", "hidden: 32\n  dropout: 1.5"))
+    msg = error_of(job)
+    assert f"{job}:6" in msg and "model.dropout" in msg and "less than 1" in msg and "1.5" in msg
+
+
+def test_cross_field_rule_explains_fix(job):
+    msg = error_of(job, ["model.num_heads=3"])
+    assert "divisible by num_heads (3)" in msg
+
+
+def test_test_metric_refused_for_early_stopping(job):
+    msg = error_of(job, ["train.early_stopping.metric=test/ndcg@10"])
+    assert "validation metric" in msg
+
+
+def test_override_values_are_never_evaluated(job, tmp_path):
+    marker = tmp_path / "pwned"
+    msg = error_of(job, [f"run.name=__import__('os').system('touch {marker}')"])
+    assert not marker.exists()
+    assert "run.name" in msg
+
+
+def test_bad_override_syntax_and_missing_file(job, tmp_path):
+    assert "key=value" in error_of(job, ["train.epochs"])
+    assert "no such job file" in error_of(tmp_path / "nope.yaml")
+
+
+def test_override_into_a_value_is_an_error(job):
+    assert "'train.epochs' is a value" in error_of(job, ["train.epochs.x=1"])
+
+
+def test_dump_and_flatten_round_trip(job, tmp_path):
+    cfg = load_job(job, ["train.optim.lr=0.005"])
+    again = tmp_path / "again.yaml"
+    again.write_text(dump_job(cfg))
+    assert load_job(again) == cfg
+    flat = flatten(cfg)
+    assert flat["train.optim.lr"] == 0.005 and flat["model.name"] == "sasrec"
+
+
+def test_config_paths_cover_all_variants():
+    paths = config_paths(JobConfig)
+    assert "train.optim.lr" in paths and "model.loss.gbce_t" in paths and "scaling.resources_per_worker" in paths
+
+
+def test_every_shipped_job_file_loads():
+    root = Path(__file__).resolve().parents[1] / "jobs"
+    files = sorted(root.glob("*.yaml"))
+    assert files, "no job files shipped"
+    for f in files:
+        load_job(f)
