@@ -22,6 +22,13 @@ log = logging.getLogger(__name__)
 STATE_FILE = "state.pt"
 
 
+def checkpoint_name(metrics: dict[str, float]) -> str:
+    """``epoch_0003`` for epoch checkpoints, ``final`` for the one reported with test metrics."""
+    if any(k.startswith("test/") for k in metrics):
+        return "final"
+    return f"epoch_{int(metrics.get('epoch', 0)):04d}"
+
+
 def rng_state() -> dict[str, Any]:
     """Python, numpy and torch RNG states as tensors and plain values (weights_only-safe)."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()

@@ -12,7 +12,7 @@ from rayrec.config.schema import JobConfig
 from rayrec.data.dataset import Prepared
 from rayrec.data.streaming import PlainLoader
 from rayrec.tracking.mlflow_tracking import Tracker
-from rayrec.train.checkpoint import load_state, save_state, seed_everything
+from rayrec.train.checkpoint import checkpoint_name, load_state, save_state, seed_everything
 from rayrec.train.loop import LossModule, evaluate, fit
 from rayrec.train.worker import DataInfo, build, collate_for, has_parameters
 
@@ -53,10 +53,10 @@ class LocalReporter:
 
     def report(self, metrics: dict[str, float], state: dict[str, Any] | None) -> None:
         self.metrics.append(dict(metrics))
-        epoch = int(metrics.get("epoch", 0))
+        epoch = int(metrics.get("epoch", 0))  # the MLflow step
         self.tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
         if state is not None and self.run_dir is not None:
-            self.last_checkpoint = self.run_dir / f"epoch_{epoch:04d}"
+            self.last_checkpoint = self.run_dir / checkpoint_name(metrics)
             save_state(state, self.last_checkpoint)
 
 

@@ -9,13 +9,13 @@ local checkpoint folder).
 from __future__ import annotations
 
 import copy
-from functools import partial
 import logging
 import math
 import time
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol
 
 import torch
@@ -243,7 +243,7 @@ def fit(
         st.history.append(metrics)
         reporter.report(metrics, _state(st, model, opt, sched, cfg))
         log.info("epoch %d: %s", epoch, _fmt(metrics))
-    return _final_test(model, st, batches, cfg, num_items, device, reduce, stopper, reporter)
+    return _final_test(model, st, batches, cfg, num_items, device, reduce, stopper, reporter, opt, sched)
 
 
 def _epoch_metrics(stats: EpochStats, epoch: int, world_size: int) -> dict[str, float]:
@@ -256,15 +256,17 @@ def _epoch_metrics(stats: EpochStats, epoch: int, world_size: int) -> dict[str, 
     }
 
 
-def _final_test(model, st: FitState, batches: Batches, cfg: JobConfig, num_items: int, device, reduce, stopper: EarlyStopping, reporter: Reporter) -> dict[str, float]:
-    """Load the best weights and evaluate test once; report it (no new checkpoint)."""
+def _final_test(model, st: FitState, batches: Batches, cfg: JobConfig, num_items: int, device, reduce,
+                stopper: EarlyStopping, reporter: Reporter, opt, sched) -> dict[str, float]:
+    """Load the best weights, evaluate test once, and report it with a final checkpoint
+    (its ``model`` and ``best_model`` are then both the best weights)."""
     if st.best_model is not None:
         model.load_state_dict(st.best_model)
     final = evaluate(model, batches.test(), cfg, num_items, device, prefix="test/", reduce=reduce)
     final.update({EPOCH: st.epoch, "best_epoch": stopper.best_epoch,
                   f"best/{cfg.train.early_stopping.metric}": float(stopper.best) if stopper.best is not None else float("nan"),
                   "stopped_early": float(stopper.should_stop and st.epoch < cfg.train.epochs)})
-    reporter.report(final, None)
+    reporter.report(final, _state(st, model, opt, sched, cfg))
     log.info("test (best epoch %d): %s", stopper.best_epoch, _fmt(final))
     return final
 

@@ -19,7 +19,7 @@ import torch
 from rayrec.config.schema import JobConfig
 from rayrec.data.streaming import iter_shard, ray_dataset
 from rayrec.tracking.mlflow_tracking import Tracker
-from rayrec.train.checkpoint import load_state, save_state, seed_everything
+from rayrec.train.checkpoint import checkpoint_name, load_state, save_state, seed_everything
 from rayrec.train.loop import LossModule, fit
 from rayrec.train.worker import DataInfo, build, collate_for, steps_per_epoch
 
@@ -63,7 +63,7 @@ class RayReporter:
         with tempfile.TemporaryDirectory() as d:
             save_state(state, d)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
-                             checkpoint_dir_name=f"epoch_{epoch:04d}")
+                             checkpoint_dir_name=checkpoint_name(metrics))
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,60 @@
+"""Shared fixtures: one local Ray for the whole session, small prepared datasets."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private test cluster on 127.0.0.1
+os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A local Ray with 2 CPUs, started once; tests that need Ray take this fixture."""
+    import ray
+
+    from rayrec.train.cluster import quiet_ray_data
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=True)
+    quiet_ray_data()
+    yield ray
+    ray.shutdown()
+
+
+def _synth(out: Path, **kw) -> Path:
+    from rayrec.data.dataset import source_reader
+    from rayrec.data.prepare import prepare
+    from rayrec.config.schema import FilterConfig
+
+    synth = {"users": 300, "items": 120, "topics": 4, "mean_len": 20, "seed": 0, "images": False, **kw}
+    prepare(source_reader("synthetic", None, on_bad_line="error", synth=synth), out, source="synthetic",
+            params={"synth": synth}, filters=FilterConfig(), split="leave_one_out")
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """300 users x 120 items of the synthetic source, leave-one-out, no images."""
+    return _synth(tmp_path_factory.mktemp("data") / "tiny")
+
+
+@pytest.fixture
+def tiny_job(tiny_dataset, tmp_path):
+    """A small SASRec job on ``tiny_dataset`` writing runs and MLflow under ``tmp_path``."""
+    from rayrec.config.schema import JobConfig
+
+    return JobConfig.model_validate({
+        "data": {"path": str(tiny_dataset), "prepare_if_missing": False},
+        "model": {"name": "sasrec", "hidden": 16, "num_blocks": 1, "dropout": 0.1, "max_len": 20},
+        "train": {"epochs": 3, "batch_size": 32, "optim": {"lr": 0.005}, "shuffle_buffer": 0,
+                  "early_stopping": {"patience": 5}, "eval": {"ks": [10], "batch_size": 64}},
+        "scaling": {"num_workers": 1, "resources_per_worker": {"CPU": 0.5}},
+        "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "tests"},
+        "run": {"name": "t", "storage_path": str(tmp_path / "runs"), "seed": 0},
+    })

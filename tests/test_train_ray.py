@@ -1,0 +1,61 @@
+"""`rayrec train` on Ray Train: MLflow records, checkpoints, eval of a checkpoint, 2 workers."""
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from rayrec.cli import main
+from rayrec.config import dump_job
+from rayrec.errors import RayrecError
+from rayrec.train.checkpoint import load_state
+from rayrec.train.run import COMPLETE_MARKER, run_training
+
+
+def test_one_worker_run_logs_everything(ray_session, tiny_job):
+    out = run_training(tiny_job)
+    assert out.metrics["test/hr@10"] > 0.2 and out.metrics["epoch"] == 3
+    assert out.checkpoint and out.checkpoint.endswith("final")
+    assert load_state(out.checkpoint)["epoch"] == 3
+    assert (out.run_dir / COMPLETE_MARKER).exists()
+
+    c = MlflowClient(tiny_job.tracking.uri.replace("sqlite:///", "sqlite:///"))
+    run = c.get_run(out.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.hidden"] == "16" and run.data.params["train.optim.lr"] == "0.005"
+    losses = c.get_metric_history(out.mlflow_run_id, "train/loss")
+    assert [m.step for m in losses] == [1, 2, 3]
+    assert len(c.get_metric_history(out.mlflow_run_id, "val/ndcg_at_10")) == 3
+    assert "test/ndcg_at_10" in run.data.metrics and "train/seqs_per_s" in run.data.metrics
+    artifacts = {a.path for a in c.list_artifacts(out.mlflow_run_id)}
+    assert {"learning_curves.png", "config", "data"} <= artifacts
+    assert [a.path for a in c.list_artifacts(out.mlflow_run_id, "data")] == ["data/manifest.json"]
+
+    # running the same job again starts a new run folder instead of "resuming" a finished one
+    again = run_training(tiny_job.model_copy(update={"train": tiny_job.train.model_copy(update={"epochs": 1})}))
+    assert again.run_dir.name == "t_v2" and again.mlflow_run_id != out.mlflow_run_id
+
+
+def test_too_many_workers_fail_fast(ray_session, tiny_job):
+    cfg = tiny_job.model_copy(deep=True)
+    cfg.scaling.num_workers = 4
+    cfg.scaling.resources_per_worker = {"CPU": 1.0}
+    with pytest.raises(RayrecError, match="4 workers x 1 CPU"):
+        run_training(cfg)
+
+
+def test_eval_command_on_a_checkpoint(ray_session, tiny_job, tmp_path, capsys):
+    cfg = tiny_job.model_copy(deep=True)
+    cfg.train.epochs = 1
+    out = run_training(cfg, local=True)
+    job = tmp_path / "job.yaml"
+    job.write_text(dump_job(cfg))
+    assert main(["eval", str(job), "--checkpoint", out.checkpoint, "--split", "test"]) == 0
+    printed = capsys.readouterr().out
+    assert f"{out.metrics['test/ndcg@10']:.4f}" in printed
+
+
+@pytest.mark.slow
+def test_two_workers_ddp(ray_session, tiny_job):
+    cfg = tiny_job.model_copy(deep=True)
+    cfg.scaling.num_workers = 2
+    out = run_training(cfg)
+    assert out.metrics["epoch"] == 3 and out.metrics["test/hr@10"] > 0.2
