@@ -65,16 +65,6 @@ class DataConfig(Strict):
         default_factory=dict, description="extra keyword options of the source reader"
     )
 
-    @model_validator(mode="after")
-    def _input_for_real_sources(self) -> DataConfig:
-        if self.source != "synthetic" and self.input is None and self.prepare_if_missing:
-            if not self.path.exists():
-                raise ValueError(
-                    f"data.input is required for source '{self.source}' when data.path "
-                    f"({self.path}) does not exist yet; set data.input=/path/to/raw"
-                )
-        return self
-
 
 class LossConfig(Strict):
     """Training objective of a sequential model.
