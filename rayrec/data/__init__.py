@@ -1,0 +1,1 @@
+"""Data: raw sources, preparation into the data contract, and streaming batches."""

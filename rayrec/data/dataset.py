@@ -1,0 +1,128 @@
+"""Open a prepared dataset (the data contract), preparing it first when a job asks to."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from rayrec.config.schema import DataConfig
+from rayrec.data import prepare as prep
+from rayrec.data.sources import SOURCES
+from rayrec.errors import DataError
+
+log = logging.getLogger(__name__)
+
+REQUIRED_FILES = ("items.parquet", "train.parquet", "valid.parquet", "test.parquet", "manifest.json")
+
+
+@dataclass
+class Prepared:
+    """A prepared dataset folder and what the trainer needs to know about it."""
+
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def num_items(self) -> int:
+        return int(self.manifest["counts"]["items"])
+
+    def table(self, split: str) -> pd.DataFrame:
+        """``train``/``valid``/``test``/``items`` as a pandas DataFrame."""
+        return pd.read_parquet(self.path / f"{split}.parquet")
+
+    def file(self, split: str) -> str:
+        return str(self.path / f"{split}.parquet")
+
+    def max_history(self, split: str) -> int:
+        """Longest history of an evaluation split (fixed width for masking seen items)."""
+        lengths = self.table(split)["history"].map(len)
+        return int(lengths.max()) if len(lengths) else 1
+
+
+def open_prepared(path: str | Path) -> Prepared:
+    """Check that ``path`` holds a complete prepared dataset and read its manifest."""
+    path = Path(path)
+    if not path.is_dir():
+        raise DataError(f"{path}: no prepared dataset here (run `rayrec data prepare ... --out {path}`)")
+    missing = [f for f in REQUIRED_FILES if not (path / f).is_file()]
+    if missing:
+        raise DataError(f"{path}: not a prepared dataset, missing {', '.join(missing)}")
+    manifest = json.loads((path / "manifest.json").read_text())
+    if manifest.get("schema_version") != prep.SCHEMA_VERSION:
+        raise DataError(
+            f"{path}/manifest.json: schema_version {manifest.get('schema_version')} != "
+            f"{prep.SCHEMA_VERSION}; prepare the dataset again with this rayrec"
+        )
+    return Prepared(path, manifest)
+
+
+def source_reader(source: str, input: Path | None, *, on_bad_line: str, synth: dict[str, Any] | None = None, options: dict[str, Any] | None = None):
+    """``read(workdir) -> RawData`` for ``source``; synthetic writes images into the dataset."""
+    options = dict(options or {})
+    if source == "synthetic":
+        synth = dict(synth or {})
+        images = synth.pop("images", True)
+
+        def read_synth(workdir: Path):
+            image_dir = workdir / "images" if images else None
+            return SOURCES["synthetic"](**synth, image_dir=image_dir)
+
+        return read_synth
+    if input is None:
+        raise DataError(f"source '{source}' needs --input PATH (the raw files)")
+    if not Path(input).exists():
+        raise DataError(f"{input}: input path does not exist")
+    return lambda workdir: SOURCES[source](Path(input), on_bad_line=on_bad_line, **options)
+
+
+def ensure_prepared(cfg: DataConfig) -> Prepared:
+    """Open ``cfg.path``; when absent and allowed, prepare it from ``cfg.source`` first."""
+    if not cfg.path.exists():
+        if not cfg.prepare_if_missing:
+            raise DataError(f"data.path {cfg.path} does not exist and data.prepare_if_missing is false")
+        if cfg.source != "synthetic" and cfg.input is None:
+            raise DataError(f"data.path {cfg.path} does not exist yet and source '{cfg.source}' needs its raw "
+                            "files: set data.input=/path/to/raw (or prepare it with `rayrec data prepare`)")
+        log.info("preparing %s from source %s", cfg.path, cfg.source)
+        synth = cfg.synth.model_dump() if cfg.source == "synthetic" else None
+        params = {"source": cfg.source, "input": str(cfg.input) if cfg.input else None,
+                  "synth": synth, "options": cfg.source_options}
+        read = source_reader(cfg.source, cfg.input, on_bad_line=cfg.on_bad_line, synth=synth, options=cfg.source_options)
+        prep.prepare(read, cfg.path, source=cfg.source, params=params, filters=cfg.filters, split=cfg.split)
+    return open_prepared(cfg.path)
+
+
+def describe(ds: Prepared) -> dict[str, Any]:
+    """Statistics for `rayrec data info`: counts, length percentiles, sparsity, split sizes."""
+    train = ds.table("train")
+    valid, test = ds.table("valid"), ds.table("test")
+    counts = ds.manifest["counts"]
+    full_len = train["seq"].map(len).to_numpy()
+    pct = np.percentile(full_len, [5, 25, 50, 75, 95, 100]) if len(full_len) else np.zeros(6)
+    users, items, events = counts["users"], counts["items"], counts["interactions"]
+    return {
+        "path": str(ds.path),
+        "source": ds.manifest["source"],
+        "split": ds.manifest["split"],
+        "users": users,
+        "items": items,
+        "interactions": events,
+        "sparsity": 1.0 - events / max(1, users * items),
+        "train_seq_len": dict(zip(["p5", "p25", "p50", "p75", "p95", "max"], [float(x) for x in pct])),
+        "train_seq_len_mean": float(full_len.mean()) if len(full_len) else 0.0,
+        "split_sizes": {"train_users": len(train), "train_events": int(full_len.sum()),
+                        "valid_rows": len(valid), "test_rows": len(test)},
+        "skipped_lines": ds.manifest.get("skipped_lines", 0),
+        "missing": ds.manifest.get("missing", {}),
+        "input_hash": ds.manifest.get("input_hash", "")[:16],
+    }
+
+
+read_dataset = partial(open_prepared)
