@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from dataclasses import dataclass
@@ -79,7 +80,18 @@ def source_reader(source: str, input: Path | None, *, on_bad_line: str, synth: d
         raise DataError(f"source '{source}' needs --input PATH (the raw files)")
     if not Path(input).exists():
         raise DataError(f"{input}: input path does not exist")
+    _check_options(source, options)
     return lambda workdir: SOURCES[source](Path(input), on_bad_line=on_bad_line, **options)
+
+
+def _check_options(source: str, options: dict[str, Any]) -> None:
+    """Reader options are keyword arguments of the reader: name the valid ones on a typo."""
+    params = inspect.signature(SOURCES[source]).parameters
+    valid = [n for n, p in params.items() if p.kind == p.KEYWORD_ONLY and n != "on_bad_line"]
+    unknown = [k for k in options if k not in valid]
+    if unknown:
+        raise DataError(f"source '{source}' has no option {', '.join(map(repr, unknown))}; "
+                        f"valid options: {', '.join(valid) or '(none)'}")
 
 
 def ensure_prepared(cfg: DataConfig) -> Prepared:
