@@ -28,9 +28,9 @@ def ray_session():
 
 
 def _synth(out: Path, **kw) -> Path:
+    from rayrec.config.schema import FilterConfig
     from rayrec.data.dataset import source_reader
     from rayrec.data.prepare import prepare
-    from rayrec.config.schema import FilterConfig
 
     synth = {"users": 300, "items": 120, "topics": 4, "mean_len": 20, "seed": 0, "images": False, **kw}
     prepare(source_reader("synthetic", None, on_bad_line="error", synth=synth), out, source="synthetic",
