@@ -142,9 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extra_commands():
     """Subcommands defined next to the code they run (train, eval, ...)."""
+    from rayrec.genrec.cli import add_commands as add_genrec
+    from rayrec.submit import add_commands as add_submit
+    from rayrec.data.features_cli import add_commands as add_features
+    from rayrec.prefs.cli import add_commands as add_prefs
     from rayrec.train.cli import add_commands as add_train
+    from rayrec.tune.cli import add_commands as add_tune
 
-    return [add_train]
+    return [add_train, add_tune, add_genrec, add_submit, add_features, add_prefs]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,3 +11,11 @@ class ConfigError(RayrecError):
 
 class DataError(RayrecError):
     """Input data is malformed, missing, or empty after filtering."""
+
+
+class ClusterError(RayrecError):
+    """The cluster can never hold the job, or its workers could not be placed in time."""
+
+
+class SubmitError(RayrecError):
+    """A job cannot be submitted: unreachable address, missing file or secret, bad options."""

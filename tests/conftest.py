@@ -15,13 +15,20 @@ os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """A local Ray with 2 CPUs, started once; tests that need Ray take this fixture."""
+    """A local Ray with 2 CPUs, started once; tests that need Ray take this fixture.
+
+    With the dashboard: its state API lets Ray Train remove the placement group of a run
+    whose controller was killed (a sweep trial stopped by ASHA); without it the next trial
+    cannot place its workers.
+    """
     import ray
 
-    from rayrec.train.cluster import quiet_ray_data
+    from rayrec.train.cluster import quiet_ray_data, state_api_pinned
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=True)
+        with state_api_pinned() as port:
+            ray.init(num_cpus=2, include_dashboard=True, dashboard_port=port, logging_level="WARNING",
+                     log_to_driver=True)
     quiet_ray_data()
     yield ray
     ray.shutdown()
@@ -42,6 +49,12 @@ def _synth(out: Path, **kw) -> Path:
 def tiny_dataset(tmp_path_factory) -> Path:
     """300 users x 120 items of the synthetic source, leave-one-out, no images."""
     return _synth(tmp_path_factory.mktemp("data") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_mm_dataset(tmp_path_factory) -> Path:
+    """Like ``tiny_dataset`` but with item PNGs (the joint model's image expert reads them)."""
+    return _synth(tmp_path_factory.mktemp("data") / "tiny_mm", images=True)
 
 
 @pytest.fixture

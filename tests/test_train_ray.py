@@ -12,7 +12,7 @@ from rayrec.train.run import COMPLETE_MARKER, run_training
 
 def test_one_worker_run_logs_everything(ray_session, tiny_job):
     out = run_training(tiny_job)
-    assert out.metrics["test/hr@10"] > 0.2 and out.metrics["epoch"] == 3
+    assert out.metrics["test/hr@10"] > 0.2 and out.metrics["epoch"] == 3 and out.metrics["test/rows"] == 300
     assert out.checkpoint and out.checkpoint.endswith("final")
     assert load_state(out.checkpoint)["epoch"] == 3
     assert (out.run_dir / COMPLETE_MARKER).exists()
@@ -59,3 +59,5 @@ def test_two_workers_ddp(ray_session, tiny_job):
     cfg.scaling.num_workers = 2
     out = run_training(cfg)
     assert out.metrics["epoch"] == 3 and out.metrics["test/hr@10"] > 0.2
+    # each test row evaluated exactly once across the two workers
+    assert out.metrics["test/rows"] == 300

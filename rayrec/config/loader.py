@@ -118,7 +118,7 @@ def explain(
     """One message: where (file:line or the override), the dotted key, given vs. allowed."""
     out = []
     for e in err.errors():
-        loc = [str(p) for p in e["loc"] if not _is_variant_tag(p, model)]
+        loc = _strip_variant_tags(e["loc"], model)
         dotted = ".".join(loc)
         where = _where(dotted, source, lines, overridden)
         given = e.get("input")
@@ -149,6 +149,44 @@ def _is_variant_tag(part: Any, model: type[BaseModel]) -> bool:
     return isinstance(part, str) and part in _variant_tags(model)
 
 
+def _strip_variant_tags(loc: tuple[Any, ...], model: type[BaseModel]) -> list[str]:
+    """Drop the discriminator values pydantic inserts after a tagged-union field
+    (``model.sasrec.hidden`` -> ``model.hidden``) but keep real keys that equal a tag
+    (the ur4rec variant's ``model.sasrec.hidden``). Unknown paths fall back to dropping all tags."""
+    out: list[str] = []
+    models: list[type[BaseModel]] | None = [model]
+    for part in loc:
+        if models is None:
+            if not _is_variant_tag(part, model):
+                out.append(str(part))
+            continue
+        tagged = {t: m for m in models for t in _variant_tags_of(m)} if len(models) > 1 else {}
+        if isinstance(part, str) and part in tagged:
+            models = [tagged[part]]
+            continue
+        out.append(str(part))
+        if not isinstance(part, int):
+            field = next((m.model_fields[part] for m in models if part in m.model_fields), None)
+            models = _element_models(field.annotation) if field is not None else None
+    return out
+
+
+def _variant_tags_of(model: type[BaseModel]) -> tuple[str, ...]:
+    field = model.model_fields.get("name")
+    if field is not None and typing.get_origin(field.annotation) is typing.Literal:
+        return typing.get_args(field.annotation)
+    return ()
+
+
+def _element_models(annotation: Any) -> list[type[BaseModel]]:
+    """Models a value of ``annotation`` can be (through lists and dicts); [] for leaves."""
+    origin = typing.get_origin(annotation)
+    if origin in (list, tuple, set, dict):
+        args = typing.get_args(annotation)
+        return _element_models(args[-1]) if args else []
+    return _models_in(annotation)
+
+
 def _variant_tags(model: type[BaseModel]) -> set[str]:
     tags: set[str] = set()
     for cls in _all_models(model):
@@ -160,9 +198,11 @@ def _variant_tags(model: type[BaseModel]) -> set[str]:
 
 def _suggest(dotted: str, model: type[BaseModel]) -> str:
     paths = config_paths(model)
+    dotted = ".".join(p for p in dotted.split(".") if not p.isdigit())  # list items: model.stages.0.x -> model.stages.x
     leaf = dotted.rsplit(".", 1)[-1]
     parent = dotted.rsplit(".", 1)[0] if "." in dotted else ""
-    same_leaf = [p for p in paths if p.rsplit(".", 1)[-1] == leaf]
+    same_leaf = sorted((p for p in paths if p.rsplit(".", 1)[-1] == leaf),
+                       key=lambda p: -difflib.SequenceMatcher(None, dotted, p).ratio())
     near = difflib.get_close_matches(dotted, paths, n=6, cutoff=0.75)
     close = (same_leaf + [p for p in near if p not in same_leaf and not dotted.startswith(p + ".")])[:3]
     siblings = sorted({p[len(parent) + 1 :].split(".")[0] for p in paths if parent and p.startswith(parent + ".")})
@@ -178,7 +218,7 @@ def config_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
     for name, field in model.model_fields.items():
         dotted = f"{prefix}{name}"
         out.append(dotted)
-        for sub in _models_in(field.annotation):
+        for sub in _models_in(field.annotation) or _list_item_models(field.annotation):
             out.extend(p for p in config_paths(sub, dotted + ".") if p not in out)
     return out
 
@@ -190,6 +230,13 @@ def _models_in(annotation: Any) -> list[type[BaseModel]]:
     if origin is typing.Annotated:
         return _models_in(typing.get_args(annotation)[0])
     if origin in (typing.Union, types.UnionType):
+        return [m for a in typing.get_args(annotation) for m in _models_in(a)]
+    return []
+
+
+def _list_item_models(annotation: Any) -> list[type[BaseModel]]:
+    """Models of a list field's items (``stages: list[StageConfig]``), listed without an index."""
+    if typing.get_origin(annotation) is list:
         return [m for a in typing.get_args(annotation) for m in _models_in(a)]
     return []
 

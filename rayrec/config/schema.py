@@ -53,7 +53,8 @@ class FilterConfig(Strict):
 class DataConfig(Strict):
     """Where the prepared dataset lives, and how to build it when absent."""
 
-    path: Path = Field(Path("data/quickstart"), description="prepared dataset directory")
+    path: Path = Field(Path("data/quickstart"), description="prepared dataset directory; a relative path "
+                       "is under $RAYREC_STORAGE_ROOT when set (a cluster's shared storage)")
     source: SourceName = Field("synthetic", description="raw source used when path is absent")
     input: Path | None = Field(None, description="raw input (file or folder) of the source")
     prepare_if_missing: bool = Field(True, description="prepare `path` from the source when absent")
@@ -106,7 +107,9 @@ class PopularityConfig(Strict):
     max_len: int = Field(50, ge=1, description="history length (only used to mask seen items)")
 
 
-ModelConfig = Annotated[SASRecConfig | PopularityConfig, Field(discriminator="name")]
+from rayrec.config.joint import JointConfig  # noqa: E402  (needs Strict and SASRecConfig above)
+
+ModelConfig = Annotated[SASRecConfig | PopularityConfig | JointConfig, Field(discriminator="name")]
 
 
 class OptimConfig(Strict):
@@ -176,6 +179,15 @@ class ScalingConfig(Strict):
         default_factory=lambda: {"CPU": 1.0},
         description="Ray resources each worker reserves; leave CPU for Ray Data on small hosts",
     )
+    start_timeout_s: float = Field(
+        300.0, gt=0,
+        description="seconds one attempt waits for the worker group to be placed (Ray Train's "
+        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S); raise it where GPU nodes take minutes to boot",
+    )
+    start_attempts: int = Field(
+        2, ge=1,
+        description="attempts to place the worker group before the run fails (Ray would retry forever)",
+    )
 
 
 class TrackingConfig(Strict):
@@ -186,11 +198,17 @@ class TrackingConfig(Strict):
 
 class CheckpointConfig(Strict):
     num_to_keep: int | None = Field(2, ge=1, description="checkpoints kept (best by metric)")
+    every_n_steps: int | None = Field(
+        None, ge=1,
+        description="also checkpoint every N optimizer steps inside an epoch (long epochs); a resume "
+        "then skips the batches of that epoch already trained; null = epoch ends only",
+    )
 
 
 class RunConfig(Strict):
     name: str = Field("quickstart", pattern=r"^[A-Za-z0-9_.\-]+$")
-    storage_path: Path = Field(Path("runs"), description="where Ray Train writes checkpoints")
+    storage_path: Path = Field(Path("runs"), description="where Ray Train writes checkpoints; a relative "
+                                "path is under $RAYREC_STORAGE_ROOT when set (a cluster's shared storage)")
     seed: int = 0
     checkpoint: CheckpointConfig = CheckpointConfig()
     max_failures: int = Field(0, ge=-1, description="worker failures tolerated (-1 = unlimited)")
@@ -205,6 +223,17 @@ class JobConfig(Strict):
     scaling: ScalingConfig = ScalingConfig()
     tracking: TrackingConfig = TrackingConfig()
     run: RunConfig = RunConfig()
+
+    @model_validator(mode="after")
+    def _joint_epochs(self) -> JobConfig:
+        """ur4rec's stages set its epochs: train.epochs becomes their sum (a different explicit value is an error)."""
+        if self.model.name != "ur4rec" or self.train.epochs == self.model.total_epochs:
+            return self
+        if "epochs" in self.train.model_fields_set:
+            raise ValueError(f"train.epochs ({self.train.epochs}) != the sum of model.stages[*].epochs "
+                             f"({self.model.total_epochs}); for ur4rec set epochs per stage and drop train.epochs")
+        self.train.epochs = self.model.total_epochs
+        return self
 
     @property
     def global_batch_size(self) -> int:

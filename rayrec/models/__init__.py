@@ -6,8 +6,10 @@ from collections.abc import Callable
 
 from torch import nn
 
+from rayrec.config.joint import JointConfig
 from rayrec.config.schema import PopularityConfig, SASRecConfig
 from rayrec.errors import ConfigError
+from rayrec.models.joint import UR4Rec, build_ur4rec
 from rayrec.models.popularity import Popularity, build_popularity
 from rayrec.models.sasrec import SASRec, build_sasrec
 
@@ -15,15 +17,19 @@ from rayrec.models.sasrec import SASRec, build_sasrec
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "sasrec": build_sasrec,
     "popularity": build_popularity,
+    "ur4rec": build_ur4rec,  # also needs features=JointFeatures (rayrec.train.joint.build_joint loads them)
 }
 
 
-def build_model(cfg: SASRecConfig | PopularityConfig, num_items: int) -> nn.Module:
-    """Build the model named by `cfg.name` (a job's `model:` section) over items 1..num_items."""
+def build_model(cfg: SASRecConfig | PopularityConfig | JointConfig, num_items: int, **inputs) -> nn.Module:
+    """Build the model named by `cfg.name` (a job's `model:` section) over items 1..num_items.
+
+    ``inputs`` are extra data a builder needs (ur4rec: ``features``)."""
     builder = MODELS.get(cfg.name)
     if builder is None:
         raise ConfigError(f"unknown model '{cfg.name}'; registered: {sorted(MODELS)}")
-    return builder(num_items, cfg)
+    return builder(num_items, cfg, **inputs)
 
 
-__all__ = ["MODELS", "Popularity", "SASRec", "build_model", "build_popularity", "build_sasrec"]
+__all__ = ["MODELS", "Popularity", "SASRec", "UR4Rec", "build_model", "build_popularity", "build_sasrec",
+           "build_ur4rec"]

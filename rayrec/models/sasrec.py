@@ -110,7 +110,10 @@ class SASRec(nn.Module):
         batch: input_ids [B, L], targets [B, L] (next item, 0 = ignore),
         optional negatives [B, L, n] for bce/gbce (drawn uniformly when absent).
         """
-        hidden = self(batch["input_ids"])  # [B, L, H]
+        return self.loss_from_hidden(self(batch["input_ids"]), batch)
+
+    def loss_from_hidden(self, hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``loss`` given ``hidden = self(batch["input_ids"])`` [B, L, H] (the joint model reuses it)."""
         targets = batch["targets"]
         keep = targets != 0  # [B, L]
         if not bool(keep.any()):

@@ -128,6 +128,16 @@ def _key(k: str) -> str:
     return k.replace("@", "_at_")
 
 
+def mlflow_key(name: str) -> str:
+    """The MLflow key of a rayrec metric name (``val/ndcg@10`` -> ``val/ndcg_at_10``)."""
+    return _key(name)
+
+
+def rayrec_name(key: str) -> str:
+    """The rayrec metric name of an MLflow key (``val/ndcg_at_10`` -> ``val/ndcg@10``)."""
+    return key.replace("_at_", "@")
+
+
 def _is_number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) or hasattr(v, "item")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +21,47 @@ import yaml
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
+#: Key of a mid-epoch report (``run.checkpoint.every_n_steps``): the optimizer step it was taken at.
+MID_EPOCH_STEP = "mid_epoch_step"
+_NAME = re.compile(r"^epoch_(\d+)(?:_step_(\d+))?$")
 
 
 def checkpoint_name(metrics: dict[str, float]) -> str:
-    """``epoch_0003`` for epoch checkpoints, ``final`` for the one reported with test metrics."""
+    """``epoch_0003`` for epoch checkpoints, ``epoch_0004_step_0001500`` for one taken inside
+    epoch 4 at optimizer step 1500, ``final`` for the one reported with test metrics."""
     if any(k.startswith("test/") for k in metrics):
         return "final"
-    return f"epoch_{int(metrics.get('epoch', 0)):04d}"
+    name = f"epoch_{int(metrics.get('epoch', 0)):04d}"
+    if MID_EPOCH_STEP in metrics:
+        name += f"_step_{int(metrics[MID_EPOCH_STEP]):07d}"
+    return name
+
+
+def resume_metrics(state: dict[str, Any]) -> dict[str, float]:
+    """What a restarted run logs (at MLflow step = epochs completed): where it picked up.
+
+    Every worker or driver restart adds one point, so the run's history shows each resume.
+    """
+    return {"resume/epoch": float(state["epoch"]), "resume/step": float(state["step"]),
+            "resume/epoch_batch": float(state.get("epoch_batch", 0))}
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint folder of a run (``final`` > ``epoch_N`` > ``epoch_N_step_S``).
+
+    Only folders holding ``state.pt`` count: ``save_state`` renames that file into place as its
+    last act, so a checkpoint cut off while being written is never picked.
+    """
+    run_dir = Path(run_dir)
+    if (run_dir / "final" / STATE_FILE).is_file():
+        return run_dir / "final"
+    found = []
+    for d in run_dir.glob("epoch_*"):
+        m = _NAME.match(d.name)
+        if m and (d / STATE_FILE).is_file():
+            step = int(m.group(2)) if m.group(2) else float("inf")  # a finished epoch beats its own steps
+            found.append((int(m.group(1)), step, d))
+    return max(found)[2] if found else None
 
 
 def rng_state() -> dict[str, Any]:
@@ -65,7 +100,10 @@ def save_state(state: dict[str, Any], folder: str | Path) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{STATE_FILE}.tmp-{os.getpid()}"
-    torch.save(state, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())  # the bytes are on disk before the name says the checkpoint is complete
     os.replace(tmp, folder / STATE_FILE)
     return folder / STATE_FILE
 

@@ -1,17 +1,32 @@
-"""Starting or joining Ray, and checking that a job fits the cluster before it starts."""
+"""Starting or joining Ray, checking that a job fits the cluster, and the cluster's shared paths."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 from rayrec.config.schema import JobConfig
-from rayrec.errors import RayrecError
+from rayrec.errors import ClusterError
 
 log = logging.getLogger(__name__)
 
 #: CPUs left free for Ray Data's read/map tasks; without them a run hangs silently.
 DATA_CPU_RESERVE = 1.0
+#: Where Ray's state API looks for the dashboard (it overrides auto-detection).
+STATE_API_ENV = "RAY_API_SERVER_ADDRESS"
+#: Ray Train's worker-group start timeout (seconds), read by its controller.
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+#: Shared folder under which a job's relative data and run paths live on a cluster.
+STORAGE_ROOT_ENV = "RAYREC_STORAGE_ROOT"
+#: Resources an autoscaling cluster can grow to, declared by the cluster itself (JSON).
+MAX_RESOURCES_ENV = "RAYREC_MAX_RESOURCES"
+#: The cluster launcher's config as written on the head node (where job drivers run).
+LAUNCHER_CONFIG = Path("~/ray_bootstrap_config.yaml")
+AUTOSCALE_HINT = f" (autoscaling cluster? declare its limits in {MAX_RESOURCES_ENV}, see cluster/README.md)"
 
 
 def quiet_ray_data() -> None:
@@ -38,28 +53,173 @@ def ensure_ray(num_cpus: int | None = None, include_dashboard: bool = True) -> N
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=include_dashboard, log_to_driver=True,
-                 logging_level=logging.WARNING)
+        with state_api_pinned(include_dashboard) as port:
+            ray.init(num_cpus=num_cpus, include_dashboard=include_dashboard, dashboard_port=port,
+                     log_to_driver=True, logging_level=logging.WARNING)
+
+
+@contextmanager
+def state_api_pinned(enabled: bool = True):
+    """Yield a free dashboard port, exported as RAY_API_SERVER_ADDRESS while Ray starts.
+
+    The Ray processes started meanwhile inherit it, so the state API (Train's placement-group
+    cleaner) talks to this Ray even when another Ray instance runs on the same host; without
+    it, it fails with "Found multiple active Ray instances" and a stopped trial's workers are
+    never freed. The variable is removed again so that this process's own subprocesses
+    (e.g. `ray job submit --address ...`) are not redirected.
+    """
+    if not enabled:
+        yield None
+        return
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    old = os.environ.get(STATE_API_ENV)
+    os.environ[STATE_API_ENV] = f"http://127.0.0.1:{port}"
+    try:
+        yield port
+    finally:
+        if old is None:
+            os.environ.pop(STATE_API_ENV, None)
+        else:
+            os.environ[STATE_API_ENV] = old
+
+
+def cluster_capacity(bootstrap: Path = LAUNCHER_CONFIG) -> dict[str, float]:
+    """The most of each resource the cluster can ever have.
+
+    That is what is there now, or more where an autoscaler may add nodes (GPU nodes at
+    ``min_workers: 0`` are absent until a job asks): its maximum as reported to the GCS,
+    as configured in the cluster launcher's bootstrap file, or as declared by the cluster
+    in ``$RAYREC_MAX_RESOURCES`` (KubeRay: the autoscaler's limits are not visible to jobs).
+    """
+    import ray
+    from ray._private.state import state
+
+    now = {k: float(v) for k, v in ray.cluster_resources().items()}
+    try:
+        reported = {k: float(v) for k, v in (state.get_max_resources_from_cluster_config() or {}).items()}
+    except Exception:  # no autoscaler config in the GCS
+        reported = {}
+    sources = [now, reported, launcher_capacity(bootstrap), declared_capacity()]
+    return {k: max(src.get(k, 0.0) for src in sources) for k in set().union(*sources)}
+
+
+def declared_capacity() -> dict[str, float]:
+    """``$RAYREC_MAX_RESOURCES`` as a dict, e.g. ``{"CPU": 360, "GPU": 32}`` (cluster/kuberay/*.yaml)."""
+    raw = os.environ.get(MAX_RESOURCES_ENV, "").strip()
+    if not raw:
+        return {}
+    try:
+        return {str(k): float(v) for k, v in json.loads(raw).items()}
+    except (ValueError, AttributeError, TypeError):
+        raise ClusterError(f"{MAX_RESOURCES_ENV}={raw!r} is not a JSON object of resource amounts, "
+                           'e.g. {"CPU": 360, "GPU": 32}') from None
+
+
+def launcher_capacity(config: Path) -> dict[str, float]:
+    """Resources of a cluster-launcher config at full size: the head plus every worker type at
+    its ``max_workers`` (an upper bound: the global ``max_workers`` may cap the sum)."""
+    import yaml
+
+    path = config.expanduser()
+    if not path.is_file():
+        return {}
+    cfg = yaml.safe_load(path.read_text()) or {}
+    total: dict[str, float] = {}
+    for name, node in (cfg.get("available_node_types") or {}).items():
+        count = 1 if name == cfg.get("head_node_type") else int(node.get("max_workers", cfg.get("max_workers", 0)))
+        for k, v in (node.get("resources") or {}).items():
+            total[k] = total.get(k, 0.0) + count * float(v)
+    return total
+
+
+def worker_resources(cfg: JobConfig) -> dict[str, float]:
+    """What one Ray Train worker reserves (Ray's defaults: 1 CPU, or 1 GPU when ``use_gpu``)."""
+    sc = cfg.scaling
+    res = {k: float(v) for k, v in sc.resources_per_worker.items()}
+    res.setdefault("CPU", 0.0 if sc.use_gpu else 1.0)
+    if sc.use_gpu:
+        res.setdefault("GPU", 1.0)
+    return res
 
 
 def preflight(cfg: JobConfig) -> None:
     """Fail in seconds, stating the shortfall, when the job can never be placed."""
+    total = cluster_capacity()
+    n, each = cfg.scaling.num_workers, worker_resources(cfg)
+    if cfg.scaling.use_gpu and total.get("GPU", 0.0) < n * each["GPU"]:
+        raise ClusterError(f"scaling.use_gpu=true needs {n * each['GPU']:g} GPUs for {n} workers, the cluster has "
+                           f"{total.get('GPU', 0.0):g} (at most); set scaling.use_gpu=false or add GPU nodes{AUTOSCALE_HINT}")
+    have_cpu = float(total.get("CPU", 0.0))
+    if n * each["CPU"] > have_cpu - DATA_CPU_RESERVE:
+        raise ClusterError(
+            f"scaling asks for {n} workers x {each['CPU']:g} CPU = {n * each['CPU']:g} CPUs, but the cluster "
+            f"has {have_cpu:g} (at most) and Ray Data needs {DATA_CPU_RESERVE:g} free; lower scaling.num_workers or set "
+            f"scaling.resources_per_worker.CPU={max(0.25, (have_cpu - DATA_CPU_RESERVE) / n):g}{AUTOSCALE_HINT}"
+        )
+    for key, amount in each.items():
+        if key not in ("CPU", "GPU") and n * amount > total.get(key, 0.0):
+            raise ClusterError(
+                f"scaling.resources_per_worker.{key}={amount:g} x {n} workers = {n * amount:g}, but the cluster "
+                f"has {total.get(key, 0.0):g} {key} (at most); lower scaling.num_workers or drop {key}{AUTOSCALE_HINT}"
+            )
+
+
+@contextmanager
+def worker_start_timeout(cfg: JobConfig) -> Iterator[None]:
+    """Set Ray Train's worker-group start timeout to ``scaling.start_timeout_s`` for one run.
+
+    Ray Train 2.x reads it only from the environment variable below, which the driver hands
+    to its controller when ``fit()`` starts; the previous value is restored afterwards.
+    """
+    old = os.environ.get(START_TIMEOUT_ENV)
+    os.environ[START_TIMEOUT_ENV] = f"{cfg.scaling.start_timeout_s:g}"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(START_TIMEOUT_ENV, None)
+        else:
+            os.environ[START_TIMEOUT_ENV] = old
+
+
+def placement_error(err: BaseException, cfg: JobConfig) -> ClusterError | None:
+    """A ``ClusterError`` stating the shortfall when ``err`` is Ray Train giving up on placing
+    the worker group; None for any other failure."""
     import ray
 
-    total = ray.cluster_resources()
-    sc = cfg.scaling
-    cpu_each = float(sc.resources_per_worker.get("CPU", 0.0 if sc.use_gpu else 1.0))
-    need_cpu = cpu_each * sc.num_workers
-    have_cpu = float(total.get("CPU", 0.0))
-    if sc.use_gpu:
-        gpus = float(total.get("GPU", 0.0))
-        need_gpu = sc.num_workers * float(sc.resources_per_worker.get("GPU", 1.0))
-        if gpus < need_gpu:
-            raise RayrecError(f"scaling.use_gpu=true needs {need_gpu:g} GPUs for {sc.num_workers} workers, "
-                              f"the cluster has {gpus:g}; set scaling.use_gpu=false or add GPU nodes")
-    if need_cpu > have_cpu - DATA_CPU_RESERVE:
-        raise RayrecError(
-            f"scaling asks for {sc.num_workers} workers x {cpu_each:g} CPU = {need_cpu:g} CPUs, but the cluster "
-            f"has {have_cpu:g} and Ray Data needs {DATA_CPU_RESERVE:g} free; lower scaling.num_workers or set "
-            f"scaling.resources_per_worker.CPU={max(0.25, (have_cpu - DATA_CPU_RESERVE) / sc.num_workers):g}"
-        )
+    cause = getattr(err, "controller_failure", None)
+    name = type(cause).__name__
+    if name == "InsufficientClusterResourcesError":
+        return ClusterError(f"the cluster can never hold the workers: {' '.join(str(cause).split())}")
+    if name != "WorkerGroupStartupTimeoutError":
+        return None
+    sc, free = cfg.scaling, ray.available_resources()
+    asked = ", ".join(f"{k} {v:g}" for k, v in worker_resources(cfg).items())
+    return ClusterError(
+        f"{sc.num_workers} workers x ({asked}) were not placed within {sc.start_timeout_s:g} s "
+        f"({sc.start_attempts} attempt(s)); free now: CPU {free.get('CPU', 0.0):g}, GPU {free.get('GPU', 0.0):g}. "
+        "Other jobs hold the rest, or nodes are still booting: free resources, lower scaling.num_workers, "
+        "or raise scaling.start_timeout_s"
+    )
+
+
+def shared_paths(cfg: JobConfig) -> JobConfig:
+    """``cfg`` with relative ``data.path`` and ``run.storage_path`` under ``$RAYREC_STORAGE_ROOT``.
+
+    On a cluster the job's working dir is a per-job temporary copy on the head node; every node
+    must see the data and the checkpoints, and a re-submitted job must find its run again. The
+    cluster sets the variable once (cluster/*.yaml); locally it is unset and nothing changes.
+    """
+    root = os.environ.get(STORAGE_ROOT_ENV)
+    if not root:
+        return cfg
+    cfg = cfg.model_copy(deep=True)
+    if not cfg.data.path.is_absolute():
+        cfg.data.path = Path(root).expanduser() / cfg.data.path
+    if not cfg.run.storage_path.is_absolute():
+        cfg.run.storage_path = Path(root).expanduser() / cfg.run.storage_path
+    return cfg

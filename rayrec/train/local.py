@@ -12,7 +12,14 @@ from rayrec.config.schema import JobConfig
 from rayrec.data.dataset import Prepared
 from rayrec.data.streaming import PlainLoader
 from rayrec.tracking.mlflow_tracking import Tracker
-from rayrec.train.checkpoint import checkpoint_name, load_state, save_state, seed_everything
+from rayrec.train.checkpoint import (
+    MID_EPOCH_STEP,
+    checkpoint_name,
+    load_state,
+    resume_metrics,
+    save_state,
+    seed_everything,
+)
 from rayrec.train.loop import LossModule, evaluate, fit
 from rayrec.train.worker import DataInfo, build, collate_for, has_parameters
 
@@ -52,9 +59,10 @@ class LocalReporter:
         self.last_checkpoint: Path | None = None
 
     def report(self, metrics: dict[str, float], state: dict[str, Any] | None) -> None:
-        self.metrics.append(dict(metrics))
-        epoch = int(metrics.get("epoch", 0))  # the MLflow step
-        self.tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+        if MID_EPOCH_STEP not in metrics:  # mid-epoch reports only carry a checkpoint
+            self.metrics.append(dict(metrics))
+            epoch = int(metrics.get("epoch", 0))  # the MLflow step
+            self.tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
         if state is not None and self.run_dir is not None:
             self.last_checkpoint = self.run_dir / checkpoint_name(metrics)
             save_state(state, self.last_checkpoint)
@@ -75,6 +83,14 @@ def run_local(cfg: JobConfig, ds: Prepared, info: DataInfo, *, run_dir: Path | N
         reporter.report({"epoch": 0, **final}, None)
         return final, reporter
     resume = load_state(resume_from) if resume_from else None
+    if resume is not None:
+        tracker.log_metrics(resume_metrics(resume), step=int(resume["epoch"]))
+    if cfg.model.name == "ur4rec":  # staged joint training (rayrec.train.joint), same evaluate/checkpoints
+        from rayrec.train.joint import fit_joint
+
+        final = fit_joint(model, batches, cfg, num_items=info.num_items, device=device, reporter=reporter,
+                          resume=resume, steps_per_epoch=math.ceil(len(batches.train(1)) / cfg.train.grad_accum))
+        return final, reporter
     final = fit(LossModule(model), model, batches, cfg, num_items=info.num_items, device=device,
                 reporter=reporter, resume=resume,
                 steps_per_epoch=math.ceil(len(batches.train(1)) / cfg.train.grad_accum))

@@ -14,7 +14,7 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, Protocol
 
@@ -24,7 +24,7 @@ from torch import nn
 from rayrec.config.loader import dump_job
 from rayrec.config.schema import EarlyStopConfig, JobConfig, OptimConfig
 from rayrec.eval.metrics import MetricSums, full_ranks, parse_eval_mode, sample_negatives, sampled_ranks
-from rayrec.train.checkpoint import rng_state, set_rng_state, warn_config_diff
+from rayrec.train.checkpoint import MID_EPOCH_STEP, rng_state, set_rng_state, warn_config_diff
 
 log = logging.getLogger(__name__)
 
@@ -138,8 +138,14 @@ class EpochStats:
 def train_epoch(
     module: nn.Module, batches: Iterable[Batch], opt: torch.optim.Optimizer, sched, cfg: JobConfig,
     device: torch.device, *, progress: Callable[[Iterable], Iterable] = lambda x: x,
+    skip: int = 0, on_step: Callable[[int, int], None] | None = None,
 ) -> EpochStats:
-    """One pass over the worker's batches with gradient accumulation and clipping."""
+    """One pass over the worker's batches with gradient accumulation and clipping.
+
+    ``skip``: micro-batches of this epoch trained before a mid-epoch resume. They are read
+    again (same seed, so same order) but not trained on, so the epoch continues where the
+    checkpoint left it. ``on_step(batches_done, steps_done)`` runs after each optimizer step.
+    """
     module.train()
     accum, clip = cfg.train.grad_accum, cfg.train.optim.grad_clip
     scaler = torch.amp.GradScaler(enabled=cfg.train.amp and device.type == "cuda" and not torch.cuda.is_bf16_supported())
@@ -147,6 +153,8 @@ def train_epoch(
     start = time.perf_counter()
     opt.zero_grad(set_to_none=True)
     for i, batch in enumerate(progress(batches), start=1):
+        if i <= skip:
+            continue
         batch = _to(batch, device)
         with autocast(device, cfg.train.amp):
             loss = module(batch)
@@ -155,6 +163,8 @@ def train_epoch(
         if i % accum == 0:
             norm_sum += _step(module, opt, sched, scaler, clip)
             steps += 1
+            if on_step is not None:
+                on_step(i, steps)
     if count % accum:
         norm_sum += _step(module, opt, sched, scaler, clip)
         steps += 1
@@ -173,6 +183,18 @@ def _step(module: nn.Module, opt, sched, scaler, clip: float | None) -> float:
     return float(norm)
 
 
+def score_rows(model: nn.Module, batch: Batch, candidates: torch.Tensor | None = None) -> torch.Tensor:
+    """Scores of all items [B, N+1], or of ``candidates`` [B, C].
+
+    Models that read more than the history (the joint model needs ``user_idx``) or can score
+    candidates without scoring every item define ``score_batch(batch, candidates)``.
+    """
+    if hasattr(model, "score_batch"):
+        return model.score_batch(batch, candidates)
+    scores = model.score(batch["history"])
+    return scores if candidates is None else scores.gather(1, candidates)
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module, batches: Iterable[Batch], cfg: JobConfig, num_items: int, device: torch.device,
@@ -186,17 +208,20 @@ def evaluate(
     for batch in batches:
         batch = _to(batch, device)
         seen = batch["seen"] if ev.mask_seen else None
-        with autocast(device, cfg.train.amp):
-            scores = model.score(batch["history"]).float()  # [B, N+1]
         if n_neg is None:
+            with autocast(device, cfg.train.amp):
+                scores = score_rows(model, batch).float()  # [B, N+1]
             ranks = full_ranks(scores, batch["target"], seen)
         else:
             gen = torch.Generator(device="cpu").manual_seed(cfg.run.seed * 7919 + int(batch["user_idx"][0]))
             neg = sample_negatives(batch["target"].cpu(), seen.cpu() if seen is not None else None, num_items, n_neg, gen).to(device)
-            ranks = sampled_ranks(scores.gather(1, batch["target"][:, None])[:, 0], scores.gather(1, neg))
+            cand = torch.cat([batch["target"][:, None], neg], dim=1)  # [B, 1 + n], target first
+            with autocast(device, cfg.train.amp):
+                scores = score_rows(model, batch, cand).float()  # [B, 1 + n]
+            ranks = sampled_ranks(scores[:, 0], scores[:, 1:])
         sums.update(ranks)
     total = MetricSums.from_tensor(reduce(sums.to_tensor()), ev.ks)
-    return total.means(prefix)
+    return {**total.means(prefix), f"{prefix}rows": float(total.count)}  # rows: all workers together
 
 
 @dataclass
@@ -204,7 +229,8 @@ class FitState:
     """Everything a checkpoint restores."""
 
     epoch: int = 0  # epochs completed
-    step: int = 0
+    step: int = 0  # optimizer steps completed
+    batch: int = 0  # micro-batches of epoch + 1 already trained (a mid-epoch checkpoint)
     stopper: dict[str, Any] = field(default_factory=dict)
     best_model: dict[str, torch.Tensor] | None = None
     history: list[dict[str, float]] = field(default_factory=list)
@@ -232,18 +258,41 @@ def fit(
         if stopper.should_stop:
             break
         wrap = partial(progress, epoch=epoch) if progress else (lambda it: it)
-        stats = train_epoch(module, batches.train(epoch), opt, sched, cfg, device, progress=wrap)
+        on_step = _mid_epoch_checkpoints(st, epoch, model, opt, sched, cfg, reporter)
+        stats = train_epoch(module, batches.train(epoch), opt, sched, cfg, device, progress=wrap,
+                            skip=st.batch, on_step=on_step)
         metrics = _epoch_metrics(stats, epoch, world_size)
         metrics.update(evaluate(model, batches.valid(), cfg, num_items, device, prefix="val/", reduce=reduce))
         if stopper.update(metrics, epoch):
             st.best_model = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        st.epoch, st.step = epoch, st.step + stats.steps
+        st.epoch, st.step, st.batch = epoch, st.step + stats.steps, 0
         st.stopper = stopper.state_dict()
         metrics[f"best/{cfg.train.early_stopping.metric}"] = float(stopper.best)
         st.history.append(metrics)
         reporter.report(metrics, _state(st, model, opt, sched, cfg))
         log.info("epoch %d: %s", epoch, _fmt(metrics))
     return _final_test(model, st, batches, cfg, num_items, device, reduce, stopper, reporter, opt, sched)
+
+
+def _mid_epoch_checkpoints(st: FitState, epoch: int, model, opt, sched, cfg: JobConfig,
+                           reporter: Reporter) -> Callable[[int, int], None] | None:
+    """Hook for ``train_epoch`` that reports a checkpoint every ``run.checkpoint.every_n_steps``
+    optimizer steps (counted over the whole run), or None when that is off.
+
+    The report carries only ``epoch`` (the one in progress) and ``MID_EPOCH_STEP``; reporters
+    keep these out of the per-epoch metric history.
+    """
+    every = cfg.run.checkpoint.every_n_steps
+    if not every:
+        return None
+
+    def on_step(batches_done: int, steps_done: int) -> None:
+        step = st.step + steps_done
+        if step % every == 0:
+            snap = replace(st, step=step, batch=batches_done)
+            reporter.report({EPOCH: epoch, MID_EPOCH_STEP: step}, _state(snap, model, opt, sched, cfg))
+
+    return on_step
 
 
 def _epoch_metrics(stats: EpochStats, epoch: int, world_size: int) -> dict[str, float]:
@@ -280,6 +329,7 @@ def _state(st: FitState, model: nn.Module, opt, sched, cfg: JobConfig) -> dict[s
         "rng": rng_state(),
         "epoch": st.epoch,
         "step": st.step,
+        "epoch_batch": st.batch,
         "early_stopping": st.stopper,
         "history": st.history,
         "config": dump_job(cfg),
@@ -293,8 +343,10 @@ def _restore(state: dict[str, Any], model: nn.Module, opt, sched, stopper: Early
     sched.load_state_dict(state["scheduler"])
     stopper.load_state_dict(state["early_stopping"])
     set_rng_state(state["rng"])
-    log.info("resumed from epoch %d (step %d)", state["epoch"], state["step"])
-    return FitState(epoch=state["epoch"], step=state["step"], stopper=state["early_stopping"],
+    batch = int(state.get("epoch_batch", 0))
+    log.info("resumed after epoch %d (step %d%s)", state["epoch"], state["step"],
+             f", {batch} batches into epoch {state['epoch'] + 1}" if batch else "")
+    return FitState(epoch=state["epoch"], step=state["step"], batch=batch, stopper=state["early_stopping"],
                     best_model=state["best_model"], history=list(state.get("history", [])))
 
 

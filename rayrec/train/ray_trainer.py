@@ -19,7 +19,14 @@ import torch
 from rayrec.config.schema import JobConfig
 from rayrec.data.streaming import iter_shard, ray_dataset
 from rayrec.tracking.mlflow_tracking import Tracker
-from rayrec.train.checkpoint import checkpoint_name, load_state, save_state, seed_everything
+from rayrec.train.checkpoint import (
+    MID_EPOCH_STEP,
+    checkpoint_name,
+    load_state,
+    resume_metrics,
+    save_state,
+    seed_everything,
+)
 from rayrec.train.loop import LossModule, fit
 from rayrec.train.worker import DataInfo, build, collate_for, steps_per_epoch
 
@@ -27,12 +34,18 @@ log = logging.getLogger(__name__)
 
 
 class ShardBatches:
-    """``Batches`` over this worker's Ray Data shards."""
+    """``Batches`` for this worker: its split of train, every world-th row of valid/test.
 
-    def __init__(self, cfg: JobConfig, info: DataInfo) -> None:
+    Train is split equally by Ray (DDP needs the same number of steps on every rank).
+    Evaluation must see every row exactly once, and an equal split may drop up to
+    world-1 rows, so each worker reads all of valid/test and keeps rows i with
+    i % world == rank; metric sums are then all-reduced.
+    """
+
+    def __init__(self, cfg: JobConfig, info: DataInfo, rank: int = 0, world: int = 1) -> None:
         import ray.train
 
-        self.cfg, self.info = cfg, info
+        self.cfg, self.info, self.rank, self.world = cfg, info, rank, world
         self.shards = {s: ray.train.get_dataset_shard(s) for s in ("train", "valid", "test")}
 
     def train(self, epoch: int):
@@ -40,10 +53,20 @@ class ShardBatches:
                           collate=collate_for(self.cfg, self.info, epoch), shuffle_buffer=self.cfg.train.shuffle_buffer)
 
     def valid(self):
-        return iter_shard(self.shards["valid"], batch_size=self.cfg.train.eval.batch_size, collate=collate_for(self.cfg, self.info))
+        return self._strided("valid")
 
     def test(self):
-        return iter_shard(self.shards["test"], batch_size=self.cfg.train.eval.batch_size, collate=collate_for(self.cfg, self.info))
+        return self._strided("test")
+
+    def _strided(self, split: str):
+        batches = iter_shard(self.shards[split], batch_size=self.cfg.train.eval.batch_size, collate=collate_for(self.cfg, self.info))
+        offset = 0
+        for batch in batches:
+            n = next(iter(batch.values())).shape[0]
+            keep = (torch.arange(offset, offset + n) % self.world) == self.rank
+            offset += n
+            if keep.any():
+                yield {k: v[keep] for k, v in batch.items()}
 
 
 class RayReporter:
@@ -56,7 +79,8 @@ class RayReporter:
         import ray.train
 
         epoch = int(metrics.get("epoch", 0))
-        self.tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+        if MID_EPOCH_STEP not in metrics:  # mid-epoch reports only carry a checkpoint
+            self.tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
         if state is None or self.rank != 0:
             ray.train.report(metrics, checkpoint=None)
             return
@@ -91,14 +115,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     seed_everything(cfg.run.seed)  # same init on every rank; DDP broadcasts rank 0's anyway
     device = ray.train.torch.get_device()
     model = build(cfg, info)
+    if cfg.model.name == "ur4rec":  # staged joint training without a DDP wrapper (see rayrec.train.joint_ray)
+        from rayrec.train.joint_ray import run_joint_worker
+
+        return run_joint_worker(cfg, info, model, config, rank=rank, world=world, device=device)
     module = ray.train.torch.prepare_model(LossModule(model))
     model.to(device)
     resume = _resume_state(config.get("resume_from"))
     tracker = Tracker(config.get("tracking_uri"), config.get("mlflow_run_id")) if rank == 0 else Tracker.null()
+    if resume is not None:
+        tracker.log_metrics(resume_metrics(resume), step=int(resume["epoch"]))
     steps = steps_per_epoch(cfg, info)
-    bar = EpochBar(tqdm, cfg.train.epochs, steps) if rank == 0 else None
+    bar = EpochBar(tqdm, cfg.train.epochs, steps) if rank == 0 and config.get("progress", True) else None
     try:
-        fit(module, model, ShardBatches(cfg, info), cfg, num_items=info.num_items, device=device,
+        fit(module, model, ShardBatches(cfg, info, rank, world), cfg, num_items=info.num_items, device=device,
             reporter=RayReporter(rank, tracker), resume=resume, reduce=all_reduce_sum, world_size=world,
             progress=bar, steps_per_epoch=steps)
     finally:
@@ -147,8 +177,18 @@ def ray_datasets(cfg: JobConfig, info: DataInfo) -> dict[str, Any]:
     }
 
 
+def ingest_options():
+    """Ray Train's default ingest options, with rows kept in file order (seeded batches)."""
+    import ray.train
+
+    opts = ray.train.DataConfig.default_ingest_options()
+    opts.preserve_order = True
+    return opts
+
+
 def build_trainer(cfg: JobConfig, info: DataInfo, *, run_dir: Path, tracking_uri: str | None = None,
-                  mlflow_run_id: str | None = None, resume_from: str | None = None, callbacks: list | None = None):
+                  mlflow_run_id: str | None = None, resume_from: str | None = None, callbacks: list | None = None,
+                  progress: bool = True):
     """A ``TorchTrainer`` from the job's ``scaling`` and ``run`` sections."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -162,7 +202,10 @@ def build_trainer(cfg: JobConfig, info: DataInfo, *, run_dir: Path, tracking_uri
         name=run_dir.name,
         storage_path=str(run_dir.parent),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.checkpoint.num_to_keep),
-        failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+        # max_failures: worker deaths survived (resume from the newest checkpoint); the controller
+        # limit bounds the worker-group start attempts, which Ray would otherwise retry forever
+        failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures,
+                                               controller_failure_limit=cfg.scaling.start_attempts - 1),
         callbacks=callbacks or [],
         logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         worker_runtime_env={"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", "")}},
@@ -173,6 +216,7 @@ def build_trainer(cfg: JobConfig, info: DataInfo, *, run_dir: Path, tracking_uri
         "tracking_uri": tracking_uri,
         "mlflow_run_id": mlflow_run_id,
         "resume_from": resume_from,
+        "progress": progress,  # off in sweeps: many trials' bars would interleave
     }
     return TorchTrainer(
         train_loop_per_worker,
@@ -181,5 +225,5 @@ def build_trainer(cfg: JobConfig, info: DataInfo, *, run_dir: Path, tracking_uri
         scaling_config=scaling,
         run_config=run,
         datasets=ray_datasets(cfg, info),
-        dataset_config=ray.train.DataConfig(datasets_to_split="all"),
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=ingest_options()),
     )

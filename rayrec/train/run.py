@@ -6,6 +6,7 @@ before a single worker starts.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -79,12 +80,18 @@ def open_tracking(cfg: JobConfig, run_dir: Path, source: str | None) -> Tracker:
 def run_training(cfg: JobConfig, *, local: bool = False, source: str | None = None,
                  resume_from: str | None = None, callbacks: list | None = None) -> Outcome:
     """Train ``cfg`` end to end and return its final metrics."""
+    from rayrec.train.cluster import shared_paths
+
+    cfg = shared_paths(cfg)  # on a cluster: data and checkpoints on its shared storage
     storage = check_storage(cfg.run.storage_path)
     ds = ensure_prepared(cfg.data)
     info = data_info(ds)
+    features = _joint_features(cfg, ds, local)
     run_dir = pick_run_dir(storage, cfg.run.name)
     tracker = open_tracking(cfg, run_dir, source)
     tracker.log_file(ds.path / "manifest.json", "data")
+    if features is not None:
+        tracker.log_text(json.dumps(features, indent=2), "data/features.json")
     try:
         if local or cfg.model.name == "popularity":
             outcome = _train_local(cfg, ds, info, run_dir, tracker, resume_from)
@@ -98,24 +105,46 @@ def run_training(cfg: JobConfig, *, local: bool = False, source: str | None = No
     return outcome
 
 
+def _joint_features(cfg: JobConfig, ds: Prepared, local: bool) -> dict[str, Any] | None:
+    """ur4rec: compute (or find up to date) its features on the driver, before any worker starts."""
+    if cfg.model.name != "ur4rec":
+        return None
+    from rayrec.train.joint import prepare_features
+
+    if not local:
+        from rayrec.train.cluster import ensure_ray
+
+        ensure_ray()
+    return prepare_features(cfg, ds.path, use_ray=not local)
+
+
 def _train_local(cfg, ds, info, run_dir, tracker, resume_from) -> Outcome:
+    from rayrec.train.checkpoint import latest_checkpoint
     from rayrec.train.local import run_local
 
     run_dir.mkdir(parents=True, exist_ok=True)
+    resume_from = resume_from or latest_checkpoint(run_dir)  # a re-run after a crash continues
     final, rep = run_local(cfg, ds, info, run_dir=run_dir, tracker=tracker, resume_from=resume_from)
     return Outcome(final, run_dir, str(rep.last_checkpoint) if rep.last_checkpoint else None,
                    tracker.run_id, rep.metrics[:-1])
 
 
 def _train_ray(cfg, info, run_dir, tracker, resume_from, callbacks) -> Outcome:
-    from rayrec.train.cluster import ensure_ray, preflight
+    from rayrec.train.cluster import ensure_ray, placement_error, preflight, worker_start_timeout
     from rayrec.train.ray_trainer import build_trainer
 
     ensure_ray()
     preflight(cfg)
     trainer = build_trainer(cfg, info, run_dir=run_dir, tracking_uri=tracker.uri, mlflow_run_id=tracker.run_id,
                             resume_from=resume_from, callbacks=callbacks)
-    result = trainer.fit()
+    try:
+        with worker_start_timeout(cfg):
+            result = trainer.fit()
+    except Exception as e:
+        friendly = placement_error(e, cfg)
+        if friendly is None:
+            raise
+        raise friendly from None
     if result.error:
         raise RayrecError(f"training failed: {result.error}")
     ckpt = result.checkpoint.path if result.checkpoint else None

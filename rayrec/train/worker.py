@@ -25,6 +25,10 @@ class DataInfo:
 
 
 def build(cfg: JobConfig, info: DataInfo) -> nn.Module:
+    if cfg.model.name == "ur4rec":  # the joint model loads its feature tables from the dataset folder
+        from rayrec.train.joint import build_joint
+
+        return build_joint(cfg, info.num_items, info.path)
     return build_model(cfg.model, info.num_items)
 
 

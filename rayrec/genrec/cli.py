@@ -1,0 +1,157 @@
+"""`rayrec sft`, `rayrec eval-genrec` and `rayrec genrec sids|prompts|show|merge`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("sft", help="LoRA SFT of a causal LM on semantic-ID prompts (Ray Train, or --local)")
+    s.add_argument("job", type=Path, help="job YAML, e.g. jobs/genrec_tiny.yaml")
+    s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 train.lora.r=8")
+    s.add_argument("--local", action="store_true", help="train in this process without Ray")
+    s.add_argument("--resume-from", help="checkpoint folder to continue from")
+    s.add_argument("--eval", action="store_true", help="evaluate the best adapter on eval.split afterwards")
+    s.set_defaults(func=cmd_sft)
+
+    e = sub.add_parser("eval-genrec", help="constrained beam-search evaluation of an SFT checkpoint")
+    e.add_argument("job", type=Path)
+    e.add_argument("overrides", nargs="*")
+    e.add_argument("--adapter", required=True, type=Path, help="checkpoint folder printed by `rayrec sft`")
+    e.add_argument("--split", choices=["valid", "test"], help="default: eval.split of the job")
+    e.add_argument("--local", action="store_true", help="decode in this process instead of Ray workers")
+    e.add_argument("--out", type=Path, help="results JSON (default: next to the adapter)")
+    e.set_defaults(func=cmd_eval)
+
+    g = sub.add_parser("genrec", help="semantic IDs, prompt datasets and result inspection")
+    gsub = g.add_subparsers(dest="genrec_cmd", required=True, metavar="{sids,prompts,show,merge}")
+    i = gsub.add_parser("sids", help="build (or check) the semantic-ID index of a job")
+    i.add_argument("job", type=Path)
+    i.add_argument("overrides", nargs="*")
+    i.add_argument("--force", action="store_true", help="rebuild even if sids.dir already holds the index")
+    i.set_defaults(func=cmd_sids)
+    p = gsub.add_parser("prompts", help="count and print the prompt tasks of a job")
+    p.add_argument("job", type=Path)
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--show", type=int, default=1, help="examples printed per task")
+    p.set_defaults(func=cmd_prompts)
+    w = gsub.add_parser("show", help="print hits or misses of a results JSON")
+    w.add_argument("results", type=Path)
+    which = w.add_mutually_exclusive_group()
+    which.add_argument("--correct", action="store_true", help="rows whose target was returned")
+    which.add_argument("--incorrect", action="store_true", help="rows whose target was missed")
+    w.add_argument("--limit", type=int, default=10)
+    w.set_defaults(func=cmd_show)
+    m = gsub.add_parser("merge", help="merge an adapter into its base and save a plain model folder")
+    m.add_argument("--adapter", required=True, type=Path)
+    m.add_argument("--out", required=True, type=Path)
+    m.set_defaults(func=cmd_merge)
+
+
+def _job(args):
+    from rayrec.config.loader import load_model
+    from rayrec.genrec.config import GenRecJobConfig
+
+    return load_model(GenRecJobConfig, args.job, args.overrides)
+
+
+def _table(rows: list[tuple[str, ...]], header: tuple[str, ...], title: str) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    print(f"\n{title}")
+    print("  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths))))
+    print("-" * (sum(widths) + 2 * (len(widths) - 1)))
+    for r in rows:
+        print("  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+
+
+def cmd_sids(args) -> int:
+    from rayrec.data.dataset import ensure_prepared
+    from rayrec.errors import ConfigError
+    from rayrec.genrec.semantic_ids import describe_index, index_paths, load_or_build, write_built
+
+    cfg = _job(args)
+    items = ensure_prepared(cfg.data).table("items")
+    built = cfg.sids.method in ("rq_kmeans", "rq_vae")
+    if built and args.force:
+        index, report = write_built(cfg.sids, items, cfg.run.seed)
+    elif built and index_paths(cfg.sids.dir, cfg.sids.name)[0].is_file():
+        raise ConfigError(f"{index_paths(cfg.sids.dir, cfg.sids.name)[0]} exists; pass --force to rebuild it")
+    else:
+        index, report = load_or_build(cfg.sids, items, cfg.run.seed)
+    index.for_items(items)  # unknown / missing / duplicate SIDs are errors here, not at training
+    d = describe_index(index)
+    rows = [("source", d["source"]), ("items", d["items"]), ("levels", d["levels"]),
+            ("distinct codes per level", "/".join(map(str, d["distinct_codes"]))),
+            ("collision rate (final)", f"{d['collision_rate']:.4f}")]
+    if report:
+        rows += [("codebook usage per level", "/".join(f"{u:.2f}" for u in report["usage"])),
+                 ("collision rate (raw)", f"{report['collision_rate_raw']:.4f}"),
+                 ("after last-level reassign", f"{report['collision_rate_after_reassign']:.4f}"),
+                 ("extra level added", str(report["extra_level"]))]
+    _table(rows, ("", "value"), f"semantic IDs ({cfg.sids.method})")
+    return 0
+
+
+def cmd_prompts(args) -> int:
+    from rayrec.genrec.run import prepare_inputs
+
+    cfg = _job(args)
+    inputs = prepare_inputs(cfg)
+    counts = inputs.train["task"].value_counts()
+    _table([(t, int(n)) for t, n in counts.items()] + [("valid (sid_seq)", len(inputs.valid))], ("task", "examples"),
+           "training prompts (train split only)")
+    for task, group in inputs.train.groupby("task"):
+        for r in group.head(args.show).itertuples():
+            print(f"\n=== {task} ===\n{r.prompt}{r.completion}")
+    return 0
+
+
+def cmd_sft(args) -> int:
+    from rayrec.genrec.run import run_sft
+
+    cfg = _job(args)
+    out = run_sft(cfg, local=args.local, source=str(args.job), resume_from=args.resume_from)
+    rows = [(k, f"{v:.4f}") for k, v in sorted(out.metrics.items())]
+    _table(rows or [("(none)", "-")], ("metric", "value"), "final SFT metrics")
+    print(f"\nrun folder:  {out.run_dir}\nadapter:     {out.adapter}\nmlflow run:  {out.mlflow_run_id}")
+    print(f"evaluate:    rayrec eval-genrec {args.job} --adapter {out.adapter}")
+    if args.eval and out.adapter:
+        return _evaluate(cfg, Path(out.adapter), None, args.local, None)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    return _evaluate(_job(args), args.adapter, args.split, args.local, args.out)
+
+
+def _evaluate(cfg, adapter: Path, split: str | None, local: bool, out: Path | None) -> int:
+    from rayrec.genrec.evaluate import evaluate_adapter, summary_rows
+
+    split = split or cfg.eval.split
+    res = evaluate_adapter(cfg, adapter, split=split, local=local, out=out)
+    _table(summary_rows(res.metrics, split, cfg.eval.ks), ("metric", "SFT", "popularity"),
+           f"{split} metrics, constrained beam search (num_beams={cfg.eval.num_beams})")
+    print(f"\nresults: {res.results_path}")
+    return 0
+
+
+def cmd_show(args) -> int:
+    from rayrec.genrec.evaluate import show_cases
+
+    correct = True if args.correct else False if args.incorrect else None
+    print("\n".join(show_cases(args.results, correct=correct, limit=args.limit)))
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from rayrec.genrec.sft import load_for_eval
+
+    model, tokenizer, meta = load_for_eval(args.adapter, merge=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(args.out)
+    tokenizer.save_pretrained(args.out)
+    (args.out / "genrec_merged_from.json").write_text(json.dumps({"adapter": str(args.adapter), **meta}, indent=2))
+    print(f"merged model written to {args.out}")
+    return 0

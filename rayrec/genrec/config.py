@@ -1,0 +1,183 @@
+"""Typed job config of the generative track: what `rayrec genrec sids|sft|eval-genrec JOB.yaml` read.
+
+It reuses the platform sections (``data``, ``scaling``, ``tracking``, ``run``) of
+``rayrec.config.schema`` and adds ``sids``, ``prompts``, ``model``, ``train`` and ``eval``.
+Defaults live here only; derived values (global batch) are computed in one place.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from rayrec.config.schema import DataConfig, RunConfig, ScalingConfig, Strict, TrackingConfig
+
+TaskName = Literal["sid_seq", "title_seq", "sid_to_title", "title_to_sid"]
+
+
+class EmbeddingConfig(Strict):
+    """Item-text encoder used before quantisation."""
+
+    model: str = Field("minilm", description="'minilm' (bundled offline all-MiniLM-L6-v2) or a local model folder")
+    fields: list[Literal["title", "text"]] = Field(default_factory=lambda: ["title", "text"],
+                                                   description="item columns joined into the embedded text")
+    batch_size: int = Field(64, ge=1)
+
+
+class RQVAEConfig(Strict):
+    """RQ-VAE (method rq_vae): encoder MLP widths, latent size, training schedule."""
+
+    hidden: list[int] = Field(default_factory=lambda: [256, 128], description="encoder widths (decoder mirrors)")
+    latent_dim: int = Field(32, ge=2)
+    epochs: int = Field(200, ge=1)
+    batch_size: int = Field(256, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    beta: float = Field(0.25, ge=0.0, description="commitment loss weight")
+    kmeans_init: bool = Field(True, description="initialise codebooks by k-means on the initial latents")
+
+
+class SidConfig(Strict):
+    """Where the semantic-ID index lives and how `rayrec genrec sids` builds it.
+
+    method: rq_kmeans | rq_vae build from item text; file reads an existing MiniOneRec
+    ``index/NAME.index.json`` under ``dir``; data uses the ``sid`` column of items.parquet.
+    """
+
+    method: Literal["rq_kmeans", "rq_vae", "file", "data"] = "rq_kmeans"
+    dir: Path = Field(Path("sids/default"), description="folder with index/NAME.index.json and info/NAME.txt")
+    name: str = Field("items", pattern=r"^[A-Za-z0-9_.\-]+$", description="NAME of NAME.index.json")
+    build_if_missing: bool = Field(True, description="`rayrec sft` builds the index first when dir lacks it")
+    levels: int = Field(3, ge=1, le=8, description="code levels L before collision resolution")
+    codebook_size: int = Field(256, ge=2, description="codes per level K")
+    balanced: bool = Field(False, description="balanced k-means (Sinkhorn assignment) for even code usage")
+    kmeans_iters: int = Field(50, ge=1)
+    reassign_last_level: bool = Field(True, description="resolve collisions at the last level before adding one")
+    embedding: EmbeddingConfig = EmbeddingConfig()
+    rqvae: RQVAEConfig = RQVAEConfig()
+
+
+class PromptConfig(Strict):
+    """Prompt tasks and their mixture weights (expected copies of each example; 0 = off)."""
+
+    tasks: dict[TaskName, float] = Field(
+        default_factory=lambda: {"sid_seq": 1.0, "title_seq": 0.5, "sid_to_title": 0.5, "title_to_sid": 0.5})
+    max_history: int = Field(10, ge=1, description="most recent history items shown in a prompt")
+    paraphrase: bool = Field(True, description="draw the instruction among paraphrases (train only)")
+    max_examples: int | None = Field(None, ge=1, description="cap on the training mixture (random subset)")
+
+    @field_validator("tasks")
+    @classmethod
+    def _weights(cls, v: dict[str, float]) -> dict[str, float]:
+        if any(w < 0 for w in v.values()) or not any(w > 0 for w in v.values()):
+            raise ValueError(f"task weights must be >= 0 with at least one > 0, got {v}")
+        return v
+
+
+class TinyLMConfig(Strict):
+    """Size of the random Qwen2-shaped model used when ``model.base`` is ``tiny``."""
+
+    hidden: int = Field(64, ge=8)
+    layers: int = Field(2, ge=1)
+    heads: int = Field(4, ge=1)
+    kv_heads: int = Field(2, ge=1)
+    tie_embeddings: bool = False
+
+
+class LMConfig(Strict):
+    """The causal LM: a local folder or hub id (cluster), or ``tiny`` (built locally)."""
+
+    base: str = Field("tiny", description="'tiny', a local model folder, or a hub id on a cluster with access")
+    tiny: TinyLMConfig = TinyLMConfig()
+    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
+    max_length: int = Field(512, ge=16, description="prompt + response tokens; longer prompts are cut on the left")
+
+
+class LoraSettings(Strict):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: Literal["all", "qkv"] | list[str] = Field(
+        "all", description="'all' = every attention and MLP projection, 'qkv', or explicit module names")
+
+
+class SFTTrainConfig(Strict):
+    epochs: float = Field(3.0, gt=0.0)
+    batch_size: int = Field(8, ge=1, description="sequences per worker per micro-step")
+    grad_accum: int = Field(1, ge=1)
+    global_batch_size: int | None = Field(None, ge=1, description="optional check: batch x workers x accum")
+    lr: float = Field(3e-4, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
+    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    deepspeed: str | None = Field(None, description="zero2 | zero3 (cluster/deepspeed/NAME.json) or a JSON path")
+    gradient_checkpointing: bool = False
+    logging_steps: int = Field(10, ge=1)
+    save_total_limit: int = Field(2, ge=1)
+    val_rows: int = Field(256, ge=0, description="valid rows decoded (constrained) each epoch for val/hr@K, "
+                          "val/ndcg@K (eval.num_beams, eval.ks); 0 = val/loss only")
+    lora: LoraSettings = LoraSettings()
+
+
+class GenEvalConfig(Strict):
+    """Constrained beam-search evaluation."""
+
+    split: Literal["valid", "test"] = "test"
+    num_beams: int = Field(20, ge=1, description="beams = items returned per row")
+    ks: list[int] = Field(default_factory=lambda: [1, 3, 5, 10, 20])
+    batch_size: int = Field(8, ge=1, description="prompts per generate call")
+    max_rows: int | None = Field(None, ge=1, description="evaluate the first N rows only")
+
+    @field_validator("ks")
+    @classmethod
+    def _ks(cls, v: list[int]) -> list[int]:
+        if not v or any(k < 1 for k in v):
+            raise ValueError(f"ks must be a non-empty list of positive integers, got {v}")
+        return sorted(set(v))
+
+    @model_validator(mode="after")
+    def _ks_within_beams(self) -> GenEvalConfig:
+        if self.ks[-1] > self.num_beams:
+            raise ValueError(f"ks contains {self.ks[-1]} > num_beams {self.num_beams}: beam search returns only "
+                             f"num_beams items; set eval.num_beams={self.ks[-1]} or drop the larger K")
+        return self
+
+
+class GenRecJobConfig(Strict):
+    """One generative-recommendation job (semantic IDs -> prompts -> LoRA SFT -> evaluation)."""
+
+    data: DataConfig = DataConfig()
+    sids: SidConfig = SidConfig()
+    prompts: PromptConfig = PromptConfig()
+    model: LMConfig = LMConfig()
+    train: SFTTrainConfig = SFTTrainConfig()
+    eval: GenEvalConfig = GenEvalConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    tracking: TrackingConfig = TrackingConfig(experiment="genrec")
+    run: RunConfig = RunConfig(name="genrec")
+
+    @property
+    def selection_metric(self) -> tuple[str, str]:
+        """(metric, mode) that picks the best checkpoint (and that a sweep optimises)."""
+        if self.train.val_rows == 0:
+            return "val/loss", "min"
+        k = 10 if 10 in self.eval.ks else self.eval.ks[-1]
+        return f"val/ndcg@{k}", "max"
+
+    @property
+    def global_batch_size(self) -> int:
+        """Sequences per optimizer step over all workers."""
+        return self.train.batch_size * self.scaling.num_workers * self.train.grad_accum
+
+    @model_validator(mode="after")
+    def _global_batch(self) -> GenRecJobConfig:
+        want = self.train.global_batch_size
+        if want is not None and want != self.global_batch_size:
+            per_step = self.train.batch_size * self.scaling.num_workers
+            fix = f"train.grad_accum={want // per_step}" if want % per_step == 0 else "train.batch_size/grad_accum"
+            raise ValueError(f"train.global_batch_size={want} but batch_size {self.train.batch_size} x workers "
+                             f"{self.scaling.num_workers} x grad_accum {self.train.grad_accum} = "
+                             f"{self.global_batch_size}; set {fix}")
+        return self

@@ -1,0 +1,159 @@
+"""Prompt datasets: Alpaca-style (instruction, input) -> response examples over semantic IDs.
+
+Four tasks, mixed by config weight (expected copies of each example; 0 turns a task off):
+
+- ``sid_seq``      SID history -> next item's SID (the recommendation task itself);
+- ``title_seq``    title history -> next item's SID (language -> SID grounding);
+- ``sid_to_title`` an item's SID -> its title   (alignment, SID to language);
+- ``title_to_sid`` an item's title -> its SID   (alignment, language to SID).
+
+Training examples come from the prepared dataset's **train split only** (every prefix
+of each user's train sequence; alignment over the items seen in train), so nothing of
+valid/test leaks in. Valid/test prompts are ``sid_seq`` rows built by the same template
+function with the first (fixed) instruction. The response is kept apart from the prompt
+(TRL's prompt-completion format), so the loss covers the response tokens only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from rayrec.data.dataset import Prepared
+from rayrec.errors import DataError
+from rayrec.genrec.semantic_ids import TOKEN_RE
+
+ALPACA = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+
+#: Instruction paraphrases per task; the first one is used for evaluation prompts.
+INSTRUCTIONS: dict[str, list[str]] = {
+    "sid_seq": [
+        "Given the items the user interacted with, in chronological order, predict the next item.",
+        "Based on the user's interaction history below, recommend the item the user will interact with next.",
+        "Here is a user's sequence of items. Which item comes next?",
+    ],
+    "title_seq": [
+        "Given the titles of the items the user interacted with, in chronological order, predict the next item.",
+        "The user enjoyed the items titled below, in this order. Recommend the next item.",
+    ],
+    "sid_to_title": [
+        "Give the title of the item with the semantic ID below.",
+        "Which title belongs to this item identifier?",
+    ],
+    "title_to_sid": [
+        "Give the semantic ID of the item with the title below.",
+        "Which item identifier belongs to this title?",
+    ],
+}
+
+COLUMNS = ["task", "prompt", "completion", "user_idx", "target", "history"]
+
+
+def render(instruction: str, input_text: str) -> str:
+    """The Alpaca prompt, ending where the response starts."""
+    return ALPACA.format(instruction=instruction, input=input_text)
+
+
+def sid_text(sids: dict[int, tuple[str, ...]], item: int) -> str:
+    return "".join(sids[item])
+
+
+def history_input(history: list[int], sids: dict[int, tuple[str, ...]], titles: dict[int, str], by: str) -> str:
+    """The prompt input listing a history, by SID (``sid``) or by title (``title``)."""
+    if by == "sid":
+        return "The user interacted with: " + ", ".join(sid_text(sids, i) for i in history)
+    return "The user interacted with: " + ", ".join(f'"{titles[i]}"' for i in history)
+
+
+def seq_example(task: str, history: list[int], target: int, user: int, sids, titles, instruction: str) -> dict:
+    """One history -> next-SID example (tasks sid_seq and title_seq)."""
+    by = "sid" if task == "sid_seq" else "title"
+    return {"task": task, "prompt": render(instruction, history_input(history, sids, titles, by)),
+            "completion": sid_text(sids, target), "user_idx": user, "target": target, "history": list(history)}
+
+
+def align_example(task: str, item: int, sids, titles, instruction: str) -> dict:
+    """One SID <-> title example; the answer is never part of the prompt."""
+    sid, title = sid_text(sids, item), titles[item]
+    prompt_input, answer = (sid, title) if task == "sid_to_title" else (title, sid)
+    return {"task": task, "prompt": render(instruction, prompt_input), "completion": answer, "user_idx": -1,
+            "target": item if task == "title_to_sid" else -1, "history": []}
+
+
+def _pick(rng: np.random.Generator, task: str, paraphrase: bool) -> str:
+    options = INSTRUCTIONS[task]
+    return options[int(rng.integers(len(options)))] if paraphrase else options[0]
+
+
+def task_examples(task: str, train: pd.DataFrame, sids, titles, max_history: int, rng, paraphrase: bool) -> list[dict]:
+    """Every example of one task from the train sequences (``train``: user_idx, seq)."""
+    out = []
+    if task in ("sid_seq", "title_seq"):
+        for user, seq in zip(train["user_idx"], train["seq"]):
+            seq = [int(i) for i in seq]
+            for t in range(1, len(seq)):
+                out.append(seq_example(task, seq[max(0, t - max_history):t], seq[t], int(user), sids, titles,
+                                       _pick(rng, task, paraphrase)))
+    else:
+        seen = sorted({int(i) for seq in train["seq"] for i in seq})
+        out = [align_example(task, i, sids, titles, _pick(rng, task, paraphrase)) for i in seen]
+    return out
+
+
+def mix(pools: dict[str, list[dict]], weights: dict[str, float], rng: np.random.Generator) -> list[dict]:
+    """Each example of task t appears floor(w_t) times, plus once more with probability frac(w_t)."""
+    out = []
+    for task, pool in pools.items():
+        w = weights.get(task, 0.0)
+        copies = np.floor(w) + (rng.random(len(pool)) < w - np.floor(w))
+        for ex, c in zip(pool, copies.astype(int)):
+            out.extend([ex] * c)
+    order = rng.permutation(len(out))
+    return [out[i] for i in order]
+
+
+def titles_of(ds: Prepared) -> dict[int, str]:
+    """item_idx -> title (a missing title becomes 'item N', as prepare names it)."""
+    items = ds.table("items")
+    return {int(i): (str(t) if isinstance(t, str) and t.strip() else f"item {i}")
+            for i, t in zip(items["item_idx"], items["title"])}
+
+
+def train_prompts(ds: Prepared, sids: dict[int, tuple[str, ...]], cfg, seed: int = 0) -> pd.DataFrame:
+    """The mixed training prompts (``cfg``: ``PromptConfig``), from the train split only."""
+    rng = np.random.default_rng(seed)
+    train, titles = ds.table("train"), titles_of(ds)
+    pools = {t: task_examples(t, train, sids, titles, cfg.max_history, rng, cfg.paraphrase)
+             for t, w in cfg.tasks.items() if w > 0}
+    rows = mix(pools, cfg.tasks, rng)
+    if cfg.max_examples is not None and len(rows) > cfg.max_examples:
+        rows = rows[: cfg.max_examples]
+    if not rows:
+        raise DataError(f"{ds.path}: no training prompts (train sequences shorter than 2 items?)")
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def eval_prompts(ds: Prepared, split: str, sids: dict[int, tuple[str, ...]], cfg,
+                 max_rows: int | None = None) -> pd.DataFrame:
+    """``sid_seq`` prompts of the valid or test rows, with the fixed first instruction."""
+    table, titles = ds.table(split), titles_of(ds)
+    if max_rows is not None:
+        table = table.head(max_rows)
+    instruction = INSTRUCTIONS["sid_seq"][0]
+    rows = [seq_example("sid_seq", [int(i) for i in h][-cfg.max_history:], int(t), int(u), sids, titles, instruction)
+            for u, h, t in zip(table["user_idx"], table["history"], table["target"])]
+    if not rows:
+        raise DataError(f"{ds.path}/{split}.parquet: no rows to evaluate")
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def tokenizer_corpus(*frames: pd.DataFrame, titles: dict[int, str] | None = None) -> list[str]:
+    """Texts whose words make the tiny tokenizer's vocabulary (SID tokens are added separately)."""
+    texts = [t for f in frames for t in f["prompt"].tolist()]
+    texts += list((titles or {}).values())
+    texts += [t for f in frames for t in f.loc[f["task"] == "sid_to_title", "completion"].tolist()]
+    return [TOKEN_RE.sub(" ", t) for t in texts]

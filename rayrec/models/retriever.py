@@ -1,0 +1,187 @@
+"""Multimodal mixture-of-experts retriever (the UR4Rec retriever, made explicit).
+
+Three experts, each a cross-attention in which the *candidate item is the query*:
+
+- ``user_pref``: the candidate's text vector attends over the user's preference text,
+  expanded into ``pref_tokens`` tokens (what the user says they like);
+- ``item_text``: the candidate's text vector attends over the description vectors of the
+  items in the history, each tagged with its recency (what the user read about);
+- ``item_image``: the same over image vectors (what the user looked at).
+
+A router MLP reads the three expert outputs and gives softmax weights per candidate; the
+weighted sum is refined (residual feed-forward + LayerNorm) and scored against the
+candidate's joint content vector. Features are frozen tables (precomputed sentence
+embeddings and image descriptors) behind learned projections; a row whose text or image
+is missing uses a learned fallback vector instead.
+
+Shapes: B users, P query positions per user (training: the last P positions of a
+sequence; ranking: 1), C candidates per query, L history length, d = ``hidden``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rayrec.config.joint import RetrieverConfig
+
+#: Candidates scored per chunk at ranking time (bounds the attention tensor's memory).
+SCORE_CHUNK = 256
+
+
+@dataclass
+class JointFeatures:
+    """Frozen feature tables; row 0 of item tables is padding, user rows are indexed by user_idx."""
+
+    item_text: torch.Tensor  # [N+1, Dt] float
+    item_text_ok: torch.Tensor  # [N+1] bool, False where the item has no text
+    item_image: torch.Tensor  # [N+1, Di] float
+    item_image_ok: torch.Tensor  # [N+1] bool
+    user_text: torch.Tensor  # [U+1, Dt] float
+    user_text_ok: torch.Tensor  # [U+1] bool
+
+    @classmethod
+    def random(cls, num_items: int, num_users: int, text_dim: int = 16, image_dim: int = 12, seed: int = 0) -> JointFeatures:
+        """Random features for tests that do not care about content."""
+        g = torch.Generator().manual_seed(seed)
+        return cls(torch.randn(num_items + 1, text_dim, generator=g), torch.ones(num_items + 1, dtype=torch.bool),
+                   torch.randn(num_items + 1, image_dim, generator=g), torch.ones(num_items + 1, dtype=torch.bool),
+                   torch.randn(num_users + 1, text_dim, generator=g), torch.ones(num_users + 1, dtype=torch.bool))
+
+
+class FeatureProjection(nn.Module):
+    """A frozen feature table [R, D] -> learned projection to [R, d], learned fallback where missing."""
+
+    def __init__(self, table: torch.Tensor, ok: torch.Tensor, hidden: int) -> None:
+        super().__init__()
+        self.register_buffer("table", table.float(), persistent=False)  # data, not weights
+        self.register_buffer("ok", ok.bool(), persistent=False)
+        self.proj = nn.Linear(table.shape[1], hidden)
+        self.missing = nn.Parameter(torch.zeros(hidden))
+        nn.init.normal_(self.missing, 0.0, 0.02)
+
+    def forward(self, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """Projected rows ``idx`` (any shape) -> [*idx.shape, d]; all rows when idx is None."""
+        table, ok = (self.table, self.ok) if idx is None else (self.table[idx], self.ok[idx])
+        return torch.where(ok[..., None], self.proj(table), self.missing)
+
+
+class CrossAttentionExpert(nn.Module):
+    """Candidates (queries) attend over a set of tokens (keys/values), multi-head."""
+
+    def __init__(self, hidden: int, num_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.heads, self.dropout = num_heads, dropout
+        self.q, self.k, self.v = (nn.Linear(hidden, hidden) for _ in range(3))
+        self.out = nn.Linear(hidden, hidden)
+        self.ln = nn.LayerNorm(hidden)
+
+    def forward(self, query: torch.Tensor, tokens: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """query [N, C, d], tokens [N, K, d], allowed [N, K] bool (>= 1 True per row) -> [N, C, d]."""
+        n, c, d = query.shape
+        h, dh = self.heads, d // self.heads
+        q = self.q(query).view(n, c, h, dh).transpose(1, 2)  # [N, h, C, dh]
+        k = self.k(tokens).view(n, -1, h, dh).transpose(1, 2)  # [N, h, K, dh]
+        v = self.v(tokens).view(n, -1, h, dh).transpose(1, 2)
+        p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None, None, :], dropout_p=p)
+        return self.ln(self.out(y.transpose(1, 2).reshape(n, c, d)))  # [N, C, d]
+
+
+class Retriever(nn.Module):
+    """Scores candidates for a user from preference text, history texts and history images."""
+
+    def __init__(self, num_items: int, cfg: RetrieverConfig, features: JointFeatures, max_len: int) -> None:
+        super().__init__()
+        d = cfg.hidden
+        self.cfg, self.num_items, self.max_len = cfg, num_items, max_len
+        self.experts_used = list(cfg.experts)
+        self.ablate: set[str] = set()  # experts whose output is zeroed (ablation studies)
+        self.text = FeatureProjection(features.item_text, features.item_text_ok, d)
+        self.image = FeatureProjection(features.item_image, features.item_image_ok, d)
+        self.user = FeatureProjection(features.user_text, features.user_text_ok, d)
+        self.pref_expand = nn.Linear(d, cfg.pref_tokens * d)
+        self.recency = nn.Embedding(max_len, d)
+        self.experts = nn.ModuleDict({e: CrossAttentionExpert(d, cfg.num_heads, cfg.dropout) for e in cfg.experts})
+        self.router = nn.Sequential(nn.Linear(len(cfg.experts) * d, d), nn.GELU(), nn.Linear(d, len(cfg.experts)))
+        self.refine = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(2 * d, d))
+        self.ln_refine = nn.LayerNorm(d)
+        self.ln_item = nn.LayerNorm(d)
+        self.item_head = nn.Linear(d, d)
+        self.last_router_weights: torch.Tensor | None = None  # [.., E] of the latest call, for stats
+
+    @property
+    def hidden(self) -> int:
+        return self.cfg.hidden
+
+    def item_vectors(self, items: torch.Tensor) -> torch.Tensor:
+        """Joint content vector of items (any shape) -> [*shape, d]: what candidates are scored against."""
+        return self.ln_item(self.text(items) + self.image(items))
+
+    def forward(self, history: torch.Tensor, user_idx: torch.Tensor, candidates: torch.Tensor,
+                query_pos: torch.Tensor) -> torch.Tensor:
+        """Scores  # history [B, L], user_idx [B], candidates [B, P, C], query_pos [B, P] -> [B, P, C].
+
+        ``query_pos[b, p]`` is the last history column visible to query p (causal training);
+        columns after it and padding are masked.
+        """
+        b, p, c = candidates.shape
+        allowed = _visible(history, query_pos)  # [B, P, L]
+        rec = (query_pos[:, :, None] - torch.arange(history.shape[1], device=history.device)).clamp(0, self.max_len - 1)
+        outs = []
+        for name in self.experts_used:
+            outs.append(self._expert(name, history, user_idx, candidates, allowed, rec))  # [B*P, C, d]
+        fused = self._route(outs)  # [B*P, C, d]
+        refined = self.ln_refine(fused + self.refine(fused))
+        target = self.item_head(self.item_vectors(candidates)).view(b * p, c, -1)  # [B*P, C, d]
+        return ((refined * target).sum(-1) / math.sqrt(self.hidden)).view(b, p, c)
+
+    def _expert(self, name: str, history, user_idx, candidates, allowed, rec) -> torch.Tensor:
+        """One expert's output for every (query, candidate)  # -> [B*P, C, d] (zeros if ablated)."""
+        b, p, c = candidates.shape
+        if name == "user_pref":
+            query = self.text(candidates)  # preference text and item text share the text encoder's space
+            tokens = self.pref_expand(self.user(user_idx)).view(b, -1, self.hidden)  # [B, T, d]
+            tokens = tokens.repeat_interleave(p, dim=0)  # [B*P, T, d]
+            mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        else:
+            table = self.text if name == "item_text" else self.image
+            query = table(candidates)  # [B, P, C, d]
+            tokens = (table(history)[:, None] + self.recency(rec)).flatten(0, 1)  # [B*P, L, d]
+            mask = allowed.flatten(0, 1)  # [B*P, L]
+        out = self.experts[name](query.flatten(0, 1), tokens, mask)
+        return torch.zeros_like(out) if name in self.ablate else out
+
+    def _route(self, outs: list[torch.Tensor]) -> torch.Tensor:
+        """Router softmax over experts per candidate, then the weighted sum  # -> [B*P, C, d]."""
+        stacked = torch.stack(outs, dim=-2)  # [B*P, C, E, d]
+        weights = F.softmax(self.router(stacked.flatten(-2)), dim=-1)  # [B*P, C, E]
+        self.last_router_weights = weights.detach()
+        return (weights[..., None] * stacked).sum(-2)
+
+    def score(self, history: torch.Tensor, user_idx: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """Ranking-time scores  # history [B, L], user_idx [B], candidates [B, C] -> [B, C], in chunks."""
+        history = history[:, -self.max_len :]
+        pos = torch.full((history.shape[0], 1), history.shape[1] - 1, device=history.device, dtype=torch.long)
+        chunks = [self(history, user_idx, candidates[:, None, i : i + SCORE_CHUNK], pos)[:, 0]
+                  for i in range(0, candidates.shape[1], SCORE_CHUNK)]
+        return torch.cat(chunks, dim=1)
+
+
+def _visible(history: torch.Tensor, query_pos: torch.Tensor) -> torch.Tensor:
+    """history [B, L], query_pos [B, P] -> [B, P, L] bool: column <= query_pos and not padding.
+
+    The query's own column is always visible, so no row is empty (no NaN from softmax).
+    """
+    cols = torch.arange(history.shape[1], device=history.device)
+    causal = cols[None, None, :] <= query_pos[:, :, None]
+    own = cols[None, None, :] == query_pos[:, :, None]
+    return (causal & (history != 0)[:, None, :]) | own
+
+
+def build_retriever(num_items: int, cfg: RetrieverConfig, features: JointFeatures, max_len: int) -> Retriever:
+    return Retriever(num_items, cfg, features, max_len)

@@ -1,0 +1,273 @@
+"""`rayrec submit`: run a job on a Ray cluster through the Ray Job Submission SDK.
+
+What it sends is what `ray job submit --working-dir . -- rayrec train JOB` would send, plus:
+
+- a runtime env with the pinned requirements (``cluster/requirements.txt``), so the cluster
+  runs the versions the job was tested with; ``--no-pip`` when the image already has them;
+- the MLflow URI (``--mlflow-uri`` or ``$MLFLOW_TRACKING_URI``) as ``tracking.uri`` and as
+  ``MLFLOW_TRACKING_URI``, so the run lands on the team server, not in the job's temporary dir;
+- secrets named by ``--secret-env NAME``: the value is read from this shell and never printed
+  or written to a file (the job YAML has no place for one);
+- a submission id derived from the job and the time (``rayrec-quickstart-20250101-120000``).
+
+Everything that can be checked here is checked before anything is sent: the address answers,
+the job file exists inside the working dir and validates, the secrets are set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import logging
+import os
+import re
+import shlex
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rayrec.errors import SubmitError
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = Path("cluster/requirements.txt")
+#: Commands that take a job (or search-space) file as their first argument.
+JOB_COMMANDS = ("train", "eval", "tune", "sft", "grpo")
+#: Never uploaded with the working dir (.gitignore'd paths are skipped by Ray already).
+UPLOAD_EXCLUDES = [".git", "**/__pycache__", "mlflow.db"]
+_SECRET_LIKE = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|(^|_)KEY(_|$)|ACCESS_KEY", re.I)
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+@dataclass
+class Submission:
+    """Everything sent to the cluster. ``secrets`` are names only; their values sit in
+    ``runtime_env['env_vars']`` and ``describe()`` masks them."""
+
+    entrypoint: str
+    runtime_env: dict
+    submission_id: str
+    metadata: dict[str, str] = field(default_factory=dict)
+    secrets: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        env = {k: ("<secret>" if k in self.secrets else v) for k, v in self.runtime_env.get("env_vars", {}).items()}
+        pip = self.runtime_env.get("pip", {}).get("packages", [])
+        return "\n".join([
+            f"submission id: {self.submission_id}",
+            f"entrypoint:    {self.entrypoint}",
+            f"working dir:   {self.runtime_env['working_dir']}",
+            f"pip:           {len(pip)} pinned requirements" if pip else "pip:           (none: the cluster image provides them)",
+            "env vars:      " + (", ".join(f"{k}={v}" for k, v in env.items()) or "-"),
+        ])
+
+
+def normalize_address(address: str | None) -> str:
+    """``HEAD:8265`` -> ``http://HEAD:8265``; the address must be the dashboard's (job API)."""
+    address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
+    if not address:
+        raise SubmitError("no cluster address: pass --address http://HEAD:8265 (or set RAY_ADDRESS)")
+    if address.startswith("ray://") or ":10001" in address:
+        raise SubmitError(f"{address} is a Ray Client address; the job API is the dashboard's, e.g. http://HEAD:8265")
+    return address.rstrip("/") if "://" in address else f"http://{address.rstrip('/')}"
+
+
+def auth_headers(token_env: str) -> dict[str, str]:
+    """``Authorization`` header from the token in ``$token_env`` (Ray >= 2.59 token auth), if set."""
+    token = os.environ.get(token_env, "").strip()
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def check_address(address: str, headers: dict[str, str], timeout: float = 5.0) -> None:
+    """Fail with one message unless ``address`` is a Ray dashboard that accepts us."""
+    import requests
+
+    try:
+        r = requests.get(f"{address}/api/version", headers=headers, timeout=timeout)
+    except requests.RequestException as e:
+        raise SubmitError(f"cannot reach the Ray dashboard at {address} ({type(e).__name__}); check --address "
+                          "(http://HEAD:8265), that the cluster is up, and any port-forward or SSH tunnel") from None
+    if r.status_code == 401:
+        raise SubmitError(f"the cluster at {address} uses token auth and no token was sent: export RAY_AUTH_TOKEN "
+                          "(print it on the head with `ray get-auth-token`) or name its variable with --auth-token-env")
+    if r.status_code == 403:
+        raise SubmitError(f"the cluster at {address} rejected the auth token; check RAY_AUTH_TOKEN against the head's")
+    if r.status_code != 200:
+        raise SubmitError(f"{address} answered HTTP {r.status_code} to /api/version; is it the Ray dashboard (port 8265)?")
+
+
+def job_path(job: Path, working_dir: Path) -> str:
+    """The job file relative to the working dir (the cluster sees only the uploaded copy)."""
+    if not job.is_file():
+        raise SubmitError(f"{job}: no such job file")
+    try:
+        return job.resolve().relative_to(working_dir.resolve()).as_posix()
+    except ValueError:
+        raise SubmitError(f"{job} is outside the working dir {working_dir}; the cluster only sees files "
+                          "uploaded with it (run from the project root or pass --working-dir)") from None
+
+
+def validate_job(command: str, job: Path, overrides: list[str]) -> None:
+    """Load ``train``/``eval`` jobs here, so a bad key fails before the upload, not on the cluster."""
+    if command in ("train", "eval"):
+        from rayrec.config import load_job
+
+        load_job(job, overrides)
+
+
+def env_vars(plain: list[str], secrets: list[str], mlflow_uri: str | None) -> dict[str, str]:
+    """Runtime-env variables: ``NAME=VALUE`` pairs, secrets copied from this shell, the MLflow URI."""
+    out = {"PYTHONUNBUFFERED": "1"}  # driver output reaches `--follow` line by line
+    if mlflow_uri:
+        out["MLFLOW_TRACKING_URI"] = mlflow_uri
+    for item in plain:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise SubmitError(f"--env '{item}' is not NAME=VALUE")
+        if _SECRET_LIKE.search(name):
+            raise SubmitError(f"--env {name}=... looks like a secret; pass it by name with --secret-env {name} "
+                              "so its value stays out of command lines, shell history and logs")
+        out[name] = value
+    for name in secrets:
+        if name not in os.environ:
+            raise SubmitError(f"--secret-env {name}: {name} is not set in this shell; export it first")
+        out[name] = os.environ[name]
+    return out
+
+
+def pinned_requirements(path: Path) -> list[str]:
+    """Requirement lines of the lock file (comments and blanks dropped)."""
+    if not path.is_file():
+        raise SubmitError(f"{path}: no pinned requirements file; pass --requirements FILE, or --no-pip "
+                          "when the cluster image already has rayrec's dependencies")
+    lines = [ln.split("#", 1)[0].strip() for ln in path.read_text().splitlines()]
+    return [ln for ln in lines if ln]
+
+
+def submission_id(job: Path, now: float | None = None) -> str:
+    """``rayrec-<job name>-<UTC yyyymmdd-hhmmss>``: readable in `ray job list`, unique per second."""
+    stem = re.sub(r"[^a-z0-9]+", "-", job.stem.lower()).strip("-") or "job"
+    return f"rayrec-{stem}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime(now))}"
+
+
+def build_submission(args: argparse.Namespace) -> Submission:
+    """The entrypoint and runtime env for ``args``; raises ``SubmitError`` on anything missing."""
+    working_dir = Path(args.working_dir)
+    if not working_dir.is_dir():
+        raise SubmitError(f"--working-dir {working_dir}: no such folder")
+    rel = job_path(args.job, working_dir)
+    command, *flags = shlex.split(args.command)
+    overrides = list(args.overrides)
+    mlflow_uri = args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if mlflow_uri and not any(o.startswith("tracking.uri=") for o in overrides):
+        overrides.append(f"tracking.uri={mlflow_uri}")
+    validate_job(command, args.job, overrides)
+    runtime_env = {"working_dir": str(working_dir.resolve()), "excludes": UPLOAD_EXCLUDES,
+                   "env_vars": env_vars(args.env, args.secret_env, mlflow_uri)}
+    if not args.no_pip:
+        lock = args.requirements or working_dir / LOCK_FILE
+        runtime_env["pip"] = {"packages": pinned_requirements(lock), "pip_check": False}
+    # `python -m` runs the uploaded rayrec with the runtime env's interpreter (its pinned packages)
+    entrypoint = shlex.join(["python", "-m", "rayrec", command, rel, *overrides, *flags])
+    meta = {"rayrec.job": rel, "rayrec.command": args.command, "rayrec.user": getpass.getuser()}
+    return Submission(entrypoint, runtime_env, args.submission_id or submission_id(args.job), meta,
+                      list(args.secret_env))
+
+
+def send(sub: Submission, address: str, headers: dict[str, str]):
+    """Upload the working dir and submit; returns the client (to follow the job)."""
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        client = JobSubmissionClient(address, headers=headers)
+        client.submit_job(entrypoint=sub.entrypoint, runtime_env=sub.runtime_env,
+                          submission_id=sub.submission_id, metadata=sub.metadata)
+    except Exception as e:  # the SDK raises RuntimeError/ConnectionError with the server's text
+        reason = " ".join(str(e).split())[:400]
+        raise SubmitError(f"the cluster at {address} did not accept the job: {reason}") from None
+    return client
+
+
+def follow(client, sid: str) -> str:
+    """Print the job's output as it comes, then return its final status."""
+    async def stream() -> None:
+        async for chunk in client.tail_job_logs(sid):
+            print(chunk, end="", flush=True)
+
+    try:
+        asyncio.run(stream())
+    except RuntimeError as e:  # the log stream closed early (head restart, proxy timeout)
+        log.warning("log stream of %s ended early (%s); waiting for the job's status", sid, e)
+    return wait_status(client, sid)
+
+
+def wait_status(client, sid: str, poll_s: float = 1.0) -> str:
+    """Poll until the job is SUCCEEDED, FAILED or STOPPED."""
+    while True:
+        status = client.get_job_status(sid)
+        status = getattr(status, "value", str(status))
+        if status in TERMINAL:
+            return status
+        time.sleep(poll_s)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    """Check everything, submit, and with ``--follow`` stream the logs and return the job's status."""
+    _check_command(args.command.split()[0] if args.command.strip() else "")
+    sub = build_submission(args)
+    if args.dry_run:
+        print(sub.describe())
+        return 0
+    address = normalize_address(args.address)
+    headers = auth_headers(args.auth_token_env)
+    check_address(address, headers)
+    if not args.mlflow_uri and "MLFLOW_TRACKING_URI" not in sub.runtime_env["env_vars"]:
+        log.warning("no --mlflow-uri or MLFLOW_TRACKING_URI: the job logs to its own tracking.uri, which for a "
+                    "local store (sqlite:///...) is the job's temporary working dir on the head node")
+    client = send(sub, address, headers)
+    print(sub.describe())
+    sid = sub.submission_id
+    print(f"\nfollow:  ray job logs {sid} --address {address} --follow\nstop:    ray job stop {sid} --address {address}")
+    if not args.follow:
+        return 0
+    try:
+        status = follow(client, sid)
+    except KeyboardInterrupt:
+        print(f"\nstopped following; job {sid} keeps running (ray job stop {sid} --address {address})")
+        return 130
+    print(f"\njob {sid}: {status}")
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def _check_command(command: str) -> None:
+    """``--command`` must be a job command this rayrec has (the cluster runs the same code)."""
+    from rayrec.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    if command not in sub.choices:
+        have = ", ".join(c for c in JOB_COMMANDS if c in sub.choices)
+        raise SubmitError(f"--command {command}: rayrec has no such command here (job commands: {have})")
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("submit", help="run a job on a Ray cluster (Ray Job Submission SDK)",
+                       description=__doc__.split("\n\n")[0])
+    s.add_argument("job", type=Path, help="job YAML inside the working dir, e.g. jobs/quickstart.yaml")
+    s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. scaling.num_workers=8 scaling.use_gpu=true")
+    s.add_argument("--address", help="the cluster's dashboard, http://HEAD:8265 (default: $RAY_ADDRESS)")
+    s.add_argument("--follow", action="store_true", help="stream the job's logs and exit with its status")
+    s.add_argument("--command", default="train",
+                   help='rayrec command run on the cluster, with its flags: "train" (default), "sft --eval"')
+    s.add_argument("--mlflow-uri", help="team MLflow server for the run (default: $MLFLOW_TRACKING_URI)")
+    s.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="job env var (repeatable)")
+    s.add_argument("--secret-env", action="append", default=[], metavar="NAME",
+                   help="copy $NAME from this shell into the job's env, never printed (repeatable)")
+    s.add_argument("--requirements", type=Path, help=f"pinned pip requirements (default: WORKING_DIR/{LOCK_FILE})")
+    s.add_argument("--no-pip", action="store_true", help="no pip runtime env: the cluster image has the deps")
+    s.add_argument("--working-dir", default=".", help="folder uploaded as the job's working dir (default: .)")
+    s.add_argument("--submission-id", help="job id (default: rayrec-<job>-<UTC time>)")
+    s.add_argument("--auth-token-env", default="RAY_AUTH_TOKEN", metavar="NAME",
+                   help="env var holding the cluster's auth token (default: RAY_AUTH_TOKEN)")
+    s.add_argument("--dry-run", action="store_true", help="print what would be submitted and stop")
+    s.set_defaults(func=cmd_submit)

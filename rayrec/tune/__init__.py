@@ -1,0 +1,1 @@
+"""Tuning sweeps: search-space files -> Ray Tune (Optuna, ASHA) over Ray Train trials."""

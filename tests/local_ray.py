@@ -1,0 +1,161 @@
+"""A real Ray head for end-to-end tests: 127.0.0.1 only, free ports, its own temp dir.
+
+``ray start --head --block`` runs as a child of the test in a new session, so every Ray
+process of this head (GCS, raylet, dashboard, workers, job drivers) is a descendant of it or
+in its process group. ``stop()`` ends exactly those, by PID; it never runs ``ray stop``, which
+would kill every Ray process on the machine, other sessions' included.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+
+BIN = Path(sys.executable).parent
+PORT_FLAGS = ["--port", "--dashboard-port", "--ray-client-server-port", "--node-manager-port",
+              "--object-manager-port", "--runtime-env-agent-port", "--dashboard-agent-grpc-port",
+              "--dashboard-agent-listen-port", "--metrics-export-port"]
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct ports free on 127.0.0.1 right now."""
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+class LocalHead:
+    """One Ray head node. ``env`` is added to the head's environment (auth, storage root)."""
+
+    def __init__(self, num_cpus: int = 3, env: dict[str, str] | None = None) -> None:
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="rr", dir="/tmp"))  # short: socket paths are limited
+        self.ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS))))
+        self.num_cpus, self.extra_env = num_cpus, dict(env or {})
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def gcs_address(self) -> str:
+        return f"127.0.0.1:{self.ports['--port']}"
+
+    @property
+    def dashboard(self) -> str:
+        return f"http://127.0.0.1:{self.ports['--dashboard-port']}"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """Environment for processes of this test (the head, drivers, `ray job submit`)."""
+        env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+               "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
+               # the state API of this head's processes must not wander to other Ray instances on the host
+               "RAY_API_SERVER_ADDRESS": self.dashboard, **self.extra_env, **extra}
+        env.pop("RAY_ADDRESS", None)
+        return env
+
+    def start(self, timeout: float = 180.0) -> LocalHead:
+        cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+               "--dashboard-host", "127.0.0.1", "--include-dashboard", "true", "--disable-usage-stats",
+               "--min-worker-port", "0", "--max-worker-port", "0", "--num-cpus", str(self.num_cpus),
+               "--num-gpus", "0", "--object-store-memory", str(200 * 1024**2), "--temp-dir", str(self.temp_dir)]
+        for flag, port in self.ports.items():
+            cmd += [flag, str(port)]
+        log = open(self.temp_dir / "ray_start.log", "wb")
+        self.proc = subprocess.Popen(cmd, env=self.env(), stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        self._wait_ready(timeout)
+        return self
+
+    def _wait_ready(self, timeout: float) -> None:
+        """Until the job API answers and the head's dashboard agent (which runs jobs) listens."""
+        deadline = time.monotonic() + timeout
+        headers = self.auth_headers()
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ray start exited {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                ok = requests.get(f"{self.dashboard}/api/jobs/", headers=headers, timeout=5).status_code == 200
+                if ok and _listening(self.ports["--dashboard-agent-listen-port"]):
+                    time.sleep(2)  # the agent registers its address right after it starts listening
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(1)
+        raise TimeoutError(f"Ray head not ready after {timeout:.0f} s:\n{self.log_tail()}")
+
+    def auth_headers(self) -> dict[str, str]:
+        token = self.extra_env.get("RAY_AUTH_TOKEN")
+        return {"Authorization": f"Bearer {token}"} if token else {}
+
+    def log_tail(self, n: int = 4000) -> str:
+        p = self.temp_dir / "ray_start.log"
+        return p.read_text(errors="replace")[-n:] if p.exists() else ""
+
+    def stop(self, grace: float = 5.0) -> None:
+        """End this head's processes (descendants and its process group), by PID."""
+        if self.proc is None:
+            return
+        import psutil
+
+        procs = self._processes(psutil)
+        for p in procs:
+            _signal(p, signal.SIGTERM)
+        _, alive = psutil.wait_procs(procs, timeout=grace)
+        for p in alive + self._processes(psutil):
+            _signal(p, signal.SIGKILL)
+        psutil.wait_procs(alive, timeout=5)
+        self.proc.wait(timeout=10)
+        self.proc = None
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    def _processes(self, psutil) -> list:
+        """The `ray start` process, its descendants, and whatever else is in its process group."""
+        found = {}
+        try:
+            root = psutil.Process(self.proc.pid)
+            for p in [root, *root.children(recursive=True)]:
+                found[p.pid] = p
+        except psutil.NoSuchProcess:
+            pass
+        for p in psutil.process_iter():
+            try:
+                if os.getpgid(p.pid) == self.proc.pid:
+                    found[p.pid] = p
+            except (ProcessLookupError, psutil.Error):
+                pass
+        return list(found.values())
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        return True
+    except OSError:
+        return False
+
+
+def _signal(p, sig: int) -> None:
+    try:
+        p.send_signal(sig)
+    except Exception:  # already gone
+        pass
+
+
+def raise_interrupt_on_sigterm():
+    """Make SIGTERM (a CI timeout) unwind like Ctrl-C, so fixtures still tear the head down."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    return signal.signal(signal.SIGTERM, handler)

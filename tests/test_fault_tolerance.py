@@ -1,0 +1,338 @@
+"""Fault tolerance and the hardware guard.
+
+Fast: mid-epoch checkpoints resume exactly, half-written checkpoints are never picked, a local
+re-run after a crash continues the same run, jobs that can never be placed fail in seconds.
+Slow (a real `ray start --head`): a Ray Train worker killed in epoch 2 and a driver killed mid-run
+both resume, and end where an uninterrupted run with the same seed ends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from rayrec.config import dump_job
+from rayrec.data.dataset import open_prepared
+from rayrec.errors import ClusterError
+from rayrec.tracking.mlflow_tracking import RUN_KEY_TAG, Tracker
+from rayrec.train.checkpoint import STATE_FILE, latest_checkpoint, load_state, save_state
+from rayrec.train.local import LocalReporter, run_local
+from rayrec.train.run import data_info, run_training
+
+
+class Crash(Exception):
+    pass
+
+
+def crash_after(match):
+    """Patch ``LocalReporter.report`` to raise right after a report that ``match`` accepts."""
+    orig = LocalReporter.report
+
+    def report(self, metrics, state):
+        orig(self, metrics, state)
+        if match(metrics, state):
+            raise Crash
+
+    return orig, report
+
+
+def local(cfg, run_dir, resume_from=None):
+    ds = open_prepared(cfg.data.path)
+    return run_local(cfg, ds, data_info(ds), run_dir=run_dir, tracker=Tracker.null(), resume_from=resume_from)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def test_mid_epoch_checkpoints_resume_exactly(tiny_job, tmp_path, monkeypatch):
+    """Crash 2 batches into epoch 2 (checkpoint every 4 steps): the resumed run skips the batches
+    it already trained on and ends exactly where an uninterrupted run ends."""
+    cfg = tiny_job.model_copy(deep=True)
+    cfg.train.epochs = 2
+    plain, _ = local(cfg, tmp_path / "plain")
+    cfg.run.checkpoint.every_n_steps = 4  # 10 batches per epoch: steps 4, 8 | 12, 16, 20
+    full, _ = local(cfg, tmp_path / "full")
+    assert full["test/ndcg@10"] == plain["test/ndcg@10"]  # checkpointing does not disturb training
+    names = sorted(p.name for p in (tmp_path / "full").iterdir())
+    assert names == ["epoch_0001", "epoch_0001_step_0000004", "epoch_0001_step_0000008", "epoch_0002",
+                     "epoch_0002_step_0000012", "epoch_0002_step_0000016", "epoch_0002_step_0000020", "final"]
+
+    orig, crashing = crash_after(lambda m, s: m.get("mid_epoch_step") == 12)
+    monkeypatch.setattr(LocalReporter, "report", crashing)
+    with pytest.raises(Crash):
+        local(cfg, tmp_path / "cut")
+    monkeypatch.setattr(LocalReporter, "report", orig)
+    ckpt = latest_checkpoint(tmp_path / "cut")
+    state = load_state(ckpt)
+    assert ckpt.name == "epoch_0002_step_0000012" and (state["epoch"], state["step"], state["epoch_batch"]) == (1, 12, 2)
+    resumed, rep = local(cfg, tmp_path / "cut", resume_from=ckpt)
+    assert [m["epoch"] for m in rep.metrics[:-1]] == [2]
+    assert resumed["test/ndcg@10"] == pytest.approx(full["test/ndcg@10"], rel=1e-6)
+    assert resumed["best/val/ndcg@10"] == pytest.approx(full["best/val/ndcg@10"], rel=1e-6)
+
+
+def test_half_written_checkpoints_are_never_picked(tmp_path):
+    good = {"epoch": 1, "w": torch.ones(3)}
+    save_state(good, tmp_path / "epoch_0001")
+    (tmp_path / "epoch_0002").mkdir()  # cut off while torch.save wrote its temp file
+    (tmp_path / "epoch_0002" / f".{STATE_FILE}.tmp-123").write_bytes(b"PK\x03\x04 half")
+    (tmp_path / "epoch_0003_step_0000500").mkdir()  # cut off before anything was written
+    assert latest_checkpoint(tmp_path) == tmp_path / "epoch_0001"
+    save_state(good, tmp_path / "epoch_0002_step_0000400")
+    assert latest_checkpoint(tmp_path).name == "epoch_0002_step_0000400"
+    save_state(good, tmp_path / "epoch_0002")
+    assert latest_checkpoint(tmp_path).name == "epoch_0002"  # a finished epoch beats its own steps
+    assert latest_checkpoint(tmp_path / "absent") is None
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    save_state({"epoch": 1}, tmp_path)
+
+    def dies_midway(obj, f):
+        f.write(b"PK\x03\x04 partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", dies_midway)
+    with pytest.raises(OSError):
+        save_state({"epoch": 2}, tmp_path)
+    monkeypatch.undo()
+    assert load_state(tmp_path)["epoch"] == 1
+
+
+def test_rerun_after_a_crash_continues_the_same_run_and_mlflow_run(tiny_job, monkeypatch):
+    """`rayrec train --local` again after a crash: same run folder, same MLflow run, epochs go on."""
+    cfg = tiny_job.model_copy(deep=True)
+    orig, crashing = crash_after(lambda m, s: m.get("epoch") == 2 and s is not None and "test/hr@10" not in m)
+    monkeypatch.setattr(LocalReporter, "report", crashing)
+    with pytest.raises(Crash):
+        run_training(cfg, local=True)
+    monkeypatch.setattr(LocalReporter, "report", orig)
+    out = run_training(cfg, local=True)
+    assert out.run_dir.name == "t" and out.metrics["epoch"] == 3
+    c = MlflowClient(cfg.tracking.uri)
+    runs = c.search_runs([c.get_experiment_by_name("tests").experiment_id])
+    assert [r.info.run_id for r in runs] == [out.mlflow_run_id] and runs[0].info.status == "FINISHED"
+    assert [m.step for m in c.get_metric_history(out.mlflow_run_id, "train/loss")] == [1, 2, 3]
+    assert [m.value for m in c.get_metric_history(out.mlflow_run_id, "resume/epoch")] == [2.0]
+
+
+# ----------------------------------------------------------------------------- hardware guard
+
+
+def test_gpus_on_a_cluster_without_them_fail_in_seconds(ray_session, tiny_job):
+    cfg = tiny_job.model_copy(deep=True)
+    cfg.scaling.use_gpu, cfg.scaling.num_workers = True, 2
+    start = time.monotonic()
+    with pytest.raises(ClusterError, match=r"needs 2 GPUs for 2 workers, the cluster has 0"):
+        run_training(cfg)
+    assert time.monotonic() - start < 30
+
+
+def test_declared_autoscaler_limits_let_a_job_wait_for_nodes(ray_session, tiny_job, monkeypatch):
+    from rayrec.train.cluster import preflight
+
+    cfg = tiny_job.model_copy(deep=True)
+    cfg.scaling.use_gpu, cfg.scaling.num_workers = True, 8
+    cfg.scaling.resources_per_worker = {"CPU": 8, "GPU": 1}
+    monkeypatch.setenv("RAYREC_MAX_RESOURCES", '{"CPU": 360, "GPU": 32}')
+    preflight(cfg)  # 8 GPUs fit 4 x 8 once the autoscaler adds nodes
+    cfg.scaling.num_workers = 40
+    with pytest.raises(ClusterError, match="needs 40 GPUs for 40 workers, the cluster has 32"):
+        preflight(cfg)
+    monkeypatch.setenv("RAYREC_MAX_RESOURCES", "32 GPUs")
+    with pytest.raises(ClusterError, match="RAYREC_MAX_RESOURCES"):
+        preflight(cfg)
+
+
+def test_workers_that_cannot_be_placed_time_out_with_the_shortfall(ray_session, tiny_job):
+    """The job fits the cluster but another holds the CPUs: scaling.start_timeout_s, not forever."""
+    cfg = tiny_job.model_copy(deep=True)
+    cfg.scaling.resources_per_worker = {"CPU": 1.0}
+    cfg.scaling.start_timeout_s, cfg.scaling.start_attempts = 3, 1
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    hog = placement_group([{"CPU": 1.5}])  # another job's reservation
+    ray_session.get(hog.ready(), timeout=60)
+    start = time.monotonic()
+    try:
+        with pytest.raises(ClusterError, match=r"1 workers x \(CPU 1\) were not placed within 3 s \(1 attempt"):
+            run_training(cfg)
+    finally:
+        remove_placement_group(hog)
+    assert time.monotonic() - start < 90
+    assert os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S") is None  # set for the run only
+
+
+def test_relative_paths_go_under_the_clusters_storage_root(tiny_job, monkeypatch, tmp_path):
+    from rayrec.train.cluster import shared_paths
+
+    cfg = tiny_job.model_copy(deep=True)
+    cfg.data.path, cfg.run.storage_path = Path("data/q"), Path("runs")
+    assert shared_paths(cfg) is cfg  # unset: nothing changes
+    monkeypatch.setenv("RAYREC_STORAGE_ROOT", str(tmp_path / "shared"))
+    moved = shared_paths(cfg)
+    assert moved.data.path == tmp_path / "shared" / "data/q" and moved.run.storage_path == tmp_path / "shared" / "runs"
+    cfg.run.storage_path = tmp_path / "abs"
+    assert shared_paths(cfg).run.storage_path == tmp_path / "abs"
+
+
+def test_failure_config_maps_the_job(ray_session, tiny_job, tmp_path):
+    from rayrec.train.ray_trainer import build_trainer
+
+    cfg = tiny_job.model_copy(deep=True)
+    cfg.run.max_failures, cfg.scaling.start_attempts = 3, 4
+    ds = open_prepared(cfg.data.path)
+    trainer = build_trainer(cfg, data_info(ds), run_dir=tmp_path / "runs" / "x")
+    fc = trainer.run_config.failure_config
+    assert (fc.max_failures, fc.controller_failure_limit) == (3, 3)
+    assert trainer.run_config.name == "x" and trainer.run_config.storage_path == str(tmp_path / "runs")
+
+
+# ----------------------------------------------------------------------------- real cluster (slow)
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    """A real Ray head on 127.0.0.1 with the dashboard (the state API finds worker PIDs)."""
+    from local_ray import LocalHead, raise_interrupt_on_sigterm
+
+    previous = raise_interrupt_on_sigterm()
+    h = LocalHead(num_cpus=3)
+    try:
+        yield h.start()
+    finally:
+        h.stop()
+        signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.fixture(scope="module")
+def ft_job(tmp_path_factory):
+    """Writes job YAMLs for the slow tests: 4 epochs of ~30 batches, one worker, 2 failures allowed."""
+    from conftest import _synth
+
+    from rayrec.config.schema import JobConfig
+
+    work = tmp_path_factory.mktemp("ft")
+    data = _synth(work / "data", users=1000, items=200, mean_len=30)
+
+    def write(name: str, **run) -> Path:
+        cfg = JobConfig.model_validate({
+            "data": {"path": str(data), "prepare_if_missing": False},
+            "model": {"name": "sasrec", "hidden": 16, "num_blocks": 1, "dropout": 0.1, "max_len": 20},
+            "train": {"epochs": 4, "batch_size": 32, "optim": {"lr": 0.005}, "shuffle_buffer": 256,
+                      "early_stopping": {"patience": 10}, "eval": {"ks": [10], "batch_size": 256}},
+            "scaling": {"num_workers": 1, "resources_per_worker": {"CPU": 1}},
+            "tracking": {"uri": f"sqlite:///{work}/mlflow.db", "experiment": "ft"},
+            "run": {"name": name, "storage_path": str(work / "runs"), "seed": 0, "max_failures": 2, **run},
+        })
+        path = work / f"{name}.yaml"
+        path.write_text(dump_job(cfg))
+        return path
+
+    write.work = work
+    return write
+
+
+def start_driver(head, job: Path, log: Path) -> subprocess.Popen:
+    """`rayrec train JOB` as a separate driver process joining the test head."""
+    from local_ray import BIN
+
+    return subprocess.Popen([str(BIN / "rayrec"), "train", str(job), "--json", str(job.with_suffix(".json"))],
+                            env=head.env(RAY_ADDRESS=head.gcs_address), stdout=log.open("ab"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, log: Path, timeout: float = 420) -> dict:
+    assert proc.wait(timeout=timeout) == 0, log.read_text()[-6000:]
+    return json.loads(Path(proc.args[-1]).read_text())
+
+
+def wait_for_checkpoint(run_dir: Path, prefix: str, proc: subprocess.Popen, log: Path, timeout: float = 300) -> None:
+    """Until Ray Train has registered a checkpoint named ``prefix...`` (its snapshot lists it)."""
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if snapshot.exists() and f'"{prefix}' in snapshot.read_text().replace("\\", ""):
+            return
+        assert proc.poll() is None, f"driver ended early:\n{log.read_text()[-6000:]}"
+        time.sleep(0.2)
+    raise TimeoutError(f"no {prefix} checkpoint after {timeout} s:\n{log.read_text()[-6000:]}")
+
+
+def train_workers(head) -> list:
+    from ray.util.state import list_actors
+
+    return list_actors(address=head.dashboard, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+
+
+def mlflow_run(job_dir: Path, run_dir: Path):
+    c = MlflowClient(f"sqlite:///{job_dir}/mlflow.db")
+    exp = c.get_experiment_by_name("ft")
+    runs = c.search_runs([exp.experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_dir}'")
+    return c, runs
+
+
+@pytest.fixture(scope="module")
+def reference(head, ft_job):
+    """The uninterrupted run both fault tests must match."""
+    job = ft_job("reference")
+    log = job.with_suffix(".log")
+    return finish(start_driver(head, job, log), log)
+
+
+@pytest.mark.slow
+def test_killed_worker_resumes_from_the_epoch_1_checkpoint(head, ft_job, reference):
+    job = ft_job("worker_kill")
+    log, run_dir = job.with_suffix(".log"), ft_job.work / "runs" / "worker_kill"
+    proc = start_driver(head, job, log)
+    deadline = time.monotonic() + 300
+    while not (workers := train_workers(head)) and time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()[-6000:]
+        time.sleep(0.5)
+    (worker,) = workers
+    wait_for_checkpoint(run_dir, "epoch_0001", proc, log)
+    os.kill(worker.pid, signal.SIGKILL)  # in epoch 2: its checkpoint is at least an epoch away
+    out = finish(proc, log)
+
+    c, (run,) = mlflow_run(ft_job.work, run_dir)
+    assert [m.value for m in c.get_metric_history(run.info.run_id, "resume/epoch")] == [1.0]
+    assert [w.pid for w in train_workers(head)] == []
+    assert out["epoch"] == 4 and out["best/val/ndcg@10"] == pytest.approx(reference["best/val/ndcg@10"], abs=1e-6)
+    assert out["test/ndcg@10"] == pytest.approx(reference["test/ndcg@10"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_killed_driver_rerun_resumes_the_same_run(head, ft_job, reference):
+    """Kill the driver inside epoch 2 (after a mid-epoch checkpoint), run the same command again:
+    same run folder, one MLflow run whose epochs continue, the reference's final metrics."""
+    job = ft_job("driver_kill", checkpoint={"every_n_steps": 8})
+    log, run_dir = job.with_suffix(".log"), ft_job.work / "runs" / "driver_kill"
+    proc = start_driver(head, job, log)
+    wait_for_checkpoint(run_dir, "epoch_0002_step_", proc, log)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 120
+    while train_workers(head) and time.monotonic() < deadline:  # Ray ends a dead driver's actors
+        time.sleep(1)
+    for name in ("epoch_0003", "epoch_0004_step_0000120"):  # debris of a crash mid-write: never resumed from
+        (run_dir / name).mkdir(exist_ok=True)
+        (run_dir / name / STATE_FILE).write_bytes(b"PK\x03\x04 truncated")
+
+    out = finish(start_driver(head, job, log), log)
+    assert not (ft_job.work / "runs" / "driver_kill_v2").exists()
+    c, runs = mlflow_run(ft_job.work, run_dir)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    rid = runs[0].info.run_id
+    assert [m.value for m in c.get_metric_history(rid, "resume/epoch")] == [1.0]
+    assert c.get_metric_history(rid, "resume/epoch_batch")[0].value > 0  # picked up inside epoch 2
+    assert sorted({m.step for m in c.get_metric_history(rid, "train/loss")}) == [1, 2, 3, 4]
+    assert out["best/val/ndcg@10"] == pytest.approx(reference["best/val/ndcg@10"], abs=1e-6)
+    assert out["test/ndcg@10"] == pytest.approx(reference["test/ndcg@10"], abs=1e-6)

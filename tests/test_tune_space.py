@@ -1,0 +1,217 @@
+"""Search-space files: parsing, conversion of every distribution, conditions, and the errors
+that must stop a sweep before Ray starts (no Ray is used in this file)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from rayrec.config import dump_job, load_job
+from rayrec.errors import ConfigError
+from rayrec.train.worker import DataInfo
+from rayrec.tune.paths import PathError, get_path, locate, set_paths
+from rayrec.tune.space import OptunaSpace, load_space, to_optuna
+from rayrec.tune.trial import TrialPlan, objective_key, trial_job
+
+ROOT = Path(__file__).resolve().parents[1]
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@pytest.fixture
+def job_file(tiny_job, tmp_path) -> Path:
+    path = tmp_path / "job.yaml"
+    path.write_text(dump_job(tiny_job))
+    return path
+
+
+def write_space(tmp_path: Path, job_file: Path, **fields) -> Path:
+    space = {"job": job_file.name, "metric": "val/ndcg@10", "num_samples": 4,
+             "params": {"train.optim.lr": {"dist": "loguniform", "low": 1e-4, "high": 1e-2}}, **fields}
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(space, sort_keys=False))
+    return path
+
+
+def draws(space_path: Path, n: int = 60, sampler=None) -> list[dict]:
+    sweep = load_space(space_path)
+    study = optuna.create_study(sampler=sampler or optuna.samplers.RandomSampler(seed=0))
+    fn = OptunaSpace(sweep.space.params, sweep.order)
+    return [fn(study.ask()) for _ in range(n)]
+
+
+# --- shipped spaces ---------------------------------------------------------------------------
+
+
+def test_sasrec_quick_parses_against_the_quickstart_job():
+    sweep = load_space(ROOT / "search_spaces" / "sasrec_quick.yaml")
+    assert sweep.order == ["train.optim.lr", "model.dropout", "model.hidden", "model.max_len"]
+    assert sweep.job_source == (ROOT / "jobs" / "quickstart.yaml").resolve()
+    assert sweep.max_epochs == 8 and sweep.space.resolved_mode == "max"
+    assert sweep.job.train.early_stopping.patience == 3  # the space's own job override
+
+
+@pytest.mark.xfail(strict=False, reason="needs jobs/ur4rec_quickstart.yaml and the joint-model paths of issue 4")
+def test_ur4rec_switch_parses_against_the_joint_job():
+    sweep = load_space(ROOT / "search_spaces" / "ur4rec_switch.yaml")
+    assert "model.stages.joint_finetune.strategies.adaptive_alternating.threshold" in sweep.order
+    assert sweep.job.model.name == "ur4rec"
+
+
+# --- conversion -------------------------------------------------------------------------------
+
+
+def test_every_distribution_converts_and_samples_inside_its_range(tmp_path, job_file):
+    params = {
+        "train.optim.lr": {"dist": "loguniform", "low": 1e-4, "high": 1e-2},
+        "model.dropout": {"dist": "uniform", "low": 0.0, "high": 0.5},
+        "train.optim.weight_decay": {"dist": "quniform", "low": 0.0, "high": 0.1, "q": 0.025},
+        "train.optim.grad_clip": {"dist": "qloguniform", "low": 0.1, "high": 10.0, "q": 0.1},
+        "model.max_len": {"dist": "int", "low": 10, "high": 40, "step": 10},
+        "train.batch_size": {"dist": "int", "low": 8, "high": 64, "log": True},
+        "model.hidden": {"dist": "choice", "values": [16, 32]},
+    }
+    sweep = load_space(write_space(tmp_path, job_file, params=params))
+    dists = {k: to_optuna(p) for k, p in sweep.space.params.items()}
+    assert dists["train.optim.lr"].log and dists["train.optim.lr"].low == 1e-4
+    assert not dists["model.dropout"].log and dists["model.dropout"].step is None
+    assert dists["train.optim.weight_decay"].step == 0.025
+    assert dists["train.optim.grad_clip"].log  # quantised after drawing
+    assert dists["model.max_len"].step == 10 and dists["train.batch_size"].log
+    assert list(dists["model.hidden"].choices) == [16, 32]
+
+    for d in draws(tmp_path / "space.yaml"):
+        assert 1e-4 <= d["train.optim.lr"] <= 1e-2
+        assert 0.0 <= d["model.dropout"] <= 0.5
+        assert math.isclose(d["train.optim.weight_decay"] / 0.025, round(d["train.optim.weight_decay"] / 0.025))
+        clip = d["train.optim.grad_clip"]
+        assert 0.1 <= clip <= 10.0 and math.isclose(clip * 10, round(clip * 10), abs_tol=1e-9)
+        assert d["model.max_len"] in (10, 20, 30, 40)
+        assert 8 <= d["train.batch_size"] <= 64 and isinstance(d["train.batch_size"], int)
+        assert d["model.hidden"] in (16, 32)
+
+
+def test_tpe_with_a_seed_is_reproducible(tmp_path, job_file):
+    path = write_space(tmp_path, job_file)
+    first = draws(path, 12, optuna.samplers.TPESampler(seed=3, n_startup_trials=2))
+    second = draws(path, 12, optuna.samplers.TPESampler(seed=3, n_startup_trials=2))
+    assert first == second and len({d["train.optim.lr"] for d in first}) == 12
+
+
+def test_conditional_param_is_drawn_only_when_its_parent_matches(tmp_path, job_file):
+    params = {
+        "model.loss.name": {"dist": "choice", "values": ["ce", "bce", "gbce"]},
+        "model.loss.gbce_t": {"dist": "uniform", "low": 0.2, "high": 0.9, "when": {"model.loss.name": "gbce"}},
+        "model.loss.num_negatives": {"dist": "int", "low": 1, "high": 8,
+                                     "when": {"model.loss.name": ["bce", "gbce"]}},
+    }
+    sweep = load_space(write_space(tmp_path, job_file, params=params))
+    assert sweep.order[0] == "model.loss.name"
+    seen = set()
+    for d in draws(tmp_path / "space.yaml"):
+        seen.add(d["model.loss.name"])
+        assert ("model.loss.gbce_t" in d) == (d["model.loss.name"] == "gbce")
+        assert ("model.loss.num_negatives" in d) == (d["model.loss.name"] != "ce")
+    assert seen == {"ce", "bce", "gbce"}
+
+
+def test_condition_on_the_base_job_is_decided_at_load_time(tmp_path, job_file):
+    ok = {"model.dropout": {"dist": "uniform", "low": 0.0, "high": 0.3, "when": {"model.name": "sasrec"}}}
+    sweep = load_space(write_space(tmp_path, job_file, params=ok))
+    assert not sweep.space.params["model.dropout"].when  # always true for this job
+    never = {"model.dropout": {"dist": "uniform", "low": 0.0, "high": 0.3, "when": {"model.loss.name": "bce"}}}
+    with pytest.raises(ConfigError, match="base job has 'ce', so it would never be used"):
+        load_space(write_space(tmp_path, job_file, params=never))
+
+
+# --- overrides and the trial's job ------------------------------------------------------------
+
+
+def test_overrides_go_to_the_space_or_to_the_base_job(tmp_path, job_file):
+    path = write_space(tmp_path, job_file)
+    sweep = load_space(path, ["num_samples=2", "scheduler.grace_period=2", "train.epochs=5"])
+    assert sweep.space.num_samples == 2 and sweep.space.scheduler.grace_period == 2
+    assert sweep.job.train.epochs == 5 and sweep.max_epochs == 5
+
+
+def test_trial_job_sets_values_metric_epochs_and_resources(tiny_job):
+    plan = TrialPlan(sweep="s", sweep_dir="/tmp/s", base=tiny_job.model_dump(mode="json"), job_source="job.yaml",
+                     info=DataInfo("/d", 10, 10, 5), metric="val/hr@10", mode="max", epochs=7,
+                     scaling={"num_workers": 1, "use_gpu": False, "resources_per_worker": {"CPU": 0.25}},
+                     tracking_uri=None, parent_run_id=None, searched=["model.dropout"])
+    cfg = trial_job(plan, {"model.dropout": 0.35, "train.optim.lr": 0.01}, name="s-t1")
+    assert cfg.model.dropout == 0.35 and cfg.train.optim.lr == 0.01 and cfg.train.epochs == 7
+    assert cfg.train.early_stopping.metric == "val/hr@10" and cfg.scaling.resources_per_worker == {"CPU": 0.25}
+    assert cfg.run.name == "s-t1" and objective_key("val/hr@10") == "best/val/hr@10"
+    with pytest.raises(ConfigError, match="trial s-t2"):
+        trial_job(plan, {"model.dropout": 1.5}, name="s-t2")
+
+
+def test_paths_pick_list_items_by_name_or_index():
+    data = {"model": {"stages": [{"name": "a", "lr": {}}, {"name": "b", "strategies": [{"name": "x", "t": 1}]}]}}
+    assert locate(data, "model.stages.b.strategies.x.t") == ["model", "stages", 1, "strategies", 0, "t"]
+    assert get_path(data, "model.stages.1.strategies.0.t") == 1
+    assert get_path(data, "model.stages.a.lr.sasrec") is None  # a dict may gain a key
+    out = set_paths(data, {"model.stages.b.strategies.x.t": 5, "model.stages.a.lr.sasrec": 0.1})
+    assert out["model"]["stages"][1]["strategies"][0]["t"] == 5 and out["model"]["stages"][0]["lr"] == {"sasrec": 0.1}
+    assert data["model"]["stages"][1]["strategies"][0]["t"] == 1  # a copy
+    with pytest.raises(PathError, match="no item named 'c'.*0:a, 1:b"):
+        locate(data, "model.stages.c.lr")
+    with pytest.raises(PathError, match="index 5 is out of range"):
+        locate(data, "model.stages.5.lr")
+
+
+# --- errors before anything starts ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"params": {"train.optim.lrr": {"dist": "uniform", "low": 0.1, "high": 0.2}}},
+     r"space.yaml:\d+: 'train.optim.lrr' is not a job config path; did you mean train.optim.lr\b"),
+    ({"params": {"train.optim": {"dist": "uniform", "low": 0.1, "high": 0.2}}},
+     "'train.optim' is a section, not a value; search one of its keys: train.optim.lr"),
+    ({"params": {"scaling.num_workers": {"dist": "int", "low": 1, "high": 2}}},
+     "cannot be searched: trial resources are set in the space's `trial` section"),
+    ({"params": {"train.optim.lr": {"dist": "loguniform", "low": 0.0, "high": 0.1}}},
+     r"space.yaml:\d+: params.train.optim.lr: loguniform needs positive bounds"),
+    ({"params": {"model.hidden": {"dist": "choice", "values": []}}},
+     "choice needs at least one value"),
+    ({"params": {"model.hidden": {"dist": "gaussian", "low": 1, "high": 2}}},
+     "`dist` must be one of uniform, loguniform"),
+    ({"params": {"model.dropout": {"dist": "uniform", "low": 0.0, "high": 1.0}}},
+     r"params.model.dropout: the job schema rejects model.dropout=1.0: model.sasrec.dropout: Input should be less than 1"),
+    ({"params": {"model.hidden": {"dist": "choice", "values": ["wide"]}}},
+     "the job schema rejects model.hidden='wide'"),
+    ({"num_samples": None}, "num_samples must be a positive number of trials"),
+    ({"num_samples": 0}, "num_samples must be a positive number of trials"),
+    ({"metric": "test/ndcg@10"}, "'test/ndcg@10' is a test metric; a sweep must select on a validation metric"),
+    ({"metric": "val/ndcg@10", "mode": "min"}, "mode 'min' would search for the worst model"),
+    ({"metric": "val/ndcg@5"}, r"metric val/ndcg@5 needs k=5 in the job's train.eval.ks \(has \[10\]\)"),
+    ({"num_sample": 3}, "unknown key 'num_sample'; did you mean num_samples"),
+    ({"scheduler": {"name": "asha", "grace_period": 3}}, r"grace_period \(3\) must be below the trial's epochs \(3\)"),
+    ({"searcher": {"points_to_evaluate": [{"model.dropout": 0.1}]}}, "sets model.dropout, which are not searched"),
+    ({"params": {"train.optim.lr": {"dist": "uniform", "low": 0.1, "high": 0.2, "when": {"model.hidden": 32}}}},
+     "searched only when model.hidden is 32, but the base job has 16"),
+    ({"job": "missing.yaml"}, "job 'missing.yaml' not found"),
+])
+def test_bad_space_fails_with_one_clear_message(tmp_path, job_file, fields, message):
+    with pytest.raises(ConfigError, match=message):
+        load_space(write_space(tmp_path, job_file, **fields))
+
+
+def test_condition_must_test_a_searched_choice(tmp_path, job_file):
+    params = {"model.hidden": {"dist": "int", "low": 16, "high": 32, "step": 16},
+              "model.dropout": {"dist": "uniform", "low": 0.0, "high": 0.3, "when": {"model.hidden": 16}}}
+    with pytest.raises(ConfigError, match="depends on model.hidden, which is searched as int"):
+        load_space(write_space(tmp_path, job_file, params=params))
+
+
+def test_bad_job_override_names_the_job_file(tmp_path, job_file):
+    with pytest.raises(ConfigError, match="unknown key 'train.epoch'"):
+        load_space(write_space(tmp_path, job_file), ["train.epoch=3"])
+
+
+def test_shipped_job_loads(job_file):
+    assert load_job(job_file).model.hidden == 16

@@ -1,0 +1,135 @@
+"""Staged joint training in the framework-free loop: stages, flags, schedules, zeroed grads, resume."""
+
+import logging
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from rayrec.config.schema import JobConfig
+from rayrec.data.dataset import open_prepared
+from rayrec.errors import DataError
+from rayrec.tracking.mlflow_tracking import Tracker
+from rayrec.train.checkpoint import load_state
+from rayrec.train.joint import StageRunner, build_joint, no_sync, plan_stages, prepare_features
+from rayrec.train.local import PlainBatches, run_local
+from rayrec.train.run import data_info
+
+STAGES = [
+    {"name": "pretrain_sasrec", "epochs": 1},
+    {"name": "pretrain_retriever", "epochs": 1},
+    {"name": "joint_finetune", "epochs": 2, "strategies": [
+        {"name": "adaptive_alternating", "window": 1, "threshold": 0.02, "min_steps": 2, "max_steps": 3},
+        {"name": "distillation", "weight": 0.2}, {"name": "memory_bank", "queue_size": 512, "dim": 16}]},
+    {"name": "end_to_end", "epochs": 1, "strategies": [{"name": "uncertainty"}]},
+]
+
+
+def joint_job(data, tmp_path, stages=STAGES, **features) -> JobConfig:
+    return JobConfig.model_validate({
+        "data": {"path": str(data), "prepare_if_missing": False},
+        "model": {"name": "ur4rec", "sasrec": {"hidden": 16, "num_blocks": 1, "dropout": 0.1, "max_len": 20},
+                  "retriever": {"hidden": 16, "num_negatives": 7, "train_positions": 4},
+                  "fusion": {"top_n": 40},
+                  "features": {"text_model": "hash:32", "cache_dir": str(tmp_path / "cache"), **features},
+                  "stages": stages},
+        "train": {"batch_size": 32, "optim": {"lr": 0.005, "warmup_steps": 0}, "shuffle_buffer": 0,
+                  "early_stopping": {"patience": 5}, "eval": {"ks": [10], "batch_size": 128}},
+        "tracking": {"enabled": False},
+        "run": {"name": "j", "storage_path": str(tmp_path / "runs"), "seed": 0},
+    })
+
+
+@pytest.fixture(scope="module")
+def mm_data(tiny_mm_dataset, tmp_path_factory):
+    """The tiny multimodal dataset with hash-text features computed once."""
+    cfg = joint_job(tiny_mm_dataset, tmp_path_factory.mktemp("feat"))
+    prepare_features(cfg, tiny_mm_dataset, use_ray=False)
+    return tiny_mm_dataset
+
+
+def local(cfg, run_dir=None, resume_from=None):
+    ds = open_prepared(cfg.data.path)
+    return run_local(cfg, ds, data_info(ds), run_dir=run_dir, tracker=Tracker.null(), resume_from=resume_from)
+
+
+def test_four_stages_train_what_they_say(mm_data, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="rayrec.train.joint")
+    final, rep = local(joint_job(mm_data, tmp_path), run_dir=tmp_path / "run")
+    epochs = rep.metrics[:-1]
+    assert [m["stage"] for m in epochs] == [1, 2, 3, 3, 4]
+    flags = [(m["stage/trainable_sasrec"], m["stage/trainable_retriever"]) for m in epochs]
+    assert flags == [(1, 0), (0, 1), (1, 1), (1, 1), (1, 1)]
+    assert epochs[0]["train/steps_retriever"] == 0 and epochs[1]["train/steps_sasrec"] == 0
+    assert "stage 2/pretrain_retriever begins at epoch 2" in caplog.text  # boundaries are logged
+    for m in epochs[2:4]:  # adaptive alternation: both modules train and hand over within every joint epoch
+        assert m["strategy/switches_from_sasrec_epoch"] >= 1 and m["strategy/switches_from_retriever_epoch"] >= 1
+        assert 0 < m["strategy/epoch_share_sasrec"] < 1 and "train/loss_distillation" in m and "train/loss_memory_bank" in m
+    assert epochs[4]["train/loss_fused"] > 0 and "strategy/log_var_fused" in epochs[4]
+    assert epochs[3]["train/loss_sasrec"] < epochs[0]["train/loss_sasrec"]  # both modules' losses fall
+    assert epochs[3]["train/loss_retriever"] < epochs[1]["train/loss_retriever"]
+    assert final["test/hr@10"] > 3 * 10 / 120 and final["best_epoch"] in (3, 4, 5)  # best of the fused stages
+    state = load_state(tmp_path / "run" / "epoch_0003")
+    assert state["stage"] == 2 and state["stage_state"]["strategy"]
+
+
+def test_schedules_advance_with_their_module_and_every_grad_is_zeroed(mm_data, tmp_path):
+    stages = [{"name": "joint_finetune", "epochs": 1, "strategies": [{"name": "fixed_alternating", "every": 2}]}]
+    cfg = joint_job(mm_data, tmp_path, stages=stages)
+    ds = open_prepared(mm_data)
+    info = data_info(ds)
+    torch.manual_seed(0)
+    model = build_joint(cfg, info.num_items, info.path)
+    runner = StageRunner(plan_stages(cfg.model.stages)[0], model, cfg, torch.device("cpu"), 10, no_sync,
+                         lambda t: t, 1)
+    batches = iter(PlainBatches(cfg, ds, info).train(1))
+    trained = []
+    for _ in range(5):
+        before = {n: p.detach().clone() for n, p in model.retriever.named_parameters()}
+        _, _, active = runner._step(next(batches))
+        trained.append(sorted(active)[0])
+        assert all(p.grad is None for p in model.parameters()), "a gradient survived the step"
+        if active == {"sasrec"}:  # the idle retriever did not move
+            assert all(torch.equal(p, before[n]) for n, p in model.retriever.named_parameters())
+    assert trained == ["sasrec", "sasrec", "retriever", "retriever", "sasrec"]
+    assert runner.scheds["sasrec"].last_epoch == 3 and runner.scheds["retriever"].last_epoch == 2
+
+
+def test_resume_inside_the_joint_stage_continues_exactly(mm_data, tmp_path):
+    stages = [{"name": "pretrain_sasrec", "epochs": 1},
+              {"name": "joint_finetune", "epochs": 2, "strategies": [
+                  {"name": "adaptive_alternating", "window": 1, "min_steps": 2, "max_steps": 3}]}]
+    cfg = joint_job(mm_data, tmp_path, stages=stages)
+    full, rep_full = local(cfg, run_dir=tmp_path / "full")
+    cut = tmp_path / "cut"
+    shutil.copytree(tmp_path / "full" / "epoch_0002", cut / "epoch_0002")
+    resumed, rep = local(cfg, run_dir=cut, resume_from=cut / "epoch_0002")
+    assert rep.metrics[0]["epoch"] == 3
+    for key in ("train/loss_sasrec", "train/loss_retriever", "strategy/switches", "val/ndcg@10"):
+        assert rep.metrics[0][key] == pytest.approx(rep_full.metrics[2][key], rel=1e-5), key
+    assert resumed["test/ndcg@10"] == pytest.approx(full["test/ndcg@10"], rel=1e-5)
+
+
+def test_sampled_evaluation_scores_candidates(mm_data, tmp_path):
+    cfg = joint_job(mm_data, tmp_path, stages=[{"name": "pretrain_sasrec", "epochs": 1},
+                                               {"name": "end_to_end", "epochs": 1}])
+    cfg.train.eval.mode = "sampled:20"
+    final, _ = local(cfg)
+    assert 0 < final["test/hr@10"] <= 1 and final["test/mean_rank"] <= 21
+
+
+def test_features_of_another_dataset_are_refused(mm_data, tiny_dataset, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(tiny_dataset, other)
+    shutil.copytree(mm_data / "features", other / "features")
+    items = np.load(other / "features" / "item_text.npy")
+    np.save(other / "features" / "item_text.npy", items[:-1])  # one item short
+    np.save(other / "features" / "item_text_ok.npy", np.ones(len(items) - 1, dtype=bool))
+    cfg = joint_job(other, tmp_path)
+    with pytest.raises(DataError, match=r"item_text.npy has 120 rows but items.parquet has 120 items \(\+1 padding row = 121\)"):
+        build_joint(cfg, 120, other)
+    np.save(other / "features" / "item_text.npy", np.zeros((121, 7), dtype=np.float32))
+    np.save(other / "features" / "item_text_ok.npy", np.ones(121, dtype=bool))
+    with pytest.raises(DataError, match="item_text.npy has dimension 7 but .*user_text.npy has 32"):
+        build_joint(cfg, 120, other)
