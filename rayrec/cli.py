@@ -142,10 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extra_commands():
     """Subcommands defined next to the code they run (train, eval, ...)."""
-    from rayrec.genrec.cli import add_commands as add_genrec
-    from rayrec.submit import add_commands as add_submit
     from rayrec.data.features_cli import add_commands as add_features
+    from rayrec.genrec.cli import add_commands as add_genrec
     from rayrec.prefs.cli import add_commands as add_prefs
+    from rayrec.submit import add_commands as add_submit
     from rayrec.train.cli import add_commands as add_train
     from rayrec.tune.cli import add_commands as add_tune
 

@@ -60,12 +60,13 @@ class LocalHead:
         """Environment for processes of this test (the head, drivers, `ray job submit`)."""
         env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
                "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
+               "RAY_DASHBOARD_STARTUP_TIMEOUT_S": "300",  # a loaded CI box can need more than Ray's 60 s
                # the state API of this head's processes must not wander to other Ray instances on the host
                "RAY_API_SERVER_ADDRESS": self.dashboard, **self.extra_env, **extra}
         env.pop("RAY_ADDRESS", None)
         return env
 
-    def start(self, timeout: float = 180.0) -> LocalHead:
+    def start(self, timeout: float = 360.0) -> LocalHead:
         cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
                "--dashboard-host", "127.0.0.1", "--include-dashboard", "true", "--disable-usage-stats",
                "--min-worker-port", "0", "--max-worker-port", "0", "--num-cpus", str(self.num_cpus),

@@ -24,8 +24,11 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+def sid(i: int | None) -> str | None:
+    return None if i is None else f"<a_{i}>"
+
+
 def row(target: int, predicted: list[int | None]) -> dict:
-    sid = (lambda i: None if i is None else f"<a_{i}>")
     return {"user_idx": target, "input": "The user interacted with: <a_0>", "target": sid(target),
             "target_item": target, "predictions": [sid(i) for i in predicted], "predicted_items": predicted,
             "rank": E.rank_of(target, predicted)}

@@ -61,7 +61,8 @@ def test_sid_tokens_are_whole_tokens_and_resize_only_grows():
 
 def test_lora_targets():
     model = tiny_qwen2(50)
-    assert sft.lora_targets(model, "all") == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    every = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert sft.lora_targets(model, "all") == every
     assert sft.lora_targets(model, "qkv") == ["k_proj", "q_proj", "v_proj"]
     assert sft.lora_targets(model, ["q_proj", "mlp.down_proj"]) == ["q_proj", "mlp.down_proj"]
     with pytest.raises(ConfigError, match=r"\['qproj'\] match no linear module.*choose among"):
@@ -85,7 +86,8 @@ def test_config_errors_name_the_fix():
     with pytest.raises(ConfigError, match=r"global_batch_size=1024.*= 64; set train.grad_accum=16"):
         validate(GenRecJobConfig, {"train": {"batch_size": 8, "global_batch_size": 1024},
                                    "scaling": {"num_workers": 8}}, source="job.yaml")
-    with pytest.raises(ConfigError, match=r"unknown key 'train.lora.rank'.*valid keys in train.lora: alpha, dropout, r"):
+    with pytest.raises(ConfigError, match=r"unknown key 'train.lora.rank'.*(valid keys in train.lora: alpha, "
+                                          r"dropout, r)"):
         validate(GenRecJobConfig, {"train": {"lora": {"rank": 8}}}, source="job.yaml")
     cfg = validate(GenRecJobConfig, {"train": {"batch_size": 8, "grad_accum": 16, "global_batch_size": 1024},
                                      "scaling": {"num_workers": 8}}, source="job.yaml")

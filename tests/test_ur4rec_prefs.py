@@ -11,7 +11,14 @@ import pytest
 from rayrec.cli import main
 from rayrec.config.schema import JobConfig
 from rayrec.errors import ConfigError, RayrecError
-from rayrec.prefs.generate import CACHE_FILE, ITEMS_FILE, USERS_FILE, Selection, build_requests, generate_prefs
+from rayrec.prefs.generate import (
+    CACHE_FILE,
+    ITEMS_FILE,
+    USERS_FILE,
+    Selection,
+    build_requests,
+    generate_prefs,
+)
 
 KEY = "sk-test-SECRET-0123456789"
 

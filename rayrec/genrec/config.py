@@ -46,7 +46,7 @@ class SidConfig(Strict):
     """
 
     method: Literal["rq_kmeans", "rq_vae", "file", "data"] = "rq_kmeans"
-    dir: Path = Field(Path("sids/default"), description="folder with index/NAME.index.json and info/NAME.txt")
+    dir: Path = Field(Path("data/sids"), description="folder with index/NAME.index.json and info/NAME.txt")
     name: str = Field("items", pattern=r"^[A-Za-z0-9_.\-]+$", description="NAME of NAME.index.json")
     build_if_missing: bool = Field(True, description="`rayrec sft` builds the index first when dir lacks it")
     levels: int = Field(3, ge=1, le=8, description="code levels L before collision resolution")

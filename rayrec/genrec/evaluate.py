@@ -192,7 +192,8 @@ def show_cases(path: Path, *, correct: bool | None, limit: int) -> list[str]:
     lines = [f"{len(picked)} of {len(rows)} rows ({'hits' if correct else 'misses' if correct is False else 'all'})"]
     for r in picked:
         rank = r.get("rank")
-        lines.append(f"\nuser {r.get('user_idx')}  target {r['target']}  rank {rank if rank else '> ' + str(len(r['predictions']))}")
+        shown = rank if rank else f"> {len(r['predictions'])}"
+        lines.append(f"\nuser {r.get('user_idx')}  target {r['target']}  rank {shown}")
         lines.append(f"  input: {r['input']}")
         top = [f"{i + 1}. {p}{' *' if p == r['target'] else ''}" for i, p in enumerate(r["predictions"][:10])]
         lines.append("  top:   " + "  ".join(top))

@@ -94,7 +94,8 @@ def open_tracking(cfg: GenRecJobConfig, run_dir: Path, source: str | None) -> Tr
     uri = resolve_uri(cfg.tracking.uri)
     check_reachable(uri)
     tracker = open_run(uri, cfg.tracking.experiment, str(run_dir), run_dir.name,
-                       tags={"rayrec.model": "genrec-sft", "rayrec.base": cfg.model.base, "rayrec.job_file": source or ""})
+                       tags={"rayrec.model": "genrec-sft", "rayrec.base": cfg.model.base,
+                             "rayrec.job_file": source or ""})
     tracker.log_params(flatten(cfg))
     tracker.log_text(dump_job(cfg), "config/resolved.yaml")
     return tracker

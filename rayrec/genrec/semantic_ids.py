@@ -166,7 +166,8 @@ def read_index(path: str | Path, name: str | None = None) -> SidIndex:
     tokens = {}
     for item, seq in raw.items():
         if not isinstance(seq, list) or not seq or not all(isinstance(t, str) and TOKEN_RE.fullmatch(t) for t in seq):
-            raise DataError(f"{file}: item {item!r}: expected a list of tokens like ['<a_1>', '<b_2>'], got {seq!r:.80}")
+            raise DataError(f"{file}: item {item!r}: expected a list of tokens like ['<a_1>', '<b_2>'], "
+                            f"got {seq!r:.80}")
         tokens[str(item).strip()] = tuple(seq)
     return SidIndex(tokens, str(file))
 
@@ -352,7 +353,8 @@ class RQVAE(torch.nn.Module):
         super().__init__()
         self.encoder = _mlp([dim, *hidden, latent])
         self.decoder = _mlp([latent, *reversed(hidden), dim])
-        self.codebooks = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(k, latent) * 0.1) for _ in range(levels)])
+        books = [torch.nn.Parameter(torch.randn(k, latent) * 0.1) for _ in range(levels)]
+        self.codebooks = torch.nn.ParameterList(books)
         self.beta = beta
 
     def quantize(self, z: torch.Tensor):
@@ -516,7 +518,8 @@ def build_index(items: pd.DataFrame, cfg, seed: int = 0, embeddings: np.ndarray 
     q = quantize(embeddings, cfg, seed)
     codes, stats = resolve_collisions(q, reassign=cfg.reassign_last_level)
     index = index_from_codes(items["source_id"].astype(str).tolist(), codes.numpy(), f"{cfg.method} build")
-    report = {"method": cfg.method, "items": len(items), "levels": int(codes.shape[1]), "codebook_size": cfg.codebook_size,
+    report = {"method": cfg.method, "items": len(items), "levels": int(codes.shape[1]),
+              "codebook_size": cfg.codebook_size,
               "usage": codebook_usage(codes[:, : cfg.levels], cfg.codebook_size), **stats, **q.info}
     return index, report
 

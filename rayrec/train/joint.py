@@ -58,7 +58,7 @@ from rayrec.train.loop import (
 
 log = logging.getLogger(__name__)
 
-STAGE, STAGE_EPOCH = "stage", "stage/epoch"
+STAGE, STAGE_EPOCH, TRAIN_STEPS = "stage", "stage/epoch", "train/steps"
 #: What validation ranks with in each stage.
 STAGE_SCORER = {"pretrain_sasrec": "sasrec", "pretrain_retriever": "retriever",
                 "joint_finetune": "joint", "end_to_end": "joint"}
@@ -219,7 +219,8 @@ class _EpochAcc:
             self.module_steps[m] += 1
 
     def metrics(self, world: int, seconds: float) -> dict[str, float]:
-        out = {TRAIN_LOSS: self.loss / max(1, self.steps), TRAIN_THROUGHPUT: self.seqs * world / max(seconds, 1e-9)}
+        out = {TRAIN_LOSS: self.loss / max(1, self.steps), TRAIN_THROUGHPUT: self.seqs * world / max(seconds, 1e-9),
+               TRAIN_STEPS: float(self.steps)}
         out.update({f"train/grad_norm_{m}": v / max(1, self.module_steps[m]) for m, v in self.norms.items()})
         out[TRAIN_GRAD_NORM] = sum(self.norms.values()) / max(1, self.steps)
         out.update({f"train/steps_{m}": float(n) for m, n in self.module_steps.items()})
@@ -257,6 +258,9 @@ def fit_joint(
     ``resume`` is a loaded joint checkpoint; ``sync_grads`` averages gradients over workers.
     """
     plans = plan_stages(cfg.model.stages)
+    if getattr(cfg.run.checkpoint, "every_n_steps", None):
+        log.warning("run.checkpoint.every_n_steps is not supported by ur4rec's staged training: "
+                    "it checkpoints at the end of every epoch")
     st = _restore_joint(resume, model, cfg) if resume is not None else JointState()
     stopper = EarlyStopping(cfg.train.early_stopping)
     if st.stopper:
@@ -305,7 +309,7 @@ def _run_stage(plan: StagePlan, runner: StageRunner, model: UR4Rec, batches: Bat
             weights = st.stage_best = _copy(model)
         if plan.scorer == "joint" and stopper.update(metrics, epoch):
             st.best_model = weights if weights is not None else _copy(model)
-        st.epoch, st.step = epoch, st.step + int(metrics["train/steps_sasrec"] + metrics["train/steps_retriever"])
+        st.epoch, st.step = epoch, st.step + int(metrics[TRAIN_STEPS])
         st.stopper, st.stage_stopper = stopper.state_dict(), stage_stopper.state_dict()
         best = stopper.best if stopper.best is not None else stage_stopper.best
         metrics[f"best/{cfg.train.early_stopping.metric}"] = float(best)

@@ -568,12 +568,3 @@ def _suggest(trial, name: str, p: Any) -> Any:
         value = float(f"{value:.12g}")  # 3 * 0.1 -> 0.3, not 0.30000000000000004
     return value
 
-
-def native(value: Any) -> Any:
-    """numpy scalars (from samplers) as plain Python values, so pydantic and YAML accept them."""
-    return value.item() if hasattr(value, "item") else value
-
-
-def trial_params(sweep: Sweep, config: dict[str, Any]) -> dict[str, Any]:
-    """The searched values of one trial, in param order (inactive conditionals left out)."""
-    return {k: native(config[k]) for k in sweep.order if k in config}

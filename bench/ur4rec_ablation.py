@@ -1,0 +1,150 @@
+"""UR4Rec joint model vs SASRec alone at the same budget, per-expert ablations, alternation switches.
+
+Usage:  python bench/ur4rec_ablation.py [--ray] [--seeds 0 1] [overrides ...]
+
+Trains jobs/ur4rec_quickstart.yaml (in-process by default, --ray for Ray Train as configured)
+and SASRec alone with the same SASRec settings, batch size, data and total epochs. Then, on
+the joint model's best checkpoint, evaluates the test split with each expert zeroed, and with
+each module alone. Prints a table and writes bench/results/ur4rec_ablation.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from rayrec.config import load_job  # noqa: E402
+from rayrec.config.schema import JobConfig  # noqa: E402
+from rayrec.data.dataset import open_prepared  # noqa: E402
+from rayrec.train.checkpoint import load_state  # noqa: E402
+from rayrec.train.local import PlainBatches  # noqa: E402
+from rayrec.train.loop import evaluate  # noqa: E402
+from rayrec.train.run import data_info, run_training  # noqa: E402
+from rayrec.train.worker import build  # noqa: E402
+
+KEYS = ["test/ndcg@10", "test/hr@10", "test/mrr"]
+EXPERTS = ("user_pref", "item_text", "item_image")
+
+
+def sasrec_job(joint: JobConfig) -> JobConfig:
+    """SASRec alone: the joint job's SASRec, data, batch size and total epochs; stage 1's learning rate."""
+    raw = joint.model_dump(mode="json")
+    raw["model"] = {**raw["model"]["sasrec"], "name": "sasrec"}
+    first_lr = joint.model.stages[0].lr.get("sasrec", joint.train.optim.lr)
+    raw["train"]["epochs"] = joint.model.total_epochs
+    raw["train"]["optim"]["lr"] = first_lr
+    raw["run"]["name"] = joint.run.name + "_sasrec"
+    return JobConfig.model_validate(raw)
+
+
+def variants(cfg: JobConfig, checkpoint: str) -> dict[str, dict[str, float]]:
+    """Test metrics of the joint model's best weights: full, each expert zeroed, each module alone."""
+    ds = open_prepared(cfg.data.path)
+    info = data_info(ds)
+    model = build(cfg, info)
+    state = load_state(checkpoint)
+    model.load_state_dict(state["best_model"] or state["model"])
+    test = PlainBatches(cfg, ds, info).test()
+    out = {}
+    for name, scorer, ablate in ([("joint", "joint", set())] + [(f"joint - {e}", "joint", {e}) for e in EXPERTS]
+                                 + [("sasrec part only", "sasrec", set()), ("retriever part only", "retriever", set())]):
+        model.scorer, model.retriever.ablate = scorer, ablate
+        out[name] = evaluate(model, test, cfg, info.num_items, torch.device("cpu"), prefix="test/")
+    return out
+
+
+def switch_rows(history: list[dict[str, float]]) -> list[dict[str, float]]:
+    keys = ["epoch", "stage", "strategy/switches_from_sasrec_epoch", "strategy/switches_from_retriever_epoch",
+            "strategy/epoch_share_sasrec", "train/loss_sasrec", "train/loss_retriever", "val/ndcg@10"]
+    return [{k: m[k] for k in keys if k in m} for m in history if "epoch" in m and not any(k.startswith("test/") for k in m)]
+
+
+def history_of(out, cfg: JobConfig) -> list[dict[str, float]]:
+    """Per-epoch metrics: from the local run, or read back from MLflow for a Ray run."""
+    if out.history:
+        return out.history
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(cfg.tracking.uri)
+    rows: dict[int, dict[str, float]] = {}
+    for key in c.get_run(out.mlflow_run_id).data.metrics:
+        for m in c.get_metric_history(out.mlflow_run_id, key):
+            rows.setdefault(m.step, {"epoch": m.step})[key.replace("_at_", "@")] = m.value
+    return [rows[s] for s in sorted(rows) if s > 0 and "val/ndcg@10" in rows[s]]
+
+
+def run_seed(seed: int, args, work: Path) -> dict:
+    common = [f"run.storage_path={work}/runs", f"tracking.uri=sqlite:///{work}/mlflow.db", f"run.seed={seed}",
+              f"data.path={args.data}"]
+    joint = load_job(ROOT / "jobs" / "ur4rec_quickstart.yaml", common + args.overrides + [f"run.name=joint_s{seed}"])
+    t0 = time.perf_counter()
+    jout = run_training(joint, local=not args.ray)
+    t_joint = time.perf_counter() - t0
+    sas = sasrec_job(joint)
+    t0 = time.perf_counter()
+    sout = run_training(sas, local=not args.ray)
+    t_sas = time.perf_counter() - t0
+    rows = {"sasrec alone (same budget)": {k: sout.metrics[k] for k in KEYS} | {"wall_s": t_sas}}
+    for name, m in variants(joint, jout.checkpoint).items():
+        rows[name] = {k: m[k] for k in KEYS}
+    rows["joint"]["wall_s"] = t_joint
+    return {"seed": seed, "rows": rows, "epochs": joint.model.total_epochs,
+            "switches": switch_rows(history_of(jout, joint)), "joint_best_epoch": jout.metrics.get("best_epoch")}
+
+
+def print_seed(r: dict) -> None:
+    print(f"\nseed {r['seed']}: test split, full ranking, {r['epochs']} epochs each")
+    print(f"{'variant':<28}" + "".join(f"{k:>14}" for k in KEYS) + f"{'wall s':>9}")
+    for name, m in r["rows"].items():
+        wall = f"{m['wall_s']:>9.0f}" if "wall_s" in m else ""
+        print(f"{name:<28}" + "".join(f"{m[k]:>14.4f}" for k in KEYS) + wall)
+    print("\njoint epochs: switches away from each module, SASRec's share of steps, module losses")
+    for s in r["switches"]:
+        if "strategy/switches_from_sasrec_epoch" in s:
+            print(f"  epoch {int(s['epoch']):>2}: from sasrec {int(s['strategy/switches_from_sasrec_epoch'])}, "
+                  f"from retriever {int(s['strategy/switches_from_retriever_epoch'])}, "
+                  f"sasrec share {s['strategy/epoch_share_sasrec']:.2f}, loss sasrec {s.get('train/loss_sasrec', float('nan')):.3f}, "
+                  f"loss retriever {s.get('train/loss_retriever', float('nan')):.3f}")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ray", action="store_true", help="train on Ray Train as the job says (default: in-process)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--data", type=Path, default=ROOT / "data" / "ur4rec_quickstart", help="prepared data (made if absent)")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ur4rec_ablation.json")
+    args = p.parse_args()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    work = Path(tempfile.mkdtemp(prefix="rayrec-ur4rec-"))
+    results = [run_seed(s, args, work) for s in args.seeds]
+    for r in results:
+        print_seed(r)
+    mean = {name: {k: sum(r["rows"][name][k] for r in results) / len(results) for k in KEYS} for name in results[0]["rows"]}
+    base = mean["sasrec alone (same budget)"]["test/ndcg@10"]
+    print(f"\nmean over seeds {args.seeds}: joint NDCG@10 {mean['joint']['test/ndcg@10']:.4f} vs SASRec alone {base:.4f} "
+          f"({100 * (mean['joint']['test/ndcg@10'] / base - 1):+.1f} %)")
+    for e in EXPERTS:
+        print(f"  without {e:<10}: {mean[f'joint - {e}']['test/ndcg@10']:.4f}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"benchmark": "ur4rec_ablation", "ray": args.ray, "overrides": args.overrides,
+                               "seeds": results, "mean": mean}, indent=2))
+    os.replace(tmp, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
