@@ -104,11 +104,22 @@ class LocalHead:
         p = self.temp_dir / "ray_start.log"
         return p.read_text(errors="replace")[-n:] if p.exists() else ""
 
+    def check(self) -> None:
+        """Raise with the head's log when it is gone (something else ended its processes)."""
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"the Ray head exited ({self.proc.returncode}); logs kept in {self.temp_dir}:\n"
+                               f"{self.log_tail()}")
+
     def stop(self, grace: float = 5.0) -> None:
-        """End this head's processes (descendants and its process group), by PID."""
+        """End this head's processes (descendants and its process group), by PID.
+
+        The temp dir (logs) is kept when the head had already exited: that needs explaining.
+        """
         if self.proc is None:
             return
         import psutil
+
+        died = self.proc.poll() is not None
 
         procs = self._processes(psutil)
         for p in procs:
@@ -119,7 +130,8 @@ class LocalHead:
         psutil.wait_procs(alive, timeout=5)
         self.proc.wait(timeout=10)
         self.proc = None
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        if not died:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def _processes(self, psutil) -> list:
         """The `ray start` process, its descendants, and whatever else is in its process group."""

@@ -276,8 +276,10 @@ def wait_for_checkpoint(run_dir: Path, prefix: str, proc: subprocess.Popen, log:
 
 
 def alive(head, class_name: str) -> list:
+    """Live actors of a class, from Ray's state API (the dashboard)."""
     from ray.util.state import list_actors
 
+    head.check()
     return list_actors(address=head.dashboard, filters=[("class_name", "=", class_name), ("state", "=", "ALIVE")])
 
 

@@ -151,3 +151,44 @@ def test_minilm_embeds_offline():
     assert emb[0] @ emb[1] > emb[0] @ emb[2]  # noir texts are closer to each other than to space
     with pytest.raises(ConfigError, match="nothing is downloaded"):
         S.resolve_embedder("sentence-transformers/all-MiniLM-L6-v2")
+
+
+def minionerec_folder(root, name: str = "Toys"):
+    """A tiny MiniOneRec data folder: CSV splits, index/NAME.index.json, index/NAME.item.json."""
+    import csv
+
+    titles = {"1": "Red Car", "2": "Blue Kite", "3": "Lego Set", "4": "Puzzle", "5": "Yo-yo"}
+    splits = {"train": [("A1", ["1"], "2"), ("A1", ["1", "2"], "3"), ("A2", ["3"], "1"), ("A2", ["3", "1"], "5")],
+              "valid": [("A1", ["1", "2", "3"], "4")], "test": [("A2", ["3", "1", "5"], "2")]}
+    for split, rows in splits.items():
+        (root / split).mkdir(parents=True)
+        with (root / split / f"{name}_5_2016-10-2018-11.csv").open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["user_id", "history_item_id", "item_id"])
+            w.writerows([(u, repr([int(i) for i in h]), t) for u, h, t in rows])
+    (root / "index").mkdir()
+    index = {i: [f"<a_{i}>", "<b_0>", f"<c_{int(i) * 7}>"] for i in titles}
+    (root / "index" / f"{name}.index.json").write_text(json.dumps(index))
+    (root / "index" / f"{name}.item.json").write_text(json.dumps({i: {"title": t} for i, t in titles.items()}))
+    return root, index
+
+
+@pytest.mark.parametrize("method", ["file", "data"])
+def test_minionerec_dataset_with_its_own_index_feeds_the_prompts(tmp_path, method):
+    from rayrec.genrec.config import GenRecJobConfig
+    from rayrec.genrec.run import prepare_inputs
+
+    raw, index = minionerec_folder(tmp_path / "raw")
+    cfg = GenRecJobConfig.model_validate({
+        "data": {"path": str(tmp_path / "prepared"), "source": "minionerec", "input": str(raw),
+                 "source_options": {"name": "Toys"}, "filters": {"min_seq_len": 1}},
+        "sids": {"method": method, "dir": str(raw), "name": "Toys"},
+        "prompts": {"tasks": {"sid_seq": 1.0, "title_to_sid": 1.0}},
+    })
+    inputs = prepare_inputs(cfg)
+    items = inputs.ds.table("items")
+    by_source = dict(zip(items["source_id"].astype(str), items["item_idx"].astype(int)))
+    assert {by_source[k]: tuple(v) for k, v in index.items()} == inputs.item_sids
+    lego = inputs.train[(inputs.train["task"] == "title_to_sid") & inputs.train["prompt"].str.contains("Lego Set")]
+    assert lego["completion"].tolist() == ["<a_3><b_0><c_21>"]
+    assert inputs.valid["completion"].tolist() == ["<a_4><b_0><c_28>"]

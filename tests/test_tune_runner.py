@@ -41,7 +41,7 @@ def sweep(tiny_job, tmp_path):
 def test_asha_compares_below_the_last_epoch_only(sweep):
     assert asha_rungs(1, 2, 8) == [1, 2, 4]
     assert asha_rungs(1, 3, 10) == [1, 3, 9]
-    assert asha_rungs(2, 2, 9) == [2, 4]
+    assert asha_rungs(2, 2, 9) == [2, 4, 8] and asha_rungs(2, 2, 8) == [2, 4]
     scheduler = runner.make_scheduler(sweep)
     milestones = sorted(m for m, _ in scheduler._brackets[0]._rungs)
     assert milestones == [1, 2, 4] and scheduler._time_attr == "epoch"  # never at epoch 8: it still reports test

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from rayrec.cli import main
+from rayrec.config import dump_job
 from rayrec.config.schema import JobConfig
 from rayrec.data.dataset import open_prepared
 from rayrec.errors import DataError
@@ -54,7 +56,7 @@ def local(cfg, run_dir=None, resume_from=None):
     return run_local(cfg, ds, data_info(ds), run_dir=run_dir, tracker=Tracker.null(), resume_from=resume_from)
 
 
-def test_four_stages_train_what_they_say(mm_data, tmp_path, caplog):
+def test_four_stages_train_what_they_say(mm_data, tmp_path, caplog, capsys):
     caplog.set_level(logging.INFO, logger="rayrec.train.joint")
     final, rep = local(joint_job(mm_data, tmp_path), run_dir=tmp_path / "run")
     epochs = rep.metrics[:-1]
@@ -72,6 +74,10 @@ def test_four_stages_train_what_they_say(mm_data, tmp_path, caplog):
     assert final["test/hr@10"] > 3 * 10 / 120 and final["best_epoch"] in (3, 4, 5)  # best of the fused stages
     state = load_state(tmp_path / "run" / "epoch_0003")
     assert state["stage"] == 2 and state["stage_state"]["strategy"]
+    job = tmp_path / "job.yaml"  # `rayrec eval` rebuilds the model with its features and gets the same numbers
+    job.write_text(dump_job(joint_job(mm_data, tmp_path)))
+    assert main(["eval", str(job), "--checkpoint", str(tmp_path / "run" / "final")]) == 0
+    assert f"{final['test/ndcg@10']:.4f}" in capsys.readouterr().out
 
 
 def test_schedules_advance_with_their_module_and_every_grad_is_zeroed(mm_data, tmp_path):

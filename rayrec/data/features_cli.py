@@ -21,14 +21,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_data_features(args: argparse.Namespace) -> int:
-    import torch
-
     from rayrec.config import load_job
     from rayrec.data.dataset import ensure_prepared
     from rayrec.data.features import compute_features, manifest_summary
     from rayrec.errors import ConfigError
     from rayrec.prefs.generate import prefs_out_dir
-    from rayrec.train.joint import num_users_of
+    from rayrec.train.joint import gpu_available, num_users_of
 
     cfg = load_job(args.job, args.overrides)
     if cfg.model.name != "ur4rec":
@@ -41,6 +39,6 @@ def cmd_data_features(args: argparse.Namespace) -> int:
         ensure_ray()
     manifest = compute_features(cfg.model.features, ds.path, num_users_of(ds.path),
                                 prefs_dir=prefs_out_dir(cfg.model.prefs, ds.path), use_ray=not args.local,
-                                use_gpu=cfg.scaling.use_gpu and torch.cuda.is_available(), force=args.force)
+                                use_gpu=cfg.scaling.use_gpu and gpu_available(not args.local), force=args.force)
     print(json.dumps(manifest_summary(manifest), indent=2))
     return 0

@@ -386,9 +386,18 @@ def prepare_features(cfg: JobConfig, data_path: str | Path, *, use_ray: bool) ->
     from rayrec.data.features import compute_features
     from rayrec.prefs.generate import prefs_out_dir
 
-    use_gpu = cfg.scaling.use_gpu and torch.cuda.is_available()
+    use_gpu = cfg.scaling.use_gpu and gpu_available(use_ray)
     return compute_features(cfg.model.features, Path(data_path), num_users_of(data_path),
                             prefs_dir=prefs_out_dir(cfg.model.prefs, Path(data_path)), use_ray=use_ray, use_gpu=use_gpu)
+
+
+def gpu_available(use_ray: bool) -> bool:
+    """A GPU for the encoder: anywhere in the Ray cluster (the actor is placed there), else locally."""
+    if use_ray:
+        import ray
+
+        return ray.cluster_resources().get("GPU", 0.0) >= 1.0
+    return torch.cuda.is_available()
 
 
 def build_joint(cfg: JobConfig, num_items: int, data_path: str | Path) -> UR4Rec:

@@ -168,7 +168,8 @@ def train_epoch(
     if count % accum:
         norm_sum += _step(module, opt, sched, scaler, clip)
         steps += 1
-    return EpochStats(total / max(1, count), norm_sum / max(1, steps), sched.get_last_lr()[0],
+    loss = total / count if count else float("nan")  # nan: resumed after the epoch's last batch
+    return EpochStats(loss, norm_sum / max(1, steps), sched.get_last_lr()[0],
                       seqs, time.perf_counter() - start, steps)
 
 
