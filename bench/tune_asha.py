@@ -2,7 +2,7 @@
 
 Usage:  python bench/tune_asha.py [--space search_spaces/sasrec_quick.yaml --samples 8]
 
-1. The ASHA sweep of the space as shipped (Optuna TPE, ASHA at epochs 1, 2, 4 of 8), on the
+1. The ASHA sweep of the space as shipped (Optuna TPE, ASHA at epochs 1 and 3 of 8), on the
    quickstart synthetic data (2,000 users x 1,000 items).
 2. The same configs again, each run to completion (``scheduler: none``; the configs are
    given to the searcher as ``points_to_evaluate``), with the same early stopping.
@@ -80,10 +80,14 @@ def main() -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="rayrec-bench-tune-"))
 
     asha, asha_s = sweep(args.space, overrides(work, "asha", args.samples))
+    if asha.interrupted:
+        return 130
     configs = [r.params for r in asha.rows]
     points = json.dumps(configs)  # JSON is a YAML flow list: one override
     full, full_s = sweep(args.space, [*overrides(work, "full", len(configs)), "scheduler.name=none",
                                       "searcher.name=random", f"searcher.points_to_evaluate={points}"])
+    if full.interrupted:
+        return 130
     metric = load_space(args.space).space.metric
     f = figures(asha, full)
     targets = {"stops >= 1/3 early": f["stopped_fraction"] >= 1 / 3,

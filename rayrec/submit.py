@@ -50,6 +50,7 @@ class Submission:
     submission_id: str
     metadata: dict[str, str] = field(default_factory=dict)
     secrets: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
         env = {k: ("<secret>" if k in self.secrets else v) for k, v in self.runtime_env.get("env_vars", {}).items()}
@@ -108,12 +109,21 @@ def job_path(job: Path, working_dir: Path) -> str:
                           "uploaded with it (run from the project root or pass --working-dir)") from None
 
 
-def validate_job(command: str, job: Path, overrides: list[str]) -> None:
-    """Load ``train``/``eval`` jobs here, so a bad key fails before the upload, not on the cluster."""
-    if command in ("train", "eval"):
-        from rayrec.config import load_job
+def validate_job(command: str, job: Path, overrides: list[str]) -> list[str]:
+    """Load ``train``/``eval`` jobs here, so a bad key fails before the upload, not on the cluster.
 
-        load_job(job, overrides)
+    Returns warnings about settings that work locally but not on a cluster.
+    """
+    if command not in ("train", "eval"):
+        return []
+    from rayrec.config import load_job
+
+    cfg = load_job(job, overrides)
+    uri = cfg.tracking.uri
+    if cfg.tracking.enabled and not uri.startswith(("http://", "https://", "databricks")):
+        return [f"tracking.uri is {uri}, a local store: on the cluster it lands in the job's temporary working "
+                "dir (and a GPU node's worker cannot write it); pass --mlflow-uri or set MLFLOW_TRACKING_URI"]
+    return []
 
 
 def env_vars(plain: list[str], secrets: list[str], mlflow_uri: str | None) -> dict[str, str]:
@@ -162,7 +172,7 @@ def build_submission(args: argparse.Namespace) -> Submission:
     mlflow_uri = args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if mlflow_uri and not any(o.startswith("tracking.uri=") for o in overrides):
         overrides.append(f"tracking.uri={mlflow_uri}")
-    validate_job(command, args.job, overrides)
+    warnings = validate_job(command, args.job, overrides)
     runtime_env = {"working_dir": str(working_dir.resolve()), "excludes": UPLOAD_EXCLUDES,
                    "env_vars": env_vars(args.env, args.secret_env, mlflow_uri)}
     if not args.no_pip:
@@ -172,7 +182,7 @@ def build_submission(args: argparse.Namespace) -> Submission:
     entrypoint = shlex.join(["python", "-m", "rayrec", command, rel, *overrides, *flags])
     meta = {"rayrec.job": rel, "rayrec.command": args.command, "rayrec.user": getpass.getuser()}
     return Submission(entrypoint, runtime_env, args.submission_id or submission_id(args.job), meta,
-                      list(args.secret_env))
+                      list(args.secret_env), warnings)
 
 
 def send(sub: Submission, address: str, headers: dict[str, str]):
@@ -222,9 +232,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     address = normalize_address(args.address)
     headers = auth_headers(args.auth_token_env)
     check_address(address, headers)
-    if not args.mlflow_uri and "MLFLOW_TRACKING_URI" not in sub.runtime_env["env_vars"]:
-        log.warning("no --mlflow-uri or MLFLOW_TRACKING_URI: the job logs to its own tracking.uri, which for a "
-                    "local store (sqlite:///...) is the job's temporary working dir on the head node")
+    for warning in sub.warnings:
+        log.warning(warning)
     client = send(sub, address, headers)
     print(sub.describe())
     sid = sub.submission_id

@@ -72,13 +72,22 @@ def test_popularity_baseline_ranks_by_train_counts(tiny_dataset):
     assert m["test_popularity/hr@10"] == pytest.approx(sum(t in order[:10] for t in targets) / len(targets))
 
 
+def write_test_index(dataset, folder) -> None:
+    """A fixed unique SID per item (building one with MiniLM is tested in test_genrec_sids)."""
+    from rayrec.genrec.semantic_ids import write_index
+    from rayrec.genrec.tiny import grid_index
+
+    write_index(grid_index(open_prepared(dataset).table("items")), folder, "items")
+
+
 @pytest.fixture(scope="module")
 def tiny_genrec(tiny_dataset, tmp_path_factory):
     """A minute-sized genrec job on the shared 120-item dataset, writing under a temp folder."""
     tmp = tmp_path_factory.mktemp("genrec")
+    write_test_index(tiny_dataset, tmp / "sids")
     return GenRecJobConfig.model_validate({
         "data": {"path": str(tiny_dataset), "prepare_if_missing": False},
-        "sids": {"dir": str(tmp / "sids"), "levels": 2, "codebook_size": 16, "embedding": {"fields": ["title"]}},
+        "sids": {"method": "file", "dir": str(tmp / "sids"), "name": "items"},
         "prompts": {"tasks": {"sid_seq": 1.0, "title_to_sid": 0.5}, "max_history": 3, "max_examples": 600},
         "model": {"tiny": {"hidden": 32}, "max_length": 96},
         "train": {"epochs": 1, "batch_size": 32, "lr": 5e-3, "logging_steps": 5, "val_rows": 16,
@@ -103,5 +112,5 @@ def test_local_sft_then_evaluation_end_to_end(tiny_genrec):
     assert all(len(r["predictions"]) == 10 and None not in r["predictions"] for r in rows)
     run = MlflowClient(tiny_genrec.tracking.uri).get_run(out.mlflow_run_id)
     assert run.info.status == "FINISHED" and "test/hr_at_10" in run.data.metrics
-    assert {"train/loss", "val/loss", "val/ndcg_at_10", "sids/usage_level_0"} <= set(run.data.metrics)
+    assert {"train/loss", "val/loss", "val/ndcg_at_10", "sids/collision_rate"} <= set(run.data.metrics)
     assert run.data.params["train.lora.r"] == "4"

@@ -11,16 +11,20 @@ from pathlib import Path
 import pytest
 import yaml
 
+from rayrec.data.dataset import open_prepared
 from rayrec.genrec.config import GenRecJobConfig
+from rayrec.genrec.semantic_ids import write_index
+from rayrec.genrec.tiny import grid_index
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def job_dict(dataset: Path, tmp: Path, **train) -> dict:
-    """A job that trains a few steps on the shared 120-item dataset."""
+    """A job that trains a few steps on the shared 120-item dataset (with a fixed SID index)."""
+    write_index(grid_index(open_prepared(dataset).table("items")), tmp / "sids", "items")
     return {
         "data": {"path": str(dataset), "prepare_if_missing": False},
-        "sids": {"dir": str(tmp / "sids"), "levels": 2, "codebook_size": 16, "embedding": {"fields": ["title"]}},
+        "sids": {"method": "file", "dir": str(tmp / "sids"), "name": "items"},
         "prompts": {"tasks": {"sid_seq": 1.0}, "max_history": 3, "max_examples": 64},
         "model": {"tiny": {"hidden": 32}, "max_length": 96},
         "train": {"epochs": 1, "batch_size": 16, "lr": 5e-3, "logging_steps": 1, "val_rows": 8,

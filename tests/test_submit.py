@@ -78,6 +78,13 @@ def test_explicit_tracking_override_wins_and_flags_reach_the_command(monkeypatch
     assert "pip" not in sub.runtime_env
 
 
+def test_a_local_mlflow_store_is_flagged(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (warning,) = build_submission(submit_args("jobs/quickstart.yaml", "--no-pip")).warnings
+    assert "sqlite:///mlflow.db, a local store" in warning and "--mlflow-uri" in warning
+    assert not build_submission(submit_args("jobs/quickstart.yaml", "--no-pip", "--mlflow-uri", "http://m:5000")).warnings
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

@@ -113,3 +113,22 @@ def test_cli_data_features(tiny_mm_dataset, tmp_path, capsys):
     assert printed["dims"]["item_text"] == 32 and printed["missing"]["item_image"] == 0
     assert (tmp_path / "f" / "features.json").is_file()
     assert main(["data", "features", str(job), "--local", "model.features.text_model=nope"]) == 2
+
+
+def test_multimodal_movielens_layout_absolute_posters_and_broken_ones(tmp_path):
+    from PIL import Image
+    from test_sources_multimodal import write_layout
+
+    from rayrec.config.schema import FilterConfig
+    from rayrec.data.dataset import source_reader
+    from rayrec.data.prepare import prepare
+
+    folder = write_layout(tmp_path / "ml")  # posters 10 and 30 are 8-byte stubs, 20 has none
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(folder / "image" / "10.png")
+    data = tmp_path / "prepared"
+    prepare(source_reader("movielens-multimodal", folder, on_bad_line="error"), data, source="movielens-multimodal",
+            params={}, filters=FilterConfig(min_seq_len=1), split="user_prefix")
+    m = compute_features(FeaturesConfig(text_model="hash:16", cache_dir=tmp_path / "cache"), data, 2)
+    assert m["missing"] == {"item_text": 0, "item_image": 2, "user_text": 2}  # no pref texts in MovieLens
+    ok = load_feature_arrays(data / "features", num_items=3, num_users=2)["item_image_ok"]
+    assert ok.tolist() == [False, True, False, False]  # item 1 = movie 10, the only readable poster

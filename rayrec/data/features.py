@@ -326,10 +326,21 @@ def _user_texts(source: str, data_path: Path, num_users: int, prefs_dir: Path | 
 
 
 def _image_path(p: Any, data_path: Path) -> str | None:
+    """The image file of an item, or None when absent or unreadable (it then counts as missing)."""
     if not isinstance(p, str) or not p:
         return None
     path = Path(p) if Path(p).is_absolute() else data_path / p
-    return str(path) if path.is_file() else None
+    if not path.is_file():
+        return None
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.verify()  # header and structure only; cheap
+    except (OSError, UnidentifiedImageError, SyntaxError) as e:
+        log.warning("%s: unreadable image (%s), using the learned fallback", path, type(e).__name__)
+        return None
+    return str(path)
 
 
 def _fingerprint(inputs: Inputs, text: EncoderSpec, image: EncoderSpec) -> str:

@@ -19,7 +19,7 @@ from rayrec.data.dataset import Prepared, ensure_prepared
 from rayrec.errors import RayrecError
 from rayrec.genrec import prompts as P
 from rayrec.genrec.config import GenRecJobConfig
-from rayrec.genrec.semantic_ids import SidIndex, load_or_build
+from rayrec.genrec.semantic_ids import SidIndex, describe_index, load_or_build
 from rayrec.genrec.sft import VAL_LOSS, lora_targets, resolve_deepspeed
 from rayrec.tracking.mlflow_tracking import Tracker, check_reachable, open_run, resolve_uri
 from rayrec.train.run import COMPLETE_MARKER, check_storage, pick_run_dir
@@ -103,6 +103,9 @@ def open_tracking(cfg: GenRecJobConfig, run_dir: Path, source: str | None) -> Tr
 
 def log_inputs(tracker: Tracker, inputs: SFTInputs) -> None:
     """SID report and a sample of each prompt task, so a run says what it trained on."""
+    d = describe_index(inputs.index)
+    codes = {f"sids/codes_level_{i}": n for i, n in enumerate(d["distinct_codes"])}
+    tracker.log_metrics({**codes, "sids/levels": d["levels"], "sids/collision_rate": d["collision_rate"]})
     if inputs.report:
         tracker.log_text(json.dumps(inputs.report, indent=2), "sids/report.json")
         usage = {f"sids/usage_level_{i}": u for i, u in enumerate(inputs.report["usage"])}

@@ -83,3 +83,21 @@ def save_tiny_base(out: str | Path, corpus: Iterable[str], **model_kwargs) -> Pa
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def grid_index(items, k: int = 8, levels: int = 3):
+    """A fixed unique SID per item: item_idx written in base ``k`` (least significant level first).
+
+    For tests and smoke runs that need an index without embedding anything; unique while
+    item_idx < k**levels.  items: a prepared items table (item_idx, source_id).
+    """
+    import numpy as np
+
+    from rayrec.errors import ConfigError
+    from rayrec.genrec.semantic_ids import index_from_codes
+
+    idx = items["item_idx"].to_numpy()
+    if idx.max() >= k**levels:
+        raise ConfigError(f"{len(idx)} items do not fit a {levels}-level grid of {k} codes; raise k or levels")
+    codes = np.stack([(idx // k**lvl) % k for lvl in range(levels)], 1)
+    return index_from_codes(items["source_id"].astype(str).tolist(), codes, "grid")

@@ -235,8 +235,8 @@ def make_searcher(sweep: Sweep):
     s = sweep.space.searcher
     if s.name == "random":
         sampler = optuna.samplers.RandomSampler(seed=s.seed)
-    else:  # TPE models the results after a few random startup trials (Optuna's default of 10 is a small sweep)
-        startup = max(2, min(10, sweep.space.num_samples // 3))
+    else:  # TPE models the results after random startup trials: half of a small sweep, at most Optuna's 10
+        startup = max(2, min(10, sweep.space.num_samples // 2))
         sampler = optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=startup)
     return OptunaSearch(space=OptunaSpace(sweep.space.params, sweep.order), metric=_objective(sweep),
                         mode=sweep.space.resolved_mode, sampler=sampler,
