@@ -66,7 +66,22 @@ class LocalHead:
         env.pop("RAY_ADDRESS", None)
         return env
 
-    def start(self, timeout: float = 360.0) -> LocalHead:
+    def start(self, timeout: float = 360.0, attempts: int = 2) -> LocalHead:
+        """Start the head; a loaded machine can miss Ray's fixed 30 s raylet deadline, so retry once."""
+        for attempt in range(1, attempts + 1):
+            try:
+                self._launch()
+                self._wait_ready(timeout)
+                return self
+            except (RuntimeError, TimeoutError):
+                self.stop(keep_logs=attempt == attempts)
+                if attempt == attempts:
+                    raise
+                self.temp_dir = Path(tempfile.mkdtemp(prefix="rr", dir="/tmp"))
+                self.ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS))))
+        return self
+
+    def _launch(self) -> None:
         cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
                "--dashboard-host", "127.0.0.1", "--include-dashboard", "true", "--disable-usage-stats",
                "--min-worker-port", "0", "--max-worker-port", "0", "--num-cpus", str(self.num_cpus),
@@ -76,18 +91,18 @@ class LocalHead:
         log = open(self.temp_dir / "ray_start.log", "wb")
         self.proc = subprocess.Popen(cmd, env=self.env(), stdout=log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
-        self._wait_ready(timeout)
-        return self
 
     def _wait_ready(self, timeout: float) -> None:
-        """Until the job API answers and the head's dashboard agent (which runs jobs) listens."""
+        """Until `ray start` reports success, the job API answers and the head's dashboard agent
+        (which runs jobs) listens."""
         deadline = time.monotonic() + timeout
         headers = self.auth_headers()
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"ray start exited {self.proc.returncode}:\n{self.log_tail()}")
             try:
-                ok = requests.get(f"{self.dashboard}/api/jobs/", headers=headers, timeout=5).status_code == 200
+                ok = "Ray runtime started" in self.log_tail(10**6)
+                ok = ok and requests.get(f"{self.dashboard}/api/jobs/", headers=headers, timeout=5).status_code == 200
                 if ok and _listening(self.ports["--dashboard-agent-listen-port"]):
                     time.sleep(2)  # the agent registers its address right after it starts listening
                     return
@@ -110,7 +125,7 @@ class LocalHead:
             raise RuntimeError(f"the Ray head exited ({self.proc.returncode}); logs kept in {self.temp_dir}:\n"
                                f"{self.log_tail()}")
 
-    def stop(self, grace: float = 5.0) -> None:
+    def stop(self, grace: float = 5.0, keep_logs: bool | None = None) -> None:
         """End this head's processes (descendants and its process group), by PID.
 
         The temp dir (logs) is kept when the head had already exited: that needs explaining.
@@ -119,7 +134,7 @@ class LocalHead:
             return
         import psutil
 
-        died = self.proc.poll() is not None
+        died = self.proc.poll() is not None if keep_logs is None else keep_logs
 
         procs = self._processes(psutil)
         for p in procs:

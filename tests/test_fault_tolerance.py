@@ -275,12 +275,21 @@ def wait_for_checkpoint(run_dir: Path, prefix: str, proc: subprocess.Popen, log:
     raise TimeoutError(f"no {prefix} checkpoint after {timeout} s:\n{log.read_text()[-6000:]}")
 
 
-def alive(head, class_name: str) -> list:
-    """Live actors of a class, from Ray's state API (the dashboard)."""
+def alive(head, class_name: str, attempts: int = 5) -> list:
+    """Live actors of a class, from Ray's state API (the dashboard); retried while it is busy."""
     from ray.util.state import list_actors
+    from ray.util.state.exception import RayStateApiException
 
-    head.check()
-    return list_actors(address=head.dashboard, filters=[("class_name", "=", class_name), ("state", "=", "ALIVE")])
+    for attempt in range(attempts):
+        head.check()
+        try:
+            return list_actors(address=head.dashboard, timeout=60, raise_on_missing_output=False,
+                               filters=[("class_name", "=", class_name), ("state", "=", "ALIVE")])
+        except RayStateApiException:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(2)
+    return []
 
 
 def mlflow_run(job_dir: Path, run_dir: Path):

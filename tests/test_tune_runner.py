@@ -95,7 +95,7 @@ def test_trial_recorder_writes_each_final_status(tmp_path, capsys):
     parent = open_run(uri, "exp", str(tmp_path / "sweep"), "sweep")
     child = open_run(uri, "exp", str(tmp_path / "t1"), "sweep/t1",
                      tags={"mlflow.parentRunId": parent.run_id, "rayrec.trial_id": "t1"})
-    rec = TrialRecorder(uri, "exp", parent.run_id, "sweep", "val/ndcg@10", "best/val/ndcg@10", None)
+    rec = TrialRecorder(uri, "exp", parent.run_id, "sweep", "val/ndcg@10", "best/val/ndcg@10", None, "/jobs/j.yaml")
     rec.on_trial_result(0, [], _trial("t1", {}), {"epoch": 1, "val/ndcg@10": 0.25, "best/val/ndcg@10": 0.25})
     rec.on_trial_complete(0, [], _trial("t1", {"epoch": 2, "best/val/ndcg@10": 0.3}))
     rec.on_trial_error(0, [], _trial("t2", {}, "Traceback (most recent call last):\n  ...\nValueError: boom\n"))
@@ -104,7 +104,7 @@ def test_trial_recorder_writes_each_final_status(tmp_path, capsys):
     assert stopped.info.status == "KILLED" and stopped.data.tags["rayrec.trial_status"] == "stopped_early"
     failed = c.search_runs([c.get_experiment_by_name("exp").experiment_id], "tags.`rayrec.trial_id` = 't2'")[0]
     assert failed.info.status == "FAILED" and failed.data.tags["rayrec.error"] == "ValueError: boom"
-    assert failed.data.tags["mlflow.parentRunId"] == parent.run_id
+    assert failed.data.tags["mlflow.parentRunId"] == parent.run_id and failed.data.tags["rayrec.base_job"] == "/jobs/j.yaml"
     assert [a.path for a in c.list_artifacts(failed.info.run_id)] == ["error.txt"]
     out = capsys.readouterr().out
     assert "[sweep] trial t1 epoch 1: val/ndcg@10=0.2500 (best 0.2500)" in out

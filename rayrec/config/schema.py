@@ -201,7 +201,8 @@ class CheckpointConfig(Strict):
     every_n_steps: int | None = Field(
         None, ge=1,
         description="also checkpoint every N optimizer steps inside an epoch (long epochs); a resume "
-        "then skips the batches of that epoch already trained; null = epoch ends only",
+        "then skips the batches of that epoch already trained; null = epoch ends only. Leave it off in "
+        "sweeps: each such checkpoint is a Ray report (key mid_epoch_step) that Tune would also see",
     )
 
 

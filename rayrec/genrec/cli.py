@@ -68,17 +68,17 @@ def _table(rows: list[tuple[str, ...]], header: tuple[str, ...], title: str) -> 
 
 def cmd_sids(args) -> int:
     from rayrec.data.dataset import ensure_prepared
-    from rayrec.errors import ConfigError
     from rayrec.genrec.semantic_ids import describe_index, index_paths, load_or_build, write_built
 
     cfg = _job(args)
     items = ensure_prepared(cfg.data).table("items")
     built = cfg.sids.method in ("rq_kmeans", "rq_vae")
+    existing = index_paths(cfg.sids.dir, cfg.sids.name)[0]
     if built and args.force:
         index, report = write_built(cfg.sids, items, cfg.run.seed)
-    elif built and index_paths(cfg.sids.dir, cfg.sids.name)[0].is_file():
-        raise ConfigError(f"{index_paths(cfg.sids.dir, cfg.sids.name)[0]} exists; pass --force to rebuild it")
     else:
+        if built and existing.is_file():
+            print(f"{existing} exists: checking it (pass --force to rebuild)")
         index, report = load_or_build(cfg.sids, items, cfg.run.seed)
     index.for_items(items)  # unknown / missing / duplicate SIDs are errors here, not at training
     d = describe_index(index)

@@ -65,9 +65,15 @@ class FeatureProjection(nn.Module):
         nn.init.normal_(self.missing, 0.0, 0.02)
 
     def forward(self, idx: torch.Tensor | None = None) -> torch.Tensor:
-        """Projected rows ``idx`` (any shape) -> [*idx.shape, d]; all rows when idx is None."""
-        table, ok = (self.table, self.ok) if idx is None else (self.table[idx], self.ok[idx])
-        return torch.where(ok[..., None], self.proj(table), self.missing)
+        """Projected rows ``idx`` (any shape) -> [*idx.shape, d]; all rows when idx is None.
+
+        When ``idx`` has more entries than the table has rows, projecting the whole table and
+        gathering is cheaper than projecting the gathered rows (the same numbers either way).
+        """
+        if idx is None or idx.numel() >= self.table.shape[0]:
+            full = torch.where(self.ok[:, None], self.proj(self.table), self.missing)  # [R, d]
+            return full if idx is None else full[idx]
+        return torch.where(self.ok[idx][..., None], self.proj(self.table[idx]), self.missing)
 
 
 class CrossAttentionExpert(nn.Module):
@@ -75,21 +81,36 @@ class CrossAttentionExpert(nn.Module):
 
     def __init__(self, hidden: int, num_heads: int, dropout: float) -> None:
         super().__init__()
-        self.heads, self.dropout = num_heads, dropout
+        self.heads = num_heads
+        self.drop = nn.Dropout(dropout)  # on the output: attention-weight dropout costs a mask per (query, key)
         self.q, self.k, self.v = (nn.Linear(hidden, hidden) for _ in range(3))
         self.out = nn.Linear(hidden, hidden)
         self.ln = nn.LayerNorm(hidden)
 
-    def forward(self, query: torch.Tensor, tokens: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        """query [N, C, d], tokens [N, K, d], allowed [N, K] bool (>= 1 True per row) -> [N, C, d]."""
-        n, c, d = query.shape
+    def forward(self, query: torch.Tensor, tokens: torch.Tensor, allowed: torch.Tensor,
+                offsets: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Attention output per query group  # -> [B*P, C, d].
+
+        query [B, P, C, d]; tokens [B, K, d], shared by the P query groups of a row; allowed
+        [B, P, K] bool (>= 1 True per group); ``offsets`` = (table [R, d], index [B, P, K]) adds
+        ``table[index]`` to each group's tokens (recency), done after the K/V projections so
+        they run on B*K tokens, not B*P*K: W(x + r) = Wx + W r.
+        """
+        b, p, c, d = query.shape
         h, dh = self.heads, d // self.heads
-        q = self.q(query).view(n, c, h, dh).transpose(1, 2)  # [N, h, C, dh]
-        k = self.k(tokens).view(n, -1, h, dh).transpose(1, 2)  # [N, h, K, dh]
-        v = self.v(tokens).view(n, -1, h, dh).transpose(1, 2)
-        p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None, None, :], dropout_p=p)
-        return self.ln(self.out(y.transpose(1, 2).reshape(n, c, d)))  # [N, C, d]
+        k, v = self.k(tokens)[:, None], self.v(tokens)[:, None]  # [B, 1, K, d]
+        if offsets is not None:
+            table, index = offsets
+            k = k + F.linear(table, self.k.weight)[index]  # [B, P, K, d]
+            v = v + F.linear(table, self.v.weight)[index]
+        k, v = k.expand(b, p, -1, d), v.expand(b, p, -1, d)
+        n = b * p
+        q = self.q(query).reshape(n, c, h, dh).transpose(1, 2)  # [N, h, C, dh]
+        k = k.reshape(n, -1, h, dh).transpose(1, 2)  # [N, h, K, dh]
+        v = v.reshape(n, -1, h, dh).transpose(1, 2)
+        allowed = allowed.reshape(n, -1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None, None, :])
+        return self.ln(self.drop(self.out(y.transpose(1, 2).reshape(n, c, d))))  # [N, C, d]
 
 
 class Retriever(nn.Module):
@@ -118,9 +139,14 @@ class Retriever(nn.Module):
     def hidden(self) -> int:
         return self.cfg.hidden
 
-    def item_vectors(self, items: torch.Tensor) -> torch.Tensor:
-        """Joint content vector of items (any shape) -> [*shape, d]: what candidates are scored against."""
-        return self.ln_item(self.text(items) + self.image(items))
+    def item_vectors(self, items: torch.Tensor, text: torch.Tensor | None = None,
+                     image: torch.Tensor | None = None) -> torch.Tensor:
+        """Joint content vector of items (any shape) -> [*shape, d]: what candidates are scored against.
+
+        ``text``/``image`` are the items' projected features when the caller has them already.
+        """
+        text = self.text(items) if text is None else text
+        return self.ln_item(text + (self.image(items) if image is None else image))
 
     def forward(self, history: torch.Tensor, user_idx: torch.Tensor, candidates: torch.Tensor,
                 query_pos: torch.Tensor) -> torch.Tensor:
@@ -132,28 +158,29 @@ class Retriever(nn.Module):
         b, p, c = candidates.shape
         allowed = _visible(history, query_pos)  # [B, P, L]
         rec = (query_pos[:, :, None] - torch.arange(history.shape[1], device=history.device)).clamp(0, self.max_len - 1)
-        outs = []
-        for name in self.experts_used:
-            outs.append(self._expert(name, history, user_idx, candidates, allowed, rec))  # [B*P, C, d]
+        cand = {"text": self.text(candidates), "image": self.image(candidates)}  # each [B, P, C, d], computed once
+        outs = [self._expert(name, history, user_idx, cand, allowed, rec) for name in self.experts_used]
         fused = self._route(outs)  # [B*P, C, d]
         refined = self.ln_refine(fused + self.refine(fused))
-        target = self.item_head(self.item_vectors(candidates)).view(b * p, c, -1)  # [B*P, C, d]
+        target = self.item_head(self.item_vectors(candidates, cand["text"], cand["image"])).view(b * p, c, -1)
         return ((refined * target).sum(-1) / math.sqrt(self.hidden)).view(b, p, c)
 
-    def _expert(self, name: str, history, user_idx, candidates, allowed, rec) -> torch.Tensor:
-        """One expert's output for every (query, candidate)  # -> [B*P, C, d] (zeros if ablated)."""
-        b, p, c = candidates.shape
+    def _expert(self, name: str, history, user_idx, cand: dict[str, torch.Tensor], allowed, rec) -> torch.Tensor:
+        """One expert's output for every (query, candidate)  # -> [B*P, C, d] (zeros if ablated).
+
+        cand: the candidates' projected "text" and "image" [B, P, C, d]; allowed [B, P, L]; rec
+        [B, P, L] recency of each history column relative to the query position.
+        """
+        b, p = allowed.shape[:2]
         if name == "user_pref":
-            query = self.text(candidates)  # preference text and item text share the text encoder's space
+            query = cand["text"]  # preference text and item text share the text encoder's space
             tokens = self.pref_expand(self.user(user_idx)).view(b, -1, self.hidden)  # [B, T, d]
-            tokens = tokens.repeat_interleave(p, dim=0)  # [B*P, T, d]
-            mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+            mask = torch.ones(b, p, tokens.shape[1], dtype=torch.bool, device=tokens.device)
+            out = self.experts[name](query, tokens, mask)
         else:
-            table = self.text if name == "item_text" else self.image
-            query = table(candidates)  # [B, P, C, d]
-            tokens = (table(history)[:, None] + self.recency(rec)).flatten(0, 1)  # [B*P, L, d]
-            mask = allowed.flatten(0, 1)  # [B*P, L]
-        out = self.experts[name](query.flatten(0, 1), tokens, mask)
+            kind = "text" if name == "item_text" else "image"
+            tokens = getattr(self, kind)(history)  # [B, L, d]
+            out = self.experts[name](cand[kind], tokens, allowed, offsets=(self.recency.weight, rec))
         return torch.zeros_like(out) if name in self.ablate else out
 
     def _route(self, outs: list[torch.Tensor]) -> torch.Tensor:

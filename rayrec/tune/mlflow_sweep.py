@@ -102,8 +102,9 @@ class TrialRecorder(_tune_callback_base()):
     """
 
     def __init__(self, uri: str | None, experiment: str, parent_id: str | None, sweep: str, metric: str,
-                 objective: str, time_budget_s: float | None) -> None:
+                 objective: str, time_budget_s: float | None, base_job: str = "") -> None:
         self.uri, self.experiment, self.parent_id, self.sweep = uri, experiment, parent_id, sweep
+        self.base_job = base_job
         self.metric, self.objective, self.time_budget_s = metric, objective, time_budget_s
         self._start = time.time()
 
@@ -154,6 +155,7 @@ class TrialRecorder(_tune_callback_base()):
             exp = c.get_experiment_by_name(self.experiment)
             run_id = c.create_run(exp.experiment_id, run_name=f"{self.sweep}/{trial.trial_id}", tags={
                 PARENT_TAG: self.parent_id, KIND_TAG: "trial", SWEEP_TAG: self.sweep, TRIAL_TAG: trial.trial_id,
+                BASE_JOB_TAG: self.base_job,
             }).info.run_id
         ckpt = (trial.last_result or {}).get("checkpoint_path")
         for k, v in {STATUS_TAG: status, **tags, **({CHECKPOINT_TAG: ckpt} if ckpt else {})}.items():

@@ -224,7 +224,7 @@ def _recorder(sweep: Sweep, plan):
     from rayrec.tune.mlflow_sweep import TrialRecorder
 
     return TrialRecorder(plan.tracking_uri, plan.base["tracking"]["experiment"], plan.parent_run_id, sweep.name,
-                         sweep.space.metric, _objective(sweep), sweep.space.time_budget_s)
+                         sweep.space.metric, _objective(sweep), sweep.space.time_budget_s, plan.job_source)
 
 
 def make_searcher(sweep: Sweep):
