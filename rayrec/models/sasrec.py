@@ -140,7 +140,7 @@ class SASRec(nn.Module):
         """Scores of all items after each history  # [B, L] -> [B, N+1], column 0 = -inf.
 
         Histories longer than max_len are cut to their most recent max_len items.
-        Call under torch.no_grad()/inference_mode() and eval() for evaluation.
+        Call under torch.no_grad()/inference_mode() with the model in eval mode.
         """
         h = self(history[:, -self.cfg.max_len :])[:, -1]  # [B, H]
         scores = h @ self.item_emb.weight.T  # [B, N+1]
