@@ -66,8 +66,8 @@ class LocalHead:
         env.pop("RAY_ADDRESS", None)
         return env
 
-    def start(self, timeout: float = 360.0, attempts: int = 2) -> LocalHead:
-        """Start the head; a loaded machine can miss Ray's fixed 30 s raylet deadline, so retry once."""
+    def start(self, timeout: float = 360.0, attempts: int = 3) -> LocalHead:
+        """Start the head; a loaded machine can miss Ray's fixed 30 s raylet deadline, so retry."""
         for attempt in range(1, attempts + 1):
             try:
                 self._launch()
