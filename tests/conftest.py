@@ -13,6 +13,19 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private test cluster on 
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_torch_extensions(tmp_path_factory):
+    """JIT-built ops (DeepSpeed's CPU shared-memory comm) go to a folder of this session.
+
+    torch waits forever on the lock file of a build that was killed half-way; a shared
+    ``~/.cache/torch_extensions`` with such a lock would hang every later DeepSpeed test.
+    Set before Ray starts, so workers inherit it.
+    """
+    if "TORCH_EXTENSIONS_DIR" not in os.environ:
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(tmp_path_factory.mktemp("torch_extensions"))
+    yield
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """A local Ray with 2 CPUs, started once; tests that need Ray take this fixture.

@@ -58,13 +58,13 @@ class LocalHead:
 
     def env(self, **extra: str) -> dict[str, str]:
         """Environment for processes of this test (the head, drivers, `ray job submit`)."""
-        env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-               "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
-               "RAY_DASHBOARD_STARTUP_TIMEOUT_S": "300",  # a loaded CI box can need more than Ray's 60 s
-               # the state API of this head's processes must not wander to other Ray instances on the host
-               "RAY_API_SERVER_ADDRESS": self.dashboard, **self.extra_env, **extra}
-        env.pop("RAY_ADDRESS", None)
-        return env
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # only what ``extra`` says
+        env.update({"PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+                    "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
+                    "RAY_DASHBOARD_STARTUP_TIMEOUT_S": "300",  # a loaded CI box can need more than Ray's 60 s
+                    # the state API of this head's processes must not wander to other Ray instances on the host
+                    "RAY_API_SERVER_ADDRESS": self.dashboard})
+        return {**env, **self.extra_env, **extra}
 
     def start(self, timeout: float = 360.0, attempts: int = 3) -> LocalHead:
         """Start the head; a loaded machine can miss Ray's fixed 30 s raylet deadline, so retry."""

@@ -87,7 +87,7 @@ def test_best_row_is_picked_on_validation_only():
 
 
 def _trial(trial_id: str, last_result: dict, error: str | None = None):
-    return types.SimpleNamespace(trial_id=trial_id, last_result=last_result, get_error=lambda: error)
+    return types.SimpleNamespace(trial_id=trial_id, last_result=last_result, get_error=lambda: error, error_file=None)
 
 
 def test_trial_recorder_writes_each_final_status(tmp_path, capsys):

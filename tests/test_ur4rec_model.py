@@ -146,3 +146,25 @@ def test_outputs_losses_and_gradients_reach_only_what_they_use():
     assert out.target_ids.tolist() == [9, 11, 13, 12, 14, 16]
     pos, valid = last_positions(b["targets"], 6)
     assert valid.tolist() == [[False, True, True, True, True, True], [True] * 6]
+
+
+def test_item_bias_adds_a_per_item_popularity_term():
+    m = joint()
+    b = batch()
+    cand = torch.tensor([[1, 2, 3], [1, 2, 3]])
+    with torch.no_grad():
+        before = m.retriever.score(b["history"], b["user_idx"], cand)
+        m.retriever.item_bias.weight[2] = 5.0
+        after = m.retriever.score(b["history"], b["user_idx"], cand)
+    torch.testing.assert_close(after - before, torch.tensor([[0.0, 5.0, 0.0]] * 2))
+    assert joint(retriever={"hidden": 16, "item_bias": False}).retriever.item_bias is None
+
+
+def test_compose_reuses_components_for_any_fusion_weight():
+    m = joint(fusion={"top_n": 6})
+    b = batch()
+    with torch.no_grad():
+        parts = m.components(b["history"], b["user_idx"])
+        for w in (0.2, 0.8):
+            m.fusion_weight.fill_(w)
+            torch.testing.assert_close(m.compose(parts, w), m.score(b["history"], b["user_idx"]))

@@ -33,7 +33,7 @@ def joint_job(data, tmp_path, stages=STAGES, **features) -> JobConfig:
         "data": {"path": str(data), "prepare_if_missing": False},
         "model": {"name": "ur4rec", "sasrec": {"hidden": 16, "num_blocks": 1, "dropout": 0.1, "max_len": 20},
                   "retriever": {"hidden": 16, "num_negatives": 7, "train_positions": 4},
-                  "fusion": {"top_n": 40},
+                  "fusion": {"top_n": 40, "calibrate": [0.3, 0.9]},
                   "features": {"text_model": "hash:32", "cache_dir": str(tmp_path / "cache"), **features},
                   "stages": stages},
         "train": {"batch_size": 32, "optim": {"lr": 0.005, "warmup_steps": 0}, "shuffle_buffer": 0,
@@ -69,6 +69,12 @@ def test_four_stages_train_what_they_say(mm_data, tmp_path, caplog, capsys):
         assert m["strategy/switches_from_sasrec_epoch"] >= 1 and m["strategy/switches_from_retriever_epoch"] >= 1
         assert 0 < m["strategy/epoch_share_sasrec"] < 1 and "train/loss_distillation" in m and "train/loss_memory_bank" in m
     assert epochs[4]["train/loss_fused"] > 0 and "strategy/log_var_fused" in epochs[4]
+    for m in epochs[2:]:  # fused epochs: SASRec's share re-chosen on validation, its metric reported
+        key = "fusion/ndcg_at_10_w{:.2f}".format(m["fusion/weight"])
+        assert m["fusion/weight"] in (0.3, 0.9) and m[key] == m["val/ndcg@10"]
+        assert m["val/ndcg@10"] == max(m["fusion/ndcg_at_10_w0.30"], m["fusion/ndcg_at_10_w0.90"])
+    best = epochs[int(final["best_epoch"]) - 1]
+    assert float(load_state(tmp_path / "run" / "final")["best_model"]["fusion_weight"]) == best["fusion/weight"]
     assert epochs[3]["train/loss_sasrec"] < epochs[0]["train/loss_sasrec"]  # both modules' losses fall
     assert epochs[3]["train/loss_retriever"] < epochs[1]["train/loss_retriever"]
     assert final["test/hr@10"] > 3 * 10 / 120 and final["best_epoch"] in (3, 4, 5)  # best of the fused stages

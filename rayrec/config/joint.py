@@ -47,6 +47,7 @@ class RetrieverConfig(Strict):
     )
     num_negatives: int = Field(31, ge=1, description="uniform negatives per training position (sampled softmax)")
     train_positions: int = Field(8, ge=1, description="last positions per sequence that train the retriever")
+    item_bias: bool = Field(True, description="a learned per-item score bias (popularity), the one non-content input")
 
     @model_validator(mode="after")
     def _check(self) -> RetrieverConfig:
@@ -70,6 +71,17 @@ class FusionConfig(Strict):
     weight: float = Field(0.5, ge=0.0, le=1.0, description="SASRec's share (weighted, rank)")
     top_n: int = Field(200, ge=0, description="SASRec candidates the retriever scores in full ranking; 0 = all items")
     rank_k: float = Field(60.0, gt=0.0, description="reciprocal-rank constant of method=rank")
+    calibrate: list[float] = Field(
+        default_factory=list,
+        description="weights tried on the validation split after every fused epoch; the best replaces weight",
+    )
+
+    @field_validator("calibrate")
+    @classmethod
+    def _grid(cls, v: list[float]) -> list[float]:
+        if any(not 0.0 <= w <= 1.0 for w in v):
+            raise ValueError(f"fusion.calibrate weights must lie in [0, 1], got {v}")
+        return sorted(set(v))
 
 
 class FeaturesConfig(Strict):

@@ -34,6 +34,17 @@ SCORERS = ("sasrec", "retriever", "joint")
 
 
 @dataclass
+class ScoreParts:
+    """What ranking needs before fusion: SASRec's scores of all items, the retriever's candidates
+    and their retriever scores (None for scorer=sasrec); ``given``: the caller chose the candidates."""
+
+    sas: torch.Tensor  # [B, N+1]
+    cand: torch.Tensor | None  # [B, K]
+    ret: torch.Tensor | None  # [B, K]
+    given: bool
+
+
+@dataclass
 class JointOutputs:
     """What one training step computed; M = query positions kept, C = 1 + negatives (target first)."""
 
@@ -53,6 +64,8 @@ class UR4Rec(nn.Module):
         self.num_items, self.cfg = num_items, cfg
         self.sasrec = SASRec(num_items, cfg.sasrec)
         self.retriever = Retriever(num_items, cfg.retriever, features, max_len=cfg.sasrec.max_len)
+        # SASRec's share in fusion: a buffer, so a weight calibrated on validation travels with the weights
+        self.register_buffer("fusion_weight", torch.tensor(float(cfg.fusion.weight)))
         self.scorer = "joint"
 
     def parts(self) -> dict[str, nn.Module]:
@@ -93,7 +106,7 @@ class UR4Rec(nn.Module):
             out.sas_cand = torch.einsum("mh,mch->mc", h, self.sasrec.item_emb(cand[valid]))  # [M, C]
             out.user_state = h
         if "fused" in losses:
-            fused = fuse(out.sas_cand, ret, self.cfg.fusion, differentiable=True)
+            fused = fuse(out.sas_cand, ret, self.cfg.fusion, differentiable=True, weight=float(self.fusion_weight))
             out.losses["fused"] = _ce_or_zero(fused, zero)
         if "reps" in needs:
             out.item_vec = self.retriever.item_vectors(out.target_ids)  # [M, d]
@@ -107,21 +120,34 @@ class UR4Rec(nn.Module):
     def score(self, history: torch.Tensor, user_idx: torch.Tensor | None = None,
               candidates: torch.Tensor | None = None) -> torch.Tensor:
         """Scores by ``self.scorer``  # history [B, L] -> [B, N+1] (column 0 = -inf), or [B, C] for candidates."""
+        return self.compose(self.components(history, user_idx, candidates), float(self.fusion_weight))
+
+    def components(self, history: torch.Tensor, user_idx: torch.Tensor | None = None,
+                   candidates: torch.Tensor | None = None) -> ScoreParts:
+        """The expensive part of ``score``, computed once (so fusion weights compare cheaply)."""
         if self.scorer not in SCORERS:
             raise ValueError(f"scorer must be one of {SCORERS}, got {self.scorer!r}")
         history = history[:, -self.cfg.sasrec.max_len :]
         sas = self.sasrec.score(history)  # [B, N+1]
         if self.scorer == "sasrec":
-            return sas if candidates is None else sas.gather(1, candidates)
+            return ScoreParts(sas, candidates, None, candidates is not None)
         if user_idx is None:
             raise ValueError("the ur4rec retriever needs user_idx to score (its preference expert reads it)")
-        if candidates is not None:
-            return self._combine(history, user_idx, candidates, sas.gather(1, candidates))
-        cand = self.candidate_stage(sas, history)  # [B, K]
-        fused = self._combine(history, user_idx, cand, sas.gather(1, cand))
-        out = zscore(sas[:, 1:]) - BELOW
+        cand = candidates if candidates is not None else self.candidate_stage(sas, history)
+        return ScoreParts(sas, cand, self.retriever.score(history, user_idx, cand), candidates is not None)
+
+    def compose(self, parts: ScoreParts, weight: float) -> torch.Tensor:
+        """Final scores: [B, C] for given candidates; else [B, N+1] with the retriever's candidates
+        above every other item (which keep SASRec's order)."""
+        if self.scorer == "sasrec":
+            return parts.sas.gather(1, parts.cand) if parts.given else parts.sas
+        sas_c, ret = parts.sas.gather(1, parts.cand).float(), parts.ret.float()
+        top = ret if self.scorer == "retriever" else fuse(sas_c, ret, self.cfg.fusion, weight=weight)
+        if parts.given:
+            return top
+        out = zscore(parts.sas[:, 1:]) - BELOW
         out = torch.cat([out.new_full((len(out), 1), float("-inf")), out], dim=1)  # [B, N+1]
-        return out.scatter(1, cand, fused.to(out.dtype))
+        return out.scatter(1, parts.cand, top.to(out.dtype))
 
     def candidate_stage(self, sas: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
         """SASRec's top ``fusion.top_n`` items not in the history (all items when top_n is 0 or >= N)."""
@@ -133,12 +159,6 @@ class UR4Rec(nn.Module):
         rows = torch.arange(len(history), device=sas.device)[:, None].expand_as(history)[history > 0]
         masked[rows, seen] = torch.finfo(masked.dtype).min
         return masked.topk(top, dim=1).indices + 1  # [B, top]
-
-    def _combine(self, history, user_idx, cand, sas_c) -> torch.Tensor:
-        ret = self.retriever.score(history, user_idx, cand)  # [B, C]
-        if self.scorer == "retriever":
-            return ret
-        return fuse(sas_c.float(), ret.float(), self.cfg.fusion)
 
 
 # ----------------------------------------------------------------------------- fusion
@@ -155,14 +175,15 @@ def ranks(s: torch.Tensor) -> torch.Tensor:
     return order.argsort(dim=-1).to(s.dtype) + 1
 
 
-def fuse(sas: torch.Tensor, ret: torch.Tensor, cfg: FusionConfig, *, differentiable: bool = False) -> torch.Tensor:
+def fuse(sas: torch.Tensor, ret: torch.Tensor, cfg: FusionConfig, *, differentiable: bool = False,
+         weight: float | None = None) -> torch.Tensor:
     """Fused scores of the same candidates  # sas, ret [B, C] -> [B, C].
 
-    weighted: w z(sas) + (1 - w) z(ret); rank: w / (k + r_sas) + (1 - w) / (k + r_ret);
+    ``weight`` (default cfg.weight) is SASRec's share w. weighted: w z(sas) + (1 - w) z(ret); rank: w / (k + r_sas) + (1 - w) / (k + r_ret);
     cascade: the retriever orders SASRec's top ``top_n`` candidates, the rest follow in SASRec's
     order. Training (``differentiable``) always uses the weighted form: ranks have no gradient.
     """
-    w = cfg.weight
+    w = cfg.weight if weight is None else weight
     if cfg.method == "weighted" or differentiable:
         return w * zscore(sas) + (1 - w) * zscore(ret)
     if cfg.method == "rank":

@@ -133,6 +133,10 @@ class Retriever(nn.Module):
         self.ln_refine = nn.LayerNorm(d)
         self.ln_item = nn.LayerNorm(d)
         self.item_head = nn.Linear(d, d)
+        # popularity: content says which items fit, not how often they are chosen
+        self.item_bias = nn.Embedding(num_items + 1, 1) if cfg.item_bias else None
+        if self.item_bias is not None:
+            nn.init.zeros_(self.item_bias.weight)
         self.last_router_weights: torch.Tensor | None = None  # [.., E] of the latest call, for stats
 
     @property
@@ -163,7 +167,8 @@ class Retriever(nn.Module):
         fused = self._route(outs)  # [B*P, C, d]
         refined = self.ln_refine(fused + self.refine(fused))
         target = self.item_head(self.item_vectors(candidates, cand["text"], cand["image"])).view(b * p, c, -1)
-        return ((refined * target).sum(-1) / math.sqrt(self.hidden)).view(b, p, c)
+        scores = ((refined * target).sum(-1) / math.sqrt(self.hidden)).view(b, p, c)
+        return scores + self.item_bias(candidates)[..., 0] if self.item_bias is not None else scores
 
     def _expert(self, name: str, history, user_idx, cand: dict[str, torch.Tensor], allowed, rec) -> torch.Tensor:
         """One expert's output for every (query, candidate)  # -> [B*P, C, d] (zeros if ablated).

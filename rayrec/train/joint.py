@@ -36,6 +36,7 @@ import torch
 from rayrec.config.joint import MODULES, StageConfig
 from rayrec.config.loader import dump_job
 from rayrec.config.schema import JobConfig
+from rayrec.eval.metrics import MetricSums, full_ranks, parse_eval_mode, sampled_ranks
 from rayrec.models.joint import UR4Rec
 from rayrec.models.retriever import JointFeatures
 from rayrec.strategies import build_strategies
@@ -51,6 +52,7 @@ from rayrec.train.loop import (
     Reporter,
     _fmt,
     _to,
+    eval_candidates,
     evaluate,
     make_optimizer,
     make_scheduler,
@@ -303,7 +305,10 @@ def _run_stage(plan: StagePlan, runner: StageRunner, model: UR4Rec, batches: Bat
         metrics = {EPOCH: epoch, STAGE: plan.index + 1, STAGE_EPOCH: epoch - plan.first + 1}
         metrics.update(runner.train_epoch(batches.train(epoch), epoch - plan.first + 1, wrap))
         model.scorer = plan.scorer
-        metrics.update(evaluate(model, batches.valid(), cfg, num_items, device, prefix="val/", reduce=reduce))
+        if plan.scorer == "joint" and cfg.model.fusion.calibrate:
+            metrics.update(calibrate_fusion(model, batches.valid(), cfg, num_items, device, reduce))
+        else:
+            metrics.update(evaluate(model, batches.valid(), cfg, num_items, device, prefix="val/", reduce=reduce))
         weights = None
         if stage_stopper.update(metrics, epoch):
             weights = st.stage_best = _copy(model)
@@ -316,6 +321,38 @@ def _run_stage(plan: StagePlan, runner: StageRunner, model: UR4Rec, batches: Bat
         st.history.append(metrics)
         reporter.report(metrics, _joint_state(st, model, runner, cfg))
         log.info("epoch %d (%s): %s", epoch, plan.cfg.name, _fmt(metrics))
+
+
+@torch.no_grad()
+def calibrate_fusion(model: UR4Rec, batches: Iterable, cfg: JobConfig, num_items: int, device: torch.device,
+                     reduce: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
+    """Pick SASRec's fusion share from ``fusion.calibrate`` on the validation split.
+
+    Both modules score each batch once; every weight then only re-fuses and re-ranks. The
+    best weight (by the early-stopping metric) is stored in ``model.fusion_weight`` -- so the
+    best epoch's checkpoint carries the weight it was selected with -- and its validation
+    metrics are returned, with ``fusion/weight`` and one ``fusion/<metric>_w<weight>`` per weight.
+    """
+    ev, grid = cfg.train.eval, cfg.model.fusion.calibrate
+    n_neg = parse_eval_mode(ev.mode)
+    sums = {w: MetricSums(ev.ks) for w in grid}
+    model.eval()
+    for batch in batches:
+        batch = _to(batch, device)
+        seen = batch["seen"] if ev.mask_seen else None
+        cand = eval_candidates(batch, seen, cfg, num_items, n_neg) if n_neg is not None else None
+        parts = model.components(batch["history"], batch["user_idx"], cand)
+        for w in grid:
+            scores = model.compose(parts, w).float()
+            sums[w].update(full_ranks(scores, batch["target"], seen) if cand is None
+                           else sampled_ranks(scores[:, 0], scores[:, 1:]))
+    totals = {w: MetricSums.from_tensor(reduce(sums[w].to_tensor()), ev.ks) for w in grid}
+    means = {w: {**t.means("val/"), "val/rows": float(t.count)} for w, t in totals.items()}  # as evaluate()
+    key, mode = cfg.train.early_stopping.metric, cfg.train.early_stopping.mode
+    best = (max if mode == "max" else min)(grid, key=lambda w: means[w][key])
+    model.fusion_weight.fill_(best)
+    name = key.removeprefix("val/").replace("@", "_at_")
+    return {**means[best], "fusion/weight": best, **{f"fusion/{name}_w{w:.2f}": means[w][key] for w in grid}}
 
 
 def _copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:

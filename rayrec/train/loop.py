@@ -196,6 +196,13 @@ def score_rows(model: nn.Module, batch: Batch, candidates: torch.Tensor | None =
     return scores if candidates is None else scores.gather(1, candidates)
 
 
+def eval_candidates(batch: Batch, seen: torch.Tensor | None, cfg: JobConfig, num_items: int, n_neg: int) -> torch.Tensor:
+    """[target, n sampled negatives] per row  # -> [B, 1 + n]; seeded by the run seed and the batch's first user."""
+    gen = torch.Generator(device="cpu").manual_seed(cfg.run.seed * 7919 + int(batch["user_idx"][0]))
+    neg = sample_negatives(batch["target"].cpu(), seen.cpu() if seen is not None else None, num_items, n_neg, gen)
+    return torch.cat([batch["target"][:, None], neg.to(batch["target"].device)], dim=1)
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module, batches: Iterable[Batch], cfg: JobConfig, num_items: int, device: torch.device,
@@ -214,9 +221,7 @@ def evaluate(
                 scores = score_rows(model, batch).float()  # [B, N+1]
             ranks = full_ranks(scores, batch["target"], seen)
         else:
-            gen = torch.Generator(device="cpu").manual_seed(cfg.run.seed * 7919 + int(batch["user_idx"][0]))
-            neg = sample_negatives(batch["target"].cpu(), seen.cpu() if seen is not None else None, num_items, n_neg, gen).to(device)
-            cand = torch.cat([batch["target"][:, None], neg], dim=1)  # [B, 1 + n], target first
+            cand = eval_candidates(batch, seen, cfg, num_items, n_neg)  # [B, 1 + n], target first
             with autocast(device, cfg.train.amp):
                 scores = score_rows(model, batch, cand).float()  # [B, 1 + n]
             ranks = sampled_ranks(scores[:, 0], scores[:, 1:])

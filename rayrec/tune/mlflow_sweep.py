@@ -134,7 +134,7 @@ class TrialRecorder(_tune_callback_base()):
         self._record(trial, status, {"rayrec.stopped_by": why} if why else {})
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        text = trial.get_error() or "unknown error (see the trial's error.txt)"
+        text = _error_text(trial) or "unknown error (see the trial's error.txt)"
         last = [line for line in str(text).strip().splitlines() if line.strip()]
         self._record(trial, FAILED, {ERROR_TAG: (last[-1] if last else str(text))[:4000]}, error=str(text))
 
@@ -163,3 +163,11 @@ class TrialRecorder(_tune_callback_base()):
         if error:
             c.log_text(run_id, error, "error.txt")
         c.set_terminated(run_id, MLFLOW_STATUS[status])
+
+
+def _error_text(trial) -> str | None:
+    """The trial's error trace: Tune writes it to the trial's local folder first, storage later."""
+    path = getattr(trial, "error_file", None)
+    if path and Path(path).is_file():
+        return Path(path).read_text(errors="replace")
+    return trial.get_error()
