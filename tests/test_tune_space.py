@@ -54,7 +54,6 @@ def test_sasrec_quick_parses_against_the_quickstart_job():
     assert sweep.job.train.early_stopping.patience == 3  # the space's own job override
 
 
-@pytest.mark.xfail(strict=False, reason="needs jobs/ur4rec_quickstart.yaml and the joint-model paths of issue 4")
 def test_ur4rec_switch_parses_against_the_joint_job():
     sweep = load_space(ROOT / "search_spaces" / "ur4rec_switch.yaml")
     assert "model.stages.joint_finetune.strategies.adaptive_alternating.threshold" in sweep.order
