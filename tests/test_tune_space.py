@@ -10,9 +10,11 @@ import optuna
 import pytest
 import yaml
 
-from rayrec.config import dump_job, load_job
+from rayrec.config import dump_job, load_job, load_model
 from rayrec.errors import ConfigError
+from rayrec.genrec.config import GenRecJobConfig
 from rayrec.train.worker import DataInfo
+from rayrec.tune.kinds import GENREC, SEQUENTIAL, kind_of_file
 from rayrec.tune.paths import PathError, get_path, locate, set_paths
 from rayrec.tune.space import OptunaSpace, load_space, to_optuna
 from rayrec.tune.trial import TrialPlan, objective_key, trial_job
@@ -214,3 +216,97 @@ def test_bad_job_override_names_the_job_file(tmp_path, job_file):
 
 def test_shipped_job_loads(job_file):
     assert load_job(job_file).model.hidden == 16
+
+
+# --- generative base jobs (GenRecJobConfig) ---------------------------------------------------
+
+
+@pytest.fixture
+def genrec_job_file(tmp_path) -> Path:
+    """A small generative job (validated only: nothing is prepared or trained here)."""
+    job = {"data": {"path": str(tmp_path / "data")}, "sids": {"method": "file", "dir": str(tmp_path / "sids")},
+           "prompts": {"tasks": {"sid_seq": 1.0}}, "model": {"tiny": {"hidden": 32}, "max_length": 96},
+           "train": {"epochs": 2, "val_rows": 8, "lora": {"r": 4, "alpha": 8}},
+           "eval": {"num_beams": 5, "ks": [1, 5]}}
+    path = tmp_path / "genrec_job.yaml"
+    path.write_text(yaml.safe_dump(job, sort_keys=False))
+    return path
+
+
+def test_lora_sft_parses_against_the_genrec_job():
+    sweep = load_space(ROOT / "search_spaces" / "lora_sft.yaml")
+    assert sweep.kind is GENREC and isinstance(sweep.job, GenRecJobConfig)
+    assert sweep.order == ["train.lora.r", "train.lora.alpha", "train.lora.dropout", "train.lr"]
+    assert sweep.job_source == (ROOT / "jobs" / "genrec_tiny.yaml").resolve()
+    assert sweep.job.train.epochs == 4 and sweep.job.train.val_rows == 128  # the space's own job overrides
+    assert sweep.max_epochs == 4 and sweep.space.resolved_mode == "max"
+
+
+def test_job_kind_comes_from_the_generative_sections():
+    assert kind_of_file({"sids": {}, "train": {"lora": {}}}) is GENREC
+    assert kind_of_file({"prompts": {"max_history": 3}}) is GENREC
+    assert kind_of_file({"model": {"name": "sasrec"}, "train": {"epochs": 3}}) is SEQUENTIAL
+    assert load_space(ROOT / "search_spaces" / "sasrec_quick.yaml").kind is SEQUENTIAL
+
+
+def test_genrec_overrides_go_to_the_base_job(tmp_path, genrec_job_file):
+    sweep = load_space(write_space(tmp_path, genrec_job_file, metric="val/ndcg@5",
+                                   params={"train.lr": {"dist": "loguniform", "low": 1e-4, "high": 1e-2}}),
+                       ["num_samples=3", "eval.ks=[1,5]", "prompts.max_history=2", "train.epochs=3"])
+    assert sweep.space.num_samples == 3 and sweep.job.prompts.max_history == 2 and sweep.max_epochs == 3
+
+
+@pytest.mark.parametrize("fields, overrides, message", [
+    ({"params": {"train.lora.alpah": {"dist": "choice", "values": [8, 16]}}}, [],
+     r"genrec_space.yaml:\d+: 'train.lora.alpah' is not a job config path; did you mean train.lora.alpha\b"),
+    ({"params": {"train.optim.lr": {"dist": "loguniform", "low": 1e-4, "high": 1e-2}}}, [],
+     r"'train.optim.lr': train has no key 'optim' \(keys: epochs, .*\); did you mean train.lr\?"),
+    ({"params": {"model.dropout": {"dist": "uniform", "low": 0.0, "high": 0.3}}}, [],
+     r"'model.dropout' is not a job config path; did you mean train.lora.dropout\?"),
+    ({"params": {"sids.levels": {"dist": "int", "low": 2, "high": 3}}}, [],
+     "'sids.levels' cannot be searched: the semantic-ID index is built once"),
+    ({"params": {"eval.num_beams": {"dist": "int", "low": 5, "high": 10}}}, [],
+     "'eval.num_beams' cannot be searched: the validation ranking"),
+    ({"params": {"train.lora.dropout": {"dist": "uniform", "low": 0.0, "high": 1.0}}}, [],
+     r"the job schema rejects train.lora.dropout=1.0: train.lora.dropout: Input should be less than 1"),
+    ({"metric": "val/ndcg@10"}, [], r"metric val/ndcg@10 needs k=10 in the job's eval.ks \(has \[1, 5\]\)"),
+    ({"metric": "val/mrr"}, [], r"a generative job reports val/hr@K and val/ndcg@K .* not val/mrr"),
+    ({}, ["train.val_rows=0"], r"the job decodes no validation rows \(train.val_rows=0\)"),
+    ({}, ["train.epochs=2.5"], r"train.epochs \(2.5\) is not a whole number"),
+    ({"scheduler": {"name": "asha", "grace_period": 2}}, [], r"grace_period \(2\) must be below the trial's epochs"),
+])
+def test_bad_genrec_space_fails_against_the_genrec_schema(tmp_path, genrec_job_file, fields, overrides, message):
+    space = {"job": genrec_job_file.name, "metric": "val/ndcg@5", "num_samples": 2,
+             "params": {"train.lr": {"dist": "loguniform", "low": 1e-4, "high": 1e-2}}, **fields}
+    path = tmp_path / "genrec_space.yaml"
+    path.write_text(yaml.safe_dump(space, sort_keys=False))
+    with pytest.raises(ConfigError, match=message):
+        load_space(path, overrides)
+
+
+def test_genrec_path_on_a_sequential_job_is_refused(tmp_path, job_file):
+    path = write_space(tmp_path, job_file, params={"train.lora.r": {"dist": "choice", "values": [4, 8]}})
+    with pytest.raises(ConfigError, match="'train.lora.r': train has no key 'lora'"):
+        load_space(path)
+
+
+def test_genrec_trial_job_sets_values_epochs_and_resources(tmp_path, genrec_job_file):
+    job = load_model(GenRecJobConfig, genrec_job_file)
+    plan = TrialPlan(sweep="s", sweep_dir=str(tmp_path), base=job.model_dump(mode="json"), job_source="job.yaml",
+                     info=None, metric="val/ndcg@5", mode="max", epochs=3,
+                     scaling={"num_workers": 1, "use_gpu": False, "resources_per_worker": {"CPU": 0.25}},
+                     tracking_uri=None, parent_run_id=None, searched=["train.lora.r"], kind=GENREC.name)
+    cfg = trial_job(plan, {"train.lora.r": 8, "train.lr": 0.002}, name="s-t1")
+    assert isinstance(cfg, GenRecJobConfig) and cfg.train.lora.r == 8 and cfg.train.lr == 0.002
+    assert cfg.train.epochs == 3 and cfg.scaling.resources_per_worker == {"CPU": 0.25} and cfg.run.name == "s-t1"
+    with pytest.raises(ConfigError, match="trial s-t2"):
+        trial_job(plan, {"train.lora.dropout": 1.5}, name="s-t2")
+
+
+def test_dry_run_of_the_lora_space(capsys):
+    from rayrec.cli import main
+
+    assert main(["tune", str(ROOT / "search_spaces" / "lora_sft.yaml"), "--dry-run", "num_samples=2"]) == 0
+    out = capsys.readouterr().out
+    assert "sweep lora_sft: 2 trials of" in out and "(genrec job)" in out and "compared at epochs 1, 2" in out
+    assert out.count("train.lora.r=") == 5

@@ -118,8 +118,14 @@ def log_inputs(tracker: Tracker, inputs: SFTInputs) -> None:
 
 
 def run_sft(cfg: GenRecJobConfig, *, local: bool = False, source: str | None = None,
-            resume_from: str | None = None, callbacks: list | None = None) -> SFTOutcome:
-    """LoRA-SFT ``cfg`` end to end; return the final metrics and the best adapter folder."""
+            resume_from: str | None = None, callbacks: list | None = None,
+            tracker: Tracker | None = None) -> SFTOutcome:
+    """LoRA-SFT ``cfg`` end to end; return the final metrics and the best adapter folder.
+
+    ``callbacks``: Ray Train callbacks of the ``TorchTrainer`` (a sweep's report callback).
+    ``tracker``: an MLflow run opened by the caller (a sweep trial's child run) that gets the
+    inputs, the per-epoch metrics and the adapter tag instead of a new run; the caller ends it.
+    """
     storage = check_storage(cfg.run.storage_path)
     deepspeed = resolve_deepspeed(cfg.train.deepspeed)
     inputs = prepare_inputs(cfg)
@@ -127,7 +133,9 @@ def run_sft(cfg: GenRecJobConfig, *, local: bool = False, source: str | None = N
     run_dir.mkdir(parents=True, exist_ok=True)
     base = materialize_base(cfg, run_dir, inputs)
     check_targets(base, cfg.train.lora.target_modules)
-    tracker = open_tracking(cfg, run_dir, source)
+    owned = tracker is None
+    if tracker is None:
+        tracker = open_tracking(cfg, run_dir, source)
     log_inputs(tracker, inputs)
     loop = {"base": base, "sid_vocab": inputs.index.vocab(), "deepspeed": deepspeed, "resume_from": resume_from,
             "sid_index": {k: list(v) for k, v in inputs.index.tokens.items()}, "item_sids": inputs.item_sids,
@@ -141,9 +149,10 @@ def run_sft(cfg: GenRecJobConfig, *, local: bool = False, source: str | None = N
         else:
             outcome = _train_ray(cfg, run_dir, inputs, loop, callbacks)
     except BaseException:
-        tracker.finish("FAILED")
+        if owned:
+            tracker.finish("FAILED")
         raise
-    _finish(tracker, outcome)
+    _finish(tracker, outcome, end=owned)
     (run_dir / COMPLETE_MARKER).write_text(outcome.mlflow_run_id or "")
     return outcome
 
@@ -219,8 +228,8 @@ def _train_ray(cfg: GenRecJobConfig, run_dir: Path, inputs: SFTInputs, loop: dic
     return SFTOutcome(metrics, run_dir, adapter, loop["mlflow_run_id"])
 
 
-def _finish(tracker: Tracker, outcome: SFTOutcome) -> None:
-    """Driver-side records: the adapter path, learning curves, the run status."""
+def _finish(tracker: Tracker, outcome: SFTOutcome, *, end: bool = True) -> None:
+    """Driver-side records: the adapter path, learning curves, the run status (``end``)."""
     from rayrec.tracking.plots import learning_curves
 
     if not tracker.active:
@@ -229,4 +238,5 @@ def _finish(tracker: Tracker, outcome: SFTOutcome) -> None:
     curves = {k: tracker.history(k) for k in ("train/loss", VAL_LOSS, "val/ndcg@10", "val/hr@10")}
     if any(curves.values()):
         tracker.log_figure(learning_curves(curves), "learning_curves.png")
-    tracker.finish("FINISHED")
+    if end:
+        tracker.finish("FINISHED")

@@ -62,7 +62,8 @@ def print_plan(sweep) -> None:
     from rayrec.tune.runner import asha_rungs
 
     s = sweep.space
-    print(f"sweep {sweep.name}: {s.num_samples} trials of {sweep.job_source}, {s.max_concurrent_trials} at a time, "
+    print(f"sweep {sweep.name}: {s.num_samples} trials of {sweep.job_source} ({sweep.kind.name} job), "
+          f"{s.max_concurrent_trials} at a time, "
           f"{s.searcher.name} search (seed {s.searcher.seed}), {s.resolved_mode} {s.metric}")
     if s.scheduler.name == "asha":
         rungs = ", ".join(f"{r:g}" for r in asha_rungs(s.scheduler.grace_period, s.scheduler.reduction_factor,
@@ -106,7 +107,7 @@ def print_outcome(sweep, out) -> None:
         if out.best_test:
             shown = ", ".join(f"{k}={v:.4f}" for k, v in sorted(out.best_test.items()))
             print(f"  its test metrics (reported once, not used for selection): {shown}")
-        print(f"  best config: {out.best_job}   (rayrec train {out.best_job})")
+        print(f"  best config: {out.best_job}   ({sweep.kind.command} {out.best_job})")
     print(f"sweep folder: {out.sweep_dir}\nresults:      {out.sweep_dir / 'results.csv'}")
     if out.parent_run_id:
         print(f"mlflow run:   {out.parent_run_id} (parent; trials are its children)")

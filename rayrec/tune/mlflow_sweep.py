@@ -4,7 +4,9 @@ The parent holds the sweep's settings, the space file, the base job and, at the 
 the best config. Each child holds only the searched params (plus a tag linking the
 base job), the per-epoch metrics that the trial's Train workers log, and a final
 status: ``completed``, ``stopped_early`` (ASHA or the time budget) or ``failed``
-(with its error). Children are found again by tag, so a resumed sweep keeps them.
+(with its error). A generative trial's child also gets what ``rayrec sft`` records about
+its inputs (SID index, prompt samples) and the best adapter as its checkpoint. Children
+are found again by tag, so a resumed sweep keeps them.
 """
 
 from __future__ import annotations
@@ -60,18 +62,20 @@ def open_child(plan, trial_id: str, params: dict[str, Any], run_dir: Path, resol
         return Tracker.null()
     experiment = plan.base["tracking"]["experiment"]
     tags = {PARENT_TAG: plan.parent_run_id or "", KIND_TAG: "trial", SWEEP_TAG: plan.sweep, TRIAL_TAG: trial_id,
-            BASE_JOB_TAG: plan.job_source, "rayrec.model": plan.base["model"]["name"]}
+            BASE_JOB_TAG: plan.job_source, "rayrec.model": plan.base["model"].get("name", "genrec-sft")}
     tracker = open_run(plan.tracking_uri, experiment, str(run_dir), f"{plan.sweep}/{trial_id}", tags=tags)
     tracker.log_params(params)
     tracker.log_text(resolved_yaml, "config/resolved.yaml")
     return tracker
 
 
-def finish_child(tracker: Tracker, checkpoint: str | None) -> None:
-    """Driver-side records of a trial that ran to the end: checkpoint, learning curves."""
+def finish_child(tracker: Tracker, checkpoint: str | None, *, plot: bool = True) -> None:
+    """Driver-side records of a trial that ran to the end: checkpoint, learning curves (``plot``)."""
     if not tracker.active:
         return
     tracker.set_tags({CHECKPOINT_TAG: checkpoint or ""})
+    if not plot:
+        return
     curves = {k: tracker.history(k) for k in ("train/loss", "val/ndcg@10", "val/hr@10")}
     if any(curves.values()):
         tracker.log_figure(learning_curves(curves), "learning_curves.png")
@@ -112,9 +116,9 @@ class TrialRecorder(_tune_callback_base()):
         self._start = time.time()
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        from rayrec.tune.trial import TIME_ATTR, is_final
+        from rayrec.tune.trial import TIME_ATTR, is_test_report
 
-        if is_final(result):
+        if is_test_report(result):  # repeats the last epoch
             return
         value, best = result.get(self.metric), result.get(self.objective)
         shown = f"{value:.4f}" if isinstance(value, float) else "-"
@@ -158,6 +162,8 @@ class TrialRecorder(_tune_callback_base()):
                 BASE_JOB_TAG: self.base_job,
             }).info.run_id
         ckpt = (trial.last_result or {}).get("checkpoint_path")
+        if c.get_run(run_id).data.tags.get(CHECKPOINT_TAG):  # the trial recorded its own (e.g. the best adapter)
+            ckpt = None
         for k, v in {STATUS_TAG: status, **tags, **({CHECKPOINT_TAG: ckpt} if ckpt else {})}.items():
             c.set_tag(run_id, k, str(v))
         if error:

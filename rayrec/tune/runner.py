@@ -2,8 +2,9 @@
 
 Everything that can fail cheaply (space file, base job, storage, MLflow, whether a trial
 fits the cluster) fails before the first trial starts. Each trial is a full Ray Train
-run (see ``rayrec.tune.trial``); Optuna proposes the values, ASHA stops weak trials at
-its rungs, and every trial is a child run of the sweep's MLflow parent run.
+run (see ``rayrec.tune.trial``) of a sequential-model or a generative job
+(``rayrec.tune.kinds``); Optuna proposes the values, ASHA stops weak trials at its
+rungs, and every trial is a child run of the sweep's MLflow parent run.
 """
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ import yaml
 from pydantic import BaseModel
 
 from rayrec.config.loader import dump_job
-from rayrec.config.schema import JobConfig
 from rayrec.data.dataset import ensure_prepared
 from rayrec.errors import RayrecError
 from rayrec.tracking.mlflow_tracking import Tracker, check_reachable, resolve_uri
 from rayrec.train.cluster import DATA_CPU_RESERVE
 from rayrec.train.run import check_storage, data_info
-from rayrec.tune.space import OptunaSpace, Sweep, job_epochs
+from rayrec.train.worker import DataInfo
+from rayrec.tune.kinds import GENREC
+from rayrec.tune.space import OptunaSpace, Sweep
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +70,7 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, export: Path | None = None)
     uri = resolve_uri(job.tracking.uri) if job.tracking.enabled else None
     if uri:
         check_reachable(uri)
-    info = data_info(ensure_prepared(job.data))
+    info = prepare_shared(sweep, job)
     # 2. Ray with the dashboard: its state API lets Train clean up after ASHA stops a trial
     ensure_ray()
     logging.getLogger("tensorboardX").setLevel(logging.WARNING)  # it renames every metric with '@'
@@ -90,9 +92,18 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, export: Path | None = None)
 
 
 def absolute_paths(cfg: BaseModel) -> Any:
-    """A copy of ``cfg`` whose relative paths are absolute: trials run in their own folders."""
+    """A copy of ``cfg`` whose relative paths are absolute: trials run in their own folders.
+
+    Besides path fields, a generative job's ``model.base`` and ``train.deepspeed`` become
+    absolute when they name a local folder or file (they may also be a hub id or a name).
+    """
     cfg = cfg.model_copy(deep=True)
     _absolutize(cfg)
+    if isinstance(cfg, GENREC.schema):
+        for section, name in ((cfg.model, "base"), (cfg.train, "deepspeed")):
+            value = getattr(section, name)
+            if value and Path(value).expanduser().exists():
+                setattr(section, name, str(Path(value).expanduser().resolve()))
     return cfg
 
 
@@ -107,6 +118,21 @@ def _absolutize(model: BaseModel) -> None:
             for item in value:
                 if isinstance(item, BaseModel):
                     _absolutize(item)
+
+
+def prepare_shared(sweep: Sweep, job: BaseModel) -> DataInfo | None:
+    """What every trial reads, made once before any starts: the prepared dataset and, for a
+    generative job, its semantic-ID index (built here when missing, so trials never build it
+    concurrently). Returns the data summary sequential trials need."""
+    ds = ensure_prepared(job.data)
+    if sweep.kind is not GENREC:
+        return data_info(ds)
+    from rayrec.genrec.semantic_ids import load_or_build
+
+    items = ds.table("items")
+    index, _ = load_or_build(job.sids, items, seed=job.run.seed)
+    index.for_items(items)  # unknown, missing or duplicate SIDs fail here, not in every trial
+    return None
 
 
 def pick_sweep_dir(storage: Path, name: str, resume: bool) -> Path:
@@ -154,7 +180,7 @@ def fit_concurrency(sweep: Sweep) -> int:
     return min(fits, sweep.space.max_concurrent_trials)
 
 
-def _open_parent(sweep: Sweep, job: JobConfig, uri: str | None, sweep_dir: Path, resume: bool) -> Tracker:
+def _open_parent(sweep: Sweep, job: BaseModel, uri: str | None, sweep_dir: Path, resume: bool) -> Tracker:
     from rayrec.tune.mlflow_sweep import BASE_JOB_TAG, open_parent
 
     if not uri:
@@ -166,22 +192,23 @@ def _open_parent(sweep: Sweep, job: JobConfig, uri: str | None, sweep_dir: Path,
                        "sweep.searcher": s.searcher.name, "sweep.seed": s.searcher.seed, "sweep.scheduler": s.scheduler.name,
                        "sweep.grace_period": s.scheduler.grace_period, "sweep.reduction_factor": s.scheduler.reduction_factor,
                        "sweep.max_epochs": sweep.max_epochs, "sweep.max_concurrent_trials": s.max_concurrent_trials,
-                       "sweep.time_budget_s": s.time_budget_s, "sweep.params": ", ".join(s.params)})
+                       "sweep.time_budget_s": s.time_budget_s, "sweep.params": ", ".join(s.params),
+                       "sweep.job_kind": sweep.kind.name})
     parent.log_text(yaml.safe_dump(s.model_dump(mode="json"), sort_keys=False), "sweep/space.yaml")
     parent.log_text(dump_job(job), "sweep/base_job.yaml")
     return parent
 
 
-def _plan(sweep: Sweep, job: JobConfig, info, sweep_dir: Path, uri: str | None, parent_id: str | None):
+def _plan(sweep: Sweep, job: BaseModel, info, sweep_dir: Path, uri: str | None, parent_id: str | None):
     from rayrec.tune.trial import TrialPlan
 
     t = sweep.space.trial
     return TrialPlan(
         sweep=sweep.name, sweep_dir=str(sweep_dir), base=job.model_dump(mode="json"), job_source=str(sweep.job_source),
         info=info, metric=sweep.space.metric, mode=sweep.space.resolved_mode,
-        epochs=sweep.max_epochs if sweep.max_epochs != job_epochs(job) else None,
+        epochs=sweep.max_epochs if sweep.max_epochs != job.train.epochs else None,  # (ur4rec: the stages' sum)
         scaling={"num_workers": t.num_workers, "use_gpu": t.use_gpu, "resources_per_worker": dict(t.resources_per_worker)},
-        tracking_uri=uri, parent_run_id=parent_id, searched=list(sweep.order),
+        tracking_uri=uri, parent_run_id=parent_id, searched=list(sweep.order), kind=sweep.kind.name,
     )
 
 
@@ -273,7 +300,7 @@ def asha_rungs(grace: int, reduction_factor: float, max_epochs: int) -> list[flo
 
 def _report(sweep: Sweep, plan, grid, sweep_dir: Path, parent: Tracker, export: Path | None,
             out_of_time: bool) -> SweepOutcome:
-    from rayrec.tune.trial import is_final
+    from rayrec.tune.trial import is_test_report
 
     statuses = saved_statuses(sweep_dir)
     rows = trial_rows(sweep, grid, statuses)
@@ -287,7 +314,7 @@ def _report(sweep: Sweep, plan, grid, sweep_dir: Path, parent: Tracker, export: 
         best_job = write_best_job(sweep, plan, best, sweep_dir / BEST_JOB)
         result = next((r for r in grid if r.metrics and r.metrics.get("trial_id") == best.trial_id), None)
         metrics = result.metrics if result is not None else {}
-        best_test = {k: v for k, v in metrics.items() if k.startswith("test/")} if is_final(metrics) else {}
+        best_test = {k: v for k, v in metrics.items() if k.startswith("test/")} if is_test_report(metrics) else {}
         if export:
             export.parent.mkdir(parents=True, exist_ok=True)
             export.write_text(best_job.read_text())
@@ -369,7 +396,8 @@ def summary_frame(rows: list[TrialRow], sweep: Sweep) -> pd.DataFrame:
 
 
 def write_best_job(sweep: Sweep, plan, best: TrialRow, path: Path) -> Path:
-    """The best trial's config as a job file: `rayrec train best.yaml` re-runs that trial."""
+    """The best trial's config as a job file: `rayrec train best.yaml` (a generative job:
+    `rayrec sft best.yaml`) re-runs that trial."""
     from rayrec.tune.trial import trial_job
 
     cfg = trial_job(plan, best.params, name=f"{sweep.name}_best")
@@ -379,7 +407,7 @@ def write_best_job(sweep: Sweep, plan, best: TrialRow, path: Path) -> Path:
               f"# best {sweep.space.metric} = {best.value:.4f} after {best.epochs} epochs ({best.status}).\n"
               f"# Searched values:\n{values}\n"
               f"# Base job: {sweep.job_source}. Scaling is the trial's; raising scaling.num_workers\n"
-              f"# speeds it up but changes the global batch size.\n# Run: rayrec train {path}\n")
+              f"# speeds it up but changes the global batch size.\n# Run: {sweep.kind.command} {path}\n")
     path.write_text(header + dump_job(cfg))
     return path
 

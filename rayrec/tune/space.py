@@ -14,9 +14,12 @@ search, keyed by dotted job paths::
         {dist: loguniform, low: 1.0e-3, high: 1.0e-1}
     num_samples: 8
 
-Everything here is checked before Ray starts: every path must exist in the job schema
-(a typo names the nearest valid path), each range's ends must be accepted by the job
-schema, and conditions must refer to a searched ``choice`` or to the base job.
+The base job is a sequential-model job (``JobConfig``) or a generative one
+(``GenRecJobConfig``); ``rayrec.tune.kinds`` says which (one rule) and what differs.
+Everything here is checked before Ray starts, against the base job's own schema: every
+path must exist (a typo names the nearest valid path), each range's ends must be
+accepted, conditions must refer to a searched ``choice`` or to the base job, and the
+metric must be one that the job's trials report each epoch.
 
 The searched values are drawn by Optuna through a define-by-run function
 (``OptunaSpace``): it handles conditional params (suggested only when their condition
@@ -26,6 +29,7 @@ holds) for both the TPE and the random sampler, and quantised log scales.
 from __future__ import annotations
 
 import difflib
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -34,18 +38,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from rayrec.config.loader import apply_overrides, config_paths, load_job, read_yaml
-from rayrec.config.schema import JobConfig
+from rayrec.config.loader import apply_overrides, config_paths, load_model, read_yaml
 from rayrec.errors import ConfigError
 from rayrec.eval.metrics import metric_mode
+from rayrec.tune.kinds import JOB_SECTIONS, JobKind, kind_of, kind_of_file, metric_problem
 from rayrec.tune.paths import PathError, get_path, schema_path, set_paths
 
 log = logging.getLogger(__name__)
 
 Scalar = str | int | float | bool
-#: Job sections a sweep may not search: resources come from the space's ``trial`` section,
-#: tracking and run names are per sweep, and the data is prepared once for all trials.
-FORBIDDEN_SECTIONS = ("scaling", "tracking", "run", "data")
 
 
 class _Strict(BaseModel):
@@ -250,7 +251,7 @@ class Sweep:
     """A validated space file plus its base job (with overrides applied)."""
 
     space: SearchSpace
-    job: JobConfig
+    job: BaseModel  # JobConfig or GenRecJobConfig (see ``kind``)
     source: Path  # the space file
     job_source: Path  # the base job file
     order: list[str]  # params in evaluation order (condition parents first)
@@ -258,6 +259,10 @@ class Sweep:
     @property
     def name(self) -> str:
         return self.space.name or self.source.stem
+
+    @property
+    def kind(self) -> JobKind:
+        return kind_of(self.job)
 
     @property
     def max_epochs(self) -> int:
@@ -271,14 +276,20 @@ def load_space(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     """Read a space file, apply overrides (space keys or job keys), validate everything."""
     path = Path(path)
     raw, lines = read_yaml(path)
-    space_over = [o for o in overrides if _section(o) not in JobConfig.model_fields]
-    job_over = [o for o in overrides if _section(o) in JobConfig.model_fields]
+    space_over = [o for o in overrides if _section(o) not in JOB_SECTIONS]
+    job_over = [o for o in overrides if _section(o) in JOB_SECTIONS]
     applied = apply_overrides(raw, space_over, SearchSpace)
     space = _validate_space(raw, str(path), lines, applied)
     job_path = _job_path(space.job, path, lines)
-    job = load_job(job_path, [*space.overrides, *job_over])
+    job = load_base_job(job_path, [*space.overrides, *job_over])
     order = check_against_job(space, job, str(path), lines)
     return Sweep(space, job, path, job_path, order)
+
+
+def load_base_job(path: Path, overrides: list[str]) -> BaseModel:
+    """The base job, validated against the schema of its kind (decided by the file, before overrides)."""
+    kind = kind_of_file(read_yaml(path)[0])
+    return load_model(kind.schema, path, overrides)
 
 
 def _section(override: str) -> str:
@@ -341,19 +352,21 @@ def _job_path(job: Path, space_file: Path, lines: dict[str, int]) -> Path:
                       "give the job file relative to the space file")
 
 
-def check_against_job(space: SearchSpace, job: JobConfig, source: str, lines: dict[str, int]) -> list[str]:
-    """Validate every path, range end, condition and warm-start point against the base job.
+def check_against_job(space: SearchSpace, job: BaseModel, source: str, lines: dict[str, int]) -> list[str]:
+    """Validate every path, range end, condition and warm-start point against the base job
+    (with the schema of its kind).
 
     Returns the params in an order where condition parents come first.
     """
+    kind = kind_of(job)
     base = job.model_dump(mode="json")
     for path in space.params:
-        _check_path(base, path, source, lines, f"params.{path}")
-    _resolve_fixed_conditions(space, base, source, lines)
+        _check_path(kind, base, path, source, lines, f"params.{path}")
+    _resolve_fixed_conditions(kind, space, base, source, lines)
     order = _condition_order(space, source, lines)
     for path, p in space.params.items():
         for value in _probe_values(p):
-            _probe(base, {**_condition_values(space, path), path: value}, source, lines, f"params.{path}")
+            _probe(kind, base, {**_condition_values(space, path), path: value}, source, lines, f"params.{path}")
     _check_metric(space, job, source, lines)
     _check_scheduler(space, job, source, lines)
     for i, point in enumerate(space.searcher.points_to_evaluate):
@@ -361,35 +374,40 @@ def check_against_job(space: SearchSpace, job: JobConfig, source: str, lines: di
         if unknown:
             raise ConfigError(f"{source}:{lines.get('searcher.points_to_evaluate', 1)}: points_to_evaluate[{i}] sets "
                               f"{', '.join(unknown)}, which are not searched params ({', '.join(space.params)})")
-        _probe(base, point, source, lines, f"searcher.points_to_evaluate[{i}]")
+        _probe(kind, base, point, source, lines, f"searcher.points_to_evaluate[{i}]")
     return order
 
 
-def _leaf_paths() -> list[str]:
-    paths = config_paths(JobConfig)
-    return [p for p in paths if not any(q.startswith(p + ".") for q in paths)]
+@functools.cache
+def _leaf_paths(kind: JobKind) -> tuple[str, ...]:
+    """The value paths of the kind's schema (sections dropped)."""
+    paths = config_paths(kind.schema)
+    return tuple(p for p in paths if not any(q.startswith(p + ".") for q in paths))
 
 
-def _check_path(base: dict[str, Any], path: str, source: str, lines: dict[str, int], key: str) -> None:
+def _check_path(kind: JobKind, base: dict[str, Any], path: str, source: str, lines: dict[str, int],
+                key: str) -> None:
     """``path`` must lead to a value of the base job (not a section) outside the per-sweep sections."""
     where = f"{source}:{lines.get(key, lines.get('params', 1))}"
-    if path.split(".")[0] in FORBIDDEN_SECTIONS:
-        raise ConfigError(f"{where}: '{path}' cannot be searched: {_forbidden_reason(path)}")
+    why = kind.fixed_reason(path)
+    if why:
+        raise ConfigError(f"{where}: '{path}' cannot be searched: {why}")
     try:
         value = get_path(base, path)
-        known = schema_path(base, path) in _leaf_paths()
+        known = schema_path(base, path) in _leaf_paths(kind)
     except PathError as e:
-        raise ConfigError(f"{where}: {e}{_nearest(path)}") from None
+        raise ConfigError(f"{where}: {e}{_nearest(kind, path)}") from None
     if isinstance(value, dict) or (isinstance(value, list) and value and isinstance(value[0], dict)):
         below = ", ".join(f"{path}.{k}" for k in (value if isinstance(value, dict) else range(len(value))))
         raise ConfigError(f"{where}: '{path}' is a section, not a value; search one of its keys: {below}")
     if value is None and not known:
-        raise ConfigError(f"{where}: '{path}' is not a job config path{_nearest(path)}")
+        raise ConfigError(f"{where}: '{path}' is not a job config path{_nearest(kind, path)}")
 
 
-def _nearest(path: str) -> str:
-    """'; did you mean a.b.c?' from close spellings or the same leaf name, else the section's keys."""
-    leaves = _leaf_paths()
+def _nearest(kind: JobKind, path: str) -> str:
+    """'; did you mean a.b.c?' from close spellings or the same leaf name among the paths a sweep
+    may search in this kind of job, else the section's keys."""
+    leaves = [p for p in _leaf_paths(kind) if kind.fixed_reason(p) is None]
     plain = ".".join(p for p in path.split(".") if not p.isdigit())
     leaf = path.rsplit(".", 1)[-1]
     near = difflib.get_close_matches(plain, leaves, n=2, cutoff=0.75)
@@ -398,26 +416,18 @@ def _nearest(path: str) -> str:
         return f"; did you mean {' or '.join(near[:3])}?"
     section = path.split(".")[0]
     keys = [p for p in leaves if p.startswith(section + ".")]
-    return f" (paths in {section}: {', '.join(keys)})" if keys else f" (sections: {', '.join(JobConfig.model_fields)})"
+    return f" (paths in {section}: {', '.join(keys)})" if keys else f" (sections: {', '.join(kind.schema.model_fields)})"
 
 
-def _forbidden_reason(path: str) -> str:
-    return {
-        "scaling": "trial resources are set in the space's `trial` section",
-        "tracking": "all trials log into the base job's tracking experiment",
-        "run": "run names and storage are set per trial by the sweep",
-        "data": "the dataset is prepared once and shared by all trials",
-    }[path.split(".")[0]]
-
-
-def _resolve_fixed_conditions(space: SearchSpace, base: dict[str, Any], source: str, lines: dict[str, int]) -> None:
+def _resolve_fixed_conditions(kind: JobKind, space: SearchSpace, base: dict[str, Any], source: str,
+                              lines: dict[str, int]) -> None:
     """Conditions on paths that are not searched are decided now, against the base job."""
     for path, p in space.params.items():
         key = f"params.{path}.when"
         for cond_path, want in list((p.when or {}).items()):
             if cond_path in space.params:
                 continue
-            _check_path(base, cond_path, source, lines, key)
+            _check_path(kind, base, cond_path, source, lines, key)
             have = get_path(base, cond_path)
             if not _matches(have, want):
                 raise ConfigError(f"{source}:{lines.get(key, 1)}: params.{path} is searched only when {cond_path} is "
@@ -463,42 +473,46 @@ def _probe_values(p: Any) -> list[Any]:
     return list(p.values) if isinstance(p, Choice) else [p.low, p.high]
 
 
-def _probe(base: dict[str, Any], values: dict[str, Any], source: str, lines: dict[str, int], key: str) -> None:
+def _probe(kind: JobKind, base: dict[str, Any], values: dict[str, Any], source: str, lines: dict[str, int],
+           key: str) -> None:
     """The job schema must accept ``values`` set into the base job (e.g. a range end)."""
     try:
-        JobConfig.model_validate(set_paths(base, values))
+        kind.schema.model_validate(set_paths(base, values))
     except ValidationError as e:
         first = e.errors()[0]
         where = f"{source}:{lines.get(key, lines.get('params', 1))}"
         at = ".".join(str(x) for x in first["loc"])
         if first["type"] == "extra_forbidden":
             path = next(iter(values)) if len(values) == 1 else at
-            raise ConfigError(f"{where}: '{path}' is not a job config path{_nearest(path)}") from None
+            raise ConfigError(f"{where}: '{path}' is not a job config path{_nearest(kind, path)}") from None
         shown = ", ".join(f"{k}={v!r}" for k, v in values.items())
         msg = first["msg"].removeprefix("Value error, ")
         raise ConfigError(f"{where}: {key}: the job schema rejects {shown}: {at}: {msg}; "
                           "keep the range inside what the job accepts") from None
 
 
-def _check_metric(space: SearchSpace, job: JobConfig, source: str, lines: dict[str, int]) -> None:
-    """The metric must be one the trials report: ``@k`` needs ``k`` in train.eval.ks."""
-    _, _, k = space.metric.partition("@")
-    if k and (not k.isdigit() or int(k) not in job.train.eval.ks):
-        raise ConfigError(f"{source}:{lines.get('metric', 1)}: metric {space.metric} needs k={k} in the job's "
-                          f"train.eval.ks (has {job.train.eval.ks}); add it with the override train.eval.ks=[..., {k}]")
+def _check_metric(space: SearchSpace, job: BaseModel, source: str, lines: dict[str, int]) -> None:
+    """The metric must be one the trials report each epoch (which depends on the kind of job)."""
+    problem = metric_problem(job, space.metric)
+    if problem:
+        raise ConfigError(f"{source}:{lines.get('metric', 1)}: {problem}")
 
 
-def job_epochs(job: JobConfig) -> int:
+def job_epochs(job: BaseModel) -> int:
     """Epochs of one full run of ``job`` (a staged model sums its stages)."""
     return int(getattr(job.model, "total_epochs", job.train.epochs))
 
 
-def _check_scheduler(space: SearchSpace, job: JobConfig, source: str, lines: dict[str, int]) -> None:
+def _check_scheduler(space: SearchSpace, job: BaseModel, source: str, lines: dict[str, int]) -> None:
     sch = space.scheduler
     line = lines.get("scheduler.max_epochs", lines.get("scheduler", 1))
     if "train.epochs" in space.params:
         raise ConfigError(f"{source}:{lines.get('params.train.epochs', 1)}: train.epochs cannot be searched; "
                           "set scheduler.max_epochs (ASHA decides how many epochs each trial gets)")
+    if not sch.max_epochs and not float(job.train.epochs).is_integer():
+        raise ConfigError(f"{source}:{line}: the base job's train.epochs ({job.train.epochs:g}) is not a whole "
+                          "number; trials report once per epoch (ASHA's clock), so set scheduler.max_epochs "
+                          "or train.epochs to a whole number")
     if sch.max_epochs and hasattr(job.model, "total_epochs") and sch.max_epochs != job_epochs(job):
         raise ConfigError(f"{source}:{line}: scheduler.max_epochs ({sch.max_epochs}) differs from the staged model's "
                           f"epochs ({job_epochs(job)}); set the stages' epochs in the job and drop max_epochs")
