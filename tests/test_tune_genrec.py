@@ -10,12 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+from test_genrec_ray import job_dict
 
 from rayrec.config import load_model
-from rayrec.data.dataset import open_prepared
 from rayrec.genrec.config import GenRecJobConfig
-from rayrec.genrec.semantic_ids import write_index
-from rayrec.genrec.tiny import grid_index
 from rayrec.tune.runner import COMPLETE_MARKER, run_sweep
 from rayrec.tune.space import load_space
 from rayrec.tune.trial import LAST_EPOCH_KEY, Objective, is_final
@@ -26,20 +24,10 @@ PARAMS = {"train.lora.r": {"dist": "choice", "values": [4, 8]},
 
 
 def genrec_job(dataset: Path, tmp: Path) -> dict:
-    """Two short epochs on the shared 120-item dataset with a fixed SID index (as in test_genrec_ray)."""
-    write_index(grid_index(open_prepared(dataset).table("items")), tmp / "sids", "items")
-    return {
-        "data": {"path": str(dataset), "prepare_if_missing": False},
-        "sids": {"method": "file", "dir": str(tmp / "sids"), "name": "items"},
-        "prompts": {"tasks": {"sid_seq": 1.0}, "max_history": 3, "max_examples": 64},
-        "model": {"tiny": {"hidden": 32}, "max_length": 96},
-        "train": {"epochs": 2, "batch_size": 16, "lr": 5e-3, "logging_steps": 1, "val_rows": 8,
-                  "lora": {"r": 4, "alpha": 8}},
-        "eval": {"num_beams": 5, "ks": [1, 5], "batch_size": 8},
-        "scaling": {"num_workers": 1, "resources_per_worker": {"CPU": 0.5}},
-        "tracking": {"uri": f"sqlite:///{tmp}/mlflow.db", "experiment": "tests"},
-        "run": {"name": "g", "storage_path": str(tmp / "runs")},
-    }
+    """Two short epochs of test_genrec_ray's tiny job (fixed SID index, 120-item dataset)."""
+    cfg = job_dict(dataset, tmp, epochs=2)
+    del cfg["eval"]["max_rows"]  # the sweep scores on train.val_rows; the test split is not decoded
+    return cfg
 
 
 def test_the_last_epoch_report_of_a_generative_trial_is_final():
