@@ -143,3 +143,81 @@ def test_ml1m_size_is_fast():
     elapsed = time.perf_counter() - start
     assert 0.9e6 < len(raw.interactions) < 1.1e6
     assert elapsed < 30, f"ML-1M size took {elapsed:.1f} s"
+
+
+def _world(seed: int = 0, **kw):
+    """The hidden world of ``generate_synthetic(seed=seed, items=.., topics=.., new_items=..)``."""
+    from rayrec.data.sources.synthetic import _make_world
+
+    world_rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(4)[0])
+    return _make_world(world_rng, kw["items"], kw["topics"], kw.get("new_items", 0.0))
+
+
+STYLED = dict(users=200, items=240, topics=6, styles=3, mean_len=20, min_len=5)
+
+
+def test_styles_split_each_topic_into_a_text_genre_and_an_image_look(tmp_path):
+    raw = generate_synthetic(**STYLED, image_dir=tmp_path / "images", image_size=16)
+    topic = _world(**STYLED).topic_of
+    genre, look = topic // 3, topic % 3
+    items = raw.items
+    assert items["genres"].nunique() == 2
+    assert (items.groupby("genres").size() > 100).all()
+    # text tells the genre and nothing of the look: same words within a genre whatever the look
+    bags = [_words(t) for t in items["text"]]
+    vocab = {g: set().union(*(b for b, gg in zip(bags, genre, strict=True) if gg == g)) for g in range(2)}
+    assert len(vocab[0] & vocab[1]) < 0.3 * min(len(vocab[0]), len(vocab[1]))  # off-topic words only
+    # the image tells the look and nothing of the genre
+    rgb = np.stack([np.asarray(Image.open(tmp_path / p)).reshape(-1, 3).mean(0) for p in items["image_path"]])
+    by_look = np.array([rgb[look == s].mean(0) for s in range(3)])
+    nearest = np.abs(rgb[:, None, :] - by_look[None]).sum(-1).argmin(1)
+    assert (nearest == look).mean() > 0.95
+    same_look_other_genre = np.abs(rgb[(look == 0) & (genre == 0)].mean(0) - rgb[(look == 0) & (genre == 1)].mean(0)).sum()
+    assert same_look_other_genre < 0.2 * np.abs(by_look[0] - by_look[1]).sum()
+    # preferences name the look of the user's topics
+    assert raw.users["pref_text"].str.contains(r"with an? (?:scarlet|teal|amber) look").all()
+    # walks stay within a topic (genre and look together), not just a genre
+    inter = raw.interactions
+    idx = inter["item"].astype(int).to_numpy() - 1
+    nxt = inter.groupby("user")["item"].shift(-1)
+    ok = nxt.notna().to_numpy()
+    a, b = idx[ok], nxt[ok].astype(int).to_numpy() - 1
+    assert (topic[a] == topic[b]).mean() > 0.8
+
+
+NEW = dict(users=300, items=200, topics=4, mean_len=20, min_len=5, new_items=0.2, new_window=3)
+
+
+def test_new_items_appear_only_in_the_last_steps_of_a_walk():
+    raw = generate_synthetic(**NEW)
+    world = _world(**NEW)
+    new = {str(i + 1) for i in np.flatnonzero(world.new)}
+    assert len(new) == 40
+    inter = raw.interactions
+    from_end = inter.groupby("user").cumcount(ascending=False).to_numpy()
+    is_new = inter["item"].isin(new).to_numpy()
+    assert not is_new[from_end >= 3].any()  # released only for the last new_window steps
+    assert is_new[from_end == 0].mean() > 0.3  # and common there: the cold-start targets
+    assert not inter.duplicated(["user", "item"]).any()
+    # a new release is of one of the user's topics, as the preference text names them
+    last = inter[(from_end == 0) & is_new].merge(raw.items[["item", "genres"]], on="item")
+    prefs = raw.users.set_index("user")["pref_text"]
+    named = [g.lower() in prefs[u] for u, g in zip(last["user"], last["genres"], strict=True)]
+    assert np.mean(named) > 0.95
+    # the knobs off: the default world, draw for draw
+    off = generate_synthetic(**{**NEW, "new_items": 0.0})
+    pd.testing.assert_frame_equal(off.items, raw.items)
+    assert not off.interactions.equals(raw.interactions)
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(topics=6, styles=4), "styles"),
+        (dict(new_items=1.0), "new_items"),
+        (dict(new_window=0), "new_window"),
+    ],
+)
+def test_bad_knobs_say_what_to_fix(bad, message):
+    with pytest.raises(DataError, match=message):
+        generate_synthetic(**{**SMALL, **bad})

@@ -38,6 +38,11 @@ class SynthConfig(Strict):
     mean_len: int = Field(60, ge=3, description="mean sequence length")
     seed: int = Field(0, description="generator seed")
     images: bool = Field(True, description="write a small PNG per item")
+    styles: int = Field(0, ge=0, description="0 = off; else topics split into genre (text) x look (image), "
+                        "so text and image each tell half of the topic; must divide topics")
+    new_items: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of items released at the end of the "
+                             "log: reachable only in a walk's last new_window steps (cold-start items)")
+    new_window: int = Field(3, ge=1, description="steps at the end of each walk in which new items appear")
 
 
 class FilterConfig(Strict):

@@ -14,6 +14,17 @@ histories from it, so that every model in rayrec has something true to learn:
   optional PNG images take their palette and pattern from the topic, so the
   text and image experts carry signal about which items go together.
 
+Two optional knobs make content matter beyond what item IDs learn (both off by default):
+
+- ``styles=S`` splits each topic into a genre (``topic // S``, what the text tells) and a
+  visual style (``topic % S``, what the image tells): text and image each carry half of
+  the topic, so a model needs both; the preference text names genre and style;
+- ``new_items=f`` marks a fraction of items as new releases: a walk can reach them only
+  in its last ``new_window`` steps, where with probability P_NEW it picks a new item of
+  one of the user's topics (drawn from the mixture, as the preference text states it, so
+  not necessarily the current one). Under leave-one-out they are rare in training and
+  common in validation and test: the cold-start case where IDs know little and content a lot.
+
 Like MovieLens, a user never sees an item twice. The defaults give ML-100K
 size (943 users, 1682 items); ``users=6040, items=3706, mean_len=165`` gives
 ML-1M size (~1M events) in a few seconds, because sampling is vectorised over
@@ -40,6 +51,10 @@ SUCCESSOR_WEIGHTS = np.array([0.55, 0.30, 0.15])
 P_FOLLOW = 0.75
 P_SWITCH = 0.08
 ZIPF_EXPONENT = 0.9
+#: Per step inside a walk's last ``new_window`` steps: probability to pick a new release.
+P_NEW = 0.35
+#: Style names for the preference text (``styles``), in the order of _topic_colors' hues.
+STYLE_NAMES = "scarlet teal amber violet lime navy rose olive cyan ochre plum jade".split()
 #: 2000-01-01, like ML-1M; users start uniformly over three years.
 T0 = 946_684_800
 START_SPAN_S = 3 * 365 * 86_400
@@ -126,10 +141,23 @@ class _World:
     cdf: np.ndarray  # [items] topic + within-topic popularity CDF, aligned with order
     start: np.ndarray  # [topics] where each topic begins in order
     size: np.ndarray  # [topics] items per topic
+    new: np.ndarray  # [items] bool, new releases (reachable only at the end of a walk)
+    new_order: np.ndarray  # [n_new] new items grouped by topic
+    new_cdf: np.ndarray  # [n_new] per-topic popularity CDF of new items, aligned with new_order
+    has_new: np.ndarray  # [topics] bool, the topic has at least one new item
 
 
-def _check_params(users: int, items: int, topics: int, mean_len: float, min_len: int) -> None:
+def _check_params(users: int, items: int, topics: int, mean_len: float, min_len: int,
+                  styles: int = 0, new_items: float = 0.0, new_window: int = 3) -> None:
     """Fail early with a message that says which value to change."""
+    if styles < 0 or (styles and topics % styles):
+        raise DataError(f"synthetic: styles ({styles}) must be 0 (off) or divide topics ({topics})")
+    if styles > len(STYLE_NAMES):
+        raise DataError(f"synthetic: styles ({styles}) must be at most {len(STYLE_NAMES)}")
+    if not 0.0 <= new_items < 1.0:
+        raise DataError(f"synthetic: new_items ({new_items}) is a fraction of items, in [0, 1)")
+    if new_window < 1:
+        raise DataError(f"synthetic: new_window ({new_window}) must be >= 1")
     if users < 1 or items < 2 or topics < 1:
         raise DataError(
             f"synthetic: need users >= 1, items >= 2, topics >= 1 (got {users}, {items}, {topics})"
@@ -207,8 +235,9 @@ def _first_distinct(rng: np.random.Generator, logits: np.ndarray, k: int) -> tup
     return np.take_along_axis(draws, first, 1), np.take_along_axis(valid, first, 1).all(1)
 
 
-def _make_world(rng: np.random.Generator, items: int, topics: int) -> _World:
-    """Assign items to topics (balanced), draw Zipf popularity and the Markov chains."""
+def _make_world(rng: np.random.Generator, items: int, topics: int, new_items: float = 0.0) -> _World:
+    """Assign items to topics (balanced), draw Zipf popularity and the Markov chains,
+    and mark ``new_items`` of them (a fraction) as new releases."""
     topic_of = rng.permutation(np.arange(items) % topics)
     pop = 1.0 / (rng.permutation(items) + 1.0) ** ZIPF_EXPONENT
     pop /= pop.sum()
@@ -223,7 +252,41 @@ def _make_world(rng: np.random.Generator, items: int, topics: int) -> _World:
     ends = np.r_[np.flatnonzero(np.diff(topic_of[order])), items - 1]
     cdf[ends] = np.arange(topics) + 1.0
     size = np.bincount(topic_of, minlength=topics)
-    return _World(topic_of, pop, succ, order, cdf, np.r_[0, np.cumsum(size)[:-1]], size)
+    new = np.zeros(items, dtype=bool)
+    if new_items > 0:  # no draw otherwise: the default world stays as it was
+        new[rng.choice(items, size=int(round(new_items * items)), replace=False)] = True
+    new_order, new_cdf, has_new = _subset_sampler(topic_of, pop, new, topics)
+    return _World(topic_of, pop, succ, order, cdf, np.r_[0, np.cumsum(size)[:-1]], size,
+                  new, new_order, new_cdf, has_new)
+
+
+def _subset_sampler(topic_of: np.ndarray, pop: np.ndarray, mask: np.ndarray,
+                    topics: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Popularity sampling within a topic among the items in ``mask``.
+
+    Returns ``(order, cdf, has)``: the masked items grouped by topic, and a CDF in which
+    topic t's items occupy (t, t + 1]; ``has[t]`` says whether topic t has any.
+    """
+    order = np.flatnonzero(mask)
+    order = order[np.argsort(topic_of[order], kind="stable")]
+    has = np.bincount(topic_of[order], minlength=topics) > 0
+    if not len(order):
+        return order, np.zeros(0), has
+    t, w = topic_of[order], pop[order]
+    first = np.r_[0, np.flatnonzero(np.diff(t)) + 1]
+    runs = np.diff(np.r_[first, len(t)])
+    cum = np.cumsum(w)
+    before = np.repeat(cum[first] - w[first], runs)
+    cdf = t + (cum - before) / np.bincount(t, weights=w, minlength=topics)[t]
+    cdf[first + runs - 1] = t[first] + 1.0
+    return order, cdf, has
+
+
+def _new_in_topic(rng: np.random.Generator, world: _World, topic: np.ndarray) -> np.ndarray:
+    """One new release per entry of ``topic`` (each must have some), by popularity."""
+    u = np.clip(rng.random(len(topic)), 1e-12, 1.0 - 1e-12)
+    pos = np.searchsorted(world.new_cdf, topic + u, side="left")
+    return world.new_order[np.minimum(pos, len(world.new_order) - 1)]
 
 
 def _in_topic(rng: np.random.Generator, world: _World, topic: np.ndarray) -> np.ndarray:
@@ -321,25 +384,39 @@ def _avoid_repeats(rng, world: _World, seen, users, prev, cand, follow, topic) -
     return cand
 
 
-def _walk_chunk(rng, world: _World, mix_t, mix_w, lengths, offsets, out) -> None:
+def _walk_chunk(rng, world: _World, mix_t, mix_w, lengths, offsets, out, new_window: int = 3) -> None:
     """Walk one chunk of users step by step, vectorised over the users still active.
 
     Writes each user's item indices to ``out[offsets[u] : offsets[u] + lengths[u]]``.
+    New releases count as seen (unreachable) until a walk's last ``new_window`` steps.
     """
     seen = np.zeros((len(lengths), len(world.pop)), dtype=bool)  # [users, items]
+    new_idx = np.flatnonzero(world.new)
+    seen[:, new_idx] = True
     topic = _pick_topic(rng, mix_t, mix_w)
     cur = np.zeros(len(lengths), dtype=np.int64)
     for t in range(int(lengths.max())):
         act = np.flatnonzero(lengths > t)
         tp = topic[act]
         cand, follow = _propose(rng, world, t, cur[act], tp, mix_t[act], mix_w[act])
+        if len(new_idx):
+            left = lengths[act] - t  # steps left, this one included
+            opening = (left == new_window) | ((t == 0) & (left < new_window))  # short walks start inside it
+            seen[np.ix_(act[opening], new_idx)] = False
+            # a new release comes from the user's taste (the mixture the preference text
+            # names), not from the current session's topic; the walk goes on in its topic
+            pick = np.flatnonzero((left <= new_window) & (rng.random(len(act)) < P_NEW))
+            fav = _pick_topic(rng, mix_t[act[pick]], mix_w[act[pick]])
+            pick, fav = pick[world.has_new[fav]], fav[world.has_new[fav]]
+            tp[pick] = fav
+            cand[pick], follow[pick] = _new_in_topic(rng, world, fav), False
         nxt = _avoid_repeats(rng, world, seen, act, cur[act], cand, follow, tp)
         topic[act], cur[act] = tp, nxt
         seen[act, nxt] = True
         out[offsets[act] + t] = nxt
 
 
-def _walk(rng, world: _World, mix_t, mix_w, lengths) -> np.ndarray:
+def _walk(rng, world: _World, mix_t, mix_w, lengths, new_window: int = 3) -> np.ndarray:
     """All users' item sequences, flat and user-major: [sum(lengths)] item indices.
 
     Users go in chunks so that the seen-matrix stays under ~32 MB at any size.
@@ -349,7 +426,7 @@ def _walk(rng, world: _World, mix_t, mix_w, lengths) -> np.ndarray:
     chunk = max(1, 2**25 // len(world.pop))
     for lo in range(0, len(lengths), chunk):
         sl = slice(lo, lo + chunk)
-        _walk_chunk(rng, world, mix_t[sl], mix_w[sl], lengths[sl], offsets[sl], out)
+        _walk_chunk(rng, world, mix_t[sl], mix_w[sl], lengths[sl], offsets[sl], out, new_window)
     return out
 
 
@@ -410,14 +487,24 @@ def _item_table(rng: np.random.Generator, themes, topic_of: np.ndarray) -> pd.Da
     return pd.DataFrame({"item": _ids(len(topic_of)), "title": titles, "text": texts, "genres": genres})
 
 
-def _user_table(rng: np.random.Generator, themes, mix_t: np.ndarray, mix_w: np.ndarray) -> pd.DataFrame:
-    """One sentence per user naming their topics by weight, with two words of the main one."""
+def _user_table(rng: np.random.Generator, themes, mix_t: np.ndarray, mix_w: np.ndarray, styles: int = 0) -> pd.DataFrame:
+    """One sentence per user naming their topics by weight, with two words of the main one.
+
+    With ``styles``, a topic is named by its genre and its look ("noir with a teal look").
+    """
     openers = ["Mostly into", "A big fan of", "Loves"]
+    genre = (lambda t: t // styles) if styles else (lambda t: t)
+
+    def label(t: int) -> str:
+        name = themes[genre(t)][0].lower()
+        look = STYLE_NAMES[t % styles] if styles else ""
+        return f"{name} with {'an' if look[:1] in 'aeiou' else 'a'} {look} look" if styles else name
+
     u = rng.random((len(mix_t), 3))
     prefs = []
     for i in range(len(mix_t)):
-        names = [themes[t][0].lower() for t, w in zip(mix_t[i], mix_w[i], strict=True) if w > 0]
-        words = themes[mix_t[i, 0]][3]
+        names = [label(t) for t, w in zip(mix_t[i], mix_w[i], strict=True) if w > 0]
+        words = themes[genre(mix_t[i, 0])][3]
         w1 = _pick(words, u[i, 1])
         text = f"{_pick(openers, u[i, 0])} {names[0]} ({w1}, {_other(words, w1, u[i, 2])})"
         if len(names) > 1:
@@ -439,8 +526,8 @@ def _topic_colors(topics: int) -> np.ndarray:
 
 
 def _write_images(rng: np.random.Generator, image_dir: Path, topic_of: np.ndarray, size: int) -> list[str]:
-    """Write ``<item>.png`` per item: the topic fixes palette, stripe direction and
-    frequency; each item adds its own phase, brightness and pixel noise.
+    """Write ``<item>.png`` per item: the topic (or the look, with styles) fixes palette,
+    stripe direction and frequency; each item adds its own phase, brightness and pixel noise.
 
     Returns paths relative to the dataset dir (``image_dir``'s parent).
     """
@@ -478,6 +565,9 @@ def generate_synthetic(
     mean_len: float = 60,
     min_len: int = 8,
     seed: int = 0,
+    styles: int = 0,
+    new_items: float = 0.0,
+    new_window: int = 3,
     image_dir: Path | None = None,
     image_size: int = 32,
 ) -> RawData:
@@ -486,16 +576,17 @@ def generate_synthetic(
     ``image_dir`` (normally ``<dataset_dir>/images``) gets one PNG per item and the
     item table an ``image_path`` relative to the dataset dir. Four independent
     random streams (world, walks, text, images) keep e.g. the interactions
-    identical whether or not images are written. Ids are "1".."N".
+    identical whether or not images are written. Ids are "1".."N". ``styles``,
+    ``new_items`` and ``new_window``: see the module docstring (0 = off).
     """
-    _check_params(users, items, topics, mean_len, min_len)
+    _check_params(users, items, topics, mean_len, min_len, styles, new_items, new_window)
     world_rng, walk_rng, text_rng, image_rng = (
         np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(4)
     )
-    world = _make_world(world_rng, items, topics)
+    world = _make_world(world_rng, items, topics, new_items)
     mix_t, mix_w = _user_mixtures(walk_rng, users, topics)
-    lengths = _lengths(walk_rng, users, items, mean_len, min_len)
-    seq = _walk(walk_rng, world, mix_t, mix_w, lengths)
+    lengths = _lengths(walk_rng, users, items - int(world.new.sum()), mean_len, min_len)
+    seq = _walk(walk_rng, world, mix_t, mix_w, lengths, new_window)
     user_idx = np.repeat(np.arange(users), lengths)
     interactions = pd.DataFrame(
         {
@@ -505,10 +596,11 @@ def generate_synthetic(
             "rating": _ratings(walk_rng, world, user_idx, seq, mix_t),
         }
     )
-    themes = _themes(topics)
-    item_table = _item_table(text_rng, themes, world.topic_of)
+    # with styles, text tells the genre and the image the look: each half of the topic
+    themes = _themes(topics // styles if styles else topics)
+    item_table = _item_table(text_rng, themes, world.topic_of // styles if styles else world.topic_of)
     if image_dir is not None:
-        item_table["image_path"] = _write_images(image_rng, Path(image_dir), world.topic_of, image_size)
-    return RawData(
-        interactions=interactions, items=item_table, users=_user_table(text_rng, themes, mix_t, mix_w)
-    )
+        looks = world.topic_of % styles if styles else world.topic_of
+        item_table["image_path"] = _write_images(image_rng, Path(image_dir), looks, image_size)
+    users_table = _user_table(text_rng, themes, mix_t, mix_w, styles)
+    return RawData(interactions=interactions, items=item_table, users=users_table)
