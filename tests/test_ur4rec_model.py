@@ -168,3 +168,19 @@ def test_compose_reuses_components_for_any_fusion_weight():
         for w in (0.2, 0.8):
             m.fusion_weight.fill_(w)
             torch.testing.assert_close(m.compose(parts, w), m.score(b["history"], b["user_idx"]))
+
+
+def test_preference_expert_asks_with_the_whole_item_text_and_image():
+    """A preference can name a look as well as a genre, so the candidate's image is part of the query
+    of the user_pref expert: changing one candidate's image changes that expert's output for it only."""
+    m = joint()
+    seen = []
+    m.retriever.experts["user_pref"].register_forward_hook(lambda mod, args, out: seen.append(out))
+    b = batch()
+    cand = torch.tensor([[[5, 6, 7]], [[5, 6, 7]]])
+    pos = torch.tensor([[7], [7]])
+    m.retriever(b["input_ids"], b["user_idx"], cand, pos)
+    m.retriever.image.table[6] += 3.0  # item 6's image only
+    m.retriever(b["input_ids"], b["user_idx"], cand, pos)
+    changed = ~torch.isclose(seen[0], seen[1]).all(-1)  # [B*P, C]
+    assert changed[:, 1].all() and not changed[:, [0, 2]].any()

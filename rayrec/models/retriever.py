@@ -2,7 +2,7 @@
 
 Three experts, each a cross-attention in which the *candidate item is the query*:
 
-- ``user_pref``: the candidate's text vector attends over the user's preference text,
+- ``user_pref``: the candidate's joint content vector (text + image) attends over the user's preference text,
   expanded into ``pref_tokens`` tokens (what the user says they like);
 - ``item_text``: the candidate's text vector attends over the description vectors of the
   items in the history, each tagged with its recency (what the user read about);
@@ -163,22 +163,23 @@ class Retriever(nn.Module):
         allowed = _visible(history, query_pos)  # [B, P, L]
         rec = (query_pos[:, :, None] - torch.arange(history.shape[1], device=history.device)).clamp(0, self.max_len - 1)
         cand = {"text": self.text(candidates), "image": self.image(candidates)}  # each [B, P, C, d], computed once
+        cand["joint"] = self.item_vectors(candidates, cand["text"], cand["image"])
         outs = [self._expert(name, history, user_idx, cand, allowed, rec) for name in self.experts_used]
         fused = self._route(outs)  # [B*P, C, d]
         refined = self.ln_refine(fused + self.refine(fused))
-        target = self.item_head(self.item_vectors(candidates, cand["text"], cand["image"])).view(b * p, c, -1)
+        target = self.item_head(cand["joint"]).view(b * p, c, -1)
         scores = ((refined * target).sum(-1) / math.sqrt(self.hidden)).view(b, p, c)
         return scores + self.item_bias(candidates)[..., 0] if self.item_bias is not None else scores
 
     def _expert(self, name: str, history, user_idx, cand: dict[str, torch.Tensor], allowed, rec) -> torch.Tensor:
         """One expert's output for every (query, candidate)  # -> [B*P, C, d] (zeros if ablated).
 
-        cand: the candidates' projected "text" and "image" [B, P, C, d]; allowed [B, P, L]; rec
+        cand: the candidates' projected "text", "image" and "joint" [B, P, C, d]; allowed [B, P, L]; rec
         [B, P, L] recency of each history column relative to the query position.
         """
         b, p = allowed.shape[:2]
         if name == "user_pref":
-            query = cand["text"]  # preference text and item text share the text encoder's space
+            query = cand["joint"]  # the whole item asks: a preference can name a genre and a look
             tokens = self.pref_expand(self.user(user_idx)).view(b, -1, self.hidden)  # [B, T, d]
             mask = torch.ones(b, p, tokens.shape[1], dtype=torch.bool, device=tokens.device)
             out = self.experts[name](query, tokens, mask)
