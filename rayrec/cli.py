@@ -33,6 +33,11 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--topics", type=int, default=12)
     s.add_argument("--mean-len", type=int, default=60)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--styles", type=int, default=0,
+                   help="split topics into genre (text) x look (image); must divide --topics (0 = off)")
+    s.add_argument("--new-items", type=float, default=0.0,
+                   help="fraction of items released at the end of the log (cold-start items)")
+    s.add_argument("--new-window", type=int, default=3, help="last steps of each history where new items appear")
     s.add_argument("--no-images", action="store_true", help="skip writing item PNGs")
     _add_prepare_options(s)
     s.set_defaults(func=cmd_data_synth)
@@ -87,8 +92,9 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     from rayrec.data.dataset import open_prepared, source_reader
     from rayrec.data.prepare import prepare
 
-    synth = {"users": args.users, "items": args.items, "topics": args.topics,
-             "mean_len": args.mean_len, "seed": args.seed, "images": not args.no_images}
+    synth = {"users": args.users, "items": args.items, "topics": args.topics, "mean_len": args.mean_len,
+             "seed": args.seed, "images": not args.no_images, "styles": args.styles,
+             "new_items": args.new_items, "new_window": args.new_window}
     read = source_reader("synthetic", None, on_bad_line=args.on_bad_line, synth=synth)
     prepare(read, args.out, source="synthetic", params={"source": "synthetic", "synth": synth},
             filters=_filters(args), split=args.split, overwrite=args.overwrite)

@@ -32,6 +32,21 @@ def test_synth_then_info(tmp_path, capsys):
     assert info["train_seq_len"]["p50"] > 0
 
 
+def test_synth_knobs_reach_the_generator_and_the_manifest(tmp_path, capsys):
+    out = tmp_path / "s"
+    assert main(["data", "synth", "--out", str(out), "--users", "60", "--items", "60", "--topics", "6",
+                 "--styles", "3", "--new-items", "0.2", "--no-images"]) == 0
+    synth = json.loads((out / "manifest.json").read_text())["params"]["synth"]
+    assert synth["styles"] == 3 and synth["new_items"] == 0.2 and synth["new_window"] == 3
+    import pandas as pd
+
+    assert pd.read_parquet(out / "items.parquet")["genres"].nunique() == 2  # 6 topics = 2 genres x 3 looks
+    capsys.readouterr()
+    assert main(["data", "synth", "--out", str(tmp_path / "bad"), "--topics", "6", "--styles", "4", "--no-images"]) != 0
+    assert "styles (4) must be 0 (off) or divide topics (6)" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_prepare_movielens_100k_fixture(tmp_path, capsys):
     raw = tmp_path / "ml-100k"
     raw.mkdir()
