@@ -143,3 +143,26 @@ def test_open_prepared_explains_missing_files(tmp_path):
     (tmp_path / "half" / "items.parquet").write_text("")
     with pytest.raises(DataError, match="missing train.parquet"):
         open_prepared(tmp_path / "half")
+
+
+def test_a_synthetic_dataset_made_with_other_settings_is_used_with_a_warning(tmp_path, caplog):
+    from rayrec.config.schema import DataConfig
+    from rayrec.data.dataset import ensure_prepared
+
+    synth = {"users": 30, "items": 40, "topics": 4, "mean_len": 10, "images": False}
+    cfg = DataConfig(path=tmp_path / "d", synth=synth)
+    ds = ensure_prepared(cfg)
+    assert ensure_prepared(cfg).path == ds.path  # same settings: opened as is
+    # a manifest from before the styles/new_items knobs existed counts them as their defaults
+    manifest = json.loads((ds.path / "manifest.json").read_text())
+    for key in ("styles", "new_items", "new_window"):
+        manifest["params"]["synth"].pop(key)
+    (ds.path / "manifest.json").write_text(json.dumps(manifest))
+    with caplog.at_level("WARNING", logger="rayrec.data.dataset"):
+        ensure_prepared(cfg)
+        assert not caplog.records
+        other = ensure_prepared(DataConfig(path=tmp_path / "d", synth={**synth, "new_items": 0.2}))
+    assert other.manifest["counts"] == ds.manifest["counts"]  # the folder as it is, not regenerated
+    assert len(caplog.records) == 1
+    msg = caplog.records[0].getMessage()
+    assert str(ds.path) in msg and "new_items: 0.0 there, 0.2 in the job" in msg and "Delete it" in msg

@@ -108,7 +108,25 @@ def ensure_prepared(cfg: DataConfig) -> Prepared:
                   "synth": synth, "options": cfg.source_options}
         read = source_reader(cfg.source, cfg.input, on_bad_line=cfg.on_bad_line, synth=synth, options=cfg.source_options)
         prep.prepare(read, cfg.path, source=cfg.source, params=params, filters=cfg.filters, split=cfg.split)
-    return open_prepared(cfg.path)
+    ds = open_prepared(cfg.path)
+    _check_synth_matches(cfg, ds)
+    return ds
+
+
+def _check_synth_matches(cfg: DataConfig, ds: Prepared) -> None:
+    """Warn when a synthetic dataset was prepared with other generator settings than the job's
+    ``data.synth`` (which only says how to build ``data.path`` when it is absent, so the folder is
+    used as it is: a dataset made by ``rayrec data synth`` is a valid target). Keys an older
+    manifest lacks count as their defaults."""
+    made = (ds.manifest.get("params") or {}).get("synth")
+    if cfg.source != "synthetic" or ds.manifest.get("source") != "synthetic" or not isinstance(made, dict):
+        return
+    had = {**type(cfg.synth)().model_dump(), **made}
+    diff = {k: (had.get(k), v) for k, v in cfg.synth.model_dump().items() if had.get(k) != v}
+    if diff:
+        shown = ", ".join(f"{k}: {a!r} there, {b!r} in the job" for k, (a, b) in sorted(diff.items()))
+        log.warning("%s was made with other data.synth settings (%s); using it as it is. Delete it to "
+                    "regenerate it from the job's settings.", ds.path, shown)
 
 
 def describe(ds: Prepared) -> dict[str, Any]:
