@@ -61,3 +61,21 @@ def test_two_workers_ddp(ray_session, tiny_job):
     assert out.metrics["epoch"] == 3 and out.metrics["test/hr@10"] > 0.2
     # each test row evaluated exactly once across the two workers
     assert out.metrics["test/rows"] == 300
+
+
+def test_worker_logs_drop_ray_trains_per_report_metric_dump_but_keep_warnings():
+    import logging
+
+    from ray.train.v2._internal.execution import context
+
+    from rayrec.train.ray_trainer import quiet_ray_worker_logs
+
+    report_log = logging.getLogger(context.__file__)  # where Ray logs "Reporting training result N: ..."
+    old = report_log.level
+    try:
+        report_log.setLevel(logging.NOTSET)
+        quiet_ray_worker_logs()
+        assert not report_log.isEnabledFor(logging.INFO) and report_log.isEnabledFor(logging.WARNING)
+        assert not logging.getLogger("ray.data").isEnabledFor(logging.INFO)
+    finally:
+        report_log.setLevel(old)

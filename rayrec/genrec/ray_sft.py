@@ -43,7 +43,9 @@ def sft_worker(config: dict[str, Any]) -> None:
     from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
 
     from rayrec.genrec.sft import build_trainer, pick_dtype, prepare_base
+    from rayrec.train.ray_trainer import quiet_ray_worker_logs
 
+    quiet_ray_worker_logs()
     datasets.disable_progress_bars()
     cfg = GenRecJobConfig.model_validate(config["job"])
     rank = ray.train.get_context().get_world_rank()
