@@ -310,3 +310,19 @@ def test_dry_run_of_the_lora_space(capsys):
     out = capsys.readouterr().out
     assert "sweep lora_sft: 2 trials of" in out and "(genrec job)" in out and "compared at epochs 1, 2" in out
     assert out.count("train.lora.r=") == 5
+
+
+def test_a_generative_job_without_its_sections_gets_a_hint(tmp_path, genrec_job_file):
+    job = yaml.safe_load(genrec_job_file.read_text())
+    del job["sids"], job["prompts"]  # valid for GenRecJobConfig (both have defaults), but read as sequential
+    genrec_job_file.write_text(yaml.safe_dump(job))
+    with pytest.raises(ConfigError, match=r"(?s)unknown key 'train.lora'.*taken as generative only when its top level has "
+                                          r"a `sids` or `prompts` section"):
+        load_space(write_space(tmp_path, genrec_job_file, metric="val/ndcg@5",
+                               params={"train.lr": {"dist": "loguniform", "low": 1e-4, "high": 1e-2}}))
+    job["model"]["hiddden"] = 3  # not valid as either kind: no hint, just the error
+    genrec_job_file.write_text(yaml.safe_dump(job))
+    with pytest.raises(ConfigError) as err:
+        load_space(write_space(tmp_path, genrec_job_file, metric="val/ndcg@5",
+                               params={"train.lr": {"dist": "loguniform", "low": 1e-4, "high": 1e-2}}))
+    assert "taken as generative" not in str(err.value)

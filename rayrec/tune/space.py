@@ -41,7 +41,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from rayrec.config.loader import apply_overrides, config_paths, load_model, read_yaml
 from rayrec.errors import ConfigError
 from rayrec.eval.metrics import metric_mode
-from rayrec.tune.kinds import JOB_SECTIONS, JobKind, kind_of, kind_of_file, metric_problem
+from rayrec.tune.kinds import (
+    GENREC,
+    GENREC_SECTIONS,
+    JOB_SECTIONS,
+    SEQUENTIAL,
+    JobKind,
+    kind_of,
+    kind_of_file,
+    metric_problem,
+)
 from rayrec.tune.paths import PathError, get_path, schema_path, set_paths
 
 log = logging.getLogger(__name__)
@@ -289,7 +298,22 @@ def load_space(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
 def load_base_job(path: Path, overrides: list[str]) -> BaseModel:
     """The base job, validated against the schema of its kind (decided by the file, before overrides)."""
     kind = kind_of_file(read_yaml(path)[0])
-    return load_model(kind.schema, path, overrides)
+    try:
+        return load_model(kind.schema, path, overrides)
+    except ConfigError as e:
+        if kind is not SEQUENTIAL or not _valid_as(GENREC, path, overrides):
+            raise
+        raise ConfigError(f"{e}\n{path}: this reads as a generative job, but a job file is taken as generative only "
+                          f"when its top level has a {' or '.join(f'`{s}`' for s in GENREC_SECTIONS)} section; "
+                          "add one (`sids: {}` keeps the defaults)") from None
+
+
+def _valid_as(kind: JobKind, path: Path, overrides: list[str]) -> bool:
+    try:
+        load_model(kind.schema, path, overrides)
+    except ConfigError:
+        return False
+    return True
 
 
 def _section(override: str) -> str:
