@@ -284,16 +284,19 @@ def _subset_sampler(topic_of: np.ndarray, pop: np.ndarray, mask: np.ndarray,
 
 def _new_in_topic(rng: np.random.Generator, world: _World, topic: np.ndarray) -> np.ndarray:
     """One new release per entry of ``topic`` (each must have some), by popularity."""
-    u = np.clip(rng.random(len(topic)), 1e-12, 1.0 - 1e-12)
-    pos = np.searchsorted(world.new_cdf, topic + u, side="left")
-    return world.new_order[np.minimum(pos, len(world.new_order) - 1)]
+    return _draw_in_topic(rng, world.new_order, world.new_cdf, topic)
 
 
 def _in_topic(rng: np.random.Generator, world: _World, topic: np.ndarray) -> np.ndarray:
     """One item per entry of ``topic``, drawn by popularity within that topic."""
+    return _draw_in_topic(rng, world.order, world.cdf, topic)
+
+
+def _draw_in_topic(rng: np.random.Generator, order: np.ndarray, cdf: np.ndarray, topic: np.ndarray) -> np.ndarray:
+    """One item of ``order`` per entry of ``topic``, from a CDF in which topic t occupies (t, t + 1]."""
     u = np.clip(rng.random(len(topic)), 1e-12, 1.0 - 1e-12)
-    pos = np.searchsorted(world.cdf, topic + u, side="left")
-    return world.order[np.minimum(pos, len(world.order) - 1)]
+    pos = np.searchsorted(cdf, topic + u, side="left")
+    return order[np.minimum(pos, len(order) - 1)]
 
 
 def _user_mixtures(rng: np.random.Generator, users: int, topics: int) -> tuple[np.ndarray, np.ndarray]:
@@ -404,7 +407,7 @@ def _walk_chunk(rng, world: _World, mix_t, mix_w, lengths, offsets, out, new_win
             opening = (left == new_window) | ((t == 0) & (left < new_window))  # short walks start inside it
             seen[np.ix_(act[opening], new_idx)] = False
             # a new release comes from the user's taste (the mixture the preference text
-            # names), not from the current session's topic; the walk goes on in its topic
+            # names), not necessarily the current topic; the walk then goes on in its topic
             pick = np.flatnonzero((left <= new_window) & (rng.random(len(act)) < P_NEW))
             fav = _pick_topic(rng, mix_t[act[pick]], mix_w[act[pick]])
             pick, fav = pick[world.has_new[fav]], fav[world.has_new[fav]]
