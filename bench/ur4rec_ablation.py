@@ -29,10 +29,10 @@ import torch  # noqa: E402
 from rayrec.config import load_job  # noqa: E402
 from rayrec.config.schema import JobConfig  # noqa: E402
 from rayrec.data.dataset import open_prepared  # noqa: E402
-from rayrec.eval.metrics import MetricSums, full_ranks  # noqa: E402
+from rayrec.eval.metrics import MetricSums  # noqa: E402
 from rayrec.train.checkpoint import load_state  # noqa: E402
 from rayrec.train.local import PlainBatches  # noqa: E402
-from rayrec.train.loop import score_rows  # noqa: E402
+from rayrec.train.loop import evaluate  # noqa: E402
 from rayrec.train.run import data_info, run_training  # noqa: E402
 from rayrec.train.worker import build  # noqa: E402
 
@@ -65,19 +65,16 @@ def target_groups(cfg: JobConfig, sparse: int) -> tuple[torch.Tensor, dict[str, 
 
 
 def measure(model, batches, cfg: JobConfig, group: torch.Tensor) -> dict[str, float]:
-    """Test metrics over all rows and per target group (``sparse/test/ndcg@10`` ...), full ranking."""
-    model.eval()
-    ks = cfg.train.eval.ks
-    sums = {"": MetricSums(ks)} | {f"{g}/": MetricSums(ks) for g in GROUPS}
-    with torch.no_grad():
-        for batch in batches:
-            ranks = full_ranks(score_rows(model, batch).float(), batch["target"],
-                               batch["seen"] if cfg.train.eval.mask_seen else None)
-            g = group[batch["target"]]
-            sums[""].update(ranks)
-            for i, name in enumerate(GROUPS):
-                sums[f"{name}/"].update(ranks[g == i])
-    return {k: v for prefix, m in sums.items() for k, v in m.means(f"{prefix}test").items()}
+    """Test metrics over all rows and per target group (``sparse/test/ndcg@10`` ...)."""
+    sums = {g: MetricSums(cfg.train.eval.ks) for g in GROUPS}
+
+    def by_group(batch, ranks: torch.Tensor) -> None:
+        g = group[batch["target"]]
+        for i, name in enumerate(GROUPS):
+            sums[name].update(ranks[g == i])
+
+    out = evaluate(model, batches, cfg, len(group) - 1, torch.device("cpu"), prefix="test/", on_ranks=by_group)
+    return out | {k: v for name, m in sums.items() for k, v in m.means(f"{name}/test").items()}
 
 
 def load_model(cfg: JobConfig, checkpoint: str):

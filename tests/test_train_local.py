@@ -121,3 +121,27 @@ def test_storage_path_that_is_a_file(tiny_job, tmp_path):
     cfg.run.storage_path = f / "runs"
     with pytest.raises(RayrecError, match="cannot be created"):
         run_training(cfg)
+
+
+def test_evaluate_hands_every_batchs_target_ranks_to_on_ranks(tiny_job):
+    from rayrec.eval.metrics import MetricSums
+    from rayrec.train.local import PlainBatches
+    from rayrec.train.loop import evaluate
+    from rayrec.train.worker import build
+
+    ds = open_prepared(tiny_job.data.path)
+    info = data_info(ds)
+    model = build(tiny_job.model_copy(update={"model": JobConfig.model_validate({"model": {"name": "popularity"}}).model}),
+                  info)
+    seen, sums = [], MetricSums([10])
+
+    def keep(batch, ranks):
+        seen.append((batch["target"].clone(), ranks.clone()))
+        sums.update(ranks)
+
+    out = evaluate(model, PlainBatches(tiny_job, ds, info).test(), tiny_job, info.num_items, torch.device("cpu"),
+                   prefix="test/", on_ranks=keep)
+    targets = torch.cat([t for t, _ in seen])
+    assert len(targets) == out["test/rows"] == len(ds.table("test"))
+    assert all(len(t) == len(r) for t, r in seen) and all((r >= 1).all() for _, r in seen)
+    assert sums.means("test") == {k: v for k, v in out.items() if k != "test/rows"}

@@ -207,8 +207,12 @@ def eval_candidates(batch: Batch, seen: torch.Tensor | None, cfg: JobConfig, num
 def evaluate(
     model: nn.Module, batches: Iterable[Batch], cfg: JobConfig, num_items: int, device: torch.device,
     *, prefix: str, reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+    on_ranks: Callable[[Batch, torch.Tensor], None] | None = None,
 ) -> dict[str, float]:
-    """Rank each row's target (full ranking or sampled negatives); metrics averaged over all workers."""
+    """Rank each row's target (full ranking or sampled negatives); metrics averaged over all workers.
+
+    ``on_ranks(batch, ranks [B])`` sees every batch's 1-based target ranks (e.g. to break metrics down).
+    """
     model.eval()
     ev = cfg.train.eval
     n_neg = parse_eval_mode(ev.mode)
@@ -226,6 +230,8 @@ def evaluate(
                 scores = score_rows(model, batch, cand).float()  # [B, 1 + n]
             ranks = sampled_ranks(scores[:, 0], scores[:, 1:])
         sums.update(ranks)
+        if on_ranks is not None:
+            on_ranks(batch, ranks)
     total = MetricSums.from_tensor(reduce(sums.to_tensor()), ev.ks)
     return {**total.means(prefix), f"{prefix}rows": float(total.count)}  # rows: all workers together
 
