@@ -113,18 +113,18 @@ def bench_decoding(args) -> dict:
 
 def bench_sft(job: str) -> dict:
     """The tiny job end to end in this process; test metrics of SFT and of popularity."""
+    from rayrec import recipes
     from rayrec.config.loader import load_model
     from rayrec.genrec.config import GenRecJobConfig
     from rayrec.genrec.evaluate import evaluate_adapter
-    from rayrec.genrec.run import run_sft
 
     cfg = load_model(GenRecJobConfig, job, ["tracking.enabled=false", "run.name=bench_genrec_tiny"])
     t0 = time.perf_counter()
-    out = run_sft(cfg, local=True, source=job)
+    out = recipes.run(cfg, local=True, source=job)
     train_s = time.perf_counter() - t0
-    res = evaluate_adapter(cfg, out.adapter, local=True)
+    res = evaluate_adapter(cfg, out.checkpoint, local=True)
     m = res.metrics
-    return {"job": job, "adapter": out.adapter, "train_s": train_s, "eval_s": time.perf_counter() - t0 - train_s,
+    return {"job": job, "adapter": out.checkpoint, "train_s": train_s, "eval_s": time.perf_counter() - t0 - train_s,
             "test": {k: m[k] for k in sorted(m) if k.startswith("test/")},
             "popularity": {k: m[k] for k in sorted(m) if k.startswith("test_popularity/")}}
 

@@ -19,8 +19,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from rayrec import recipes  # noqa: E402
 from rayrec.config import load_job  # noqa: E402
-from rayrec.train.run import run_training  # noqa: E402
 
 KEYS = ["test/ndcg@10", "test/hr@10", "test/mrr"]
 
@@ -39,7 +39,7 @@ def main() -> int:
     for name, extra in (("sasrec", []), ("popularity", ["model={name: popularity}"])):
         cfg = load_job(ROOT / "jobs" / "quickstart.yaml", common + args.overrides + extra + [f"run.name={name}"])
         start = time.perf_counter()
-        out = run_training(cfg, local=args.local)
+        out = recipes.run(cfg, local=args.local)
         rows[name] = {k: out.metrics[k] for k in KEYS} | {"wall_s": time.perf_counter() - start,
                                                           "best_epoch": out.metrics.get("best_epoch")}
     ratio = rows["sasrec"]["test/ndcg@10"] / max(rows["popularity"]["test/ndcg@10"], 1e-12)

@@ -26,11 +26,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from rayrec import recipes  # noqa: E402
 from rayrec.config.schema import FilterConfig, JobConfig  # noqa: E402
 from rayrec.data.dataset import source_reader  # noqa: E402
 from rayrec.data.prepare import prepare  # noqa: E402
 from rayrec.tracking.mlflow_tracking import Tracker  # noqa: E402
-from rayrec.train.run import run_training  # noqa: E402
 
 
 def make_data(root: Path, users: int, items: int) -> Path:
@@ -56,7 +56,7 @@ def job(data: Path, work: Path, args, name: str, workers: int, cpu: float) -> Jo
 
 def steady_throughput(cfg: JobConfig, *, local: bool) -> tuple[float, float]:
     start = time.perf_counter()
-    out = run_training(cfg, local=local)
+    out = recipes.run(cfg, local=local)
     wall = time.perf_counter() - start
     hist = Tracker(cfg.tracking.uri.replace("sqlite:///", "sqlite:///"), out.mlflow_run_id).history("train/seqs_per_s")
     return hist[-1][1], wall

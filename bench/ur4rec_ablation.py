@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from rayrec import recipes  # noqa: E402
 from rayrec.config import load_job  # noqa: E402
 from rayrec.config.schema import JobConfig  # noqa: E402
 from rayrec.data.dataset import open_prepared  # noqa: E402
@@ -33,8 +34,7 @@ from rayrec.eval.metrics import MetricSums  # noqa: E402
 from rayrec.train.checkpoint import load_state  # noqa: E402
 from rayrec.train.local import PlainBatches  # noqa: E402
 from rayrec.train.loop import evaluate  # noqa: E402
-from rayrec.train.run import data_info, run_training  # noqa: E402
-from rayrec.train.worker import build  # noqa: E402
+from rayrec.train.worker import build, data_info  # noqa: E402
 
 KEYS = ["test/ndcg@10", "test/hr@10", "test/mrr"]
 GROUPS = ("sparse", "frequent")  # test targets by how often they occur in training
@@ -127,14 +127,14 @@ def run_seed(seed: int, args, work: Path) -> dict:
     common += [f"data.path={args.data}"] if args.data else []
     joint = load_job(ROOT / "jobs" / "ur4rec_quickstart.yaml", common + args.overrides + [f"run.name=joint_s{seed}"])
     t0 = time.perf_counter()
-    jout = run_training(joint, local=not args.ray)
+    jout = recipes.run(joint, local=not args.ray)
     t_joint = time.perf_counter() - t0
     group, shares = target_groups(joint, args.sparse)
     rows = {}
     for name, schedule in ((SAME, None), (COSINE, "cosine")):
         t0 = time.perf_counter()
         scfg = sasrec_job(joint, schedule)
-        sout = run_training(scfg, local=not args.ray)
+        sout = recipes.run(scfg, local=not args.ray)
         wall = time.perf_counter() - t0
         rows[name] = {k: v for k, v in measure(*load_model(scfg, sout.checkpoint), scfg, group).items()
                       if k in row_keys()} | {"wall_s": wall}

@@ -224,7 +224,7 @@ def wait_status(client, sid: str, poll_s: float = 1.0) -> str:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     """Check everything, submit, and with ``--follow`` stream the logs and return the job's status."""
-    _check_command(args.command.split()[0] if args.command.strip() else "")
+    _check_command(args.command.split()[0] if args.command.strip() else "", args.commands)
     sub = build_submission(args)
     if args.dry_run:
         print(sub.describe())
@@ -249,13 +249,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0 if status == "SUCCEEDED" else 1
 
 
-def _check_command(command: str) -> None:
-    """``--command`` must be a job command this rayrec has (the cluster runs the same code)."""
-    from rayrec.cli import build_parser
+def _check_command(command: str, commands: dict) -> None:
+    """``--command`` must be a job command this rayrec has (the cluster runs the same code).
 
-    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    if command not in sub.choices:
-        have = ", ".join(c for c in JOB_COMMANDS if c in sub.choices)
+    ``commands``: the ``rayrec`` parser's subcommands (set by ``add_commands``), so this module
+    needs no import of the CLI that imports it.
+    """
+    if command not in commands:
+        have = ", ".join(c for c in JOB_COMMANDS if c in commands)
         raise SubmitError(f"--command {command}: rayrec has no such command here (job commands: {have})")
 
 
@@ -279,4 +280,4 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--auth-token-env", default="RAY_AUTH_TOKEN", metavar="NAME",
                    help="env var holding the cluster's auth token (default: RAY_AUTH_TOKEN)")
     s.add_argument("--dry-run", action="store_true", help="print what would be submitted and stop")
-    s.set_defaults(func=cmd_submit)
+    s.set_defaults(func=cmd_submit, commands=sub.choices)  # filled as the other commands are added

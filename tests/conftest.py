@@ -36,7 +36,7 @@ def ray_session():
     """
     import ray
 
-    from rayrec.train.cluster import quiet_ray_data, state_api_pinned
+    from rayrec.cluster import quiet_ray_data, state_api_pinned
 
     if not ray.is_initialized():
         with state_api_pinned() as port:

@@ -74,7 +74,7 @@ def test_launcher_gpu_workers_setup_and_storage(path):
 
 def test_launcher_capacity_lets_gpu_jobs_wait_for_autoscaled_nodes(tmp_path):
     """On the head, the bootstrap config says what the cluster can grow to: 4 x p4d."""
-    from rayrec.train.cluster import launcher_capacity
+    from rayrec.cluster import launcher_capacity
 
     cfg = load(CLUSTER / "aws-a100.yaml")[0]
     (tmp_path / "boot.yaml").write_text(yaml.safe_dump(cfg))

@@ -19,13 +19,14 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from rayrec import recipes
 from rayrec.config import dump_job
 from rayrec.data.dataset import open_prepared
 from rayrec.errors import ClusterError
 from rayrec.tracking.mlflow_tracking import RUN_KEY_TAG, Tracker
 from rayrec.train.checkpoint import STATE_FILE, latest_checkpoint, load_state, save_state
 from rayrec.train.local import LocalReporter, run_local
-from rayrec.train.run import data_info, run_training
+from rayrec.train.worker import data_info
 
 
 class Crash(Exception):
@@ -113,9 +114,9 @@ def test_rerun_after_a_crash_continues_the_same_run_and_mlflow_run(tiny_job, mon
     orig, crashing = crash_after(lambda m, s: m.get("epoch") == 2 and s is not None and "test/hr@10" not in m)
     monkeypatch.setattr(LocalReporter, "report", crashing)
     with pytest.raises(Crash):
-        run_training(cfg, local=True)
+        recipes.run(cfg, local=True)
     monkeypatch.setattr(LocalReporter, "report", orig)
-    out = run_training(cfg, local=True)
+    out = recipes.run(cfg, local=True)
     assert out.run_dir.name == "t" and out.metrics["epoch"] == 3
     c = MlflowClient(cfg.tracking.uri)
     runs = c.search_runs([c.get_experiment_by_name("tests").experiment_id])
@@ -132,12 +133,12 @@ def test_gpus_on_a_cluster_without_them_fail_in_seconds(ray_session, tiny_job):
     cfg.scaling.use_gpu, cfg.scaling.num_workers = True, 2
     start = time.monotonic()
     with pytest.raises(ClusterError, match=r"needs 2 GPUs for 2 workers, the cluster has 0"):
-        run_training(cfg)
+        recipes.run(cfg)
     assert time.monotonic() - start < 30
 
 
 def test_declared_autoscaler_limits_let_a_job_wait_for_nodes(ray_session, tiny_job, monkeypatch):
-    from rayrec.train.cluster import preflight
+    from rayrec.cluster import preflight
 
     cfg = tiny_job.model_copy(deep=True)
     cfg.scaling.use_gpu, cfg.scaling.num_workers = True, 8
@@ -164,7 +165,7 @@ def test_workers_that_cannot_be_placed_time_out_with_the_shortfall(ray_session, 
     start = time.monotonic()
     try:
         with pytest.raises(ClusterError, match=r"1 workers x \(CPU 1\) were not placed within 3 s \(1 attempt"):
-            run_training(cfg)
+            recipes.run(cfg)
     finally:
         remove_placement_group(hog)
     assert time.monotonic() - start < 90
@@ -172,7 +173,7 @@ def test_workers_that_cannot_be_placed_time_out_with_the_shortfall(ray_session, 
 
 
 def test_relative_paths_go_under_the_clusters_storage_root(tiny_job, monkeypatch, tmp_path):
-    from rayrec.train.cluster import shared_paths
+    from rayrec.cluster import shared_paths
 
     cfg = tiny_job.model_copy(deep=True)
     cfg.data.path, cfg.run.storage_path = Path("data/q"), Path("runs")
@@ -185,12 +186,14 @@ def test_relative_paths_go_under_the_clusters_storage_root(tiny_job, monkeypatch
 
 
 def test_failure_config_maps_the_job(ray_session, tiny_job, tmp_path):
-    from rayrec.train.ray_trainer import build_trainer
+    from rayrec.recipes import sequential
+    from rayrec.runs import Run, build_trainer
 
     cfg = tiny_job.model_copy(deep=True)
     cfg.run.max_failures, cfg.scaling.start_attempts = 3, 4
-    ds = open_prepared(cfg.data.path)
-    trainer = build_trainer(cfg, data_info(ds), run_dir=tmp_path / "runs" / "x")
+    run = Run(tmp_path / "runs" / "x", local=False)
+    parts = sequential.RECIPE.trainer(cfg, sequential.RECIPE.prepare(cfg, run), run)
+    trainer = build_trainer(cfg, parts, run_dir=run.dir)
     fc = trainer.run_config.failure_config
     assert (fc.max_failures, fc.controller_failure_limit) == (3, 3)
     assert trainer.run_config.name == "x" and trainer.run_config.storage_path == str(tmp_path / "runs")

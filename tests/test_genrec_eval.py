@@ -100,11 +100,11 @@ def tiny_genrec(tiny_dataset, tmp_path_factory):
 
 
 def test_local_sft_then_evaluation_end_to_end(tiny_genrec):
-    from rayrec.genrec.run import run_sft
+    from rayrec import recipes
 
-    out = run_sft(tiny_genrec, local=True)
-    assert out.adapter and "val/ndcg@10" in out.metrics and "val/loss" in out.metrics
-    res = E.evaluate_adapter(tiny_genrec, out.adapter, local=True)
+    out = recipes.run(tiny_genrec, local=True)
+    assert out.checkpoint and "val/ndcg@10" in out.metrics and "val/loss" in out.metrics
+    res = E.evaluate_adapter(tiny_genrec, out.checkpoint, local=True)
     assert res.metrics["test/invalid"] == 0 and res.metrics["test/rows"] == 40
     assert "test_popularity/hr@10" in res.metrics and 0 <= res.metrics["test/hr@10"] <= 1
     rows = json.loads(res.results_path.read_text())

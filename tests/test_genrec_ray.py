@@ -58,26 +58,26 @@ def test_one_sft_step_through_deepspeed_on_cpu(tiny_dataset, tmp_path):
 
 
 def test_ray_train_sft_then_sharded_evaluation(ray_session, tiny_dataset, tmp_path):
+    from rayrec import recipes
     from rayrec.genrec.evaluate import evaluate_adapter
-    from rayrec.genrec.run import run_sft
 
     cfg = GenRecJobConfig.model_validate(job_dict(tiny_dataset, tmp_path))
-    out = run_sft(cfg)
-    assert out.adapter and out.adapter.endswith("/checkpoint") and "val/ndcg@5" in out.metrics
+    out = recipes.run(cfg)
+    assert out.checkpoint and out.checkpoint.endswith("/checkpoint") and "val/ndcg@5" in out.metrics
     assert {"adapter_model.safetensors", "tokenizer.json", "trainer_state.json", "genrec.json",
-            "sids.index.json"} <= {p.name for p in Path(out.adapter).iterdir()}
+            "sids.index.json"} <= {p.name for p in Path(out.checkpoint).iterdir()}
     two = cfg.model_copy(update={"scaling": cfg.scaling.model_copy(update={"num_workers": 2,
                                                                           "resources_per_worker": {"CPU": 0.5}})})
-    res = evaluate_adapter(two, out.adapter)  # two Ray tasks, merged in row order
-    local = evaluate_adapter(cfg, out.adapter, local=True, out=tmp_path / "local.json")
+    res = evaluate_adapter(two, out.checkpoint)  # two Ray tasks, merged in row order
+    local = evaluate_adapter(cfg, out.checkpoint, local=True, out=tmp_path / "local.json")
     assert res.metrics["test/invalid"] == 0 and res.metrics["test/rows"] == 12
     assert [r["predictions"] for r in res.rows] == [r["predictions"] for r in local.rows]
 
 
 @pytest.mark.slow
 def test_ray_train_sft_with_deepspeed_zero2(ray_session, tiny_dataset, tmp_path):
-    from rayrec.genrec.run import run_sft
+    from rayrec import recipes
 
     cfg = GenRecJobConfig.model_validate(job_dict(tiny_dataset, tmp_path, deepspeed="zero2"))
-    out = run_sft(cfg)
-    assert out.adapter and list(Path(out.adapter).glob("global_step*/*optim_states.pt"))
+    out = recipes.run(cfg)
+    assert out.checkpoint and list(Path(out.checkpoint).glob("global_step*/*optim_states.pt"))

@@ -176,7 +176,7 @@ def minionerec_folder(root, name: str = "Toys"):
 @pytest.mark.parametrize("method", ["file", "data"])
 def test_minionerec_dataset_with_its_own_index_feeds_the_prompts(tmp_path, method):
     from rayrec.genrec.config import GenRecJobConfig
-    from rayrec.genrec.run import prepare_inputs
+    from rayrec.genrec.inputs import prepare_inputs
 
     raw, index = minionerec_folder(tmp_path / "raw")
     cfg = GenRecJobConfig.model_validate({

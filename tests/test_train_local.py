@@ -5,13 +5,14 @@ import math
 import pytest
 import torch
 
+from rayrec import recipes
 from rayrec.config.schema import JobConfig
 from rayrec.data.dataset import open_prepared
 from rayrec.errors import RayrecError
 from rayrec.tracking.mlflow_tracking import Tracker
 from rayrec.train.checkpoint import load_state
 from rayrec.train.local import run_local
-from rayrec.train.run import data_info, run_training
+from rayrec.train.worker import data_info
 
 
 def local(cfg: JobConfig, run_dir=None, resume_from=None):
@@ -94,7 +95,7 @@ def test_preflight_errors_before_any_worker(tiny_job, tmp_path):
     cfg = tiny_job.model_copy(deep=True)
     cfg.data.path = tmp_path / "absent"
     with pytest.raises(RayrecError, match="absent"):
-        run_training(cfg)
+        recipes.run(cfg)
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o500)
@@ -105,13 +106,13 @@ def test_preflight_errors_before_any_worker(tiny_job, tmp_path):
 
         if os.geteuid() != 0:  # root ignores permission bits
             with pytest.raises(RayrecError, match="storage_path"):
-                run_training(cfg)
+                recipes.run(cfg)
     finally:
         ro.chmod(0o700)
     cfg = tiny_job.model_copy(deep=True)
     cfg.tracking.uri = "http://127.0.0.1:9"  # nothing listens on the discard port
     with pytest.raises(RayrecError, match="127.0.0.1:9"):
-        run_training(cfg)
+        recipes.run(cfg)
 
 
 def test_storage_path_that_is_a_file(tiny_job, tmp_path):
@@ -120,7 +121,7 @@ def test_storage_path_that_is_a_file(tiny_job, tmp_path):
     cfg = tiny_job.model_copy(deep=True)
     cfg.run.storage_path = f / "runs"
     with pytest.raises(RayrecError, match="cannot be created"):
-        run_training(cfg)
+        recipes.run(cfg)
 
 
 def test_evaluate_hands_every_batchs_target_ranks_to_on_ranks(tiny_job):

@@ -3,15 +3,16 @@
 import pytest
 from mlflow.tracking import MlflowClient
 
+from rayrec import recipes
 from rayrec.cli import main
 from rayrec.config import dump_job
 from rayrec.errors import RayrecError
+from rayrec.runs import COMPLETE_MARKER
 from rayrec.train.checkpoint import load_state
-from rayrec.train.run import COMPLETE_MARKER, run_training
 
 
 def test_one_worker_run_logs_everything(ray_session, tiny_job):
-    out = run_training(tiny_job)
+    out = recipes.run(tiny_job)
     assert out.metrics["test/hr@10"] > 0.2 and out.metrics["epoch"] == 3 and out.metrics["test/rows"] == 300
     assert out.checkpoint and out.checkpoint.endswith("final")
     assert load_state(out.checkpoint)["epoch"] == 3
@@ -30,7 +31,7 @@ def test_one_worker_run_logs_everything(ray_session, tiny_job):
     assert [a.path for a in c.list_artifacts(out.mlflow_run_id, "data")] == ["data/manifest.json"]
 
     # running the same job again starts a new run folder instead of "resuming" a finished one
-    again = run_training(tiny_job.model_copy(update={"train": tiny_job.train.model_copy(update={"epochs": 1})}))
+    again = recipes.run(tiny_job.model_copy(update={"train": tiny_job.train.model_copy(update={"epochs": 1})}))
     assert again.run_dir.name == "t_v2" and again.mlflow_run_id != out.mlflow_run_id
 
 
@@ -39,13 +40,13 @@ def test_too_many_workers_fail_fast(ray_session, tiny_job):
     cfg.scaling.num_workers = 4
     cfg.scaling.resources_per_worker = {"CPU": 1.0}
     with pytest.raises(RayrecError, match="4 workers x 1 CPU"):
-        run_training(cfg)
+        recipes.run(cfg)
 
 
 def test_eval_command_on_a_checkpoint(ray_session, tiny_job, tmp_path, capsys):
     cfg = tiny_job.model_copy(deep=True)
     cfg.train.epochs = 1
-    out = run_training(cfg, local=True)
+    out = recipes.run(cfg, local=True)
     job = tmp_path / "job.yaml"
     job.write_text(dump_job(cfg))
     assert main(["eval", str(job), "--checkpoint", out.checkpoint, "--split", "test"]) == 0
@@ -57,7 +58,7 @@ def test_eval_command_on_a_checkpoint(ray_session, tiny_job, tmp_path, capsys):
 def test_two_workers_ddp(ray_session, tiny_job):
     cfg = tiny_job.model_copy(deep=True)
     cfg.scaling.num_workers = 2
-    out = run_training(cfg)
+    out = recipes.run(cfg)
     assert out.metrics["epoch"] == 3 and out.metrics["test/hr@10"] > 0.2
     # each test row evaluated exactly once across the two workers
     assert out.metrics["test/rows"] == 300
@@ -68,13 +69,13 @@ def test_worker_logs_drop_ray_trains_per_report_metric_dump_but_keep_warnings():
 
     from ray.train.v2._internal.execution import context
 
-    from rayrec.train.ray_trainer import quiet_ray_worker_logs
+    from rayrec.workers import quiet_worker_logs
 
     report_log = logging.getLogger(context.__file__)  # where Ray logs "Reporting training result N: ..."
     old = report_log.level
     try:
         report_log.setLevel(logging.NOTSET)
-        quiet_ray_worker_logs()
+        quiet_worker_logs()
         assert not report_log.isEnabledFor(logging.INFO) and report_log.isEnabledFor(logging.WARNING)
         assert not logging.getLogger("ray.data").isEnabledFor(logging.INFO)
     finally:

@@ -1,5 +1,5 @@
-"""Sweeps of a generative base job: every trial runs `rayrec sft`'s recipe (``run_sft``) with the
-sweep's report callback, as a child run of the sweep in MLflow, and the best trial's config is
+"""Sweeps of a generative base job: every trial runs `rayrec sft`'s recipe through the driver
+(``run_job``) with the sweep's report callback, as a child run of the sweep in MLflow, and the best trial's config is
 a job file for `rayrec sft`."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from test_genrec_ray import job_dict
 
 from rayrec.config import load_model
 from rayrec.genrec.config import GenRecJobConfig
+from rayrec.tune.reports import LAST_EPOCH_KEY, Objective, is_final
 from rayrec.tune.runner import COMPLETE_MARKER, run_sweep
 from rayrec.tune.space import load_space
-from rayrec.tune.trial import LAST_EPOCH_KEY, Objective, is_final
 
 PARAMS = {"train.lora.r": {"dist": "choice", "values": [4, 8]},
           "train.lora.alpha": {"dist": "choice", "values": [8, 16]},

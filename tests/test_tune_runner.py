@@ -16,6 +16,7 @@ from rayrec.errors import RayrecError
 from rayrec.tracking.mlflow_tracking import open_run
 from rayrec.tune import runner
 from rayrec.tune.mlflow_sweep import TrialRecorder
+from rayrec.tune.reports import Objective
 from rayrec.tune.runner import (
     COMPLETE_MARKER,
     TrialRow,
@@ -25,7 +26,6 @@ from rayrec.tune.runner import (
     pick_sweep_dir,
 )
 from rayrec.tune.space import load_space
-from rayrec.tune.trial import Objective
 
 
 @pytest.fixture

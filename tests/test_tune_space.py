@@ -13,11 +13,11 @@ import yaml
 from rayrec.config import dump_job, load_job, load_model
 from rayrec.errors import ConfigError
 from rayrec.genrec.config import GenRecJobConfig
-from rayrec.train.worker import DataInfo
 from rayrec.tune.kinds import GENREC, SEQUENTIAL, kind_of_file
 from rayrec.tune.paths import PathError, get_path, locate, set_paths
+from rayrec.tune.reports import objective_key
 from rayrec.tune.space import OptunaSpace, load_space, to_optuna
-from rayrec.tune.trial import TrialPlan, objective_key, trial_job
+from rayrec.tune.trial import TrialPlan, trial_job
 
 ROOT = Path(__file__).resolve().parents[1]
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -140,7 +140,7 @@ def test_overrides_go_to_the_space_or_to_the_base_job(tmp_path, job_file):
 
 def test_trial_job_sets_values_metric_epochs_and_resources(tiny_job):
     plan = TrialPlan(sweep="s", sweep_dir="/tmp/s", base=tiny_job.model_dump(mode="json"), job_source="job.yaml",
-                     info=DataInfo("/d", 10, 10, 5), metric="val/hr@10", mode="max", epochs=7,
+                     metric="val/hr@10", mode="max", epochs=7,
                      scaling={"num_workers": 1, "use_gpu": False, "resources_per_worker": {"CPU": 0.25}},
                      tracking_uri=None, parent_run_id=None, searched=["model.dropout"])
     cfg = trial_job(plan, {"model.dropout": 0.35, "train.optim.lr": 0.01}, name="s-t1")
@@ -293,7 +293,7 @@ def test_genrec_path_on_a_sequential_job_is_refused(tmp_path, job_file):
 def test_genrec_trial_job_sets_values_epochs_and_resources(tmp_path, genrec_job_file):
     job = load_model(GenRecJobConfig, genrec_job_file)
     plan = TrialPlan(sweep="s", sweep_dir=str(tmp_path), base=job.model_dump(mode="json"), job_source="job.yaml",
-                     info=None, metric="val/ndcg@5", mode="max", epochs=3,
+                     metric="val/ndcg@5", mode="max", epochs=3,
                      scaling={"num_workers": 1, "use_gpu": False, "resources_per_worker": {"CPU": 0.25}},
                      tracking_uri=None, parent_run_id=None, searched=["train.lora.r"], kind=GENREC.name)
     cfg = trial_job(plan, {"train.lora.r": 8, "train.lr": 0.002}, name="s-t1")

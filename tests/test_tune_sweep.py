@@ -147,3 +147,37 @@ def test_interrupted_sweep_resumes_without_repeating_finished_trials(ray_session
         assert (second.sweep_dir / f"trial_{trial_id}" / "result.json").read_text() == before
         kid = next(k for k in kids if k.data.tags["rayrec.trial_id"] == trial_id)
         assert [m.step for m in c.get_metric_history(kid.info.run_id, "val/ndcg_at_10")] == [1, 2]
+
+
+UR4REC_STAGES = ("[{name: pretrain_sasrec, epochs: 1}, {name: pretrain_retriever, epochs: 1},"
+                 " {name: joint_finetune, epochs: 1, strategies: [{name: adaptive_alternating, window: 1,"
+                 " min_steps: 2, max_steps: 12}, {name: distillation}]}]")
+
+
+@pytest.mark.slow
+def test_ur4rec_switch_sweep_runs_from_a_folder_with_no_data_and_no_features(ray_session, tmp_path, monkeypatch,
+                                                                             capsys):
+    """The shipped space on a fresh folder: the sweep prepares the data and the features once, then every
+    trial runs the joint recipe through the driver (shrunk by overrides to seconds an epoch)."""
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(tmp_path)
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    overrides = [
+        "num_samples=2", "scheduler.name=none", f"storage_path={tmp_path}/tune",
+        f"data.path={data}", "data.synth={users: 200, items: 80, topics: 4, mean_len: 15, images: true}",
+        "model.sasrec.hidden=16", "model.sasrec.num_blocks=1", "model.sasrec.max_len=15",
+        "model.retriever.hidden=16", "model.retriever.num_negatives=7", "model.fusion.top_n=30",
+        "model.features.text_model=hash:32", f"model.features.cache_dir={cache}", f"model.stages={UR4REC_STAGES}",
+        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+    ]
+    assert not data.exists() and not cache.exists()
+    assert main(["tune", str(root / "search_spaces" / "ur4rec_switch.yaml"), *overrides]) == 0
+    printed = capsys.readouterr().out
+    assert "2 completed" in printed and printed.splitlines()[-1].startswith("log:")
+    log = Path(printed.splitlines()[-1].split()[1]).read_text()
+    assert (data / "features").is_dir() and log.count(f"features -> {data / 'features'}") == 1  # once, on the driver
+    assert log.count("are up to date (nothing to compute)") == 2  # each trial found them ready
+    c = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    kids = c.search_runs([c.get_experiment_by_name("ur4rec_quickstart").experiment_id], "tags.`rayrec.kind` = 'trial'")
+    assert len(kids) == 2 and all(k.data.tags["rayrec.trial_status"] == "completed" for k in kids)
+    assert all(k.data.tags["rayrec.checkpoint"].endswith("final") for k in kids)

@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from rayrec import recipes
 from rayrec.config import load_job
 from rayrec.train.checkpoint import load_state
-from rayrec.train.run import run_training
 
 JOB = Path(__file__).resolve().parents[1] / "jobs" / "ur4rec_quickstart.yaml"
 STAGES = ("[{name: pretrain_sasrec, epochs: 1}, {name: pretrain_retriever, epochs: 1},"
@@ -25,7 +25,7 @@ def test_quickstart_on_ray_two_workers_logs_stages_and_switches(ray_session, tmp
         f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"run.storage_path={tmp_path}/runs",
     ])
     assert cfg.scaling.num_workers == 2
-    out = run_training(cfg)
+    out = recipes.run(cfg)
     assert out.metrics["epoch"] == 5 and out.metrics["test/hr@10"] > 3 * 10 / 120
     state = load_state(out.checkpoint)
     assert state["stage"] == 3 and state["best_model"] is not None

@@ -14,9 +14,9 @@ from rayrec.data.dataset import open_prepared
 from rayrec.errors import DataError
 from rayrec.tracking.mlflow_tracking import Tracker
 from rayrec.train.checkpoint import load_state
-from rayrec.train.joint import StageRunner, build_joint, no_sync, plan_stages, prepare_features
+from rayrec.train.joint import StageRunner, build_joint, fit_joint, no_sync, plan_stages, prepare_features
 from rayrec.train.local import PlainBatches, run_local
-from rayrec.train.run import data_info
+from rayrec.train.worker import data_info
 
 STAGES = [
     {"name": "pretrain_sasrec", "epochs": 1},
@@ -53,7 +53,8 @@ def mm_data(tiny_mm_dataset, tmp_path_factory):
 
 def local(cfg, run_dir=None, resume_from=None):
     ds = open_prepared(cfg.data.path)
-    return run_local(cfg, ds, data_info(ds), run_dir=run_dir, tracker=Tracker.null(), resume_from=resume_from)
+    return run_local(cfg, ds, data_info(ds), run_dir=run_dir, tracker=Tracker.null(), resume_from=resume_from,
+                     loop=fit_joint)
 
 
 def test_four_stages_train_what_they_say(mm_data, tmp_path, caplog, capsys):

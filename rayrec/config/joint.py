@@ -5,8 +5,8 @@ Sections: ``sasrec`` (the sequential model), ``retriever`` (three experts and a 
 ``prefs`` (LLM or template user preferences), ``stages`` (staged training, each with
 its own epochs, learning rates, trainable modules and strategies).
 
-Imported by ``rayrec.config.schema`` after ``Strict`` and ``SASRecConfig`` exist, so the
-joint variant joins the ``model`` union without a second copy of the base classes.
+It builds on ``rayrec.config.base`` (``Strict``, ``SASRecConfig``); ``rayrec.config.schema``
+adds it to the job's ``model`` union.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from rayrec.config.schema import SASRecConfig, Strict
+from rayrec.config.base import SASRecConfig, Strict
 
 #: The two trainable modules of the joint model, in their default training order.
 MODULES = ("sasrec", "retriever")

@@ -9,7 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from rayrec.config.base import LossConfig, SASRecConfig, Strict  # noqa: F401  (every section is found here)
+from rayrec.config.joint import JointConfig
 
 SplitProtocol = Literal["leave_one_out", "temporal", "user_prefix"]
 SourceName = Literal[
@@ -21,12 +24,6 @@ SourceName = Literal[
     "minionerec",
     "csv",
 ]
-
-
-class Strict(BaseModel):
-    """Base of every config section: unknown keys are errors; assignments are validated."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class SynthConfig(Strict):
@@ -72,39 +69,6 @@ class DataConfig(Strict):
     )
 
 
-class LossConfig(Strict):
-    """Training objective of a sequential model.
-
-    ce: full softmax cross-entropy over all items (default, strongest).
-    bce: sampled binary cross-entropy with ``num_negatives`` uniform negatives.
-    gbce: generalised BCE (Petrov & Macdonald 2023) with calibration ``gbce_t``.
-    """
-
-    name: Literal["ce", "bce", "gbce"] = "ce"
-    num_negatives: int = Field(1, ge=1, description="negatives per positive for bce/gbce")
-    gbce_t: float = Field(0.75, ge=0.0, le=1.0, description="gBCE calibration t in [0, 1]")
-
-
-class SASRecConfig(Strict):
-    """SASRec (Kang & McAuley 2018) with pre-LN blocks and tied output embedding."""
-
-    name: Literal["sasrec"] = "sasrec"
-    hidden: int = Field(64, ge=4)
-    num_blocks: int = Field(2, ge=1)
-    num_heads: int = Field(1, ge=1)
-    dropout: float = Field(0.2, ge=0.0, lt=1.0)
-    max_len: int = Field(50, ge=2, description="history length fed to the model")
-    loss: LossConfig = LossConfig()
-
-    @model_validator(mode="after")
-    def _heads_divide_hidden(self) -> SASRecConfig:
-        if self.hidden % self.num_heads:
-            raise ValueError(
-                f"hidden ({self.hidden}) must be divisible by num_heads ({self.num_heads})"
-            )
-        return self
-
-
 class PopularityConfig(Strict):
     """Most-popular baseline: scores every item by its training frequency."""
 
@@ -112,7 +76,6 @@ class PopularityConfig(Strict):
     max_len: int = Field(50, ge=1, description="history length (only used to mask seen items)")
 
 
-from rayrec.config.joint import JointConfig  # noqa: E402  (needs Strict and SASRecConfig above)
 
 ModelConfig = Annotated[SASRecConfig | PopularityConfig | JointConfig, Field(discriminator="name")]
 

@@ -272,6 +272,11 @@ class Inputs:
     sources: dict[str, str]
 
 
+def num_users_of(data_path: str | Path) -> int:
+    """Users of a prepared dataset (its manifest's count)."""
+    return int(json.loads((Path(data_path) / "manifest.json").read_text())["counts"]["users"])
+
+
 def feature_dir(features: FeaturesConfig, data_path: Path) -> Path:
     return Path(features.dir) if features.dir else Path(data_path) / "features"
 

@@ -21,20 +21,20 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_data_features(args: argparse.Namespace) -> int:
+    from rayrec.cluster import gpu_available
     from rayrec.config import load_job
     from rayrec.data.dataset import ensure_prepared
-    from rayrec.data.features import compute_features, manifest_summary
+    from rayrec.data.features import compute_features, manifest_summary, num_users_of
     from rayrec.errors import ConfigError
     from rayrec.prefs.generate import prefs_out_dir
-    from rayrec.train.joint import gpu_available, num_users_of
 
     cfg = load_job(args.job, args.overrides)
-    if cfg.model.name != "ur4rec":
+    if not hasattr(cfg.model, "features"):  # only the joint model has a model.features section
         raise ConfigError(f"{args.job}: data features reads model.features of a ur4rec job, this job's model is "
                           f"'{cfg.model.name}'")
     ds = ensure_prepared(cfg.data)
     if not args.local:
-        from rayrec.train.cluster import ensure_ray
+        from rayrec.cluster import ensure_ray
 
         ensure_ray()
     manifest = compute_features(cfg.model.features, ds.path, num_users_of(ds.path),

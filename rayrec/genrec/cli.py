@@ -14,6 +14,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--local", action="store_true", help="train in this process without Ray")
     s.add_argument("--resume-from", help="checkpoint folder to continue from")
     s.add_argument("--eval", action="store_true", help="evaluate the best adapter on eval.split afterwards")
+    s.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="show Ray's and the workers' own output here too (else: rayrec.log in the run folder)")
     s.set_defaults(func=cmd_sft)
 
     e = sub.add_parser("eval-genrec", help="constrained beam-search evaluation of an SFT checkpoint")
@@ -95,7 +97,7 @@ def cmd_sids(args) -> int:
 
 
 def cmd_prompts(args) -> int:
-    from rayrec.genrec.run import prepare_inputs
+    from rayrec.genrec.inputs import prepare_inputs
 
     cfg = _job(args)
     inputs = prepare_inputs(cfg)
@@ -109,16 +111,17 @@ def cmd_prompts(args) -> int:
 
 
 def cmd_sft(args) -> int:
-    from rayrec.genrec.run import run_sft
+    from rayrec.recipes import recipe_named
+    from rayrec.runs import print_outcome, run_job
 
     cfg = _job(args)
-    out = run_sft(cfg, local=args.local, source=str(args.job), resume_from=args.resume_from)
-    rows = [(k, f"{v:.4f}") for k, v in sorted(out.metrics.items())]
-    _table(rows or [("(none)", "-")], ("metric", "value"), "final SFT metrics")
-    print(f"\nrun folder:  {out.run_dir}\nadapter:     {out.adapter}\nmlflow run:  {out.mlflow_run_id}")
-    print(f"evaluate:    rayrec eval-genrec {args.job} --adapter {out.adapter}")
-    if args.eval and out.adapter:
-        return _evaluate(cfg, Path(out.adapter), None, args.local, None)
+    recipe = recipe_named("sft")
+    out = run_job(recipe, cfg, local=args.local, source=str(args.job), resume_from=args.resume_from,
+                  verbose=args.verbose)
+    print(f"\nevaluate: rayrec eval-genrec {args.job} --adapter {out.checkpoint}")
+    print_outcome(recipe, out, "final SFT metrics")
+    if args.eval and out.checkpoint:
+        return _evaluate(cfg, Path(out.checkpoint), None, args.local, None)
     return 0
 
 

@@ -98,7 +98,7 @@ def _decode_ray(cfg: GenRecJobConfig, adapter: str, records: list[dict], item_si
     """One Ray task per worker over contiguous shards; results come back in row order."""
     import ray
 
-    from rayrec.train.cluster import ensure_ray
+    from rayrec.cluster import ensure_ray
 
     ensure_ray()
     res = dict(cfg.scaling.resources_per_worker)

@@ -235,6 +235,7 @@ def build_trainer(cfg, model, tokenizer, new_ids: list[int], train_rows, eval_ro
                   use_gpu: bool, deepspeed: dict | None, callbacks: list):
     """The LoRA SFT trainer over prompt/completion rows (lists of dicts or HF datasets)."""
     from datasets import Dataset
+    from transformers import PrinterCallback
 
     def as_dataset(rows):
         if rows is None or isinstance(rows, Dataset):
@@ -243,9 +244,11 @@ def build_trainer(cfg, model, tokenizer, new_ids: list[int], train_rows, eval_ro
 
     args = sft_args(cfg, output_dir, use_gpu=use_gpu, deepspeed=deepspeed, has_eval=eval_rows is not None)
     trainer_cls = sid_sft_trainer_class()
-    return trainer_cls(model=model, args=args, train_dataset=as_dataset(train_rows),
-                       eval_dataset=as_dataset(eval_rows), processing_class=tokenizer,
-                       peft_config=lora_config(model, cfg.train.lora, new_ids), callbacks=callbacks)
+    trainer = trainer_cls(model=model, args=args, train_dataset=as_dataset(train_rows),
+                          eval_dataset=as_dataset(eval_rows), processing_class=tokenizer,
+                          peft_config=lora_config(model, cfg.train.lora, new_ids), callbacks=callbacks)
+    trainer.remove_callback(PrinterCallback)  # a dict per log step; rayrec's console shows each epoch
+    return trainer
 
 
 def load_for_eval(adapter_dir: str | Path, *, device: str = "cpu", dtype: torch.dtype | None = None,

@@ -20,6 +20,9 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "ur4rec": build_ur4rec,  # also needs features=JointFeatures (rayrec.train.joint.build_joint loads them)
 }
 
+#: models with nothing to train: fitted from counts on the driver, never on Ray Train workers
+PARAMETER_FREE = frozenset({"popularity"})
+
 
 def build_model(cfg: SASRecConfig | PopularityConfig | JointConfig, num_items: int, **inputs) -> nn.Module:
     """Build the model named by `cfg.name` (a job's `model:` section) over items 1..num_items.
@@ -31,5 +34,5 @@ def build_model(cfg: SASRecConfig | PopularityConfig | JointConfig, num_items: i
     return builder(num_items, cfg, **inputs)
 
 
-__all__ = ["MODELS", "Popularity", "SASRec", "UR4Rec", "build_model", "build_popularity", "build_sasrec",
+__all__ = ["MODELS", "PARAMETER_FREE", "Popularity", "SASRec", "UR4Rec", "build_model", "build_popularity", "build_sasrec",
            "build_ur4rec"]

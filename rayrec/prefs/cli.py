@@ -29,7 +29,7 @@ def cmd_prefs_generate(args: argparse.Namespace) -> int:
     from rayrec.prefs.generate import Selection, generate_prefs, prefs_out_dir
 
     cfg = load_job(args.job, args.overrides)
-    if cfg.model.name != "ur4rec":
+    if not hasattr(cfg.model, "prefs"):  # only the joint model has a model.prefs section
         raise ConfigError(f"{args.job}: prefs generate reads model.prefs of a ur4rec job, this job's model is "
                           f"'{cfg.model.name}'")
     ds = ensure_prepared(cfg.data)

@@ -21,7 +21,7 @@ import pandas as pd
 
 from rayrec.errors import RayrecError
 from rayrec.eval.metrics import metric_mode
-from rayrec.tracking.mlflow_tracking import mlflow_key
+from rayrec.tracking.mlflow_tracking import metric_history, mlflow_key
 
 STATUS_TAG, SWEEP_TAG, KIND_TAG, PARENT_TAG = ("rayrec.trial_status", "rayrec.sweep", "rayrec.kind",
                                                "mlflow.parentRunId")
@@ -93,14 +93,6 @@ def select_runs(frame: pd.DataFrame, *, runs: list[str] | None = None, sweep: st
     if chosen.empty:
         raise RayrecError("no runs left to compare" + (f" for sweep '{sweep}'" if sweep else ""))
     return chosen.reset_index(drop=True)
-
-
-def metric_history(uri: str, run_id: str, metric: str) -> list[tuple[int, float]]:
-    """(epoch, value) of ``metric`` in one run, in epoch order."""
-    from mlflow.tracking import MlflowClient
-
-    history = MlflowClient(tracking_uri=uri).get_metric_history(run_id, mlflow_key(metric))
-    return sorted((m.step, m.value) for m in history)
 
 
 def best_value(history: list[tuple[int, float]], mode: str) -> float | None:

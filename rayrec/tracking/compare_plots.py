@@ -13,6 +13,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from rayrec.tracking.mlflow_tracking import metric_history  # noqa: E402
+
 MAX_PANELS = 12
 
 
@@ -61,8 +63,6 @@ def metric_vs_params(table: pd.DataFrame, params: list[str], metric: str):
 
 def top_curves(result, frame: pd.DataFrame, uri: str, top: int):
     """Validation metric and training loss per epoch for the ``top`` runs."""
-    from rayrec.tracking.compare import metric_history
-
     runs = list(result.table["run"].head(top))
     if not runs:
         return None

@@ -138,6 +138,14 @@ def rayrec_name(key: str) -> str:
     return key.replace("_at_", "@")
 
 
+def metric_history(uri: str, run_id: str, metric: str) -> list[tuple[int, float]]:
+    """(epoch, value) of ``metric`` in one run, in epoch order."""
+    from mlflow.tracking import MlflowClient
+
+    history = MlflowClient(tracking_uri=uri).get_metric_history(run_id, _key(metric))
+    return sorted((m.step, m.value) for m in history)
+
+
 def _is_number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) or hasattr(v, "item")
 

@@ -14,6 +14,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--local", action="store_true", help="run the loop in this process without Ray")
     t.add_argument("--resume-from", help="checkpoint folder to start from (a new run)")
     t.add_argument("--json", type=Path, help="also write the final metrics to this JSON file")
+    t.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="show Ray's and the workers' own output here too (else: rayrec.log in the run folder)")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint on the valid or test split")
@@ -34,14 +36,16 @@ def print_table(rows: list[tuple[str, str]], title: str) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from rayrec.config import load_job
-    from rayrec.train.run import run_training, summary_rows
+    from rayrec.recipes import recipe_for
+    from rayrec.runs import print_outcome, run_job
 
     cfg = load_job(args.job, args.overrides)
-    out = run_training(cfg, local=args.local, source=str(args.job), resume_from=args.resume_from)
-    print_table(summary_rows(out.metrics), f"final metrics ({cfg.model.name}, best epoch by {cfg.train.early_stopping.metric})")
-    print(f"\nrun folder:  {out.run_dir}\ncheckpoint:  {out.checkpoint}\nmlflow run:  {out.mlflow_run_id}")
+    recipe = recipe_for(cfg)
+    out = run_job(recipe, cfg, local=args.local, source=str(args.job), resume_from=args.resume_from,
+                  verbose=args.verbose)
     if args.json:
         args.json.write_text(json.dumps(out.metrics, indent=2))
+    print_outcome(recipe, out, f"final metrics ({cfg.model.name}, best epoch by {cfg.train.early_stopping.metric})")
     return 0
 
 
@@ -53,8 +57,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from rayrec.train.checkpoint import load_state
     from rayrec.train.local import PlainBatches
     from rayrec.train.loop import evaluate
-    from rayrec.train.run import data_info
-    from rayrec.train.worker import build
+    from rayrec.train.worker import build, data_info
 
     cfg = load_job(args.job, args.overrides)
     ds = ensure_prepared(cfg.data)

@@ -22,7 +22,6 @@ fused stages.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -320,7 +319,7 @@ def _run_stage(plan: StagePlan, runner: StageRunner, model: UR4Rec, batches: Bat
         metrics[f"best/{cfg.train.early_stopping.metric}"] = float(best)
         st.history.append(metrics)
         reporter.report(metrics, _joint_state(st, model, runner, cfg))
-        log.info("epoch %d (%s): %s", epoch, plan.cfg.name, _fmt(metrics))
+        log.debug("epoch %d (%s): %s", epoch, plan.cfg.name, _fmt(metrics))  # the console shows rank 0's line
 
 
 @torch.no_grad()
@@ -375,7 +374,7 @@ def _final_joint(model: UR4Rec, plans: list[StagePlan], st: JointState, stopper:
                   f"best/{cfg.train.early_stopping.metric}": float(stop.best) if stop.best is not None else float("nan"),
                   "stopped_early": float(st.epoch < plans[-1].last)})
     reporter.report(final, _joint_state(st, model, None, cfg))
-    log.info("test (%s scorer, best epoch %d): %s", model.scorer, stop.best_epoch, _fmt(final))
+    log.debug("test (%s scorer, best epoch %d): %s", model.scorer, stop.best_epoch, _fmt(final))
     return final
 
 
@@ -414,13 +413,10 @@ def _restore_joint(state: dict[str, Any], model: UR4Rec, cfg: JobConfig) -> Join
 # ----------------------------------------------------------------------------- inputs
 
 
-def num_users_of(data_path: str | Path) -> int:
-    return int(json.loads((Path(data_path) / "manifest.json").read_text())["counts"]["users"])
-
-
 def prepare_features(cfg: JobConfig, data_path: str | Path, *, use_ray: bool) -> dict[str, Any]:
     """Compute (or find up to date) the joint model's features, on the driver, before any worker starts."""
-    from rayrec.data.features import compute_features
+    from rayrec.cluster import gpu_available
+    from rayrec.data.features import compute_features, num_users_of
     from rayrec.prefs.generate import prefs_out_dir
 
     use_gpu = cfg.scaling.use_gpu and gpu_available(use_ray)
@@ -428,18 +424,9 @@ def prepare_features(cfg: JobConfig, data_path: str | Path, *, use_ray: bool) ->
                             prefs_dir=prefs_out_dir(cfg.model.prefs, Path(data_path)), use_ray=use_ray, use_gpu=use_gpu)
 
 
-def gpu_available(use_ray: bool) -> bool:
-    """A GPU for the encoder: anywhere in the Ray cluster (the actor is placed there), else locally."""
-    if use_ray:
-        import ray
-
-        return ray.cluster_resources().get("GPU", 0.0) >= 1.0
-    return torch.cuda.is_available()
-
-
 def build_joint(cfg: JobConfig, num_items: int, data_path: str | Path) -> UR4Rec:
     """The joint model with its frozen features loaded (and checked) from the feature folder."""
-    from rayrec.data.features import feature_dir, load_feature_arrays
+    from rayrec.data.features import feature_dir, load_feature_arrays, num_users_of
     from rayrec.models import build_model
 
     arrays = load_feature_arrays(feature_dir(cfg.model.features, Path(data_path)), num_items=num_items,

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from rayrec.config.schema import JobConfig
+from rayrec.console import Progress, report_epoch
 from rayrec.data.dataset import Prepared
 from rayrec.data.streaming import PlainLoader
 from rayrec.tracking.mlflow_tracking import Tracker
@@ -22,6 +24,10 @@ from rayrec.train.checkpoint import (
 )
 from rayrec.train.loop import LossModule, evaluate, fit
 from rayrec.train.worker import DataInfo, build, collate_for, has_parameters
+
+#: A training loop run in this process: ``loop(model, batches, cfg, num_items=, device=, reporter=,
+#: resume=, steps_per_epoch=, progress=)`` -> final metrics.
+Loop = Callable[..., dict[str, float]]
 
 
 class PlainBatches:
@@ -51,10 +57,11 @@ class PlainBatches:
 
 
 class LocalReporter:
-    """Logs metrics to MLflow and writes a checkpoint folder per epoch under ``run_dir``."""
+    """Logs metrics to MLflow (and, ``show``, the console) and writes a checkpoint folder per
+    epoch under ``run_dir``."""
 
-    def __init__(self, run_dir: Path | None, tracker: Tracker) -> None:
-        self.run_dir, self.tracker = run_dir, tracker
+    def __init__(self, run_dir: Path | None, tracker: Tracker, show: bool = False) -> None:
+        self.run_dir, self.tracker, self.show = run_dir, tracker, show
         self.metrics: list[dict[str, float]] = []
         self.last_checkpoint: Path | None = None
 
@@ -63,19 +70,31 @@ class LocalReporter:
             self.metrics.append(dict(metrics))
             epoch = int(metrics.get("epoch", 0))  # the MLflow step
             self.tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+            if self.show:
+                report_epoch(metrics)
         if state is not None and self.run_dir is not None:
             self.last_checkpoint = self.run_dir / checkpoint_name(metrics)
             save_state(state, self.last_checkpoint)
 
 
+def sequential_loop(model: torch.nn.Module, batches: PlainBatches, cfg: JobConfig, **kw) -> dict[str, float]:
+    """``fit`` of one model (no DDP wrapper in one process)."""
+    return fit(LossModule(model), model, batches, cfg, **kw)
+
+
 def run_local(cfg: JobConfig, ds: Prepared, info: DataInfo, *, run_dir: Path | None, tracker: Tracker,
-              resume_from: str | Path | None = None) -> tuple[dict[str, float], LocalReporter]:
-    """Fit (or, for parameter-free baselines, just evaluate) in this process."""
+              resume_from: str | Path | None = None, loop: Loop = sequential_loop,
+              show: bool = False) -> tuple[dict[str, float], LocalReporter]:
+    """Fit with ``loop`` (or, for parameter-free baselines, just evaluate) in this process.
+
+    ``loop(model, batches, cfg, **kw)``: ``sequential_loop`` or the joint model's ``fit_joint``.
+    ``show``: send progress and epoch lines to the job's console.
+    """
     seed_everything(cfg.run.seed)
     device = torch.device("cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu")
     model = build(cfg, info).to(device)
     batches = PlainBatches(cfg, ds, info)
-    reporter = LocalReporter(run_dir, tracker)
+    reporter = LocalReporter(run_dir, tracker, show=show)
     if not has_parameters(model):
         model.fit(batches.train_df["seq"])
         final = evaluate(model, batches.valid(), cfg, info.num_items, device, prefix="val/")
@@ -85,13 +104,9 @@ def run_local(cfg: JobConfig, ds: Prepared, info: DataInfo, *, run_dir: Path | N
     resume = load_state(resume_from) if resume_from else None
     if resume is not None:
         tracker.log_metrics(resume_metrics(resume), step=int(resume["epoch"]))
-    if cfg.model.name == "ur4rec":  # staged joint training (rayrec.train.joint), same evaluate/checkpoints
-        from rayrec.train.joint import fit_joint
-
-        final = fit_joint(model, batches, cfg, num_items=info.num_items, device=device, reporter=reporter,
-                          resume=resume, steps_per_epoch=math.ceil(len(batches.train(1)) / cfg.train.grad_accum))
-        return final, reporter
-    final = fit(LossModule(model), model, batches, cfg, num_items=info.num_items, device=device,
-                reporter=reporter, resume=resume,
-                steps_per_epoch=math.ceil(len(batches.train(1)) / cfg.train.grad_accum))
+    micro = len(batches.train(1))
+    progress = Progress(cfg.train.epochs * micro, cfg.train.epochs, initial=int(resume["epoch"]) * micro
+                        if resume else 0) if show else None
+    final = loop(model, batches, cfg, num_items=info.num_items, device=device, reporter=reporter, resume=resume,
+                 steps_per_epoch=math.ceil(micro / cfg.train.grad_accum), progress=progress)
     return final, reporter

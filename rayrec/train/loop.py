@@ -8,7 +8,6 @@ local checkpoint folder).
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
@@ -282,7 +281,7 @@ def fit(
         metrics[f"best/{cfg.train.early_stopping.metric}"] = float(stopper.best)
         st.history.append(metrics)
         reporter.report(metrics, _state(st, model, opt, sched, cfg))
-        log.info("epoch %d: %s", epoch, _fmt(metrics))
+        log.debug("epoch %d: %s", epoch, _fmt(metrics))  # the console shows rank 0's line (reporter)
     return _final_test(model, st, batches, cfg, num_items, device, reduce, stopper, reporter, opt, sched)
 
 
@@ -328,7 +327,7 @@ def _final_test(model, st: FitState, batches: Batches, cfg: JobConfig, num_items
                   f"best/{cfg.train.early_stopping.metric}": float(stopper.best) if stopper.best is not None else float("nan"),
                   "stopped_early": float(stopper.should_stop and st.epoch < cfg.train.epochs)})
     reporter.report(final, _state(st, model, opt, sched, cfg))
-    log.info("test (best epoch %d): %s", stopper.best_epoch, _fmt(final))
+    log.debug("test (best epoch %d): %s", stopper.best_epoch, _fmt(final))
     return final
 
 
@@ -365,7 +364,3 @@ def _restore(state: dict[str, Any], model: nn.Module, opt, sched, stopper: Early
 def _fmt(metrics: dict[str, float]) -> str:
     return " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != EPOCH)
 
-
-def snapshot(model: nn.Module) -> nn.Module:
-    """A detached copy of ``model`` (for tests comparing weights)."""
-    return copy.deepcopy(model)

@@ -1,15 +1,15 @@
-"""Pieces shared by the Ray worker and the local (no-Ray) runner."""
+"""Pieces shared by the Ray workers and the local (no-Ray) runner of the sequential and joint recipes."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from torch import nn
 
 from rayrec.config.schema import JobConfig
+from rayrec.data.dataset import Prepared
 from rayrec.data.streaming import Collate
 from rayrec.models import build_model
 
@@ -24,12 +24,27 @@ class DataInfo:
     seen_len: int
 
 
-def build(cfg: JobConfig, info: DataInfo) -> nn.Module:
-    if cfg.model.name == "ur4rec":  # the joint model loads its feature tables from the dataset folder
-        from rayrec.train.joint import build_joint
+def data_info(ds: Prepared) -> DataInfo:
+    return DataInfo(path=str(ds.path.resolve()), num_items=ds.num_items,
+                    train_rows=int(ds.manifest["counts"]["train_users"]),
+                    seen_len=max(ds.max_history("valid"), ds.max_history("test")))
 
-        return build_joint(cfg, info.num_items, info.path)
-    return build_model(cfg.model, info.num_items)
+
+def _joint(cfg: JobConfig, info: DataInfo) -> nn.Module:
+    from rayrec.train.joint import build_joint
+
+    return build_joint(cfg, info.num_items, info.path)
+
+
+#: models whose builder reads more than the config and the item count (a plain dict, by model name):
+#: the joint model loads its feature tables from the dataset folder
+DATA_BUILDERS: dict[str, Callable[[JobConfig, DataInfo], nn.Module]] = {"ur4rec": _joint}
+
+
+def build(cfg: JobConfig, info: DataInfo) -> nn.Module:
+    """The job's model over the prepared data ``info`` describes."""
+    builder = DATA_BUILDERS.get(cfg.model.name)
+    return builder(cfg, info) if builder else build_model(cfg.model, info.num_items)
 
 
 def num_negatives(cfg: JobConfig) -> int:
@@ -50,27 +65,3 @@ def steps_per_epoch(cfg: JobConfig, info: DataInfo) -> int:
 
 def has_parameters(model: nn.Module) -> bool:
     return any(p.requires_grad for p in model.parameters())
-
-
-class ListReporter:
-    """Reporter that keeps metrics in memory and the latest state (local runs, tests)."""
-
-    def __init__(self, on_state=None) -> None:
-        self.metrics: list[dict[str, float]] = []
-        self.states: list[dict[str, Any]] = []
-        self.on_state = on_state
-
-    def report(self, metrics: dict[str, float], state: dict[str, Any] | None) -> None:
-        self.metrics.append(dict(metrics))
-        if state is not None:
-            self.states.append(state)
-            if self.on_state:
-                self.on_state(metrics, state)
-
-
-def tqdm_progress(desc: str, total: int, factory) -> Any:
-    """Wrap an iterable in a per-epoch progress bar made by ``factory`` (tqdm or tqdm_ray)."""
-    def wrap(it: Iterable, epoch: int) -> Iterable:
-        bar = factory(it, total=total, desc=f"{desc} epoch {epoch}")
-        return bar
-    return wrap

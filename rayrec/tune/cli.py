@@ -17,6 +17,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--resume", action="store_true", help="continue the interrupted sweep of this space")
     t.add_argument("--dry-run", action="store_true", help="validate, print the plan and sample configs; start nothing")
     t.add_argument("--export", type=Path, help="also write the best config (a job YAML) here")
+    t.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="show Ray's and the workers' own output here too (else: rayrec.log in the run folder)")
     t.set_defaults(func=cmd_tune)
 
     c = sub.add_parser("compare", help="compare the runs of an MLflow experiment (table, plots, CSV, Markdown)")
@@ -53,7 +55,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         return 0
     from rayrec.tune.runner import run_sweep
 
-    out = run_sweep(sweep, resume=args.resume, export=args.export)
+    out = run_sweep(sweep, resume=args.resume, export=args.export, verbose=args.verbose)
     print_outcome(sweep, out)
     return 130 if out.interrupted else 0
 
@@ -113,6 +115,8 @@ def print_outcome(sweep, out) -> None:
         print(f"mlflow run:   {out.parent_run_id} (parent; trials are its children)")
     if out.interrupted:
         print(f"\ninterrupted: continue with  rayrec tune {sweep.source} --resume")
+    if out.log_path is not None:
+        print(f"log:          {out.log_path} (Ray and trial output; -v shows it here)")
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

@@ -1,11 +1,12 @@
 """The kinds of job a sweep can tune, and the one rule that tells them apart.
 
-* ``sequential``: a sequential-model job (``JobConfig``, run by ``rayrec train``); each
-  trial is a Ray Train run of the training loop, which reports ``val/...`` every epoch
-  and ends with a ``test/...`` report of the best weights.
-* ``genrec``: a generative-recommendation job (``GenRecJobConfig``, run by ``rayrec sft``);
-  each trial is a LoRA SFT run whose validation ranking reports ``val/hr@K`` and
-  ``val/ndcg@K`` (K in ``eval.ks``, on ``train.val_rows`` valid rows) every epoch.
+* ``sequential``: a sequential-model job (``JobConfig``, run by ``rayrec train``: the
+  ``sequential`` or ``joint`` recipe, by model); each trial is a Ray Train run of the
+  training loop, which reports ``val/...`` every epoch and ends with a ``test/...`` report
+  of the best weights.
+* ``genrec``: a generative-recommendation job (``GenRecJobConfig``, run by ``rayrec sft``:
+  the ``sft`` recipe); each trial is a LoRA SFT run whose validation ranking reports
+  ``val/hr@K`` and ``val/ndcg@K`` (K in ``eval.ks``, on ``train.val_rows`` valid rows) every epoch.
 
 The rule: a job file is generative when its top level has a ``sids`` or ``prompts``
 section (sections only the generative schema has); any other job file is sequential and
@@ -50,6 +51,13 @@ class JobKind:
     schema: type[BaseModel]
     command: str  # the CLI command that runs a job file of this kind (and the sweep's best.yaml)
     fixed: dict[str, str]  # path prefix -> why a sweep may not search it
+    test_report: bool  # a trial's run ends with a test/ report of its best weights (else: its last epoch's)
+
+    def recipe(self, job: BaseModel):
+        """The recipe that runs a job of this kind (``rayrec.recipes``); every trial runs through it."""
+        from rayrec.recipes import recipe_for
+
+        return recipe_for(job)
 
     def fixed_reason(self, path: str) -> str | None:
         """Why ``path`` may not be searched, or None when it may."""
@@ -57,8 +65,8 @@ class JobKind:
                     None)
 
 
-SEQUENTIAL = JobKind("sequential", JobConfig, "rayrec train", COMMON_FIXED)
-GENREC = JobKind("genrec", GenRecJobConfig, "rayrec sft", GENREC_FIXED)
+SEQUENTIAL = JobKind("sequential", JobConfig, "rayrec train", COMMON_FIXED, test_report=True)
+GENREC = JobKind("genrec", GenRecJobConfig, "rayrec sft", GENREC_FIXED, test_report=False)
 KINDS = {k.name: k for k in (SEQUENTIAL, GENREC)}
 
 #: Top-level sections of any kind of job (overrides of these go to the base job, not the space).

@@ -16,8 +16,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rayrec.config.loader import dump_job
 from rayrec.tracking.mlflow_tracking import RUN_KEY_TAG, Tracker, open_run
-from rayrec.tracking.plots import learning_curves
+from rayrec.tune.reports import TIME_ATTR, is_final, is_test_report
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,9 @@ def _runs_with_tag(uri: str, experiment: str, tag: str, value: str) -> list:
                          order_by=["attributes.start_time DESC"], max_results=5)
 
 
-def open_child(plan, trial_id: str, params: dict[str, Any], run_dir: Path, resolved_yaml: str) -> Tracker:
-    """The trial's child run (re-opened when a resumed sweep restarts the trial)."""
+def open_child(plan, trial_id: str, params: dict[str, Any], cfg, run_dir: Path) -> Tracker:
+    """The trial's child run (re-opened when a resumed sweep restarts the trial): the driver's
+    ``tracking`` hook for a trial, so it holds the searched params, not the whole job."""
     if not plan.tracking_uri:
         return Tracker.null()
     experiment = plan.base["tracking"]["experiment"]
@@ -65,20 +67,8 @@ def open_child(plan, trial_id: str, params: dict[str, Any], run_dir: Path, resol
             BASE_JOB_TAG: plan.job_source, "rayrec.model": plan.base["model"].get("name", "genrec-sft")}
     tracker = open_run(plan.tracking_uri, experiment, str(run_dir), f"{plan.sweep}/{trial_id}", tags=tags)
     tracker.log_params(params)
-    tracker.log_text(resolved_yaml, "config/resolved.yaml")
+    tracker.log_text(dump_job(cfg), "config/resolved.yaml")
     return tracker
-
-
-def finish_child(tracker: Tracker, checkpoint: str | None, *, plot: bool = True) -> None:
-    """Driver-side records of a trial that ran to the end: checkpoint, learning curves (``plot``)."""
-    if not tracker.active:
-        return
-    tracker.set_tags({CHECKPOINT_TAG: checkpoint or ""})
-    if not plot:
-        return
-    curves = {k: tracker.history(k) for k in ("train/loss", "val/ndcg@10", "val/hr@10")}
-    if any(curves.values()):
-        tracker.log_figure(learning_curves(curves), "learning_curves.png")
 
 
 def find_child(uri: str, experiment: str, parent_id: str, trial_id: str) -> str | None:
@@ -116,8 +106,6 @@ class TrialRecorder(_tune_callback_base()):
         self._start = time.time()
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        from rayrec.tune.trial import TIME_ATTR, is_test_report
-
         if is_test_report(result):  # repeats the last epoch
             return
         value, best = result.get(self.metric), result.get(self.objective)
@@ -127,8 +115,6 @@ class TrialRecorder(_tune_callback_base()):
               f"{self.metric}={shown} (best {best_s})", flush=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        from rayrec.tune.trial import is_final
-
         result = trial.last_result or {}
         if is_final(result):
             status, why = COMPLETED, ""

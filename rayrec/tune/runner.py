@@ -20,13 +20,11 @@ import pandas as pd
 import yaml
 from pydantic import BaseModel
 
+from rayrec.cluster import DATA_CPU_RESERVE, shared_paths
 from rayrec.config.loader import dump_job
-from rayrec.data.dataset import ensure_prepared
 from rayrec.errors import RayrecError
+from rayrec.runs import check_storage
 from rayrec.tracking.mlflow_tracking import Tracker, check_reachable, resolve_uri
-from rayrec.train.cluster import DATA_CPU_RESERVE
-from rayrec.train.run import check_storage, data_info
-from rayrec.train.worker import DataInfo
 from rayrec.tune.kinds import GENREC
 from rayrec.tune.space import OptunaSpace, Sweep
 
@@ -57,38 +55,50 @@ class SweepOutcome:
     best_test: dict[str, float] = field(default_factory=dict)
     parent_run_id: str | None = None
     interrupted: bool = False
+    log_path: Path | None = None
 
 
-def run_sweep(sweep: Sweep, *, resume: bool = False, export: Path | None = None) -> SweepOutcome:
-    """Run (or, with ``resume``, continue) the sweep described by ``sweep``."""
-    from rayrec.train.cluster import ensure_ray
+def run_sweep(sweep: Sweep, *, resume: bool = False, export: Path | None = None,
+              verbose: bool = False) -> SweepOutcome:
+    """Run (or, with ``resume``, continue) the sweep described by ``sweep``.
 
-    # 1. cheap checks first: storage, sweep folder, MLflow, data (prepared once, shared by all trials)
-    job = absolute_paths(sweep.job)
+    The console shows one line per trial epoch and the summary; Ray's and the trials' own
+    output goes to ``rayrec.log`` in the sweep folder (``verbose``: to the console too).
+    """
+    from rayrec.cluster import ensure_ray
+    from rayrec.console import job_console
+
+    # 1. cheap checks first: storage, sweep folder, MLflow
+    job = absolute_paths(shared_paths(sweep.job))  # on a cluster: data on its shared storage
     storage = check_storage(sweep.space.storage_path)
     sweep_dir = pick_sweep_dir(storage, sweep.name, resume)
     uri = resolve_uri(job.tracking.uri) if job.tracking.enabled else None
     if uri:
         check_reachable(uri)
-    info = prepare_shared(sweep, job)
-    # 2. Ray with the dashboard: its state API lets Train clean up after ASHA stops a trial
-    ensure_ray()
-    logging.getLogger("tensorboardX").setLevel(logging.WARNING)  # it renames every metric with '@'
-    concurrency = fit_concurrency(sweep)
-    parent = _open_parent(sweep, job, uri, sweep_dir, resume)
-    plan = _plan(sweep, job, info, sweep_dir, uri, parent.run_id)
-    # 3. tune: a new Tuner, or the saved one (finished trials are kept, unfinished ones continue)
-    tuner = _tuner(sweep, plan, sweep_dir, concurrency, resume)
-    start = time.monotonic()
-    try:
-        grid = tuner.fit()  # Ctrl-C: Tune saves the sweep and returns; --resume continues it
-    except BaseException:
-        parent.finish("KILLED")
-        raise
-    # 4. report: summary, CSVs, the best trial as a runnable job, the parent run's records
-    budget = sweep.space.time_budget_s
-    out_of_time = bool(budget) and time.monotonic() - start >= 0.95 * budget
-    return _report(sweep, plan, grid, sweep_dir, parent, export, out_of_time)
+    with job_console(sweep_dir, [], verbose=verbose) as console:
+        # 2. Ray with the dashboard: its state API lets Train clean up after ASHA stops a trial;
+        #    then what every trial reads (data, features, SID index), made once here
+        ensure_ray()
+        console.attach_ray()
+        prepare_shared(sweep, job)
+        logging.getLogger("tensorboardX").setLevel(logging.WARNING)  # it renames every metric with '@'
+        concurrency = fit_concurrency(sweep)
+        parent = _open_parent(sweep, job, uri, sweep_dir, resume)
+        plan = _plan(sweep, job, sweep_dir, uri, parent.run_id)
+        # 3. tune: a new Tuner, or the saved one (finished trials are kept, unfinished ones continue)
+        tuner = _tuner(sweep, plan, sweep_dir, concurrency, resume, verbose)
+        start = time.monotonic()
+        try:
+            grid = tuner.fit()  # Ctrl-C: Tune saves the sweep and returns; --resume continues it
+        except BaseException:
+            parent.finish("KILLED")
+            raise
+        # 4. report: summary, CSVs, the best trial as a runnable job, the parent run's records
+        budget = sweep.space.time_budget_s
+        out_of_time = bool(budget) and time.monotonic() - start >= 0.95 * budget
+        out = _report(sweep, plan, grid, sweep_dir, parent, export, out_of_time)
+    out.log_path = console.log_path
+    return out
 
 
 def absolute_paths(cfg: BaseModel) -> Any:
@@ -120,19 +130,10 @@ def _absolutize(model: BaseModel) -> None:
                     _absolutize(item)
 
 
-def prepare_shared(sweep: Sweep, job: BaseModel) -> DataInfo | None:
-    """What every trial reads, made once before any starts: the prepared dataset and, for a
-    generative job, its semantic-ID index (built here when missing, so trials never build it
-    concurrently). Returns the data summary sequential trials need."""
-    ds = ensure_prepared(job.data)
-    if sweep.kind is not GENREC:
-        return data_info(ds)
-    from rayrec.genrec.semantic_ids import load_or_build
-
-    items = ds.table("items")
-    index, _ = load_or_build(job.sids, items, seed=job.run.seed)
-    index.for_items(items)  # unknown, missing or duplicate SIDs fail here, not in every trial
-    return None
+def prepare_shared(sweep: Sweep, job: BaseModel) -> None:
+    """What every trial reads, made once before any starts (the recipe's ``share``: the prepared
+    dataset; a joint job's features; a generative job's semantic-ID index)."""
+    sweep.kind.recipe(job).share(job)
 
 
 def pick_sweep_dir(storage: Path, name: str, resume: bool) -> Path:
@@ -199,20 +200,20 @@ def _open_parent(sweep: Sweep, job: BaseModel, uri: str | None, sweep_dir: Path,
     return parent
 
 
-def _plan(sweep: Sweep, job: BaseModel, info, sweep_dir: Path, uri: str | None, parent_id: str | None):
+def _plan(sweep: Sweep, job: BaseModel, sweep_dir: Path, uri: str | None, parent_id: str | None):
     from rayrec.tune.trial import TrialPlan
 
     t = sweep.space.trial
     return TrialPlan(
         sweep=sweep.name, sweep_dir=str(sweep_dir), base=job.model_dump(mode="json"), job_source=str(sweep.job_source),
-        info=info, metric=sweep.space.metric, mode=sweep.space.resolved_mode,
+        metric=sweep.space.metric, mode=sweep.space.resolved_mode,
         epochs=sweep.max_epochs if sweep.max_epochs != job.train.epochs else None,  # (ur4rec: the stages' sum)
         scaling={"num_workers": t.num_workers, "use_gpu": t.use_gpu, "resources_per_worker": dict(t.resources_per_worker)},
         tracking_uri=uri, parent_run_id=parent_id, searched=list(sweep.order), kind=sweep.kind.name,
     )
 
 
-def _tuner(sweep: Sweep, plan, sweep_dir: Path, concurrency: int, resume: bool):
+def _tuner(sweep: Sweep, plan, sweep_dir: Path, concurrency: int, resume: bool, verbose: bool = False):
     """A ``Tuner`` over the trial function: Optuna search, ASHA on the epoch clock, MLflow callback."""
     from ray import tune
 
@@ -231,12 +232,13 @@ def _tuner(sweep: Sweep, plan, sweep_dir: Path, concurrency: int, resume: bool):
         name=sweep_dir.name, storage_path=str(sweep_dir.parent), callbacks=[_recorder(sweep, plan)],
         failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        verbose=None if verbose else 0,  # rayrec's recorder prints one line per trial epoch
     )
     return tune.Tuner(trainable, param_space={}, tune_config=tune_config, run_config=run_config)
 
 
 def _objective(sweep: Sweep) -> str:
-    from rayrec.tune.trial import objective_key
+    from rayrec.tune.reports import objective_key
 
     return objective_key(sweep.space.metric)
 
@@ -279,7 +281,7 @@ def make_scheduler(sweep: Sweep):
     """
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from rayrec.tune.trial import TIME_ATTR
+    from rayrec.tune.reports import TIME_ATTR
 
     sch = sweep.space.scheduler
     if sch.name == "none":
@@ -300,7 +302,7 @@ def asha_rungs(grace: int, reduction_factor: float, max_epochs: int) -> list[flo
 
 def _report(sweep: Sweep, plan, grid, sweep_dir: Path, parent: Tracker, export: Path | None,
             out_of_time: bool) -> SweepOutcome:
-    from rayrec.tune.trial import is_test_report
+    from rayrec.tune.reports import is_test_report
 
     statuses = saved_statuses(sweep_dir)
     rows = trial_rows(sweep, grid, statuses)
@@ -344,7 +346,7 @@ def saved_statuses(sweep_dir: Path) -> dict[str, str]:
 def trial_rows(sweep: Sweep, grid, statuses: dict[str, str]) -> list[TrialRow]:
     """One row per trial from Tune's results: status, epochs, searched values, best metric."""
     from rayrec.tune.mlflow_sweep import COMPLETED, FAILED, STOPPED
-    from rayrec.tune.trial import CHECKPOINT_KEY, TIME_ATTR, is_final
+    from rayrec.tune.reports import CHECKPOINT_KEY, TIME_ATTR, is_final
 
     objective = _objective(sweep)
     rows = []

@@ -136,6 +136,17 @@ def launcher_capacity(config: Path) -> dict[str, float]:
     return total
 
 
+def gpu_available(use_ray: bool) -> bool:
+    """A GPU for the encoder: anywhere in the Ray cluster (the actor is placed there), else locally."""
+    if use_ray:
+        import ray
+
+        return ray.cluster_resources().get("GPU", 0.0) >= 1.0
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def worker_resources(cfg: JobConfig) -> dict[str, float]:
     """What one Ray Train worker reserves (Ray's defaults: 1 CPU, or 1 GPU when ``use_gpu``)."""
     sc = cfg.scaling

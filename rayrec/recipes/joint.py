@@ -1,0 +1,117 @@
+"""The ``joint`` recipe: the UR4Rec joint model (SASRec + multimodal retriever), trained in stages.
+
+It is the sequential recipe with three differences:
+
+prepare: also the text/image features, computed (or found up to date) on the driver once,
+         with Ray Data unless the run is local, before any worker starts.
+worker:  no DDP wrapper: which parameters train changes from step to step under alternation,
+         so the worker broadcasts rank 0's weights, then averages the trained parameters'
+         gradients itself (one flat all-reduce per step) inside ``fit_joint``.
+local:   ``fit_joint`` in this process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from rayrec.config.schema import JobConfig
+from rayrec.console import report_end
+from rayrec.data.dataset import ensure_prepared
+from rayrec.recipes import sequential
+from rayrec.runs import Outcome, Run, TrainerParts
+from rayrec.tracking.mlflow_tracking import Tracker
+from rayrec.train.worker import steps_per_epoch
+from rayrec.workers import RayReporter, ShardBatches, all_reduce_sum, micro_batches_per_epoch, progress_for
+
+
+@dataclass
+class Inputs(sequential.Inputs):
+    features: dict[str, Any]  # the feature manifest (what was encoded, with which model)
+
+
+def prepare(cfg: JobConfig, run: Run) -> Inputs:
+    from rayrec.train.joint import prepare_features
+
+    base = sequential.prepare(cfg, run)
+    return Inputs(base.ds, base.info, prepare_features(cfg, base.ds.path, use_ray=not run.local))
+
+
+def share(cfg: JobConfig) -> None:
+    """A sweep: the dataset and the features, computed once (with Ray Data) before any trial."""
+    from rayrec.train.joint import prepare_features
+
+    prepare_features(cfg, ensure_prepared(cfg.data).path, use_ray=True)
+
+
+def record(tracker: Tracker, inputs: Inputs) -> None:
+    tracker.log_text(json.dumps(inputs.features, indent=2), "data/features.json")
+    sequential.record(tracker, inputs)
+
+
+def local(cfg: JobConfig, inputs: Inputs, run: Run) -> Outcome:
+    from rayrec.train.joint import fit_joint
+
+    return sequential.local(cfg, inputs, run, loop=fit_joint)
+
+
+def joint_worker(config: dict[str, Any]) -> None:
+    """Entry point of each Ray Train worker: broadcast weights, then ``fit_joint`` with Ray pieces."""
+    from rayrec.train.joint import fit_joint, no_sync
+
+    w = sequential.setup_worker(config)
+    w.model.to(w.device)
+    broadcast_from_rank0(w.model)
+    epochs = w.cfg.model.total_epochs
+    progress = progress_for(config, w.rank, epochs=epochs, steps=micro_batches_per_epoch(w.cfg, w.info),
+                            initial_epochs=int(w.resume["epoch"]) if w.resume else 0)
+    fit_joint(w.model, ShardBatches(w.cfg, w.info, w.rank, w.world), w.cfg, num_items=w.info.num_items,
+              device=w.device, reporter=RayReporter(w.rank, w.tracker), resume=w.resume, reduce=all_reduce_sum,
+              sync_grads=all_reduce_grads if w.world > 1 else no_sync, world_size=w.world, progress=progress,
+              steps_per_epoch=steps_per_epoch(w.cfg, w.info))
+    if progress is not None:
+        report_end()
+
+
+def all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
+    """Average the gradients of ``params`` over workers in one flat all-reduce.
+
+    A parameter without a gradient on this worker (unused by its batch) contributes zeros,
+    so every worker reduces the same flat tensor.
+    """
+    import torch.distributed as dist
+
+    if not params:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= dist.get_world_size()
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset : offset + n].view_as(p).clone()
+        offset += n
+
+
+def broadcast_from_rank0(model: torch.nn.Module) -> None:
+    """Start every worker from rank 0's weights (what DDP does at construction)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for t in model.state_dict().values():
+            dist.broadcast(t, src=0)
+
+
+def trainer_parts(cfg: JobConfig, inputs: Inputs, run: Run) -> TrainerParts:
+    return sequential.trainer_parts(cfg, inputs, run, loop=joint_worker)
+
+
+RECIPE = dataclasses.replace(
+    sequential.RECIPE, name="joint", prepare=prepare, record=record, local=local, trainer=trainer_parts, share=share,
+    in_process=lambda cfg: False,
+)

@@ -1,0 +1,293 @@
+"""The ``sft`` recipe: LoRA SFT of a causal LM on semantic-ID prompts (TRL ``SFTTrainer`` + PEFT).
+
+prepare: DeepSpeed config, dataset -> SID index (read or built, checked against the items)
+         -> prompt tables -> the base model (a tiny one is written under the run) -> LoRA
+         targets resolved on a weightless copy.
+worker:  each Ray Train worker builds the PEFT model and runs TRL's trainer. Prompt tables
+         travel as Ray Datasets that are *not* split: the HF Trainer (through accelerate)
+         already gives each rank its part with a distributed sampler, so splitting them in
+         Ray Data too would train each worker on 1/W^2 of the data. ``prepare_trainer`` is
+         applied as Ray documents, and ``RayTrainReportCallback`` reports each epoch's
+         checkpoint (adapter, extended tokenizer, trainer state, ``genrec.json``).
+local:   the same trainer in this process; checkpoints under ``run_dir/checkpoints``.
+outcome: the checkpoint best by ``cfg.selection_metric`` (its ``checkpoint/`` folder is the adapter).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rayrec.console import Progress, emit, report_end, report_epoch, send_to_driver
+from rayrec.genrec.config import GenRecJobConfig
+from rayrec.genrec.inputs import SFTInputs, check_targets, log_inputs, materialize_base, prepare_inputs
+from rayrec.runs import Outcome, Recipe, Run, TrainerParts
+from rayrec.workers import quiet_worker_logs, rank_and_world, resume_checkpoint, worker_tracker
+
+TRAIN_KEY, VALID_KEY = "sft_train", "sft_valid"
+
+
+@dataclass
+class Inputs:
+    data: SFTInputs
+    base: str  # the base model folder (or hub id)
+    deepspeed: dict | None
+
+    def loop_config(self, run: Run) -> dict[str, Any]:
+        """What the trainer needs besides the job (same keys locally and in workers)."""
+        tracker = run.tracker
+        return {"base": self.base, "sid_vocab": self.data.index.vocab(), "deepspeed": self.deepspeed,
+                "sid_index": {k: list(v) for k, v in self.data.index.tokens.items()},
+                "item_sids": self.data.item_sids, "run_name": run.dir.name,
+                "meta": {"base": self.base, "data": str(self.data.ds.path.resolve()),
+                         "sids_source": self.data.index.source, "mlflow_run_id": tracker.run_id,
+                         "tracking_uri": tracker.uri}}
+
+
+def prepare(cfg: GenRecJobConfig, run: Run) -> Inputs:
+    from rayrec.genrec.sft import resolve_deepspeed
+
+    deepspeed = resolve_deepspeed(cfg.train.deepspeed)
+    data = prepare_inputs(cfg)
+    run.dir.mkdir(parents=True, exist_ok=True)
+    base = materialize_base(cfg, run.dir, data)
+    check_targets(base, cfg.train.lora.target_modules)
+    return Inputs(data, base, deepspeed)
+
+
+def share(cfg: GenRecJobConfig) -> None:
+    """A sweep: the dataset and the SID index (built here when missing, so trials never build it
+    concurrently), checked against the items once."""
+    from rayrec.data.dataset import ensure_prepared
+    from rayrec.genrec.semantic_ids import load_or_build
+
+    items = ensure_prepared(cfg.data).table("items")
+    index, _ = load_or_build(cfg.sids, items, seed=cfg.run.seed)
+    index.for_items(items)  # unknown, missing or duplicate SIDs fail here, not in every trial
+
+
+# ----------------------------------------------------------------------------- callbacks
+
+
+def sft_callbacks(cfg: GenRecJobConfig, loop: dict[str, Any], model, tokenizer, tracker, valid_rows, *,
+                  show: bool) -> list:
+    """Metric names + MLflow, checkpoint metadata, (``train.val_rows`` > 0) validation ranking, console."""
+    from rayrec.genrec.evaluate import val_ranking_callback
+    from rayrec.genrec.sft import make_callbacks
+
+    meta = {**loop["meta"], "embedding_rows": int(model.get_input_embeddings().weight.shape[0])}
+    callbacks = make_callbacks(tracker, meta, loop["sid_index"])
+    if cfg.train.val_rows and valid_rows:
+        records = valid_rows[: cfg.train.val_rows]
+        callbacks.append(val_ranking_callback(records, loop["item_sids"], tokenizer, cfg, tracker))
+    if show:
+        callbacks.append(console_callback())
+    return callbacks
+
+
+def console_callback():
+    """Rank 0's progress (optimizer steps) and one line per epoch, after its evaluation."""
+    from transformers import TrainerCallback
+
+    class Console(TrainerCallback):
+        progress: Progress | None = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                self.progress = Progress(state.max_steps, int(args.num_train_epochs), initial=state.global_step,
+                                         send=emit)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.progress is not None:
+                self.progress.update(state.global_step, _epoch(state))
+
+        def on_epoch_end(self, args, state, control, **kwargs):
+            if self.progress is not None and args.eval_strategy == "no":
+                self._line(state)
+
+        def on_evaluate(self, args, state, control, **kwargs):
+            if self.progress is not None:
+                self._line(state)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.progress is not None:
+                report_end()
+
+        def _line(self, state) -> None:
+            merged: dict[str, Any] = {}
+            for entry in state.log_history:
+                merged.update(entry)
+            report_epoch({**merged, "epoch": _epoch(state)})
+
+    return Console()
+
+
+def _epoch(state) -> int:
+    """The epoch in progress (1-based); at an epoch's end HF's float epoch is that epoch."""
+    return max(1, round(state.epoch or 0))
+
+
+# ----------------------------------------------------------------------------- in this process
+
+
+def single_process_group() -> None:
+    """A one-process gloo group on this host, for DeepSpeed outside Ray (``--local``, tests)."""
+    import os
+    import socket
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    with socket.socket() as s:  # a free port, so parallel runs on one host do not collide
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
+                 "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}.items():
+        os.environ.setdefault(k, v)
+    dist.init_process_group("gloo")
+
+
+def local(cfg: GenRecJobConfig, inputs: Inputs, run: Run) -> Outcome:
+    import datasets
+
+    from rayrec.genrec.sft import build_trainer, pick_dtype, prepare_base
+
+    datasets.disable_progress_bars()
+    if inputs.deepspeed is not None:
+        single_process_group()
+    loop = inputs.loop_config(run)
+    model, tokenizer, new_ids = prepare_base(inputs.base, loop["sid_vocab"], pick_dtype(cfg.model.dtype, False))
+    valid = inputs.data.valid.to_dict("records")
+    callbacks = sft_callbacks(cfg, loop, model, tokenizer, run.tracker, valid, show=run.console)
+    trainer = build_trainer(cfg, model, tokenizer, new_ids, inputs.data.train.to_dict("records"), valid,
+                            run.dir / "checkpoints", use_gpu=False, deepspeed=inputs.deepspeed, callbacks=callbacks)
+    trainer.train(resume_from_checkpoint=run.resume_from)
+    history: dict[str, float] = {}
+    for entry in trainer.state.log_history:
+        history.update(entry)
+    adapter = best_local(trainer.state.log_history, run.dir / "checkpoints", *cfg.selection_metric)
+    return Outcome({k: float(v) for k, v in history.items() if "/" in k}, run.dir, adapter, run.tracker.run_id)
+
+
+def best_local(log_history: list[dict], folder: Path, metric: str, mode: str) -> str | None:
+    """The saved checkpoint best by ``metric`` (the last one when none was scored)."""
+    saved = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    values = {int(e["step"]): e[metric] for e in log_history if metric in e}
+    scored = [p for p in saved if int(p.name.split("-")[1]) in values]
+    if scored:
+        pick = max if mode == "max" else min
+        return str(pick(scored, key=lambda p: values[int(p.name.split("-")[1])]))
+    return str(saved[-1]) if saved else None
+
+
+# ----------------------------------------------------------------------------- on Ray Train
+
+
+def _rows(key: str) -> list[dict[str, Any]] | None:
+    """This worker's full copy of a prompt table (None when the job has no such table)."""
+    import ray.train
+
+    try:
+        shard = ray.train.get_dataset_shard(key)
+    except (KeyError, ValueError):
+        return None
+    return None if shard is None else list(shard.iter_rows())
+
+
+def sft_worker(config: dict[str, Any]) -> None:
+    """Entry point of each Ray Train worker: build the PEFT model and run TRL's trainer."""
+    import datasets
+    from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
+
+    from rayrec.genrec.sft import build_trainer, pick_dtype, prepare_base
+
+    quiet_worker_logs()
+    send_to_driver(bool(config.get("console")))
+    datasets.disable_progress_bars()
+    cfg = GenRecJobConfig.model_validate(config["job"])
+    rank, _ = rank_and_world()
+    use_gpu = cfg.scaling.use_gpu
+    model, tokenizer, new_ids = prepare_base(config["base"], config["sid_vocab"], pick_dtype(cfg.model.dtype, use_gpu))
+    tracker = worker_tracker(config, rank)
+    train_rows, valid_rows = _rows(TRAIN_KEY), _rows(VALID_KEY)
+    callbacks = sft_callbacks(cfg, config, model, tokenizer, tracker, valid_rows,
+                              show=rank == 0 and bool(config.get("console"))) + [RayTrainReportCallback()]
+    output_dir = Path(tempfile.gettempdir()) / "rayrec_sft" / config["run_name"] / f"rank_{rank}"
+    trainer = build_trainer(cfg, model, tokenizer, new_ids, train_rows, valid_rows, output_dir,
+                            use_gpu=use_gpu, deepspeed=config.get("deepspeed"), callbacks=callbacks)
+    trainer = prepare_trainer(trainer)
+    checkpoint = resume_checkpoint(config.get("resume_from"))
+    if checkpoint is None:
+        trainer.train()
+        return
+    with checkpoint.as_directory() as d:
+        inner = Path(d) / RayTrainReportCallback.CHECKPOINT_NAME  # Ray's layout; a bare HF folder works too
+        trainer.train(resume_from_checkpoint=str(inner if inner.is_dir() else d))
+
+
+def write_table(frame, path: Path) -> str:
+    """``frame`` as Parquet at ``path``, written under a temporary name and renamed into place."""
+    import os
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    frame.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+    return str(path.resolve())
+
+
+def trainer_parts(cfg: GenRecJobConfig, inputs: Inputs, run: Run) -> TrainerParts:
+    """The prompt tables as lazy Parquet reads from the run folder (shared storage on a cluster).
+
+    Lazy on purpose: ``ray.data.from_pandas`` runs tasks at once, which wait for a free CPU,
+    so a cluster without room would hang here instead of failing by ``scaling.start_timeout_s``.
+    """
+    import os
+
+    import ray.data
+    import ray.train
+
+    valid = inputs.data.valid
+    folder = run.dir / "prompts"
+    datasets = {TRAIN_KEY: ray.data.read_parquet(write_table(inputs.data.train[["prompt", "completion"]],
+                                                             folder / "train.parquet"))}
+    if valid is not None:
+        datasets[VALID_KEY] = ray.data.read_parquet(write_table(valid[["prompt", "completion", "target"]],
+                                                                folder / "valid.parquet"))
+    metric, mode = cfg.selection_metric
+    opts = ray.train.DataConfig.default_ingest_options()
+    opts.preserve_order = True  # validation ranking scores the first train.val_rows rows
+    return TrainerParts(
+        loop=sft_worker, config=inputs.loop_config(run), datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=[], execution_options=opts),
+        score=(metric if valid is not None else None, mode),
+        env={"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"), "TOKENIZERS_PARALLELISM": "false"},
+    )
+
+
+def outcome(cfg: GenRecJobConfig, result, run: Run) -> Outcome:
+    best, (metric, mode) = result.checkpoint, cfg.selection_metric
+    if result.best_checkpoints and any(metric in m for _, m in result.best_checkpoints):
+        best = result.get_best_checkpoint(metric, mode)
+    adapter = str(Path(best.path) / "checkpoint") if best else None
+    metrics = {k: float(v) for k, v in (result.metrics or {}).items() if "/" in k}
+    return Outcome(metrics, run.dir, adapter, run.tracker.run_id)
+
+
+def console_keys(cfg: GenRecJobConfig) -> list[str]:
+    metric, _ = cfg.selection_metric
+    k = metric.partition("@")[2]
+    return ["train/loss", "val/loss", *([f"val/ndcg@{k}", f"val/hr@{k}"] if k else [])]
+
+
+RECIPE = Recipe(
+    name="sft", schema=GenRecJobConfig, command="rayrec sft", prepare=prepare,
+    record=lambda tracker, inputs: log_inputs(tracker, inputs.data), local=local, trainer=trainer_parts,
+    outcome=outcome, console_keys=console_keys, share=share,
+    curves=("train/loss", "val/loss", "val/ndcg@10", "val/hr@10"),
+    tags=lambda cfg: {"rayrec.model": "genrec-sft", "rayrec.base": cfg.model.base},
+    checkpoint_label="adapter",
+)

@@ -1,0 +1,295 @@
+"""The one job driver: ``run_job(recipe, cfg)`` runs every kind of job.
+
+The driver owns what every job needs, in this order:
+
+1. shared storage paths (``$RAYREC_STORAGE_ROOT`` on a cluster) and the storage check;
+2. the run folder (``storage/name``, or ``name_vN`` once that run completed; an unfinished
+   one is reused, so a re-run after a crash resumes it) and the console with its log file;
+3. Ray and the cluster preflight (unless the job runs in this process);
+4. the recipe's driver-side preparation (dataset, features, SID index, prompts), before
+   any worker starts;
+5. MLflow: the run opened (or re-opened), params, resolved YAML, the recipe's inputs;
+6. training: the recipe's local path, or one ``TorchTrainer`` built here from the recipe's
+   worker loop (scaling, failure handling, start timeout, placement errors);
+7. the finish: checkpoint tags, learning curves, status, the completion marker.
+
+A *recipe* (``rayrec.recipes``) supplies only what differs between job kinds: its schema,
+``prepare``, ``record``, its worker loop (``trainer``), its ``local`` path and how it reads
+its ``outcome``. Sweep trials call ``run_job`` too, with their own MLflow child run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from rayrec.config.loader import dump_job, flatten
+from rayrec.console import job_console
+from rayrec.errors import RayrecError
+from rayrec.tracking.mlflow_tracking import Tracker, check_reachable, open_run, resolve_uri
+from rayrec.tracking.plots import learning_curves
+
+log = logging.getLogger(__name__)
+
+COMPLETE_MARKER = ".rayrec_complete"
+CHECKPOINT_TAG = "rayrec.checkpoint"
+
+
+@dataclass
+class Outcome:
+    """What a run ends with: final metrics, its folder, the checkpoint (an SFT run: the best adapter)."""
+
+    metrics: dict[str, float]
+    run_dir: Path
+    checkpoint: str | None = None
+    mlflow_run_id: str | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+    log_path: Path | None = None
+
+
+@dataclass
+class Run:
+    """The run in progress, as the driver hands it to a recipe."""
+
+    dir: Path
+    local: bool  # runs in this process (``--local``, or a job without Ray workers)
+    resume_from: str | None = None
+    callbacks: list = field(default_factory=list)  # Ray Train callbacks (a sweep's report callback)
+    console: bool = True  # the driver shows a console: workers send it progress events
+    tracker: Tracker = field(default_factory=Tracker.null)
+
+
+@dataclass
+class TrainerParts:
+    """A recipe's share of its ``TorchTrainer``: the worker loop and what it reads."""
+
+    loop: Callable[[dict[str, Any]], None]
+    config: dict[str, Any]  # added to the driver's loop config (job, tracking, resume, console)
+    datasets: dict[str, Any]
+    dataset_config: Any = None  # ray.train.DataConfig
+    score: tuple[str | None, str] = (None, "max")  # (metric, mode) ranking checkpoints to keep
+    env: dict[str, str] = field(default_factory=dict)  # worker environment variables
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What one job kind does differently; the driver does the rest (see the module docstring)."""
+
+    name: str
+    schema: type[BaseModel]
+    command: str  # the CLI command running a job file of this kind
+    prepare: Callable[[Any, Run], Any]  # (cfg, run) -> inputs, on the driver before any worker
+    record: Callable[[Tracker, Any], None]  # log what the run trains on
+    local: Callable[[Any, Any, Run], Outcome]  # (cfg, inputs, run): train in this process
+    trainer: Callable[[Any, Any, Run], TrainerParts]  # (cfg, inputs, run): the Ray Train worker loop
+    outcome: Callable[[Any, Any, Run], Outcome]  # (cfg, ray result, run)
+    console_keys: Callable[[Any], list[str]]  # metrics of the console's epoch line
+    share: Callable[[Any], None]  # a sweep: what all trials read, made once on its driver (no trial builds it)
+    curves: tuple[str, ...] = ("train/loss", "val/ndcg@10", "val/hr@10")
+    tags: Callable[[Any], dict[str, str]] = lambda cfg: {}
+    in_process: Callable[[Any], bool] = lambda cfg: False  # e.g. a parameter-free baseline
+    checkpoint_label: str = "checkpoint"  # what the checkpoint is called on the console and in MLflow
+
+
+Tracking = Callable[[Any, Path], Tracker]  # (cfg, run folder) -> the run's MLflow handle
+
+
+def run_job(recipe: Recipe, cfg: Any, *, local: bool = False, source: str | None = None,
+            resume_from: str | None = None, callbacks: list | None = None, tracking: Tracking | None = None,
+            console: bool = True, verbose: bool = False) -> Outcome:
+    """Run ``cfg`` with ``recipe`` end to end and return its outcome (see the module docstring).
+
+    ``tracking`` opens the run's MLflow run (default: a run of ``cfg.tracking.experiment``;
+    a sweep trial: its child run). ``console``: show progress here and keep the noise in the
+    run's log file (off in sweep trials, whose sweep driver owns the console).
+    """
+    from rayrec.cluster import shared_paths
+
+    cfg = shared_paths(cfg)  # on a cluster: data and checkpoints on its shared storage
+    run_dir = pick_run_dir(check_storage(cfg.run.storage_path), cfg.run.name)
+    if cfg.tracking.enabled:
+        check_reachable(resolve_uri(cfg.tracking.uri))
+    with job_console(run_dir, recipe.console_keys(cfg), verbose=verbose, enabled=console) as con:
+        run = Run(run_dir, local=local or recipe.in_process(cfg), resume_from=resume_from,
+                  callbacks=list(callbacks or []), console=con is not None)
+        if not run.local:
+            start_ray(cfg, attach=con.attach_ray if con else None)
+        inputs = recipe.prepare(cfg, run)
+        run.tracker = (tracking or default_tracking(recipe, source))(cfg, run_dir)
+        recipe.record(run.tracker, inputs)
+        try:
+            outcome = recipe.local(cfg, inputs, run) if run.local else fit_on_ray(recipe, cfg, inputs, run)
+        except BaseException:
+            run.tracker.finish("FAILED")
+            raise
+        if con is not None and not run.local:
+            con.wait_end()
+        finish(run.tracker, recipe, outcome)
+        (run_dir / COMPLETE_MARKER).write_text(outcome.mlflow_run_id or "")
+        outcome.log_path = con.log_path if con else None
+    return outcome
+
+
+def start_ray(cfg: Any, attach: Callable[[], None] | None = None) -> None:
+    """Start or join Ray, take over its forwarded output (``attach``), and check the job fits."""
+    from rayrec.cluster import ensure_ray, preflight
+
+    ensure_ray()
+    if attach is not None:
+        attach()
+    preflight(cfg)
+
+
+# ----------------------------------------------------------------------------- run folder
+
+
+def check_storage(path: Path) -> Path:
+    """The storage folder must be creatable and writable before any worker starts."""
+    path = path.expanduser().resolve()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RayrecError(f"run.storage_path {path} cannot be created: {e.strerror}") from None
+    if not os.access(path, os.W_OK):
+        raise RayrecError(f"run.storage_path {path} is not writable")
+    return path
+
+
+def pick_run_dir(storage: Path, name: str) -> Path:
+    """``storage/name``, or the next ``name_vN`` if that run already completed.
+
+    An unfinished run folder is reused, so re-running after a crash resumes it.
+    """
+    candidate, n = storage / name, 1
+    while (candidate / COMPLETE_MARKER).exists():
+        n += 1
+        candidate = storage / f"{name}_v{n}"
+    return candidate
+
+
+# ----------------------------------------------------------------------------- MLflow
+
+
+def default_tracking(recipe: Recipe, source: str | None) -> Tracking:
+    def open_tracking(cfg: Any, run_dir: Path) -> Tracker:
+        if not cfg.tracking.enabled:
+            return Tracker.null()
+        tags = {"rayrec.recipe": recipe.name, **recipe.tags(cfg), "rayrec.job_file": source or ""}
+        tracker = open_run(resolve_uri(cfg.tracking.uri), cfg.tracking.experiment, str(run_dir), run_dir.name,
+                           tags=tags)
+        tracker.log_params(flatten(cfg))
+        tracker.log_text(dump_job(cfg), "config/resolved.yaml")
+        return tracker
+
+    return open_tracking
+
+
+def finish(tracker: Tracker, recipe: Recipe, outcome: Outcome) -> None:
+    """Driver-side records: the checkpoint, the best epoch, learning curves, the status."""
+    if not tracker.active:
+        return
+    tags = {CHECKPOINT_TAG: outcome.checkpoint or ""}
+    if recipe.checkpoint_label != "checkpoint":
+        tags[f"rayrec.{recipe.checkpoint_label}"] = outcome.checkpoint or ""
+    if "best_epoch" in outcome.metrics:
+        tags["rayrec.best_epoch"] = outcome.metrics["best_epoch"]
+    tracker.set_tags(tags)
+    curves = {k: tracker.history(k) for k in recipe.curves}
+    if any(curves.values()):
+        tracker.log_figure(learning_curves(curves), "learning_curves.png")
+    tracker.finish("FINISHED")
+
+
+# ----------------------------------------------------------------------------- Ray Train
+
+
+def build_trainer(cfg: Any, parts: TrainerParts, *, run_dir: Path, callbacks: list | None = None,
+                  base_config: dict[str, Any] | None = None):
+    """The one ``TorchTrainer`` builder: the job's ``scaling`` and ``run`` sections + the recipe's loop."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    metric, mode = parts.score
+    run = ray.train.RunConfig(
+        name=run_dir.name,
+        storage_path=str(run_dir.parent),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.checkpoint.num_to_keep,
+                                                     checkpoint_score_attribute=metric, checkpoint_score_order=mode),
+        # max_failures: worker deaths survived (resume from the newest checkpoint); the controller
+        # limit bounds the worker-group start attempts, which Ray would otherwise retry forever
+        failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures,
+                                               controller_failure_limit=cfg.scaling.start_attempts - 1),
+        callbacks=callbacks or [],
+        logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+        worker_runtime_env={"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", ""), **parts.env}},
+    )
+    scaling = ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                      resources_per_worker=dict(cfg.scaling.resources_per_worker))
+    return TorchTrainer(
+        parts.loop,
+        train_loop_config={"job": cfg.model_dump(mode="json"), **(base_config or {}), **parts.config},
+        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
+        scaling_config=scaling,
+        run_config=run,
+        datasets=parts.datasets,
+        dataset_config=parts.dataset_config,
+    )
+
+
+def fit_on_ray(recipe: Recipe, cfg: Any, inputs: Any, run: Run) -> Outcome:
+    """Build the recipe's trainer, fit it within ``scaling.start_timeout_s``, read the outcome."""
+    base = {"tracking_uri": run.tracker.uri, "mlflow_run_id": run.tracker.run_id,
+            "resume_from": run.resume_from, "console": run.console}
+    trainer = build_trainer(cfg, recipe.trainer(cfg, inputs, run), run_dir=run.dir, callbacks=run.callbacks,
+                            base_config=base)
+    return recipe.outcome(cfg, fit(trainer, cfg), run)
+
+
+def fit(trainer, cfg: Any):
+    """``trainer.fit()`` with the start timeout, a placement error that names the shortfall,
+    and a failed run as a ``RayrecError``."""
+    from rayrec.cluster import placement_error, worker_start_timeout
+
+    try:
+        with worker_start_timeout(cfg):
+            result = trainer.fit()
+    except Exception as e:
+        friendly = placement_error(e, cfg)
+        if friendly is None:
+            raise
+        raise friendly from None
+    if result.error:
+        raise RayrecError(f"training failed: {result.error}")
+    return result
+
+
+# ----------------------------------------------------------------------------- the final table
+
+
+def summary_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
+    keys = sorted(k for k in metrics if "/" in k and not k.startswith(("train/lr", "train/samples")))
+    rows = [(k, f"{metrics[k]:.4f}") for k in keys]
+    for k in ("best_epoch", "epoch", "stopped_early"):
+        if k in metrics:
+            rows.append((k, f"{metrics[k]:g}"))
+    return rows
+
+
+def print_outcome(recipe: Recipe, outcome: Outcome, title: str) -> None:
+    """The final table, then where everything is; the run's log file on the last line."""
+    rows = summary_rows(outcome.metrics) or [("(no metrics)", "-")]
+    width = max([len(k) for k, _ in rows] + [len(title)])
+    print(f"\n{title}\n{'-' * (width + 12)}")
+    for k, v in rows:
+        print(f"{k:<{width}}  {v:>10}")
+    label = f"{recipe.checkpoint_label}:"
+    print(f"\n{'run folder:':<12} {outcome.run_dir}\n{label:<12} {outcome.checkpoint}\n"
+          f"{'mlflow run:':<12} {outcome.mlflow_run_id}")
+    if outcome.log_path is not None:
+        print(f"{'log:':<12} {outcome.log_path} (Ray and worker output; -v shows it here)")

@@ -1,0 +1,152 @@
+"""Worker-side platform pieces that several recipes use inside Ray Train workers.
+
+The batches of a worker's dataset shards, the reporter that calls ``ray.train.report``
+each epoch, the metric all-reduce, the resume state, the MLflow handle of rank 0, quiet
+worker logs and the progress bar's event stream. No recipe owns them; each recipe's worker
+function composes them (``rayrec.recipes.sequential``, ``joint``, ``sft``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+from typing import Any
+
+import torch
+
+from rayrec import console
+from rayrec.config.schema import JobConfig
+from rayrec.data.streaming import iter_shard
+from rayrec.tracking.mlflow_tracking import Tracker
+from rayrec.train.checkpoint import MID_EPOCH_STEP, checkpoint_name, load_state, save_state
+from rayrec.train.worker import DataInfo, collate_for
+
+
+def quiet_worker_logs() -> None:
+    """Ray Train/Data INFO lines in a worker repeat what rayrec's epoch line says; keep their warnings.
+
+    Ray Train v2 logs every ``report`` call (all metrics, ~2 kB per line per worker) at INFO under
+    a logger named by its file path, not under "ray.train", so that one is named explicitly.
+    """
+    for name in ("ray.train", "ray.data"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: its INFO lines stay
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+def rank_and_world() -> tuple[int, int]:
+    import ray.train
+
+    ctx = ray.train.get_context()
+    return ctx.get_world_rank(), ctx.get_world_size()
+
+
+def worker_tracker(config: dict[str, Any], rank: int) -> Tracker:
+    """Rank 0 logs into the run's MLflow run (opened by the driver); other ranks log nothing."""
+    return Tracker(config.get("tracking_uri"), config.get("mlflow_run_id")) if rank == 0 else Tracker.null()
+
+
+def progress_for(config: dict[str, Any], rank: int, *, epochs: int, steps: int,
+                 initial_epochs: int = 0) -> console.Progress | None:
+    """The run's progress stream (rank 0, when the driver shows a console); ``steps`` micro-batches an epoch."""
+    if rank != 0 or not config.get("console", True):
+        return None
+    return console.Progress(epochs * steps, epochs, initial=initial_epochs * steps)
+
+
+def resume_checkpoint(explicit: str | None):
+    """The newest Ray checkpoint of this run (after a worker or driver restart), else ``explicit``."""
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        return ckpt
+    return ray.train.Checkpoint.from_directory(explicit) if explicit else None
+
+
+def resume_state(explicit: str | None) -> dict[str, Any] | None:
+    """The loaded state of ``resume_checkpoint`` (the sequential and joint loops' format)."""
+    ckpt = resume_checkpoint(explicit)
+    if ckpt is None:
+        return None
+    with ckpt.as_directory() as d:
+        return load_state(d)
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over workers (a no-op when there is one)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+class ShardBatches:
+    """``Batches`` for this worker: its split of train, every world-th row of valid/test.
+
+    Train is split equally by Ray (DDP needs the same number of steps on every rank).
+    Evaluation must see every row exactly once, and an equal split may drop up to
+    world-1 rows, so each worker reads all of valid/test and keeps rows i with
+    i % world == rank; metric sums are then all-reduced.
+    """
+
+    def __init__(self, cfg: JobConfig, info: DataInfo, rank: int = 0, world: int = 1) -> None:
+        import ray.train
+
+        self.cfg, self.info, self.rank, self.world = cfg, info, rank, world
+        self.shards = {s: ray.train.get_dataset_shard(s) for s in ("train", "valid", "test")}
+
+    def train(self, epoch: int):
+        return iter_shard(self.shards["train"], batch_size=self.cfg.train.batch_size,
+                          collate=collate_for(self.cfg, self.info, epoch), shuffle_buffer=self.cfg.train.shuffle_buffer)
+
+    def valid(self):
+        return self._strided("valid")
+
+    def test(self):
+        return self._strided("test")
+
+    def _strided(self, split: str):
+        batches = iter_shard(self.shards[split], batch_size=self.cfg.train.eval.batch_size, collate=collate_for(self.cfg, self.info))
+        offset = 0
+        for batch in batches:
+            n = next(iter(batch.values())).shape[0]
+            keep = (torch.arange(offset, offset + n) % self.world) == self.rank
+            offset += n
+            if keep.any():
+                yield {k: v[keep] for k, v in batch.items()}
+
+
+def micro_batches_per_epoch(cfg: JobConfig, info: DataInfo) -> int:
+    """Training batches one worker reads an epoch (the progress bar's unit)."""
+    return max(1, math.ceil(math.ceil(info.train_rows / cfg.scaling.num_workers) / cfg.train.batch_size))
+
+
+class RayReporter:
+    """Every worker reports (Train V2 requires it); rank 0 adds the checkpoint, logs to MLflow and
+    sends the epoch's line to the console."""
+
+    def __init__(self, rank: int, tracker: Tracker, show: bool = True) -> None:
+        self.rank, self.tracker, self.show = rank, tracker, show and rank == 0
+
+    def report(self, metrics: dict[str, float], state: dict[str, Any] | None) -> None:
+        import ray.train
+
+        epoch = int(metrics.get("epoch", 0))
+        if MID_EPOCH_STEP not in metrics:  # mid-epoch reports only carry a checkpoint
+            self.tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+            if self.show:
+                console.report_epoch(metrics)
+        if state is None or self.rank != 0:
+            ray.train.report(metrics, checkpoint=None)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            save_state(state, d)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+                             checkpoint_dir_name=checkpoint_name(metrics))

@@ -1,0 +1,134 @@
+"""The one job driver (``rayrec.runs``) and its console: what every recipe gets from it."""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+import time
+from pathlib import Path
+
+import pytest
+from test_genrec_ray import job_dict
+
+from rayrec import recipes
+from rayrec.console import MAGIC, Console, job_console
+from rayrec.errors import ClusterError
+from rayrec.genrec.config import GenRecJobConfig
+from rayrec.runs import COMPLETE_MARKER
+
+
+def tiny_sft(dataset: Path, tmp: Path, **train) -> GenRecJobConfig:
+    """One optimizer step of test_genrec_ray's tiny LoRA SFT job."""
+    cfg = job_dict(dataset, tmp, batch_size=8, val_rows=0, **train)
+    cfg["prompts"]["max_examples"] = 8
+    return GenRecJobConfig.model_validate(cfg)
+
+
+# ----------------------------------------------------------------------------- the console
+
+
+def test_epoch_lines_without_a_tty_are_plain_lines_once_each():
+    out = io.StringIO()
+    con = Console(["train/loss", "val/ndcg@10"], out=out, tty=False)
+    con.handle({"ev": "start", "total": 12, "initial": 0, "epochs": 3})
+    for step in range(1, 13):
+        con.handle({"ev": "step", "done": step, "epoch": 1 + (step - 1) // 4, "desc": ""})
+    con.handle({"ev": "epoch", "metrics": {"epoch": 1, "train/loss": 5.0, "val/ndcg@10": 0.125, "val/hr@10": 0.3}})
+    con.handle({"ev": "epoch", "metrics": {"test/ndcg@10": 0.25, "best_epoch": 1, "epoch": 1}})
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2 and "\r" not in out.getvalue()  # no bar fragments in a log
+    assert lines[0].startswith("epoch 1/3  train/loss 5.0000  val/ndcg@10 0.1250") and "hr@10" not in lines[0]
+    assert lines[1].startswith("test (best epoch 1)  test/ndcg@10 0.2500")
+
+
+def test_on_a_tty_one_bar_is_redrawn_in_place():
+    out = io.StringIO()
+    con = Console(["train/loss"], out=out, tty=True)
+    con.handle({"ev": "start", "total": 8, "initial": 0, "epochs": 2})
+    for step in range(1, 9):
+        con.handle({"ev": "step", "done": step, "epoch": 1 + (step - 1) // 4, "desc": "sasrec"})
+    con.handle({"ev": "epoch", "metrics": {"epoch": 2, "train/loss": 4.5}})
+    con.close()
+    text = out.getvalue()
+    assert text.count("\r") >= 8 and "epoch 2/2 sasrec" in text and "8/8" in text  # one bar, redrawn
+    assert text.count("epoch 2/2  train/loss 4.5000") == 1
+
+
+def test_worker_output_goes_to_the_log_and_only_console_events_to_the_screen(tmp_path, capsys):
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    printed: list[str] = []  # what Ray's own printer would have shown
+    ray_handlers = dispatcher.handlers  # a Ray started by an earlier test has its own printer there
+    dispatcher.handlers = [("ray_print_logs", lambda data: printed.extend(data["lines"]))]
+    screen = io.StringIO()
+    console_handler = logging.StreamHandler(screen)  # the terminal's log handler (`rayrec` sets one up)
+    before = list(logging.getLogger().handlers)
+    logging.getLogger().addHandler(console_handler)
+    try:
+        with job_console(tmp_path, ["train/loss"]) as con:
+            con.attach_ray()
+            dispatcher.emit({"pid": 11, "actor_name": "RayTrainWorker", "lines": [
+                "Token authentication is enabled for this Ray cluster.",
+                MAGIC + '{"ev": "epoch", "metrics": {"epoch": 1, "train/loss": 3.25}}',
+                "[2026-12-01 19:52:01,116 E 123 456] core_worker.cc:3221: PreemptionWatcher failed"]})
+            logging.getLogger("ray.data").warning("exclude_resources is deprecated")
+            logging.getLogger("rayrec.test").info("a message of rayrec's own")
+        dispatcher.emit({"pid": 12, "lines": ["after the run"]})  # Ray's printer is back
+    finally:
+        logging.getLogger().removeHandler(console_handler)
+        dispatcher.handlers = ray_handlers
+    shown = screen.getvalue() + capsys.readouterr().out
+    assert "epoch 1  train/loss 3.2500" in shown and "a message of rayrec's own" in shown
+    assert "Token" not in shown and "PreemptionWatcher" not in shown and "exclude_resources" not in shown
+    assert printed == ["after the run"]
+    log = (tmp_path / "rayrec.log").read_text()
+    assert "Token authentication" in log and "PreemptionWatcher" in log and "exclude_resources" in log
+    assert "(RayTrainWorker pid=11)" in log and "epoch 1  train/loss 3.2500" in log
+    assert logging.getLogger().handlers == before  # the run's file handler is gone again
+
+
+def test_a_local_run_prints_each_epoch_once_and_says_where_its_log_is(tiny_job, capsys):
+    from rayrec.cli import main
+    from rayrec.config import dump_job
+
+    job = Path(tiny_job.run.storage_path).parent / "job.yaml"
+    job.write_text(dump_job(tiny_job))
+    assert main(["train", str(job), "--local"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [ln.split("  ")[0] for ln in lines if re.match(r"epoch \d+/", ln)] == ["epoch 1/3", "epoch 2/3", "epoch 3/3"]
+    assert sum(ln.startswith("test (best epoch") for ln in lines) == 1
+    assert lines[-1].startswith("log:") and lines[-1].split()[1].endswith("runs/t/rayrec.log")
+    assert Path(lines[-1].split()[1]).read_text().count("epoch 3/3") == 1
+
+
+# ----------------------------------------------------------------------------- the same for every recipe
+
+
+def test_sft_writes_under_the_storage_root(tiny_dataset, tmp_path, monkeypatch):
+    cfg = tiny_sft(tiny_dataset, tmp_path)
+    cfg.run.storage_path = Path("runs")  # relative: under $RAYREC_STORAGE_ROOT on a cluster
+    cfg.tracking.enabled = False
+    monkeypatch.setenv("RAYREC_STORAGE_ROOT", str(tmp_path / "shared"))
+    monkeypatch.chdir(tmp_path)
+    out = recipes.run(cfg, local=True)
+    assert out.run_dir == tmp_path / "shared" / "runs" / "g" and (out.run_dir / COMPLETE_MARKER).exists()
+    assert Path(out.checkpoint).is_relative_to(tmp_path / "shared") and not (tmp_path / "runs").exists()
+
+
+def test_an_sft_run_that_cannot_be_placed_times_out_like_train(ray_session, tiny_dataset, tmp_path):
+    """The job fits the cluster but another holds the CPUs: scaling.start_timeout_s, same message as train."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    cfg = tiny_sft(tiny_dataset, tmp_path)
+    cfg.scaling.resources_per_worker = {"CPU": 1.0}
+    cfg.scaling.start_timeout_s, cfg.scaling.start_attempts = 3, 1
+    hog = placement_group([{"CPU": 1.5}])  # another job's reservation
+    ray_session.get(hog.ready(), timeout=60)
+    start = time.monotonic()
+    try:
+        with pytest.raises(ClusterError, match=r"1 workers x \(CPU 1\) were not placed within 3 s \(1 attempt"):
+            recipes.run(cfg)
+    finally:
+        remove_placement_group(hog)
+    assert time.monotonic() - start < 120
