@@ -218,19 +218,29 @@ def placement_error(err: BaseException, cfg: JobConfig) -> ClusterError | None:
     )
 
 
-def shared_paths(cfg: JobConfig) -> JobConfig:
-    """``cfg`` with relative ``data.path`` and ``run.storage_path`` under ``$RAYREC_STORAGE_ROOT``.
+#: Relative paths a job writes or reads as shared data: under ``$RAYREC_STORAGE_ROOT`` on a cluster.
+SHARED_PATHS = ("data.path", "run.storage_path", "sids.dir", "model.features.dir", "model.features.cache_dir",
+                "model.prefs.out_dir")
+
+
+def shared_paths(cfg):
+    """``cfg`` with its relative data, run, SID-index and feature paths under ``$RAYREC_STORAGE_ROOT``.
 
     On a cluster the job's working dir is a per-job temporary copy on the head node; every node
-    must see the data and the checkpoints, and a re-submitted job must find its run again. The
-    cluster sets the variable once (cluster/*.yaml); locally it is unset and nothing changes.
+    must see the data and the checkpoints, and a re-submitted job must find its run (and its
+    SID index, features and caches) again. The cluster sets the variable once (cluster/*.yaml);
+    locally it is unset and nothing changes. Absolute paths are kept.
     """
     root = os.environ.get(STORAGE_ROOT_ENV)
     if not root:
         return cfg
     cfg = cfg.model_copy(deep=True)
-    if not cfg.data.path.is_absolute():
-        cfg.data.path = Path(root).expanduser() / cfg.data.path
-    if not cfg.run.storage_path.is_absolute():
-        cfg.run.storage_path = Path(root).expanduser() / cfg.run.storage_path
+    for dotted in SHARED_PATHS:
+        *parents, name = dotted.split(".")
+        section = cfg
+        for part in parents:
+            section = getattr(section, part, None)
+        value = getattr(section, name, None) if section is not None else None
+        if isinstance(value, Path) and not value.is_absolute():
+            setattr(section, name, Path(root).expanduser() / value)
     return cfg

@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -37,6 +39,8 @@ PROGRESS_EVERY_S = 0.5
 
 _active: Console | None = None  # the console of this process, while a job runs here
 _to_driver = False  # a worker whose driver shows a console: events go out through stdout
+_sent = 0  # events this worker sent
+_SOURCE = f"{socket.gethostname()}:{os.getpid()}"  # unique across the nodes of a cluster
 
 
 # ----------------------------------------------------------------------------- worker side
@@ -51,10 +55,12 @@ def send_to_driver(enabled: bool = True) -> None:
 def emit(event: dict[str, Any]) -> None:
     """Send ``event`` to the job's console: directly where it runs, through stdout from a worker,
     nowhere when there is none (a sweep trial, a test calling a loop)."""
+    global _sent
     if _active is not None:
         _active.handle(event)
     elif _to_driver:
-        print(MAGIC + json.dumps(event, default=float), flush=True)
+        _sent += 1  # numbered per process: Ray may forward a worker's line twice (its log files overlap)
+        print(MAGIC + json.dumps({**event, "src": _SOURCE, "seq": _sent}, default=float), flush=True)
 
 
 class Progress:
@@ -89,6 +95,15 @@ def report_epoch(metrics: dict[str, Any]) -> None:
     emit({"ev": "epoch", "metrics": {k: float(v) for k, v in metrics.items() if _number(v)}})
 
 
+def say(text: str) -> None:
+    """A line for the person at the terminal from driver-side code (e.g. a sweep's trial results);
+    plain ``print`` when no job console is active."""
+    if _active is not None:
+        _active.line(text)
+    else:
+        print(text, flush=True)
+
+
 def report_end() -> None:
     """Rank 0's training loop has returned."""
     emit({"ev": "end"})
@@ -105,7 +120,8 @@ class Console:
     """Renders events: a tqdm bar on a TTY, else nothing but one plain line per epoch.
 
     ``keys``: the metrics shown in an epoch line (missing ones are skipped); ``log``: where
-    each epoch line is also written (the run's log file).
+    each line is also written (the run's log file). Thread-safe: Ray's log thread delivers
+    worker events while the main thread prints.
     """
 
     def __init__(self, keys: list[str], out: TextIO | None = None, tty: bool | None = None,
@@ -116,23 +132,25 @@ class Console:
         self.bar = None
         self.epochs = 0
         self._t0 = time.monotonic()
+        self._lock = threading.RLock()
         self.ended = threading.Event()  # rank 0 sent "end"
         self.log_path: Path | None = None  # the run's log file (set by ``job_console``)
         self.attach_ray: Callable[[], None] = lambda: None  # take over Ray's worker output (once Ray is up)
 
     def handle(self, event: dict[str, Any]) -> None:
-        kind = event.get("ev")
-        if kind == "start":
-            self._start(int(event["total"]), int(event.get("initial", 0)), int(event.get("epochs", 0)))
-        elif kind == "step" and self.bar is not None:
-            self.bar.n = min(int(event["done"]), self.bar.total or int(event["done"]))
-            desc = f"epoch {event['epoch']}/{self.epochs}" + (f" {event['desc']}" if event.get("desc") else "")
-            self.bar.set_description_str(desc, refresh=False)
-            self.bar.refresh()
-        elif kind == "epoch":
-            self.line(self.epoch_line(event["metrics"]))
-        elif kind == "end":
-            self.ended.set()
+        with self._lock:
+            kind = event.get("ev")
+            if kind == "start":
+                self._start(int(event["total"]), int(event.get("initial", 0)), int(event.get("epochs", 0)))
+            elif kind == "step" and self.bar is not None:
+                self.bar.n = min(int(event["done"]), self.bar.total or int(event["done"]))
+                desc = f"epoch {event['epoch']}/{self.epochs}" + (f" {event['desc']}" if event.get("desc") else "")
+                self.bar.set_description_str(desc, refresh=False)
+                self.bar.refresh()
+            elif kind == "epoch":
+                self.line(self.epoch_line(event["metrics"]))
+            elif kind == "end":
+                self.ended.set()
 
     def wait_end(self, timeout: float = 10.0) -> None:
         """Wait (a little) for rank 0's last lines, which Ray forwards with a delay."""
@@ -161,17 +179,19 @@ class Console:
         return f"{head}  {shown}  ({time.monotonic() - self._t0:.0f} s)"
 
     def line(self, text: str) -> None:
-        """Print above the bar (or plainly), and into the log."""
-        self.log(text)
-        if self.bar is not None:
-            self.bar.write(text, file=self.out)
-        else:
-            print(text, file=self.out, flush=True)
+        """Print above the bar (or plainly) on the terminal, and into the log."""
+        with self._lock:
+            self.log(text)
+            if self.bar is not None:
+                self.bar.write(text, file=self.out)
+            else:
+                print(text, file=self.out, flush=True)
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
+        with self._lock:
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
 
 
 class _ConsoleFilter(logging.Filter):
@@ -182,16 +202,20 @@ class _ConsoleFilter(logging.Filter):
 
 
 class _ToFile(logging.Filter):
-    """On Ray's own log handler: the record goes to the run log instead of the console."""
+    """On a library's own log handler: the record goes to the run log, and (errors only) to the
+    console's handlers, never through the library's handler itself."""
 
-    def __init__(self, file: logging.Handler, verbose: bool) -> None:
+    def __init__(self, file: logging.Handler, console: list[logging.Handler]) -> None:
         super().__init__()
-        self.file, self.verbose = file, verbose
+        self.file, self.console = file, console
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno >= self.file.level:
             self.file.handle(record)
-        return self.verbose or record.levelno >= logging.ERROR
+        if record.levelno >= logging.ERROR:
+            for h in self.console:
+                h.handle(record)
+        return False
 
 
 @contextmanager
@@ -200,7 +224,8 @@ def job_console(folder: Path | None, keys: list[str], *, verbose: bool = False,
     """The console of one job run in this process, its noise kept in ``folder/rayrec.log``.
 
     Disabled (a sweep trial: the sweep's driver owns the console) it yields None and changes
-    nothing. Ray's forwarded worker output is taken over while Ray is up (see ``attach_ray``).
+    nothing. Ray's forwarded worker output is taken over once Ray is up (``console.attach_ray``).
+    When the run fails, the log's path is printed before the error propagates.
     """
     global _active
     if not enabled or folder is None:
@@ -208,71 +233,146 @@ def job_console(folder: Path | None, keys: list[str], *, verbose: bool = False,
         return
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOG_FILE
-    file = logging.FileHandler(path, encoding="utf-8")
-    file.setLevel(logging.DEBUG if verbose else logging.INFO)
-    file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    console = Console(keys, log=lambda line: _write(file, line))
-    console.log_path = path
-    restore = _route_logging(file, verbose)
-    previous, _active = _active, console
-    ray_hook = _RayOutput(file, console, verbose)
-    console.attach_ray = ray_hook.attach
-    try:
-        yield console
-    finally:
-        console.close()
-        ray_hook.detach()
-        _active = previous
-        restore()
-        file.close()
+    tty = sys.stdout.isatty()
+    with ExitStack() as stack:
+        file = logging.FileHandler(path, encoding="utf-8")
+        stack.callback(file.close)
+        file.setLevel(logging.DEBUG if verbose else logging.INFO)
+        file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        routing = stack.enter_context(_Routing(file, verbose))
+        console = Console(keys, out=routing.out, tty=tty, log=lambda line: _write(file, line))
+        console.log_path = path
+        previous, _active = _active, console
+
+        def restore_active() -> None:
+            global _active
+            _active = previous
+
+        stack.callback(restore_active)
+        stack.callback(console.close)  # after the Ray hook is detached (callbacks run in reverse)
+        ray_hook = _RayOutput(file, console, verbose)
+        stack.callback(ray_hook.detach)
+
+        def attach_ray() -> None:
+            import ray.data  # noqa: F401  (Ray Data sets up its loggers on import: route them too)
+
+            ray_hook.attach()
+            routing.rescan()
+
+        console.attach_ray = attach_ray
+        try:
+            yield console
+        except BaseException:
+            stack.close()
+            print(f"log: {path} (Ray and worker output of the failed run)", file=sys.stderr, flush=True)
+            raise
 
 
 def _write(file: logging.Handler, text: str) -> None:
     file.handle(logging.LogRecord("rayrec.console", logging.INFO, "", 0, text, None, None))
 
 
-def _route_logging(file: logging.Handler, verbose: bool) -> Callable[[], None]:
-    """Root logger: everything to the file; the console handler filtered. Returns the undo."""
-    root = logging.getLogger()
-    old_level = root.level
-    root.setLevel(min(old_level or logging.WARNING, file.level))  # the file gets INFO (``verbose``: DEBUG)
-    root.addHandler(file)
-    filters = []
-    for h in root.handlers:
-        if h is not file and not verbose and isinstance(h, logging.StreamHandler):
-            f = _ConsoleFilter()
-            h.addFilter(f)
-            filters.append((h, f))
+class _Routing:
+    """While a job runs: every log record to the run's file; on the console only rayrec's own
+    (``_ConsoleFilter``) and anyone's errors; libraries' own handlers ("ray", "ray.data",
+    "mlflow", ...) and whatever else writes to standard output or error (Ray's C++ core worker,
+    progress bars, banners) into the file. Each change is undone on exit, also after a failure
+    half-way in. ``verbose`` leaves the console as it was and only adds the file."""
+
+    def __init__(self, file: logging.Handler, verbose: bool) -> None:
+        self.file, self.verbose = file, verbose
+        self.root = logging.getLogger()
+        self.out: TextIO | None = None  # the terminal's standard output, while the streams go to the log
+        self.console: list[logging.Handler] = []  # the root's handlers to the terminal
+        self.stack = ExitStack()
+
+    def __enter__(self) -> _Routing:
+        try:
+            self._route(self.stack)
+        except BaseException:
+            self.stack.close()
+            raise
+        return self
+
+    def _route(self, stack: ExitStack) -> None:
+        root, file = self.root, self.file
+        old_level = root.level
+        root.setLevel(min(old_level or logging.WARNING, file.level))  # the file gets INFO (``verbose``: DEBUG)
+        stack.callback(root.setLevel, old_level)
+        root.addHandler(file)
+        stack.callback(root.removeHandler, file)
+        was_capturing = getattr(logging, "_warnings_showwarning", None) is not None
+        logging.captureWarnings(True)
+        stack.callback(logging.captureWarnings, was_capturing)
+        if self.verbose:
+            return
+        self.console = [h for h in root.handlers if isinstance(h, logging.StreamHandler)
+                        and not isinstance(h, logging.FileHandler)]
+        for h in self.console:
+            self._filter(stack, h, _ConsoleFilter())
             if h.level == logging.NOTSET:
                 h.setLevel(logging.INFO)
-                filters.append((h, None))
-    for h in _ray_handlers(exclude=set(root.handlers)):
-        f = _ToFile(file, verbose)
-        h.addFilter(f)
-        filters.append((h, f))
-    logging.captureWarnings(True)
+                stack.callback(h.setLevel, logging.NOTSET)
+        self._streams_to_log(stack)
+        self.rescan()
 
-    def undo() -> None:
-        logging.captureWarnings(False)
-        for h, f in filters:
-            if f is None:
-                h.setLevel(logging.NOTSET)
-            else:
-                h.removeFilter(f)
-        root.removeHandler(file)
-        root.setLevel(old_level)
+    def __exit__(self, *exc) -> None:
+        self.stack.close()
 
-    return undo
+    @staticmethod
+    def _filter(stack: ExitStack, handler: logging.Handler, f: logging.Filter) -> None:
+        handler.addFilter(f)
+        stack.callback(handler.removeFilter, f)
+
+    def rescan(self) -> None:
+        """Route the handlers libraries attached to their own loggers since (e.g. by importing Ray Data)."""
+        if self.verbose:
+            return
+        for h in self._library_handlers():
+            if not any(isinstance(f, _ToFile) for f in h.filters):
+                self._filter(self.stack, h, _ToFile(self.file, self.console))
+
+    def _library_handlers(self) -> list[logging.Handler]:
+        """Handlers on non-propagating library loggers; their own log files stay as they are."""
+        found: list[logging.Handler] = []
+        for name, logger in list(logging.root.manager.loggerDict.items()):
+            if isinstance(logger, logging.Logger) and not name.startswith("rayrec"):
+                found += [h for h in logger.handlers if h not in self.root.handlers and h not in found
+                          and not isinstance(h, logging.FileHandler)]
+        return found
+
+    def _streams_to_log(self, stack: ExitStack) -> None:
+        """Standard output and error into the log file: what native code (Ray's core worker) and
+        libraries (progress bars, import-time banners, their own log handlers) write there lands in
+        the file. Only the console keeps the terminal: its log handlers, and ``self.out`` (a copy
+        of standard output) for the progress bar and rayrec's lines."""
+        for fd, stream in ((1, sys.stdout), (2, sys.stderr)):
+            try:
+                stream.flush()
+                if stream.fileno() != fd:
+                    return
+            except (AttributeError, OSError, ValueError):  # not a real file (a test's capture): leave them
+                return
+        saved = {fd: os.dup(fd) for fd in (1, 2)}
+        stack.callback(_restore_fds, saved)
+        log_fd = os.open(self.file.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        for fd in (1, 2):
+            os.dup2(log_fd, fd)
+        os.close(log_fd)
+        self.out = stack.enter_context(os.fdopen(os.dup(saved[1]), "w", buffering=1, encoding="utf-8",
+                                                 errors="replace"))
+        err = stack.enter_context(os.fdopen(os.dup(saved[2]), "w", buffering=1, encoding="utf-8", errors="replace"))
+        for h in self.console:
+            stack.callback(h.setStream, h.stream)
+            h.setStream(err)
 
 
-def _ray_handlers(exclude: set[logging.Handler]) -> list[logging.Handler]:
-    """Handlers Ray attached to its own loggers ("ray", and e.g. "ray.data", which do not propagate)."""
-    found: list[logging.Handler] = []
-    for name, logger in list(logging.root.manager.loggerDict.items()):
-        if isinstance(logger, logging.Logger) and (name == "ray" or name.startswith("ray.")):
-            found += [h for h in logger.handlers if h not in exclude and h not in found
-                      and not isinstance(h, logging.FileHandler)]  # Ray's own log files stay as they are
-    return found
+def _restore_fds(saved: dict[int, int]) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    for fd, copy in saved.items():
+        os.dup2(copy, fd)
+        os.close(copy)
 
 
 class _RayOutput:
@@ -280,26 +380,33 @@ class _RayOutput:
 
     Console events are decoded and shown; every other line goes to the log file (and, with
     ``--verbose``, also to Ray's own printer). Uses Ray's stream dispatcher, the hook Ray's
-    own ``log_to_driver`` printing is registered on; on a Ray without it, output stays as Ray prints it.
+    own ``log_to_driver`` printing is registered on; on a Ray without it, output stays as Ray
+    prints it. (Ray's direct printer of raylet errors writes to standard output, which the
+    routing above has sent to the log.)
     """
 
     def __init__(self, file: logging.Handler, console: Console, verbose: bool) -> None:
         self.file, self.console, self.verbose = file, console, verbose
         self.original: Callable | None = None
         self.dispatcher = None
+        self.last: dict[str, int] = {}  # event source -> its newest sequence number shown
 
     def attach(self) -> None:
+        if self.dispatcher is not None:
+            return
         try:
             from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
         except ImportError:
             return
         with dispatcher._lock:
             for i, (name, handler) in enumerate(dispatcher.handlers):
-                if name == RAY_PRINT_HANDLER and self.dispatcher is None:
+                if name == RAY_PRINT_HANDLER:
                     self.original, self.dispatcher = handler, dispatcher
                     dispatcher.handlers[i] = (name, self.handle)
+                    break
 
     def detach(self) -> None:
+        """Give Ray its printer back; waits for a delivery in progress (the dispatcher's lock)."""
         if self.dispatcher is None:
             return
         with self.dispatcher._lock:
@@ -308,17 +415,45 @@ class _RayOutput:
         self.dispatcher = None
 
     def handle(self, data: dict[str, Any]) -> None:
+        try:
+            self._handle(data)
+        except Exception as e:  # an error here would end Ray's log thread for the whole process
+            _write(self.file, f"(console) could not show worker output: {type(e).__name__}: {e}")
+
+    def _handle(self, data: dict[str, Any]) -> None:
         who = data.get("actor_name") or data.get("task_name") or ""
-        prefix = f"({who} pid={data.get('pid')}) " if who else f"({data.get('pid')}) "
+        pid = data.get("pid")
+        prefix = f"({who} pid={pid}) " if who else f"({pid}) "
+        lines = data.get("lines", [])
+        if pid == "autoscaler":  # Ray prints only its events, not the periodic status dump
+            lines = list(_autoscaler_events(lines))
         rest = []
-        for line in data.get("lines", []):
+        for line in lines:
             if line.startswith(MAGIC):
-                try:
-                    self.console.handle(json.loads(line[len(MAGIC):]))
-                except (ValueError, KeyError):
-                    _write(self.file, prefix + line)
+                self._event(line[len(MAGIC):], prefix)
                 continue
             _write(self.file, prefix + line)
             rest.append(line)
         if self.verbose and rest and self.original is not None:
             self.original({**data, "lines": rest})
+
+    def _event(self, text: str, prefix: str) -> None:
+        """Show one event once: Ray may forward a worker's line twice (its log files overlap)."""
+        try:
+            event = json.loads(text)
+        except ValueError:
+            _write(self.file, prefix + MAGIC + text)
+            return
+        source, seq = event.pop("src", ""), int(event.pop("seq", 0))
+        if seq and seq <= self.last.get(source, 0):
+            return
+        self.last[source] = seq
+        self.console.handle(event)
+
+
+def _autoscaler_events(lines: list[str]):
+    try:
+        from ray._private.worker import filter_autoscaler_events
+    except ImportError:
+        return iter(lines)
+    return filter_autoscaler_events(lines)

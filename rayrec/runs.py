@@ -27,13 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
-
 from rayrec.config.loader import dump_job, flatten
 from rayrec.console import job_console
-from rayrec.errors import RayrecError
+from rayrec.errors import ConfigError, RayrecError
 from rayrec.tracking.mlflow_tracking import Tracker, check_reachable, open_run, resolve_uri
-from rayrec.tracking.plots import learning_curves
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +79,6 @@ class Recipe:
     """What one job kind does differently; the driver does the rest (see the module docstring)."""
 
     name: str
-    schema: type[BaseModel]
-    command: str  # the CLI command running a job file of this kind
     prepare: Callable[[Any, Run], Any]  # (cfg, run) -> inputs, on the driver before any worker
     record: Callable[[Tracker, Any], None]  # log what the run trains on
     local: Callable[[Any, Any, Run], Outcome]  # (cfg, inputs, run): train in this process
@@ -91,7 +86,7 @@ class Recipe:
     outcome: Callable[[Any, Any, Run], Outcome]  # (cfg, ray result, run)
     console_keys: Callable[[Any], list[str]]  # metrics of the console's epoch line
     share: Callable[[Any], None]  # a sweep: what all trials read, made once on its driver (no trial builds it)
-    curves: tuple[str, ...] = ("train/loss", "val/ndcg@10", "val/hr@10")
+    curves: tuple[str, ...] = ("train/loss", "val/ndcg@10", "val/hr@10", "train/grad_norm")
     tags: Callable[[Any], dict[str, str]] = lambda cfg: {}
     in_process: Callable[[Any], bool] = lambda cfg: False  # e.g. a parameter-free baseline
     checkpoint_label: str = "checkpoint"  # what the checkpoint is called on the console and in MLflow
@@ -113,11 +108,16 @@ def run_job(recipe: Recipe, cfg: Any, *, local: bool = False, source: str | None
 
     cfg = shared_paths(cfg)  # on a cluster: data and checkpoints on its shared storage
     run_dir = pick_run_dir(check_storage(cfg.run.storage_path), cfg.run.name)
-    if cfg.tracking.enabled:
+    in_process = local or recipe.in_process(cfg)
+    if callbacks and in_process:
+        raise ConfigError(f"this {recipe.name} job runs in one process (--local, or a model with nothing to "
+                          "train on workers), so Ray Train callbacks (a sweep's reports) would never be called")
+    if cfg.tracking.enabled and tracking is None:  # a sweep's trials: its driver checked the store
         check_reachable(resolve_uri(cfg.tracking.uri))
+    run_dir.mkdir(parents=True, exist_ok=True)
     with job_console(run_dir, recipe.console_keys(cfg), verbose=verbose, enabled=console) as con:
-        run = Run(run_dir, local=local or recipe.in_process(cfg), resume_from=resume_from,
-                  callbacks=list(callbacks or []), console=con is not None)
+        run = Run(run_dir, local=in_process, resume_from=resume_from, callbacks=list(callbacks or []),
+                  console=con is not None)
         if not run.local:
             start_ray(cfg, attach=con.attach_ray if con else None)
         inputs = recipe.prepare(cfg, run)
@@ -200,6 +200,8 @@ def finish(tracker: Tracker, recipe: Recipe, outcome: Outcome) -> None:
     if "best_epoch" in outcome.metrics:
         tags["rayrec.best_epoch"] = outcome.metrics["best_epoch"]
     tracker.set_tags(tags)
+    from rayrec.tracking.plots import learning_curves  # matplotlib: only where a figure is drawn
+
     curves = {k: tracker.history(k) for k in recipe.curves}
     if any(curves.values()):
         tracker.log_figure(learning_curves(curves), "learning_curves.png")
@@ -274,7 +276,7 @@ def fit(trainer, cfg: Any):
 
 def summary_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
     keys = sorted(k for k in metrics if "/" in k and not k.startswith(("train/lr", "train/samples")))
-    rows = [(k, f"{metrics[k]:.4f}") for k in keys]
+    rows = [(k, f"{metrics[k]:g}" if k.endswith("/rows") else f"{metrics[k]:.4f}") for k in keys]
     for k in ("best_epoch", "epoch", "stopped_early"):
         if k in metrics:
             rows.append((k, f"{metrics[k]:g}"))
@@ -284,7 +286,7 @@ def summary_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
 def print_outcome(recipe: Recipe, outcome: Outcome, title: str) -> None:
     """The final table, then where everything is; the run's log file on the last line."""
     rows = summary_rows(outcome.metrics) or [("(no metrics)", "-")]
-    width = max([len(k) for k, _ in rows] + [len(title)])
+    width = max(len(k) for k, _ in rows)
     print(f"\n{title}\n{'-' * (width + 12)}")
     for k, v in rows:
         print(f"{k:<{width}}  {v:>10}")

@@ -132,3 +132,49 @@ def test_an_sft_run_that_cannot_be_placed_times_out_like_train(ray_session, tiny
     finally:
         remove_placement_group(hog)
     assert time.monotonic() - start < 120
+
+
+def test_std_streams_go_to_the_log_while_rayrec_keeps_the_terminal(tmp_path):
+    """Ray's C++ core worker writes straight to fd 2, libraries' progress bars and banners to sys.stderr
+    and sys.stdout: during a run all of it lands in rayrec.log; the console's lines and rayrec's own
+    log lines stay on the terminal."""
+    import subprocess
+    import sys
+
+    script = f"""
+import logging, os, sys
+from pathlib import Path
+from rayrec.console import job_console
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+with job_console(Path({str(tmp_path)!r}), []) as con:
+    con.line("console line")
+    os.write(2, b"[E core_worker.cc:2465] native noise\\n")
+    logging.getLogger("rayrec.x").info("rayrec line")
+    print("a library's progress bar", file=sys.stderr)
+    print("a library's banner")
+os.write(2, b"after the run\\n")
+print("stdout after the run")
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "native noise" not in proc.stderr and "progress bar" not in proc.stderr and "rayrec line" in proc.stderr
+    assert "after the run" in proc.stderr  # the terminal again
+    assert proc.stdout == "console line\nstdout after the run\n"
+    log = (tmp_path / "rayrec.log").read_text()
+    assert "native noise" in log and "progress bar" in log and "banner" in log and "rayrec line" in log
+    assert "console line" in log and "after the run" not in log
+
+
+def test_the_storage_root_also_holds_sid_indexes_and_feature_caches(tiny_dataset, tmp_path, monkeypatch):
+    from rayrec.cluster import shared_paths
+    from rayrec.config import load_job
+
+    monkeypatch.setenv("RAYREC_STORAGE_ROOT", str(tmp_path / "shared"))
+    sft = tiny_sft(tiny_dataset, tmp_path)
+    sft.sids.dir = Path("data/sids")
+    assert shared_paths(sft).sids.dir == tmp_path / "shared" / "data/sids"
+    assert shared_paths(sft).data.path == sft.data.path  # absolute: kept
+    joint = load_job(Path(__file__).resolve().parents[1] / "jobs" / "ur4rec_quickstart.yaml")
+    moved = shared_paths(joint)
+    assert moved.model.features.cache_dir == tmp_path / "shared" / joint.model.features.cache_dir
+    assert moved.data.path == tmp_path / "shared" / joint.data.path and joint.data.path.is_absolute() is False

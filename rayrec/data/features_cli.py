@@ -21,14 +21,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_data_features(args: argparse.Namespace) -> int:
-    from rayrec.cluster import gpu_available
+    from rayrec.cluster import gpu_available, shared_paths
     from rayrec.config import load_job
     from rayrec.data.dataset import ensure_prepared
     from rayrec.data.features import compute_features, manifest_summary, num_users_of
     from rayrec.errors import ConfigError
     from rayrec.prefs.generate import prefs_out_dir
 
-    cfg = load_job(args.job, args.overrides)
+    cfg = shared_paths(load_job(args.job, args.overrides))
     if not hasattr(cfg.model, "features"):  # only the joint model has a model.features section
         raise ConfigError(f"{args.job}: data features reads model.features of a ur4rec job, this job's model is "
                           f"'{cfg.model.name}'")

@@ -53,10 +53,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _job(args):
+    """The job file with overrides; on a cluster its relative paths under the shared storage root."""
+    from rayrec.cluster import shared_paths
     from rayrec.config.loader import load_model
     from rayrec.genrec.config import GenRecJobConfig
 
-    return load_model(GenRecJobConfig, args.job, args.overrides)
+    return shared_paths(load_model(GenRecJobConfig, args.job, args.overrides))
 
 
 def _table(rows: list[tuple[str, ...]], header: tuple[str, ...], title: str) -> None:

@@ -155,7 +155,7 @@ def console_keys(cfg: JobConfig) -> list[str]:
 
 
 RECIPE = Recipe(
-    name="sequential", schema=JobConfig, command="rayrec train", prepare=prepare, record=record, local=local,
+    name="sequential", prepare=prepare, record=record, local=local,
     trainer=trainer_parts, outcome=outcome, console_keys=console_keys, share=share,
     tags=lambda cfg: {"rayrec.model": cfg.model.name},
     in_process=lambda cfg: cfg.model.name in PARAMETER_FREE,

@@ -284,7 +284,7 @@ def console_keys(cfg: GenRecJobConfig) -> list[str]:
 
 
 RECIPE = Recipe(
-    name="sft", schema=GenRecJobConfig, command="rayrec sft", prepare=prepare,
+    name="sft", prepare=prepare,
     record=lambda tracker, inputs: log_inputs(tracker, inputs.data), local=local, trainer=trainer_parts,
     outcome=outcome, console_keys=console_keys, share=share,
     curves=("train/loss", "val/loss", "val/ndcg@10", "val/hr@10"),

@@ -52,6 +52,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
+    from rayrec.cluster import shared_paths
     from rayrec.config import load_job
     from rayrec.data.dataset import ensure_prepared
     from rayrec.train.checkpoint import load_state
@@ -59,7 +60,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from rayrec.train.loop import evaluate
     from rayrec.train.worker import build, data_info
 
-    cfg = load_job(args.job, args.overrides)
+    cfg = shared_paths(load_job(args.job, args.overrides))
     ds = ensure_prepared(cfg.data)
     info = data_info(ds)
     state = load_state(args.checkpoint)

@@ -34,6 +34,8 @@ COMMON_FIXED = {
     "tracking": "all trials log into the base job's tracking experiment",
     "run": "run names and storage are set per trial by the sweep",
     "data": "the dataset is prepared once and shared by all trials",
+    "model.features": "the joint model's features are computed once and shared by all trials",
+    "model.prefs": "user preferences are generated once and shared by all trials",
 }
 GENREC_FIXED = {
     **COMMON_FIXED,

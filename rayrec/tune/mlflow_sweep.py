@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from rayrec.config.loader import dump_job
+from rayrec.console import say
 from rayrec.tracking.mlflow_tracking import RUN_KEY_TAG, Tracker, open_run
 from rayrec.tune.reports import TIME_ATTR, is_final, is_test_report
 
@@ -111,8 +112,8 @@ class TrialRecorder(_tune_callback_base()):
         value, best = result.get(self.metric), result.get(self.objective)
         shown = f"{value:.4f}" if isinstance(value, float) else "-"
         best_s = f"{best:.4f}" if isinstance(best, float) else "-"
-        print(f"[{self.sweep}] trial {trial.trial_id} epoch {result.get(TIME_ATTR, '?')}: "
-              f"{self.metric}={shown} (best {best_s})", flush=True)
+        say(f"[{self.sweep}] trial {trial.trial_id} epoch {result.get(TIME_ATTR, '?')}: "
+            f"{self.metric}={shown} (best {best_s})")
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         result = trial.last_result or {}
@@ -129,8 +130,8 @@ class TrialRecorder(_tune_callback_base()):
         self._record(trial, FAILED, {ERROR_TAG: (last[-1] if last else str(text))[:4000]}, error=str(text))
 
     def _record(self, trial, status: str, tags: dict[str, str], error: str | None = None) -> None:
-        print(f"[{self.sweep}] trial {trial.trial_id} {status.replace('_', ' ')}"
-              f"{': ' + tags[ERROR_TAG] if ERROR_TAG in tags else ''}", flush=True)
+        say(f"[{self.sweep}] trial {trial.trial_id} {status.replace('_', ' ')}"
+            f"{': ' + tags[ERROR_TAG] if ERROR_TAG in tags else ''}")
         if not self.uri or not self.parent_id:
             return
         try:
