@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import re
 import time
 from pathlib import Path
@@ -116,11 +117,13 @@ def test_sft_writes_under_the_storage_root(tiny_dataset, tmp_path, monkeypatch):
     assert Path(out.checkpoint).is_relative_to(tmp_path / "shared") and not (tmp_path / "runs").exists()
 
 
-def test_an_sft_run_that_cannot_be_placed_times_out_like_train(ray_session, tiny_dataset, tmp_path):
-    """The job fits the cluster but another holds the CPUs: scaling.start_timeout_s, same message as train."""
+@pytest.mark.parametrize("kind", ["sequential", "sft"])
+def test_workers_that_cannot_be_placed_time_out_with_the_shortfall(ray_session, tiny_job, tiny_dataset, tmp_path, kind):
+    """The job fits the cluster but another holds the CPUs: scaling.start_timeout_s, not forever, with
+    the same message for every recipe (`rayrec train` and `rayrec sft`)."""
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    cfg = tiny_sft(tiny_dataset, tmp_path)
+    cfg = tiny_job.model_copy(deep=True) if kind == "sequential" else tiny_sft(tiny_dataset, tmp_path)
     cfg.scaling.resources_per_worker = {"CPU": 1.0}
     cfg.scaling.start_timeout_s, cfg.scaling.start_attempts = 3, 1
     hog = placement_group([{"CPU": 1.5}])  # another job's reservation
@@ -131,7 +134,8 @@ def test_an_sft_run_that_cannot_be_placed_times_out_like_train(ray_session, tiny
             recipes.run(cfg)
     finally:
         remove_placement_group(hog)
-    assert time.monotonic() - start < 120
+    assert time.monotonic() - start < 90
+    assert os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S") is None  # set for the run only
 
 
 def test_std_streams_go_to_the_log_while_rayrec_keeps_the_terminal(tmp_path):

@@ -4,6 +4,7 @@ the sweep goes on; an interrupted sweep resumes without repeating finished trial
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -18,6 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from rayrec.cli import main
 from rayrec.config import dump_job, load_job
+from rayrec.data.features import FEATURES_FILE
 from rayrec.tune.runner import COMPLETE_MARKER, run_sweep
 from rayrec.tune.space import OptunaSpace, load_space
 
@@ -149,9 +151,9 @@ def test_interrupted_sweep_resumes_without_repeating_finished_trials(ray_session
         assert [m.step for m in c.get_metric_history(kid.info.run_id, "val/ndcg_at_10")] == [1, 2]
 
 
-UR4REC_STAGES = ("[{name: pretrain_sasrec, epochs: 1}, {name: pretrain_retriever, epochs: 1},"
-                 " {name: joint_finetune, epochs: 1, strategies: [{name: adaptive_alternating, window: 1,"
-                 " min_steps: 2, max_steps: 12}, {name: distillation}]}]")
+UR4REC_STAGES = ("[{name: joint_finetune, epochs: 1, lr: {sasrec: 0.002, retriever: 0.002},"  # what the space searches
+                 " strategies: [{name: adaptive_alternating, window: 1, min_steps: 2, max_steps: 12},"
+                 " {name: distillation}]}]")
 
 
 @pytest.mark.slow
@@ -175,9 +177,15 @@ def test_ur4rec_switch_sweep_runs_from_a_folder_with_no_data_and_no_features(ray
     printed = capsys.readouterr().out
     assert "2 completed" in printed and printed.splitlines()[-1].startswith("log:")
     log = Path(printed.splitlines()[-1].split()[1]).read_text()
-    assert (data / "features").is_dir() and log.count(f"features -> {data / 'features'}") == 1  # once, on the driver
-    assert log.count("are up to date (nothing to compute)") == 2  # each trial found them ready
+    assert log.count(f"features -> {data / 'features'}") == 1  # computed once, on the sweep's driver
+    driver_manifest = json.loads((data / "features" / FEATURES_FILE).read_text())
+    assert driver_manifest["computed"]["item_text"] == 80
     c = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     kids = c.search_runs([c.get_experiment_by_name("ur4rec_quickstart").experiment_id], "tags.`rayrec.kind` = 'trial'")
     assert len(kids) == 2 and all(k.data.tags["rayrec.trial_status"] == "completed" for k in kids)
     assert all(k.data.tags["rayrec.checkpoint"].endswith("final") for k in kids)
+    for kid in kids:  # each trial used the driver's features (a recomputation would hit the cache: computed 0)
+        dst = tmp_path / "artifacts" / kid.info.run_id
+        dst.mkdir(parents=True)
+        got = Path(c.download_artifacts(kid.info.run_id, "data/features.json", str(dst)))
+        assert json.loads(got.read_text()) == driver_manifest
