@@ -283,13 +283,16 @@ def summary_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
-def print_outcome(recipe: Recipe, outcome: Outcome, title: str) -> None:
-    """The final table, then where everything is; the run's log file on the last line."""
-    rows = summary_rows(outcome.metrics) or [("(no metrics)", "-")]
+def print_table(rows: list[tuple[str, str]], title: str) -> None:
     width = max(len(k) for k, _ in rows)
     print(f"\n{title}\n{'-' * (width + 12)}")
     for k, v in rows:
         print(f"{k:<{width}}  {v:>10}")
+
+
+def print_outcome(recipe: Recipe, outcome: Outcome, title: str) -> None:
+    """The final table, then where everything is; the run's log file on the last line."""
+    print_table(summary_rows(outcome.metrics) or [("(no metrics)", "-")], title)
     label = f"{recipe.checkpoint_label}:"
     print(f"\n{'run folder:':<12} {outcome.run_dir}\n{label:<12} {outcome.checkpoint}\n"
           f"{'mlflow run:':<12} {outcome.mlflow_run_id}")

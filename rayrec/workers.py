@@ -9,7 +9,6 @@ function composes them (``rayrec.recipes.sequential``, ``joint``, ``sft``).
 from __future__ import annotations
 
 import logging
-import math
 import tempfile
 from typing import Any
 
@@ -121,11 +120,6 @@ class ShardBatches:
             offset += n
             if keep.any():
                 yield {k: v[keep] for k, v in batch.items()}
-
-
-def micro_batches_per_epoch(cfg: JobConfig, info: DataInfo) -> int:
-    """Training batches one worker reads an epoch (the progress bar's unit)."""
-    return max(1, math.ceil(math.ceil(info.train_rows / cfg.scaling.num_workers) / cfg.train.batch_size))
 
 
 class RayReporter:

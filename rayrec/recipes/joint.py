@@ -25,8 +25,8 @@ from rayrec.data.dataset import ensure_prepared
 from rayrec.recipes import sequential
 from rayrec.runs import Outcome, Run, TrainerParts
 from rayrec.tracking.mlflow_tracking import Tracker
-from rayrec.train.worker import steps_per_epoch
-from rayrec.workers import RayReporter, ShardBatches, all_reduce_sum, micro_batches_per_epoch, progress_for
+from rayrec.train.worker import micro_batches_per_epoch, steps_per_epoch
+from rayrec.workers import RayReporter, ShardBatches, all_reduce_sum, progress_for
 
 
 @dataclass

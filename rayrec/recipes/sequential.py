@@ -19,12 +19,11 @@ from rayrec.models import PARAMETER_FREE
 from rayrec.runs import Outcome, Recipe, Run, TrainerParts
 from rayrec.tracking.mlflow_tracking import Tracker
 from rayrec.train.checkpoint import latest_checkpoint, resume_metrics, seed_everything
-from rayrec.train.worker import DataInfo, build, data_info, steps_per_epoch
+from rayrec.train.worker import DataInfo, build, data_info, micro_batches_per_epoch, steps_per_epoch
 from rayrec.workers import (
     RayReporter,
     ShardBatches,
     all_reduce_sum,
-    micro_batches_per_epoch,
     progress_for,
     quiet_worker_logs,
     rank_and_world,

@@ -27,13 +27,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     e.set_defaults(func=cmd_eval)
 
 
-def print_table(rows: list[tuple[str, str]], title: str) -> None:
-    width = max([len(k) for k, _ in rows] + [len(title)])
-    print(f"\n{title}\n{'-' * (width + 12)}")
-    for k, v in rows:
-        print(f"{k:<{width}}  {v:>10}")
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from rayrec.config import load_job
     from rayrec.recipes import recipe_for
@@ -55,6 +48,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from rayrec.cluster import shared_paths
     from rayrec.config import load_job
     from rayrec.data.dataset import ensure_prepared
+    from rayrec.runs import print_table
     from rayrec.train.checkpoint import load_state
     from rayrec.train.local import PlainBatches
     from rayrec.train.loop import evaluate

@@ -57,10 +57,14 @@ def collate_for(cfg: JobConfig, info: DataInfo, epoch: int = 0) -> Collate:
     return Collate(num_items=info.num_items, num_negatives=num_negatives(cfg), seed=cfg.run.seed, epoch=epoch)
 
 
+def micro_batches_per_epoch(cfg: JobConfig, info: DataInfo) -> int:
+    """Training batches one worker reads an epoch (the progress bar's unit)."""
+    return max(1, math.ceil(math.ceil(info.train_rows / cfg.scaling.num_workers) / cfg.train.batch_size))
+
+
 def steps_per_epoch(cfg: JobConfig, info: DataInfo) -> int:
     """Optimizer steps per epoch on one worker (for the LR schedule)."""
-    rows = math.ceil(info.train_rows / cfg.scaling.num_workers)
-    return max(1, math.ceil(math.ceil(rows / cfg.train.batch_size) / cfg.train.grad_accum))
+    return max(1, math.ceil(micro_batches_per_epoch(cfg, info) / cfg.train.grad_accum))
 
 
 def has_parameters(model: nn.Module) -> bool:
