@@ -220,11 +220,11 @@ def placement_error(err: BaseException, cfg: JobConfig) -> ClusterError | None:
 
 #: Relative paths a job writes or reads as shared data: under ``$RAYREC_STORAGE_ROOT`` on a cluster.
 SHARED_PATHS = ("data.path", "run.storage_path", "sids.dir", "model.features.dir", "model.features.cache_dir",
-                "model.prefs.out_dir")
+                "model.prefs.out_dir", "grpo.adapter", "grpo.collaborative_checkpoint")
 
 
 def shared_paths(cfg):
-    """``cfg`` with its relative data, run, SID-index and feature paths under ``$RAYREC_STORAGE_ROOT``.
+    """``cfg`` with its relative data, run, SID-index, feature and GRPO-input paths under ``$RAYREC_STORAGE_ROOT``.
 
     On a cluster the job's working dir is a per-job temporary copy on the head node; every node
     must see the data and the checkpoints, and a re-submitted job must find its run (and its

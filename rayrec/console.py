@@ -170,6 +170,8 @@ class Console:
         if any(k.startswith("test/") for k in metrics):
             head, keys = "test (best epoch {:g})".format(metrics.get("best_epoch", 0)), [
                 k.replace("val/", "test/") for k in self.keys if k.startswith("val/")]
+        elif "at_step" in metrics:  # a step-based run's checkpoint (GRPO)
+            head, keys = f"step {int(metrics['at_step'])}/{int(metrics.get('max_steps', 0))}", self.keys
         else:
             epoch = int(metrics.get("epoch", 0))
             head, keys = f"epoch {epoch}/{self.epochs}" if self.epochs else f"epoch {epoch}", self.keys

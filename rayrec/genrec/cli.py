@@ -1,4 +1,4 @@
-"""`rayrec sft`, `rayrec eval-genrec` and `rayrec genrec sids|prompts|show|merge`."""
+"""`rayrec sft`, `rayrec grpo`, `rayrec eval-genrec` and `rayrec genrec sids|prompts|show|merge`."""
 
 from __future__ import annotations
 
@@ -18,7 +18,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="show Ray's and the workers' own output here too (else: rayrec.log in the run folder)")
     s.set_defaults(func=cmd_sft)
 
-    e = sub.add_parser("eval-genrec", help="constrained beam-search evaluation of an SFT checkpoint")
+    r = sub.add_parser("grpo", help="GRPO of an SFT adapter with recommendation rewards (Ray Train, or --local)")
+    r.add_argument("job", type=Path, help="job YAML, e.g. jobs/genrec_tiny_grpo.yaml")
+    r.add_argument("overrides", nargs="*", help="dotted overrides, e.g. grpo.adapter=PATH grpo.beta=0")
+    r.add_argument("--local", action="store_true", help="train in this process without Ray")
+    r.add_argument("--resume-from", help="GRPO checkpoint folder to continue from")
+    r.add_argument("--eval", action="store_true", help="evaluate the best adapter on eval.split afterwards")
+    r.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="show Ray's and the workers' own output here too (else: rayrec.log in the run folder)")
+    r.set_defaults(func=cmd_grpo)
+
+    e = sub.add_parser("eval-genrec", help="constrained beam-search evaluation of an SFT or GRPO checkpoint")
     e.add_argument("job", type=Path)
     e.add_argument("overrides", nargs="*")
     e.add_argument("--adapter", required=True, type=Path, help="checkpoint folder printed by `rayrec sft`")
@@ -52,13 +62,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     m.set_defaults(func=cmd_merge)
 
 
-def _job(args):
+def _job(args, schema=None):
     """The job file with overrides; on a cluster its relative paths under the shared storage root."""
     from rayrec.cluster import shared_paths
     from rayrec.config.loader import load_model
     from rayrec.genrec.config import GenRecJobConfig
 
-    return shared_paths(load_model(GenRecJobConfig, args.job, args.overrides))
+    return shared_paths(load_model(schema or GenRecJobConfig, args.job, args.overrides))
 
 
 def _table(rows: list[tuple[str, ...]], header: tuple[str, ...], title: str) -> None:
@@ -113,30 +123,44 @@ def cmd_prompts(args) -> int:
 
 
 def cmd_sft(args) -> int:
+    return _train(args, "sft", "SFT")
+
+
+def cmd_grpo(args) -> int:
+    from rayrec.genrec.config import GRPOJobConfig
+
+    return _train(args, "grpo", "GRPO", GRPOJobConfig)
+
+
+def _train(args, recipe_name: str, label: str, schema=None) -> int:
     from rayrec.recipes import recipe_named
     from rayrec.runs import print_outcome, run_job
 
-    cfg = _job(args)
-    recipe = recipe_named("sft")
+    cfg = _job(args, schema)
+    recipe = recipe_named(recipe_name)
     out = run_job(recipe, cfg, local=args.local, source=str(args.job), resume_from=args.resume_from,
                   verbose=args.verbose)
     print(f"\nevaluate: rayrec eval-genrec {args.job} --adapter {out.checkpoint}")
-    print_outcome(recipe, out, "final SFT metrics")
+    print_outcome(recipe, out, f"final {label} metrics")
     if args.eval and out.checkpoint:
-        return _evaluate(cfg, Path(out.checkpoint), None, args.local, None)
+        return _evaluate(cfg, Path(out.checkpoint), None, args.local, None, label)
     return 0
 
 
 def cmd_eval(args) -> int:
-    return _evaluate(_job(args), args.adapter, args.split, args.local, args.out)
+    from rayrec.config.loader import read_yaml
+    from rayrec.genrec.config import GRPOJobConfig
+
+    schema = GRPOJobConfig if "grpo" in read_yaml(args.job)[0] else None  # a GRPO job file evaluates its adapters
+    return _evaluate(_job(args, schema), args.adapter, args.split, args.local, args.out)
 
 
-def _evaluate(cfg, adapter: Path, split: str | None, local: bool, out: Path | None) -> int:
+def _evaluate(cfg, adapter: Path, split: str | None, local: bool, out: Path | None, label: str = "model") -> int:
     from rayrec.genrec.evaluate import evaluate_adapter, summary_rows
 
     split = split or cfg.eval.split
     res = evaluate_adapter(cfg, adapter, split=split, local=local, out=out)
-    _table(summary_rows(res.metrics, split, cfg.eval.ks), ("metric", "SFT", "popularity"),
+    _table(summary_rows(res.metrics, split, cfg.eval.ks), ("metric", label, "popularity"),
            f"{split} metrics, constrained beam search (num_beams={cfg.eval.num_beams})")
     print(f"\nresults: {res.results_path}")
     return 0

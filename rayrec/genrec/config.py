@@ -181,3 +181,105 @@ class GenRecJobConfig(Strict):
                              f"{self.scaling.num_workers} x grad_accum {self.train.grad_accum} = "
                              f"{self.global_batch_size}; set {fix}")
         return self
+
+
+# ----------------------------------------------------------------------------- GRPO
+
+#: Prompt tasks whose answer is an item (a SID), so item rewards can score it.
+ITEM_TASKS = ("sid_seq", "title_seq", "title_to_sid")
+
+
+class RewardWeights(Strict):
+    """Reward functions (``rayrec.genrec.rewards``) and their weights in the total reward; 0 = off.
+
+    rule: 1 for the target item, else 0. ranking: rule plus an NDCG-shaped penalty for each wrong
+    item of a group that holds the target. semantic: cosine of the items' text embeddings.
+    collaborative: a SASRec checkpoint's probability of the item after the history.
+    """
+
+    rule: float = Field(0.0, ge=0.0)
+    ranking: float = Field(1.0, ge=0.0)
+    semantic: float = Field(0.0, ge=0.0)
+    collaborative: float = Field(0.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _some(self) -> RewardWeights:
+        if not any(w > 0 for w in self.weights().values()):
+            raise ValueError("grpo.rewards: give at least one reward a weight > 0 (rule, ranking, semantic, "
+                             "collaborative)")
+        return self
+
+    def weights(self) -> dict[str, float]:
+        """name -> weight of the rewards that are on, in a fixed order."""
+        return {k: float(getattr(self, k)) for k in ("rule", "ranking", "semantic", "collaborative")
+                if getattr(self, k) > 0}
+
+
+class GRPOSettings(Strict):
+    """Group generation, rewards and the KL-regularised objective (TRL ``GRPOTrainer``)."""
+
+    adapter: Path | None = Field(None, description="SFT checkpoint folder (printed by `rayrec sft`) to start from")
+    num_generations: int = Field(8, ge=2, description="G: completions per prompt (one group)")
+    rollout: Literal["beam", "sample"] = Field(
+        "beam", description="beam: constrained beam search, G distinct items in score order; sample: sampling")
+    constrained: bool = Field(True, description="decode through the SID trie (off: invalid outputs get the "
+                              "minimum reward and are counted)")
+    temperature: float = Field(1.0, gt=0.0, description="sampling temperature (rollout: sample)")
+    dynamic_sampling: bool = Field(False, description="sample 1.5 G, keep the hits, fill with the most frequent others")
+    add_gt: bool = Field(False, description="put the target into every group that misses it (off-policy)")
+    beta: float = Field(1e-3, ge=0.0, description="KL weight to the SFT policy; 0 = no reference at all")
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = Field(
+        "grpo", description="grpo: per-sequence mean (MiniOneRec); dapo: token mean; see TRL")
+    importance_sampling_level: Literal["token", "sequence"] = Field("token", description="sequence = GSPO")
+    scale_rewards: Literal["group", "batch", "none"] = Field("group", description="advantage = (r - mean) / std")
+    rewards: RewardWeights = RewardWeights()
+    collaborative_checkpoint: Path | None = Field(
+        None, description="folder of a `rayrec train` SASRec checkpoint (state.pt) on the same prepared data")
+
+
+class GRPOTrainConfig(SFTTrainConfig):
+    """GRPO optimisation. ``batch_size`` counts completions (prompts x G) per worker per micro-step."""
+
+    epochs: float = Field(1.0, gt=0.0)
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps (overrides epochs)")
+    batch_size: int = Field(16, ge=1, description="completions per worker per micro-step (a multiple of G over "
+                            "grad_accum micro-steps)")
+    lr: float = Field(1e-5, gt=0.0)
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "constant"
+    save_steps: int = Field(50, ge=1, description="checkpoint and validate (train.val_rows) every N steps")
+    lora: LoraSettings | None = Field(None, description="must equal the SFT adapter's (default: read from it)")
+
+
+class GRPOJobConfig(GenRecJobConfig):
+    """GRPO after SFT: the SFT job's sections plus ``grpo``; ``train`` is GRPO's."""
+
+    prompts: PromptConfig = PromptConfig(tasks={"sid_seq": 1.0})
+    train: GRPOTrainConfig = GRPOTrainConfig()
+    grpo: GRPOSettings = GRPOSettings()
+    tracking: TrackingConfig = TrackingConfig(experiment="genrec")
+    run: RunConfig = RunConfig(name="grpo")
+
+    @property
+    def selection_metric(self) -> tuple[str, str]:
+        """val/ndcg@K of the validation ranking at each checkpoint; without it, the training reward."""
+        if self.train.val_rows == 0:
+            return "train/reward", "max"
+        return super().selection_metric
+
+    @model_validator(mode="after")
+    def _grpo(self) -> GRPOJobConfig:
+        other = sorted(t for t, w in self.prompts.tasks.items() if w > 0 and t not in ITEM_TASKS)
+        if other:
+            raise ValueError(f"prompts.tasks: {other} answer with a title, which item rewards cannot score; "
+                             f"set their weight to 0 (GRPO tasks: {', '.join(ITEM_TASKS)})")
+        g, per_worker = self.grpo.num_generations, self.train.batch_size * self.train.grad_accum
+        if per_worker % g:
+            raise ValueError(
+                f"train.batch_size x train.grad_accum = {per_worker} completions per worker and optimizer step is "
+                f"not a multiple of grpo.num_generations={g}: each worker generates whole groups of G completions "
+                f"of one prompt (TRL's rule: the generation batch must divide into groups); set train.batch_size "
+                f"to a multiple of {g}")
+        if self.grpo.dynamic_sampling and self.grpo.rollout != "sample":
+            raise ValueError("grpo.dynamic_sampling draws 1.5 G samples, so it needs grpo.rollout=sample")
+        return self

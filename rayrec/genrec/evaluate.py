@@ -200,8 +200,10 @@ def show_cases(path: Path, *, correct: bool | None, limit: int) -> list[str]:
     return lines
 
 
-def val_ranking_callback(records: list[dict], item_sids: dict[int, tuple[str, ...]], tokenizer, cfg, tracker):
-    """A ``TrainerCallback`` adding val/hr@K and val/ndcg@K after each epoch's evaluation.
+def val_ranking_callback(records: list[dict], item_sids: dict[int, tuple[str, ...]], tokenizer, cfg, tracker,
+                         on: str = "evaluate"):
+    """A ``TrainerCallback`` adding val/hr@K and val/ndcg@K after each evaluation (``on="evaluate"``, SFT)
+    or at each checkpoint (``on="save"``, GRPO: it must come before ``RayTrainReportCallback``).
 
     Every rank decodes an equal slice of ``records`` (the first ``train.val_rows`` valid
     prompts) with the trie built once here, and the metric sums are all-reduced, so the
@@ -223,6 +225,14 @@ def val_ranking_callback(records: list[dict], item_sids: dict[int, tuple[str, ..
 
     class ValRanking(TrainerCallback):
         def on_evaluate(self, args, state, control, model=None, **kwargs):
+            if on == "evaluate":
+                self.rank(state, model, append=False)
+
+        def on_save(self, args, state, control, model=None, **kwargs):
+            if on == "save":
+                self.rank(state, model, append=True)
+
+        def rank(self, state, model, append: bool) -> None:
             was_training = model.training
             model.eval()
             ranked = beam_rank(model, tokenizer, [r["prompt"] for r in mine], trie, num_beams=cfg.eval.num_beams,
@@ -239,7 +249,9 @@ def val_ranking_callback(records: list[dict], item_sids: dict[int, tuple[str, ..
                 flat = flat.cpu()
             means = MetricSums.from_tensor(flat, cfg.eval.ks).means("val")
             named = {k: v for k, v in means.items() if "/hr@" in k or "/ndcg@" in k}
-            if state.log_history:
+            if append:  # a checkpoint's own entry: the local path picks the best checkpoint by its step
+                state.log_history.append({"step": state.global_step, "epoch": state.epoch, **named})
+            elif state.log_history:
                 state.log_history[-1].update(named)
             if state.is_world_process_zero:
                 tracker.log_metrics(named, step=state.global_step)

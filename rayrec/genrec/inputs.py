@@ -33,11 +33,14 @@ class SFTInputs:
     report: dict | None
 
 
-def prepare_inputs(cfg: GenRecJobConfig) -> SFTInputs:
-    """Dataset, SID index (read or built) checked against the items, and the prompt tables."""
+def prepare_inputs(cfg: GenRecJobConfig, index: SidIndex | None = None) -> SFTInputs:
+    """Dataset, SID index (read or built; or ``index``, e.g. an adapter's) checked against the items,
+    and the prompt tables."""
     ds = ensure_prepared(cfg.data)
     items = ds.table("items")
-    index, report = load_or_build(cfg.sids, items, seed=cfg.run.seed)
+    report = None
+    if index is None:
+        index, report = load_or_build(cfg.sids, items, seed=cfg.run.seed)
     item_sids = index.for_items(items)
     train = P.train_prompts(ds, item_sids, cfg.prompts, seed=cfg.run.seed)
     valid = P.eval_prompts(ds, "valid", item_sids, cfg.prompts)

@@ -204,7 +204,7 @@ def renamed(logs: dict[str, Any]) -> dict[str, float]:
     return {METRIC_NAMES[k]: float(v) for k, v in logs.items() if k in METRIC_NAMES}
 
 
-def make_callbacks(tracker, meta: dict[str, Any], sid_index: dict[str, list[str]]):
+def make_callbacks(tracker, meta: dict[str, Any], sid_index: dict[str, list[str]], rename=renamed):
     """Two ``TrainerCallback``s: rayrec metric names (+ MLflow on rank 0), and checkpoint metadata.
 
     Metric names are added to ``state.log_history`` so ``RayTrainReportCallback``
@@ -214,7 +214,7 @@ def make_callbacks(tracker, meta: dict[str, Any], sid_index: dict[str, list[str]
 
     class Names(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
-            named = renamed(logs or {})
+            named = rename(logs or {})
             if state.log_history:
                 state.log_history[-1].update(named)
             if state.is_world_process_zero and named:

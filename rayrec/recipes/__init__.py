@@ -3,6 +3,7 @@
 * ``sequential``: SASRec and the popularity baseline (``rayrec train``).
 * ``joint``: the UR4Rec joint model, trained in stages (``rayrec train``).
 * ``sft``: LoRA SFT of a causal LM on semantic-ID prompts (``rayrec sft``).
+* ``grpo``: GRPO of an SFT adapter with recommendation rewards (``rayrec grpo``).
 
 Each recipe module defines ``RECIPE``, a ``rayrec.runs.Recipe``. Modules are imported
 when first asked for, so ``rayrec train`` never imports the LLM stack.
@@ -25,6 +26,7 @@ RECIPES: dict[str, str] = {
     "sequential": "rayrec.recipes.sequential",
     "joint": "rayrec.recipes.joint",
     "sft": "rayrec.recipes.sft",
+    "grpo": "rayrec.recipes.grpo",
 }
 
 #: model name of a ``JobConfig`` (``model.name``) -> the recipe that trains it
@@ -39,8 +41,10 @@ def recipe_named(name: str) -> Recipe:
 
 def recipe_name_for(cfg: Any) -> str:
     """The recipe of a validated job: by its schema, then (a ``JobConfig``) by its model."""
-    from rayrec.genrec.config import GenRecJobConfig
+    from rayrec.genrec.config import GenRecJobConfig, GRPOJobConfig
 
+    if isinstance(cfg, GRPOJobConfig):
+        return "grpo"
     if isinstance(cfg, GenRecJobConfig):
         return "sft"
     name = cfg.model.name
@@ -54,7 +58,7 @@ def recipe_for(cfg: Any) -> Recipe:
 
 
 def run(cfg: Any, **kwargs) -> Outcome:
-    """``run_job`` with the recipe of ``cfg`` (what ``rayrec train`` and ``rayrec sft`` do)."""
+    """``run_job`` with the recipe of ``cfg`` (what ``rayrec train``, ``sft`` and ``grpo`` do)."""
     return run_job(recipe_for(cfg), cfg, **kwargs)
 
 

@@ -15,6 +15,7 @@ outcome: the checkpoint best by ``cfg.selection_metric`` (its ``checkpoint/`` fo
 
 from __future__ import annotations
 
+import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,8 +88,9 @@ def sft_callbacks(cfg: GenRecJobConfig, loop: dict[str, Any], model, tokenizer, 
     return callbacks
 
 
-def console_callback():
-    """Rank 0's progress (optimizer steps) and one line per epoch, after its evaluation."""
+def console_callback(line_on: str = "epoch"):
+    """Rank 0's progress (optimizer steps) and one line per epoch, after its evaluation
+    (``line_on="save"``: one line per checkpoint, headed by the step, for step-based runs like GRPO)."""
     from transformers import TrainerCallback
 
     class Console(TrainerCallback):
@@ -96,30 +98,34 @@ def console_callback():
 
         def on_train_begin(self, args, state, control, **kwargs):
             if state.is_world_process_zero:
-                self.progress = Progress(state.max_steps, int(args.num_train_epochs), initial=state.global_step,
-                                         send=emit)
+                epochs = max(1, math.ceil(state.num_train_epochs or args.num_train_epochs))
+                self.progress = Progress(state.max_steps, epochs, initial=state.global_step, send=emit)
 
         def on_step_end(self, args, state, control, **kwargs):
             if self.progress is not None:
                 self.progress.update(state.global_step, _epoch(state))
 
         def on_epoch_end(self, args, state, control, **kwargs):
-            if self.progress is not None and args.eval_strategy == "no":
+            if self.progress is not None and args.eval_strategy == "no" and line_on == "epoch":
                 self._line(state)
 
         def on_evaluate(self, args, state, control, **kwargs):
-            if self.progress is not None:
+            if self.progress is not None and line_on == "epoch":
                 self._line(state)
+
+        def on_save(self, args, state, control, **kwargs):
+            if self.progress is not None and line_on == "save":
+                self._line(state, {"at_step": state.global_step, "max_steps": state.max_steps})
 
         def on_train_end(self, args, state, control, **kwargs):
             if self.progress is not None:
                 report_end()
 
-        def _line(self, state) -> None:
+        def _line(self, state, extra: dict | None = None) -> None:
             merged: dict[str, Any] = {}
             for entry in state.log_history:
                 merged.update(entry)
-            report_epoch({**merged, "epoch": _epoch(state)})
+            report_epoch({**merged, "epoch": _epoch(state), **(extra or {})})
 
     return Console()
 

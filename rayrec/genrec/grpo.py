@@ -1,0 +1,340 @@
+"""GRPO parts: the policy continued from an SFT adapter, its frozen reference, TRL's trainer.
+
+The policy is the base model (resized to the adapter's rows) with the SFT adapter loaded
+trainable: LoRA and the SID token rows go on training from where SFT left them; every base
+weight stays bit-identical. TRL's ``GRPOTrainer`` does the rest (groups, advantages, the
+clipped objective, KL, logging), with three changes, each for a reason found in testing:
+
+* **Log-probs through the model's own forward.** TRL's fused LM-head path reads
+  ``lm_head.weight``/``lm_head.bias`` directly; PEFT's trainable-token wrapper on
+  ``lm_head`` has no ``bias`` (the run crashes) and the fused path would bypass the trained
+  SID rows anyway. ``_get_per_token_logps_and_entropies`` here runs the PEFT model.
+* **The reference is the whole SFT adapter.** For a pretrained adapter TRL adds a second
+  adapter ``ref`` and copies the parameters named ``.default.`` into it; the trainable SID
+  rows are named ``...trainable_tokens_delta.default`` (no trailing dot) and were left at
+  their initial values, so the reference was not the SFT model (KL 0.33 before any update).
+  ``sync_reference`` copies every parameter of ``default`` and freezes ``ref``: KL is exactly
+  0 at step 0, and no second copy of the base model exists (``beta: 0`` builds no ``ref``).
+* **Rows reach the rollouts.** TRL hands ``rollout_func`` the prompt strings only; the
+  trainer keeps the current batch's rows so rollouts read each row's target (``add_gt``,
+  dynamic sampling) from its own columns, never by looking up the prompt text.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rayrec.errors import ConfigError, RayrecError
+from rayrec.genrec import rewards as R
+from rayrec.genrec.sft import META_FILE, SID_FILE, pick_dtype, resize_embeddings
+
+log = logging.getLogger(__name__)
+
+ADAPTER_CONFIG = "adapter_config.json"
+#: job field -> PEFT adapter_config.json field
+LORA_FIELDS = {"r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "target_modules": "target_modules"}
+
+
+# ----------------------------------------------------------------------------- the SFT adapter
+
+
+def read_adapter(path: Path | None) -> dict[str, Any]:
+    """The SFT checkpoint's metadata (``genrec.json``) and LoRA config, or a clear error."""
+    if path is None:
+        raise ConfigError("grpo.adapter is not set: give the SFT checkpoint folder printed by `rayrec sft` "
+                          "(e.g. grpo.adapter=runs/genrec_tiny/.../checkpoint)")
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise ConfigError(f"grpo.adapter {path}: no such folder; give the SFT checkpoint folder printed by "
+                          "`rayrec sft`")
+    missing = [f for f in (META_FILE, SID_FILE, ADAPTER_CONFIG) if not (path / f).is_file()]
+    if missing:
+        raise ConfigError(f"grpo.adapter {path}: not a rayrec SFT checkpoint (missing {', '.join(missing)}); give "
+                          "the folder that holds adapter_model.safetensors and genrec.json")
+    meta = json.loads((path / META_FILE).read_text())
+    return {**meta, "path": str(path.resolve()), "lora": json.loads((path / ADAPTER_CONFIG).read_text())}
+
+
+def check_base(job_base: str, adapter: dict[str, Any]) -> str:
+    """The base the adapter was trained on; a job naming another base is an error."""
+    trained = adapter["base"]
+    if job_base != "tiny" and job_base != trained and Path(job_base).expanduser().resolve() != Path(trained).resolve():
+        raise ConfigError(f"model.base={job_base!r} but the SFT adapter {adapter['path']} was trained on "
+                          f"{trained!r}; GRPO continues that adapter on its own base (drop model.base or set it "
+                          f"to {trained!r})")
+    return trained
+
+
+def lora_settings(job_lora, adapter: dict[str, Any], base: str):
+    """``train.lora`` checked against the adapter's (equal, field by field), or read from it."""
+    from rayrec.genrec.config import LoraSettings
+    from rayrec.genrec.inputs import check_targets
+
+    cfg = adapter["lora"]
+    trained_targets = sorted(cfg.get("target_modules") or [])
+    from_adapter = LoraSettings(r=cfg["r"], alpha=cfg["lora_alpha"], dropout=cfg["lora_dropout"],
+                                target_modules=trained_targets)
+    if job_lora is None:
+        return from_adapter
+    for field, key in LORA_FIELDS.items():
+        want = getattr(job_lora, field)
+        if field == "target_modules":
+            want = sorted(check_targets(base, want))
+        have = trained_targets if field == "target_modules" else cfg[key]
+        if (want != have) if field == "target_modules" else not math.isclose(float(want), float(have)):
+            raise ConfigError(f"train.lora.{field}={want} but the SFT adapter {adapter['path']} has {field}={have}; "
+                              f"GRPO continues training that adapter, so its LoRA config cannot change (drop "
+                              f"train.lora, or set train.lora.{field}={have})")
+    return from_adapter
+
+
+def load_policy(adapter_dir: str | Path, *, dtype: torch.dtype, trainable: bool = True):
+    """(PEFT model, tokenizer, meta): base -> tokenizer of the adapter -> resize -> SFT adapter."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    adapter_dir = Path(adapter_dir)
+    meta = json.loads((adapter_dir / META_FILE).read_text())
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    base = AutoModelForCausalLM.from_pretrained(meta["base"], dtype=dtype)
+    resize_embeddings(base, meta["embedding_rows"], mean_init=False)
+    base.config.use_cache = False
+    model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=trainable)
+    return model, tokenizer, meta
+
+
+def sync_reference(model) -> int:
+    """Copy every parameter of adapter ``default`` into adapter ``ref`` and freeze ``ref``; return the count.
+
+    Covers the LoRA matrices (``.default.``) and the trainable SID rows (``...delta.default``).
+    Under ZeRO-3 the parameters are gathered for the copy.
+    """
+    params = dict(model.named_parameters())
+    copied = 0
+    for name, p in params.items():
+        parts = name.split(".")
+        if "default" not in parts:
+            continue
+        ref_name = ".".join("ref" if x == "default" else x for x in parts)
+        if ref_name not in params:
+            raise RayrecError(f"reference adapter has no parameter {ref_name} (copy of {name})")
+        ref = params[ref_name]
+        with _gathered([p, ref]):
+            ref.data.copy_(p.data)
+        ref.requires_grad_(False)
+        copied += 1
+    return copied
+
+
+def _gathered(params):
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------- TRL
+
+
+def grpo_trainer_class():
+    """``GRPOTrainer`` with the three changes of the module docstring."""
+    from trl import GRPOTrainer
+    from trl.trainer.utils import entropy_from_logits, selective_log_softmax
+
+    class SidGRPOTrainer(GRPOTrainer):
+        rollout_rows: list[dict] = []
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            if self.beta != 0.0:
+                sync_reference(self.model)
+
+        def _generate_and_score_completions(self, inputs):
+            self.rollout_rows = inputs
+            return super()._generate_and_score_completions(inputs)
+
+        def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep,
+                                               batch_size=None, compute_entropy=False, compute_aux_loss=False,
+                                               **_):
+            batch_size = batch_size or input_ids.size(0)
+            logps, entropies = [], []
+            for start in range(0, input_ids.size(0), batch_size):
+                ids, mask = input_ids[start : start + batch_size], attention_mask[start : start + batch_size]
+                positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding, as in generate
+                with self.accelerator.autocast():
+                    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
+                                   logits_to_keep=logits_to_keep + 1).logits
+                logits = logits[:, :-1].float() / self.temperature
+                logps.append(selective_log_softmax(logits, ids[:, -logits_to_keep:]))
+                if compute_entropy:
+                    with torch.no_grad():
+                        entropies.append(entropy_from_logits(logits))
+            return torch.cat(logps), (torch.cat(entropies) if compute_entropy else None), None
+
+    return SidGRPOTrainer
+
+
+def grpo_args(cfg, output_dir: str | Path, *, use_gpu: bool, deepspeed: dict | None, completion_len: int):
+    """TRL ``GRPOConfig`` from the job (``cfg``: ``GRPOJobConfig``)."""
+    from trl import GRPOConfig
+
+    t, g = cfg.train, cfg.grpo
+    bf16 = pick_dtype(cfg.model.dtype, use_gpu) == torch.bfloat16
+    return GRPOConfig(
+        output_dir=str(output_dir), num_train_epochs=t.epochs, max_steps=t.max_steps or -1,
+        per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum, learning_rate=t.lr,
+        weight_decay=t.weight_decay, warmup_steps=t.warmup_ratio, lr_scheduler_type=t.scheduler,
+        max_grad_norm=t.max_grad_norm, gradient_checkpointing=t.gradient_checkpointing, bf16=bf16,
+        use_cpu=not use_gpu, deepspeed=deepspeed, seed=cfg.run.seed, data_seed=cfg.run.seed,
+        logging_steps=t.logging_steps, logging_first_step=True, save_strategy="steps", save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit, eval_strategy="no", report_to=[], disable_tqdm=True,
+        log_level="warning", dataloader_num_workers=0, ddp_find_unused_parameters=False,
+        num_generations=g.num_generations, beta=g.beta, loss_type=g.loss_type,
+        importance_sampling_level=g.importance_sampling_level, scale_rewards=g.scale_rewards,
+        reward_weights=list(g.rewards.weights().values()), max_completion_length=completion_len,
+        temperature=g.temperature if g.rollout == "sample" else 1.0, disable_dropout=True,
+        remove_unused_columns=False, log_completions=False, shuffle_dataset=True,
+    )
+
+
+def make_rollout(cfg, trie, tokenizer, item_sids: dict[int, tuple[str, ...]], max_prompt_tokens: int):
+    """TRL ``rollout_func``: whole groups per prompt from ``rollouts.generate_groups``."""
+    from trl.models.utils import unwrap_model_for_generation
+
+    from rayrec.genrec.rollouts import generate_groups, inject_target
+
+    g = cfg.grpo
+    vocab = tokenizer.get_vocab()
+    target_ids = {i: [vocab[t] for t in sids] + [tokenizer.eos_token_id] for i, sids in item_sids.items()}
+
+    def rollout(prompts: list[str], trainer) -> dict[str, Any]:
+        size = trainer.num_generations
+        rows = trainer.rollout_rows
+        if len(rows) != len(prompts) or len(prompts) % size:
+            raise RayrecError(f"rollout got {len(prompts)} prompts for {len(rows)} rows; expected whole groups "
+                              f"of {size}")
+        firsts = list(range(0, len(prompts), size))
+        for s in firsts:
+            if any(prompts[s + k] != prompts[s] for k in range(size)):
+                raise RayrecError("a group of completions spans several prompts; train.batch_size x grad_accum "
+                                  "must be a multiple of grpo.num_generations")
+        targets = [int(rows[s]["target"]) for s in firsts]
+        model = trainer.model_wrapped
+        with unwrap_model_for_generation(model, trainer.accelerator,
+                                         gather_deepspeed3_params=trainer.args.ds3_gather_for_generation) as unwrapped:
+            was_training = unwrapped.training
+            unwrapped.eval()
+            groups = generate_groups(unwrapped, tokenizer, [prompts[s] for s in firsts], trie, size=size,
+                                     mode=g.rollout, constrained=g.constrained, temperature=g.temperature,
+                                     dynamic=g.dynamic_sampling, targets=targets, max_prompt_tokens=max_prompt_tokens)
+            unwrapped.train(was_training)
+        if g.add_gt:
+            groups = [inject_target(grp, t, target_ids[t]) for grp, t in zip(groups, targets)]
+        prompt_ids = tokenizer([prompts[s] for s in firsts], truncation=True, max_length=max_prompt_tokens)["input_ids"]
+        out: dict[str, list] = {"prompt_ids": [], "completion_ids": [], "logprobs": [], "item": [], "rank": []}
+        for grp, p_ids, t in zip(groups, prompt_ids, targets):
+            for pos in range(size):
+                out["prompt_ids"].append(list(p_ids))
+                out["completion_ids"].append(grp.completion_ids[pos])
+                out["logprobs"].append(grp.logprobs[pos])
+                out["item"].append(-1 if grp.items[pos] is None else int(grp.items[pos]))
+                out["rank"].append(pos)
+            valid = [i for i in grp.items if i is not None]
+            trainer._log_metric("rollout/distinct_items", len(set(valid)) / size)
+            trainer._log_metric("rollout/invalid", (size - len(valid)) / size)
+            trainer._log_metric("rollout/group_has_target", float(t in grp.items))
+            trainer._log_metric("rollout/injected_target", float(any(grp.injected)))
+        return out
+
+    return rollout
+
+
+def make_rewards(cfg, ctx: R.RewardContext) -> list:
+    """TRL reward functions, one per reward that is on (named, so TRL logs ``rewards/<name>/mean``)."""
+    size = cfg.grpo.num_generations
+
+    def one(name: str):
+        def reward(prompts, completions, completion_ids, item, target, history, **_):
+            items = [None if int(i) < 0 else int(i) for i in item]
+            return R.score(name, items, [int(t) for t in target], history, size, ctx)
+
+        reward.__name__ = name
+        return reward
+
+    return [one(name) for name in cfg.grpo.rewards.weights()]
+
+
+def build_trainer(cfg, model, tokenizer, train_rows, output_dir, *, trie, item_sids, ctx: R.RewardContext,
+                  use_gpu: bool, deepspeed: dict | None, callbacks: list, max_prompt_tokens: int):
+    """The GRPO trainer over prompt rows (``prompt``, ``target``, ``history``; lists of dicts or an HF dataset)."""
+    import os
+
+    from datasets import Dataset
+    from transformers import PrinterCallback
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is marked experimental in TRL 1.x
+    if not isinstance(train_rows, Dataset):
+        train_rows = Dataset.from_list([{"prompt": r["prompt"], "target": int(r["target"]),
+                                         "history": [int(i) for i in r["history"]]} for r in train_rows])
+    args = grpo_args(cfg, output_dir, use_gpu=use_gpu, deepspeed=deepspeed, completion_len=trie.max_len)
+    trainer = grpo_trainer_class()(
+        model=model, args=args, reward_funcs=make_rewards(cfg, ctx), train_dataset=train_rows,
+        processing_class=tokenizer, callbacks=callbacks,
+        rollout_func=make_rollout(cfg, trie, tokenizer, item_sids, max_prompt_tokens))
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+# ----------------------------------------------------------------------------- reward context
+
+
+def item_embeddings(items, sids_cfg) -> Any:
+    """[N + 1, D] L2-normalised text embeddings by item_idx (the encoder the SID index is built from)."""
+    import numpy as np
+
+    from rayrec.genrec.semantic_ids import embed_texts, item_texts
+
+    emb = embed_texts(item_texts(items, sids_cfg.embedding.fields), sids_cfg.embedding.model,
+                      sids_cfg.embedding.batch_size)
+    out = np.zeros((int(items["item_idx"].max()) + 1, emb.shape[1]), dtype=np.float32)
+    out[items["item_idx"].to_numpy()] = emb
+    return out
+
+
+def load_collaborative(path: Path | None, num_items: int):
+    """(SASRec model in eval mode, max_len) from a `rayrec train` checkpoint trained on the same items."""
+    import yaml
+
+    from rayrec.config.schema import JobConfig
+    from rayrec.models.sasrec import build_sasrec
+    from rayrec.train.checkpoint import STATE_FILE, load_state
+
+    if path is None:
+        raise ConfigError("grpo.rewards.collaborative > 0 needs grpo.collaborative_checkpoint: the folder of a "
+                          "SASRec checkpoint (state.pt) written by `rayrec train` on the same prepared data")
+    path = Path(path).expanduser()
+    if not (path / STATE_FILE).is_file():
+        raise ConfigError(f"grpo.collaborative_checkpoint {path}: no {STATE_FILE}; give a checkpoint folder of "
+                          "`rayrec train` (runs/NAME/checkpoints/epoch_XXXX)")
+    state = load_state(path)
+    job = JobConfig.model_validate(yaml.safe_load(state["config"]))
+    if job.model.name != "sasrec":
+        raise ConfigError(f"grpo.collaborative_checkpoint {path}: a {job.model.name} checkpoint; the collaborative "
+                          "reward needs a sasrec one")
+    weights = state.get("best_model") or state["model"]
+    rows = int(weights["item_emb.weight"].shape[0]) - 1
+    if rows != num_items:
+        raise ConfigError(f"grpo.collaborative_checkpoint {path}: trained on {rows} items but this job's data has "
+                          f"{num_items}; train the SASRec model on the same prepared data (data.path)")
+    model = build_sasrec(num_items, job.model)
+    model.load_state_dict(weights)
+    return model.eval(), job.model.max_len

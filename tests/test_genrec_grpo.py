@@ -1,0 +1,297 @@
+"""GRPO: rewards and rollouts alone, bad input before any worker, the trainer on a tiny SFT adapter.
+
+One SFT adapter is trained once for the module (a few seconds) and every GRPO test continues it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+
+from rayrec.data.dataset import open_prepared
+from rayrec.errors import ConfigError
+from rayrec.genrec import rewards as R
+from rayrec.genrec.config import GenRecJobConfig, GRPOJobConfig
+from rayrec.genrec.rollouts import Group, inject_target, pick_dynamic
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ----------------------------------------------------------------------------- rewards alone
+
+
+def test_rule_and_ranking_rewards_on_handmade_groups():
+    # two groups of 3 in rank order; targets 7 and 9; one invalid output in the second group
+    items, targets = [5, 7, 6, 1, None, 2], [7, 7, 7, 9, 9, 9]
+    assert R.rule(items, targets) == [0, 1, 0, 0, 0, 0]
+    pen = R.rank_penalties(3)
+    assert sum(pen) == pytest.approx(-1) and pen[0] < pen[1] < pen[2] < 0
+    assert pen[0] == pytest.approx(-1 / (1 + 1 / math.log2(3) + 0.5))
+    got = R.ranking(items, targets, group_size=3)
+    # group 1 holds the target: wrong items get the penalty of their rank; group 2 does not: 0, and the
+    # invalid output the largest penalty
+    assert got == pytest.approx([pen[0], 1.0, pen[2], 0.0, pen[0], 0.0])
+    with pytest.raises(ValueError, match="groups of 4"):
+        R.ranking(items, targets, group_size=4)
+
+
+def test_semantic_and_collaborative_rewards():
+    emb = np.zeros((4, 2), dtype=np.float32)
+    emb[1], emb[2], emb[3] = [1, 0], [0, 1], [math.sqrt(0.5), math.sqrt(0.5)]
+    ctx = R.RewardContext(embeddings=emb, scorer=lambda hist, items: [0.1 * i + 0.01 * len(h)
+                                                                      for h, i in zip(hist, items)])
+    assert R.semantic([1, 2, 3, None], [1, 1, 1, 1], ctx=ctx) == pytest.approx([1, 0, math.sqrt(0.5), -1])
+    got = R.collaborative([2, None, 3], [[1], [1, 2], [1, 2, 3]], ctx=ctx)
+    assert got == pytest.approx([0.21, 0.0, 0.33])  # the invalid output is never scored
+    with pytest.raises(ValueError, match="collaborative_checkpoint"):
+        R.collaborative([1], [[1]], ctx=R.RewardContext())
+
+
+def test_group_advantages_are_standardised_within_groups():
+    r = [1.0, 0.0, 0.0, 0.0, 2.0, 2.0, 2.0, 2.0]
+    adv = R.group_advantages(r, 4)
+    sd = np.std([1, 0, 0, 0], ddof=1)
+    assert adv[:4] == pytest.approx([0.75 / (sd + 1e-4), -0.25 / (sd + 1e-4), -0.25 / (sd + 1e-4), -0.25 / (sd + 1e-4)])
+    assert adv[4:] == pytest.approx([0, 0, 0, 0])  # equal rewards: no signal
+    assert R.group_advantages(r, 4, scale=False)[:2] == pytest.approx([0.75, -0.25])
+
+
+def test_dynamic_sampling_keeps_hits_then_frequent_items_and_add_gt_injects_the_target():
+    drawn = [4, 9, 5, 4, 9, 4, 6, 9]  # target 9 drawn 3 times; 4 is the most frequent other
+    keep = pick_dynamic(drawn, 9, 5)
+    assert [drawn[i] for i in keep] == [9, 9, 9, 4, 4]
+    g = inject_target(Group([[1], [2], [3]], [1, 2, 3], [[0.0], [0.0], [0.0]]), 8, [8, 0])
+    assert g.items == [1, 2, 8] and g.completion_ids[-1] == [8, 0] and g.injected == [False, False, True]
+    g = inject_target(Group([[1], [8]], [1, 8], [[0.0], [0.0]]), 8, [8, 0])
+    assert g.items == [1, 8] and not any(g.injected)
+
+
+# ----------------------------------------------------------------------------- config and bad input
+
+
+def test_config_errors_explain_the_rule(tmp_path):
+    from rayrec.config.loader import load_model
+
+    with pytest.raises(ValueError, match="not a multiple of grpo.num_generations=8.*whole groups"):
+        GRPOJobConfig.model_validate({"train": {"batch_size": 12}})
+    GRPOJobConfig.model_validate({"train": {"batch_size": 4, "grad_accum": 2}, "grpo": {"num_generations": 8}})
+    with pytest.raises(ValueError, match="sid_to_title.*title"):
+        GRPOJobConfig.model_validate({"prompts": {"tasks": {"sid_seq": 1.0, "sid_to_title": 0.5}}})
+    with pytest.raises(ValueError, match="rollout=sample"):
+        GRPOJobConfig.model_validate({"grpo": {"dynamic_sampling": True}})
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump({"grpo": {"rewards": {"rankng": 1.0}}}))
+    with pytest.raises(ConfigError, match=r"grpo\.rewards\.rankng.*ranking"):
+        load_model(GRPOJobConfig, path)
+
+
+@pytest.fixture(scope="module")
+def sft(tiny_dataset, tmp_path_factory):
+    """(common job sections, SFT adapter folder): a one-epoch LoRA SFT on the shared 120-item dataset."""
+    from rayrec import recipes
+    from rayrec.genrec.semantic_ids import write_index
+    from rayrec.genrec.tiny import grid_index
+
+    tmp = tmp_path_factory.mktemp("grpo")
+    write_index(grid_index(open_prepared(tiny_dataset).table("items")), tmp / "sids", "items")
+    common = {
+        "data": {"path": str(tiny_dataset), "prepare_if_missing": False},
+        "sids": {"method": "file", "dir": str(tmp / "sids"), "name": "items"},
+        "model": {"tiny": {"hidden": 32}, "max_length": 96},
+        "eval": {"num_beams": 10, "ks": [1, 5, 10], "batch_size": 16, "max_rows": 24},
+        "scaling": {"num_workers": 1, "resources_per_worker": {"CPU": 0.5}},
+        "tracking": {"uri": f"sqlite:///{tmp}/mlflow.db", "experiment": "tests"},
+    }
+    cfg = GenRecJobConfig.model_validate({
+        **common, "prompts": {"tasks": {"sid_seq": 1.0}, "max_history": 3, "max_examples": 320},
+        "train": {"epochs": 1, "batch_size": 32, "lr": 5e-3, "logging_steps": 5, "val_rows": 0,
+                  "lora": {"r": 4, "alpha": 8}},
+        "run": {"name": "sft", "storage_path": str(tmp / "runs")}})
+    out = recipes.run(cfg, local=True)
+    return common, out.checkpoint, tmp
+
+
+def grpo_job(sft, name: str, **sections) -> GRPOJobConfig:
+    common, adapter, tmp = sft
+    job = {**common, "prompts": {"tasks": {"sid_seq": 1.0}, "max_history": 3, "max_examples": 48},
+           "train": {"max_steps": 2, "batch_size": 16, "lr": 2e-3, "logging_steps": 1, "val_rows": 8, "save_steps": 2},
+           "grpo": {"adapter": adapter, "num_generations": 4, "beta": 0.05, "add_gt": True},
+           "run": {"name": name, "storage_path": str(tmp / "runs")}}
+    for key, value in sections.items():
+        job[key] = {**job.get(key, {}), **value}
+    return GRPOJobConfig.model_validate(job)
+
+
+def test_bad_adapters_lora_and_rewards_fail_before_any_worker(sft, tmp_path):
+    from rayrec.config.loader import dump_job
+    from rayrec.config.schema import JobConfig
+    from rayrec.recipes import recipe_named
+    from rayrec.runs import Run
+    from rayrec.train.checkpoint import save_state
+
+    prepare = recipe_named("grpo").prepare
+    run = Run(tmp_path / "run", local=True)
+
+    def fails(match: str, **sections):
+        with pytest.raises(ConfigError, match=match):
+            prepare(grpo_job(sft, "bad", **sections), run)
+
+    fails("grpo.adapter is not set", grpo={"adapter": None})
+    fails("no such folder", grpo={"adapter": str(tmp_path / "nope")})
+    (tmp_path / "empty").mkdir()
+    fails("not a rayrec SFT checkpoint.*genrec.json", grpo={"adapter": str(tmp_path / "empty")})
+    fails("model.base='/elsewhere/qwen' but the SFT adapter .* was trained on", model={"base": "/elsewhere/qwen"})
+    fails(r"train.lora.r=8 but the SFT adapter .* has r=4", train={"lora": {"r": 8, "alpha": 8}})
+    fails(r"train.lora.target_modules=\['q_proj'\] but", train={"lora": {"r": 4, "alpha": 8,
+                                                                         "target_modules": ["q_proj"]}})
+    fails("needs grpo.collaborative_checkpoint", grpo={"rewards": {"ranking": 1.0, "collaborative": 0.5}})
+    fails("num_generations=200 with rollout beam needs that many distinct items",
+          grpo={"num_generations": 200}, train={"batch_size": 200})
+    # a SASRec checkpoint trained on other data (another item count)
+    from rayrec.models.sasrec import build_sasrec
+
+    other = JobConfig.model_validate({"model": {"name": "sasrec", "hidden": 8, "num_blocks": 1, "max_len": 5}})
+    save_state({"config": dump_job(other), "model": build_sasrec(50, other.model).state_dict()}, tmp_path / "cf")
+    fails("trained on 50 items but this job's data has 120", grpo={
+        "rewards": {"collaborative": 1.0, "ranking": 0.0}, "collaborative_checkpoint": str(tmp_path / "cf")})
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+
+def local_trainer(cfg: GRPOJobConfig, tmp_path, rollout_log: list | None = None):
+    """The recipe's trainer in this process (as `rayrec grpo --local` builds it)."""
+    from rayrec.recipes import grpo as G
+    from rayrec.runs import Run
+    from rayrec.tracking.mlflow_tracking import Tracker
+
+    run = Run(tmp_path / "run", local=True, tracker=Tracker.null())
+    inputs = G.prepare(cfg, run)
+    trainer = G.make_trainer(cfg, inputs.loop_config(run), run.tracker, inputs.data.train.to_dict("records"),
+                             inputs.data.valid.to_dict("records"), tmp_path / "ckpt", use_gpu=False, show=False,
+                             extra_callbacks=[])
+    if rollout_log is not None:
+        inner = trainer.rollout_func
+
+        def logged(prompts, t):
+            out = inner(prompts, t)
+            rollout_log.append(out)
+            return out
+
+        trainer.rollout_func = logged
+    return trainer
+
+
+def first_batch(trainer) -> list[dict]:
+    return next(iter(trainer.get_train_dataloader()))
+
+
+def test_reference_is_the_sft_policy_kl_zero_before_the_first_update(sft, tmp_path):
+    cfg = grpo_job(sft, "kl0")
+    trainer = local_trainer(cfg, tmp_path)
+    model = trainer.model
+    params = dict(model.named_parameters())
+    ref_rows = [n for n in params if n.endswith("trainable_tokens_delta.ref")]
+    assert ref_rows, "the reference adapter has SID rows"
+    for name in ref_rows:  # TRL's copy skipped these (named '...delta.default', no trailing dot)
+        assert torch.equal(params[name], params[name.replace(".ref", ".default")])
+        assert not params[name].requires_grad
+    assert not any(p.requires_grad for n, p in params.items() if ".ref" in n)
+    batch = trainer._generate_and_score_completions(first_batch(trainer))
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+    mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+    width = batch["completion_ids"].shape[1]
+    with torch.no_grad():
+        policy, _, _ = trainer._get_per_token_logps_and_entropies(model, ids, mask, width)
+    ref = batch["ref_per_token_logps"]
+    m = batch["completion_mask"].bool()
+    assert torch.equal(policy[m], ref[m])  # exactly the same model: KL 0
+    kl = torch.exp(ref - policy) - (ref - policy) - 1
+    assert float(kl[m].abs().max()) == 0.0
+
+
+def test_group_advantages_of_a_real_batch(sft, tmp_path):
+    """TRL's advantages for our rollouts equal (r - group mean) / (group std + eps) of the ranking reward."""
+    cfg = grpo_job(sft, "adv")
+    log: list = []
+    trainer = local_trainer(cfg, tmp_path, log)
+    rows = first_batch(trainer)
+    batch = trainer._generate_and_score_completions(rows)
+    out = log[-1]
+    items = [None if i < 0 else i for i in out["item"]]
+    targets = [int(r["target"]) for r in rows]
+    assert all(targets[s] in items[s : s + 4] for s in range(0, len(items), 4))  # add_gt: every group has it
+    want = R.group_advantages(R.ranking(items, targets, 4), 4)
+    assert batch["advantages"].numpy() == pytest.approx(want, abs=1e-5)
+    assert np.abs(want).max() > 0
+    assert all(rows[s]["prompt"] == rows[s + k]["prompt"] for s in range(0, len(rows), 4) for k in range(4))
+
+
+def test_grpo_trains_the_adapter_keeps_the_base_and_evaluates_valid_items(sft):
+    from rayrec import recipes
+    from rayrec.genrec.evaluate import evaluate_adapter
+    from rayrec.genrec.sft import load_for_eval
+
+    _, adapter, _ = sft
+    cfg = grpo_job(sft, "train")
+    out = recipes.run(cfg, local=True)
+    assert out.checkpoint.endswith("checkpoint-2") and "val/ndcg@10" in out.metrics
+    assert {"train/reward", "train/kl", "train/frac_reward_zero_std", "train/rewards/ranking/mean",
+            "train/rollout/distinct_items"} <= set(out.metrics)
+    before, _, _ = load_for_eval(adapter)
+    after, _, meta = load_for_eval(out.checkpoint)
+    assert meta["stage"] == "grpo" and meta["sft_adapter"] == adapter
+    b, a = dict(before.named_parameters()), dict(after.named_parameters())
+    base = [n for n in b if "lora_" not in n and "trainable_tokens" not in n]
+    assert base and all(torch.equal(b[n], a[n]) for n in base)  # every base weight bit-identical
+    assert any(not torch.equal(b[n], a[n]) for n in b if "lora_" in n)  # and the adapter moved
+    res = evaluate_adapter(cfg, out.checkpoint, local=True)
+    assert res.metrics["test/invalid"] == 0 and res.metrics["test/rows"] == 24
+    assert all(None not in r["predicted_items"] and len(r["predictions"]) == 10 for r in res.rows)
+    run = MlflowClient(cfg.tracking.uri).get_run(out.mlflow_run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["rayrec.recipe"] == "grpo"
+    assert run.data.tags["rayrec.sft_adapter"] == adapter
+    assert {"train/reward", "train/kl", "val/ndcg_at_10"} <= set(run.data.metrics)
+
+
+def test_resume_continues_the_step_count_and_the_mlflow_run(sft, monkeypatch):
+    from transformers import TrainerCallback
+
+    from rayrec import recipes
+    from rayrec.genrec import grpo as G
+
+    cfg = grpo_job(sft, "resume", train={"max_steps": 4, "save_steps": 2})
+
+    class Crash(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                raise RuntimeError("killed at step 3")
+
+    build = G.build_trainer
+    monkeypatch.setattr(G, "build_trainer", lambda *a, callbacks, **k: build(*a, callbacks=callbacks + [Crash()], **k))
+    with pytest.raises(RuntimeError, match="killed at step 3"):
+        recipes.run(cfg, local=True)
+    monkeypatch.setattr(G, "build_trainer", build)
+    run_dir = cfg.run.storage_path / "resume"
+    first = MlflowClient(cfg.tracking.uri).search_runs(
+        [MlflowClient(cfg.tracking.uri).get_experiment_by_name("tests").experiment_id],
+        filter_string="attributes.run_name = 'resume'")[0]
+    assert first.info.status == "FAILED"
+    out = recipes.run(cfg, local=True, resume_from=str(run_dir / "checkpoints" / "checkpoint-2"))
+    assert out.mlflow_run_id == first.info.run_id and out.run_dir == run_dir
+    state = json.loads((run_dir / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+    steps = [m.step for m in MlflowClient(cfg.tracking.uri).get_metric_history(out.mlflow_run_id, "train/reward")]
+    assert {1, 2, 3, 4} <= set(steps)
