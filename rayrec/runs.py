@@ -35,6 +35,7 @@ from rayrec.tracking.mlflow_tracking import Tracker, check_reachable, open_run, 
 log = logging.getLogger(__name__)
 
 COMPLETE_MARKER = ".rayrec_complete"
+BEST_CHECKPOINT = "best_checkpoint.txt"  # the finished run's checkpoint (an SFT run: its best adapter)
 CHECKPOINT_TAG = "rayrec.checkpoint"
 
 
@@ -131,6 +132,8 @@ def run_job(recipe: Recipe, cfg: Any, *, local: bool = False, source: str | None
         if con is not None and not run.local:
             con.wait_end()
         finish(run.tracker, recipe, outcome)
+        if outcome.checkpoint:  # what a later stage reads from the run folder (GRPO: the SFT adapter)
+            write_atomic(run_dir / BEST_CHECKPOINT, str(outcome.checkpoint))
         (run_dir / COMPLETE_MARKER).write_text(outcome.mlflow_run_id or "")
         outcome.log_path = con.log_path if con else None
     return outcome
@@ -159,6 +162,24 @@ def check_storage(path: Path) -> Path:
     if not os.access(path, os.W_OK):
         raise RayrecError(f"run.storage_path {path} is not writable")
     return path
+
+
+def run_checkpoint(path: Path | None) -> Path | None:
+    """``path``, or the checkpoint of the finished run whose folder ``path`` is (its ``best_checkpoint.txt``)."""
+    if path is None:
+        return None
+    pointer = Path(path).expanduser() / BEST_CHECKPOINT
+    if pointer.is_file():
+        found = Path(pointer.read_text().strip())
+        log.info("%s is a finished run: using its checkpoint %s", path, found)
+        return found
+    return path
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def pick_run_dir(storage: Path, name: str) -> Path:

@@ -326,3 +326,48 @@ def test_a_generative_job_without_its_sections_gets_a_hint(tmp_path, genrec_job_
         load_space(write_space(tmp_path, genrec_job_file, metric="val/ndcg@5",
                                params={"train.lr": {"dist": "loguniform", "low": 1e-4, "high": 1e-2}}))
     assert "taken as generative" not in str(err.value)
+
+
+# --- GRPO base jobs (GRPOJobConfig) -------------------------------------------------------------
+
+
+def test_grpo_space_parses_with_a_report_clock():
+    from rayrec.genrec.config import GRPOJobConfig
+    from rayrec.tune.kinds import GRPO
+
+    sweep = load_space(ROOT / "search_spaces" / "grpo.yaml")
+    assert sweep.kind is GRPO and isinstance(sweep.job, GRPOJobConfig)
+    assert sweep.order == ["grpo.beta", "train.lr", "grpo.num_generations"]
+    assert sweep.job.train.max_steps == 80 and sweep.job.train.save_steps == 20
+    assert sweep.max_epochs == 4  # ASHA's clock: reports (one per checkpoint), not epochs
+    assert kind_of_file({"grpo": {"beta": 0.0}, "sids": {}}) is GRPO
+
+
+@pytest.mark.parametrize("params, overrides, message", [
+    ({"train.lora.r": {"dist": "choice", "values": [4, 8]}}, [],
+     "'train.lora.r' cannot be searched: the LoRA config is the SFT adapter's"),
+    ({"grpo.adapter": {"dist": "choice", "values": ["a", "b"]}}, [],
+     "'grpo.adapter' cannot be searched: every trial continues the same SFT adapter"),
+    ({}, ["train.max_steps=null"], "a GRPO trial reports at each checkpoint .* set train.max_steps"),
+    ({}, ["scheduler.max_epochs=3"], r"scheduler.max_epochs \(3\) differs from the GRPO trial's reports \(4"),
+])
+def test_bad_grpo_space_says_why(params, overrides, message):
+    import tempfile
+
+    space = yaml.safe_load((ROOT / "search_spaces" / "grpo.yaml").read_text())
+    space["job"] = str(ROOT / "jobs" / "genrec_tiny_grpo.yaml")
+    space["params"].update(params)
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "space.yaml"
+        path.write_text(yaml.safe_dump(space))
+        with pytest.raises(ConfigError, match=message):
+            load_space(path, overrides)
+
+
+def test_grpo_trial_reports_count_as_the_clock():
+    from rayrec.tune.reports import LAST_EPOCH_KEY, TIME_ATTR, Objective
+
+    obj = Objective("val/ndcg@10", "max", last_epoch=2, count_reports=True)
+    first = obj.complete({"epoch": 0.16, "val/ndcg@10": 0.2})  # HF's epoch of a step-based run is a fraction
+    last = obj.complete({"epoch": 0.32, "val/ndcg@10": 0.1})
+    assert (first[TIME_ATTR], last[TIME_ATTR]) == (1, 2) and last[LAST_EPOCH_KEY] and LAST_EPOCH_KEY not in first

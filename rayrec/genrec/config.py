@@ -218,7 +218,7 @@ class RewardWeights(Strict):
 class GRPOSettings(Strict):
     """Group generation, rewards and the KL-regularised objective (TRL ``GRPOTrainer``)."""
 
-    adapter: Path | None = Field(None, description="SFT checkpoint folder (printed by `rayrec sft`) to start from")
+    adapter: Path | None = Field(None, description="SFT run folder (its best adapter) or checkpoint folder to start from")
     num_generations: int = Field(8, ge=2, description="G: completions per prompt (one group)")
     rollout: Literal["beam", "sample"] = Field(
         "beam", description="beam: constrained beam search, G distinct items in score order; sample: sampling")
@@ -259,6 +259,14 @@ class GRPOJobConfig(GenRecJobConfig):
     grpo: GRPOSettings = GRPOSettings()
     tracking: TrackingConfig = TrackingConfig(experiment="genrec")
     run: RunConfig = RunConfig(name="grpo")
+
+    @property
+    def reports_per_run(self) -> int | None:
+        """Reports (checkpoint + validation, every ``train.save_steps``) of a full run: a sweep's clock.
+        Known only with ``train.max_steps`` (otherwise it depends on the prompt count)."""
+        if self.train.max_steps is None:
+            return None
+        return -(-self.train.max_steps // self.train.save_steps)
 
     @property
     def selection_metric(self) -> tuple[str, str]:

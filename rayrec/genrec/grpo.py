@@ -47,8 +47,8 @@ LORA_FIELDS = {"r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "targ
 def read_adapter(path: Path | None) -> dict[str, Any]:
     """The SFT checkpoint's metadata (``genrec.json``) and LoRA config, or a clear error."""
     if path is None:
-        raise ConfigError("grpo.adapter is not set: give the SFT checkpoint folder printed by `rayrec sft` "
-                          "(e.g. grpo.adapter=runs/genrec_tiny/.../checkpoint)")
+        raise ConfigError("grpo.adapter is not set: give the SFT run folder (its best adapter is used, e.g. "
+                          "grpo.adapter=runs/genrec_tiny) or the checkpoint folder printed by `rayrec sft`")
     path = Path(path).expanduser()
     if not path.is_dir():
         raise ConfigError(f"grpo.adapter {path}: no such folder; give the SFT checkpoint folder printed by "

@@ -25,7 +25,7 @@ from rayrec.errors import ConfigError
 from rayrec.genrec.config import GRPOJobConfig
 from rayrec.genrec.inputs import SFTInputs, log_inputs, prepare_inputs
 from rayrec.recipes import sft as S
-from rayrec.runs import Outcome, Recipe, Run, TrainerParts
+from rayrec.runs import Outcome, Recipe, Run, TrainerParts, run_checkpoint
 from rayrec.workers import quiet_worker_logs, rank_and_world, resume_checkpoint, worker_tracker
 
 #: GRPO log keys kept under train/ (besides loss, lr, grad norm)
@@ -72,7 +72,7 @@ def prepare(cfg: GRPOJobConfig, run: Run) -> Inputs:
     from rayrec.genrec.sft import SID_FILE, resolve_deepspeed
 
     deepspeed = resolve_deepspeed(cfg.train.deepspeed)
-    adapter = G.read_adapter(cfg.grpo.adapter)
+    adapter = G.read_adapter(run_checkpoint(cfg.grpo.adapter))
     base = G.check_base(cfg.model.base, adapter)
     G.lora_settings(cfg.train.lora, adapter, base)
     data = prepare_inputs(cfg, index=read_index(Path(adapter["path"]) / SID_FILE))
@@ -93,7 +93,7 @@ def share(cfg: GRPOJobConfig) -> None:
     from rayrec.genrec.grpo import check_base, read_adapter
 
     ensure_prepared(cfg.data)
-    check_base(cfg.model.base, read_adapter(cfg.grpo.adapter))
+    check_base(cfg.model.base, read_adapter(run_checkpoint(cfg.grpo.adapter)))
 
 
 def record(tracker, inputs: Inputs) -> None:
@@ -208,6 +208,13 @@ def trainer_parts(cfg: GRPOJobConfig, inputs: Inputs, run: Run) -> TrainerParts:
     )
 
 
+def outcome(cfg: GRPOJobConfig, result, run: Run) -> Outcome:
+    """The SFT recipe's (best checkpoint by the selection metric), with rayrec's metric names only."""
+    out = S.outcome(cfg, result, run)
+    out.metrics = {k: v for k, v in out.metrics.items() if k.startswith(("train/", "val/", "test/"))}
+    return out
+
+
 def console_keys(cfg: GRPOJobConfig) -> list[str]:
     metric, _ = cfg.selection_metric
     k = metric.partition("@")[2]
@@ -215,7 +222,7 @@ def console_keys(cfg: GRPOJobConfig) -> list[str]:
 
 
 RECIPE = Recipe(
-    name="grpo", prepare=prepare, record=record, local=local, trainer=trainer_parts, outcome=S.outcome,
+    name="grpo", prepare=prepare, record=record, local=local, trainer=trainer_parts, outcome=outcome,
     console_keys=console_keys, share=share,
     curves=("train/reward", "train/kl", "train/frac_reward_zero_std", "val/ndcg@10", "val/hr@10"),
     tags=lambda cfg: {"rayrec.model": "genrec-grpo", "rayrec.base": cfg.model.base},

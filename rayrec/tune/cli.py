@@ -62,6 +62,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 def print_plan(sweep) -> None:
     from rayrec.tune.runner import asha_rungs
+    from rayrec.tune.space import reports_clock
 
     s = sweep.space
     print(f"sweep {sweep.name}: {s.num_samples} trials of {sweep.job_source} ({sweep.kind.name} job), "
@@ -70,7 +71,8 @@ def print_plan(sweep) -> None:
     if s.scheduler.name == "asha":
         rungs = ", ".join(f"{r:g}" for r in asha_rungs(s.scheduler.grace_period, s.scheduler.reduction_factor,
                                                        sweep.max_epochs))
-        print(f"  ASHA: {sweep.max_epochs} epochs per full trial, compared at epochs {rungs} "
+        unit = "reports (one per train.save_steps)" if reports_clock(sweep.job) else "epochs"
+        print(f"  ASHA: {sweep.max_epochs} {unit} per full trial, compared at {unit.split()[0]} {rungs} "
               f"(keep the best 1/{s.scheduler.reduction_factor:g})")
     for path in sweep.order:
         p = s.params[path]

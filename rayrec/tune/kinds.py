@@ -8,9 +8,13 @@
   the ``sft`` recipe); each trial is a LoRA SFT run whose validation ranking reports
   ``val/hr@K`` and ``val/ndcg@K`` (K in ``eval.ks``, on ``train.val_rows`` valid rows) every epoch.
 
-The rule: a job file is generative when its top level has a ``sids`` or ``prompts``
-section (sections only the generative schema has); any other job file is sequential and
-is validated as a ``JobConfig``. Everything else a sweep does per kind is listed here:
+* ``grpo``: a GRPO job (``GRPOJobConfig``, run by ``rayrec grpo``); each trial continues the
+  same SFT adapter and reports the validation ranking at each checkpoint (``train.save_steps``),
+  which is also ASHA's clock (reports, not epochs).
+
+The rule: a job file with a ``grpo`` section is a GRPO job; else it is generative when its
+top level has a ``sids`` or ``prompts`` section (sections only the generative schemas have);
+any other job file is sequential and is validated as a ``JobConfig``. Everything else a sweep does per kind is listed here:
 the schema, the command that runs a job file, the paths a sweep may not search, and
 which validation metrics a trial reports.
 """
@@ -23,7 +27,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from rayrec.config.schema import JobConfig
-from rayrec.genrec.config import GenRecJobConfig
+from rayrec.genrec.config import GenRecJobConfig, GRPOJobConfig
 
 #: Top-level sections that make a job file generative (only ``GenRecJobConfig`` has them).
 GENREC_SECTIONS = ("sids", "prompts")
@@ -42,6 +46,13 @@ GENREC_FIXED = {
     "sids": "the semantic-ID index is built once and shared by all trials",
     "eval": "the validation ranking (eval.ks, eval.num_beams) must be the same for every trial to compare them",
     "train.val_rows": "every trial must be scored on the same validation rows",
+}
+
+
+GRPO_FIXED = {
+    **GENREC_FIXED,
+    "train.lora": "the LoRA config is the SFT adapter's: GRPO continues training that adapter (grpo.adapter)",
+    "grpo.adapter": "every trial continues the same SFT adapter",
 }
 
 
@@ -69,19 +80,24 @@ class JobKind:
 
 SEQUENTIAL = JobKind("sequential", JobConfig, "rayrec train", COMMON_FIXED, test_report=True)
 GENREC = JobKind("genrec", GenRecJobConfig, "rayrec sft", GENREC_FIXED, test_report=False)
-KINDS = {k.name: k for k in (SEQUENTIAL, GENREC)}
+GRPO = JobKind("grpo", GRPOJobConfig, "rayrec grpo", GRPO_FIXED, test_report=False)
+KINDS = {k.name: k for k in (SEQUENTIAL, GENREC, GRPO)}
 
 #: Top-level sections of any kind of job (overrides of these go to the base job, not the space).
-JOB_SECTIONS = frozenset(JobConfig.model_fields) | frozenset(GenRecJobConfig.model_fields)
+JOB_SECTIONS = frozenset(JobConfig.model_fields) | frozenset(GRPOJobConfig.model_fields)
 
 
 def kind_of_file(raw: dict[str, Any]) -> JobKind:
     """The kind of a job file from its parsed top level (the rule in the module docstring)."""
+    if "grpo" in raw:
+        return GRPO
     return GENREC if any(section in raw for section in GENREC_SECTIONS) else SEQUENTIAL
 
 
 def kind_of(job: BaseModel) -> JobKind:
     """The kind of a validated job."""
+    if isinstance(job, GRPOJobConfig):
+        return GRPO
     return GENREC if isinstance(job, GenRecJobConfig) else SEQUENTIAL
 
 

@@ -201,13 +201,15 @@ def _open_parent(sweep: Sweep, job: BaseModel, uri: str | None, sweep_dir: Path,
 
 
 def _plan(sweep: Sweep, job: BaseModel, sweep_dir: Path, uri: str | None, parent_id: str | None):
+    from rayrec.tune.space import reports_clock
     from rayrec.tune.trial import TrialPlan
 
     t = sweep.space.trial
     return TrialPlan(
         sweep=sweep.name, sweep_dir=str(sweep_dir), base=job.model_dump(mode="json"), job_source=str(sweep.job_source),
         metric=sweep.space.metric, mode=sweep.space.resolved_mode,
-        epochs=sweep.max_epochs if sweep.max_epochs != job.train.epochs else None,  # (ur4rec: the stages' sum)
+        epochs=(None if reports_clock(job) or sweep.max_epochs == job.train.epochs  # (ur4rec: the stages' sum)
+                else sweep.max_epochs),
         scaling={"num_workers": t.num_workers, "use_gpu": t.use_gpu, "resources_per_worker": dict(t.resources_per_worker)},
         tracking_uri=uri, parent_run_id=parent_id, searched=list(sweep.order), kind=sweep.kind.name,
     )

@@ -523,8 +523,16 @@ def _check_metric(space: SearchSpace, job: BaseModel, source: str, lines: dict[s
 
 
 def job_epochs(job: BaseModel) -> int:
-    """Epochs of one full run of ``job`` (a staged model sums its stages)."""
+    """Epochs of one full run of ``job`` (a staged model sums its stages; a GRPO job counts its
+    reports, one per checkpoint)."""
+    if reports_clock(job):
+        return job.reports_per_run
     return int(getattr(job.model, "total_epochs", job.train.epochs))
+
+
+def reports_clock(job: BaseModel) -> bool:
+    """Whether a trial's clock is its count of reports (GRPO: one per ``train.save_steps``), not epochs."""
+    return hasattr(type(job), "reports_per_run")
 
 
 def _check_scheduler(space: SearchSpace, job: BaseModel, source: str, lines: dict[str, int]) -> None:
@@ -533,7 +541,15 @@ def _check_scheduler(space: SearchSpace, job: BaseModel, source: str, lines: dic
     if "train.epochs" in space.params:
         raise ConfigError(f"{source}:{lines.get('params.train.epochs', 1)}: train.epochs cannot be searched; "
                           "set scheduler.max_epochs (ASHA decides how many epochs each trial gets)")
-    if not sch.max_epochs and not float(job.train.epochs).is_integer():
+    if reports_clock(job):
+        if job.reports_per_run is None:
+            raise ConfigError(f"{source}:{line}: a GRPO trial reports at each checkpoint (train.save_steps), so "
+                              "its length must be known: set train.max_steps in the base job or an override")
+        if sch.max_epochs and sch.max_epochs != job_epochs(job):
+            raise ConfigError(f"{source}:{line}: scheduler.max_epochs ({sch.max_epochs}) differs from the GRPO "
+                              f"trial's reports ({job_epochs(job)} = train.max_steps / train.save_steps); drop "
+                              "max_epochs or change those")
+    elif not sch.max_epochs and not float(job.train.epochs).is_integer():
         raise ConfigError(f"{source}:{line}: the base job's train.epochs ({job.train.epochs:g}) is not a whole "
                           "number; trials report once per epoch (ASHA's clock), so set scheduler.max_epochs "
                           "or train.epochs to a whole number")

@@ -72,14 +72,15 @@ def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
 
     from rayrec.runs import run_job
     from rayrec.tune.mlflow_sweep import open_child
-    from rayrec.tune.space import job_epochs
+    from rayrec.tune.space import job_epochs, reports_clock
 
     trial_id = tune.get_context().get_trial_id()
     params = {k: _native(config[k]) for k in plan.searched if k in config}
     cfg = trial_job(plan, params, name=f"{plan.sweep}-{trial_id}")
     cfg.run.storage_path = Path(plan.sweep_dir) / trial_dirname_of(trial_id)  # the run folder: inside the trial's
     kind = kind_named(plan.kind)
-    report = SweepReportCallback(plan.metric, plan.mode, last_epoch=None if kind.test_report else job_epochs(cfg))
+    report = SweepReportCallback(plan.metric, plan.mode, last_epoch=None if kind.test_report else job_epochs(cfg),
+                                 count_reports=reports_clock(cfg))
     run_job(kind.recipe(cfg), cfg, callbacks=[report], tracking=partial(open_child, plan, trial_id, params),
             console=False)
 
