@@ -174,3 +174,16 @@ def test_differing_params_counts_a_missing_param_as_different():
 def test_tracker_history_round_trip_keeps_nan(uri):
     rid = log_run(uri, "n", {"val/ndcg@10": [0.1, NAN]})
     assert math.isnan(Tracker(uri, rid).history("val/ndcg@10")[1][1])
+
+
+def test_compare_draws_runs_of_different_kinds(uri, tmp_path):
+    """An SFT run and a GRPO run side by side: a param only one of them has (grpo.beta) and a text param
+    (model.base, grpo.adapter) are drawn, with '-' for the run that lacks it."""
+    log_run(uri, "sft", {"val/ndcg@10": [0.20, 0.21]}, params={"train.lr": "0.005", "model.base": "tiny"},
+            experiment="kinds")
+    log_run(uri, "grpo", {"val/ndcg@10": [0.22]}, params={"train.lr": "0.0003", "model.base": "/m/base",
+                                                         "grpo.beta": "0.001", "grpo.adapter": "/runs/sft"},
+            experiment="kinds")
+    result = compare(uri, "kinds", out=tmp_path / "cmp")
+    assert list(result.table["name"]) == ["grpo", "sft"] and "grpo.beta" in result.params
+    assert (tmp_path / "cmp" / "metric_vs_params.png").stat().st_size > 5000

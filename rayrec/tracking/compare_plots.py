@@ -49,8 +49,9 @@ def metric_vs_params(table: pd.DataFrame, params: list[str], metric: str):
             if _log_scale(xs):
                 ax.set_xscale("log")
         else:
-            cats = sorted(xs.astype(str).unique())
-            ax.scatter([cats.index(str(x)) for x in xs], ys, s=22, alpha=0.8)
+            labels = _labels(xs)
+            cats = sorted(set(labels))
+            ax.scatter([cats.index(x) for x in labels], ys, s=22, alpha=0.8)
             ax.set_xticks(range(len(cats)), cats, rotation=30, fontsize=8)
         ax.set_xlabel(p, fontsize=8)
         ax.set_ylabel(col, fontsize=8)
@@ -86,6 +87,11 @@ def top_curves(result, frame: pd.DataFrame, uri: str, top: int):
     return fig
 
 
+def _labels(values: pd.Series) -> list[str]:
+    """Category labels; '-' for a run without the param (a run of another job kind)."""
+    return ["-" if pd.isna(x) else str(x) for x in values]
+
+
 def _axis_values(values: pd.Series) -> tuple[np.ndarray, list[Any]]:
     """Values scaled to [0, 1] (log when wide, categories evenly) and the tick labels of the ends."""
     if _numeric(values):
@@ -94,8 +100,9 @@ def _axis_values(values: pd.Series) -> tuple[np.ndarray, list[Any]]:
         lo, hi = np.nanmin(scaled), np.nanmax(scaled)
         unit = (scaled - lo) / (hi - lo) if hi > lo else np.full_like(scaled, 0.5)
         return unit, [f"{np.nanmin(v):.3g}", f"{np.nanmax(v):.3g}"]
-    cats = sorted(values.astype(str).unique())
-    pos = np.array([cats.index(str(x)) for x in values], dtype=float)
+    labels = _labels(values)
+    cats = sorted(set(labels))
+    pos = np.array([cats.index(x) for x in labels], dtype=float)
     return (pos / (len(cats) - 1) if len(cats) > 1 else np.full_like(pos, 0.5)), [cats[0], cats[-1]]
 
 
