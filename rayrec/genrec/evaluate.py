@@ -87,11 +87,23 @@ def decode_shard(adapter: str, records: list[dict], item_sids: dict[int, tuple[s
 
     if not records:
         return []
+    _quiet_loading()
     model, tokenizer, _ = load_for_eval(adapter, device=device)
     trie = build_trie(tokenizer, item_sids)
     ranked = beam_rank(model, tokenizer, [r["prompt"] for r in records], trie, num_beams=settings["num_beams"],
                        batch_size=settings["batch_size"], max_prompt_tokens=settings["max_prompt_tokens"])
     return result_rows(records, ranked, item_sids)
+
+
+def _quiet_loading() -> None:
+    """No weight-loading bars or deprecation notices of transformers on the console while decoding."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
 
 
 def _decode_ray(cfg: GenRecJobConfig, adapter: str, records: list[dict], item_sids, settings) -> list[dict]:

@@ -311,11 +311,12 @@ def item_embeddings(items, sids_cfg) -> Any:
 
 
 def load_collaborative(path: Path | None, num_items: int):
-    """(SASRec model in eval mode, max_len) from a `rayrec train` checkpoint trained on the same items."""
+    """(sequential model in eval mode, max history length) from a `rayrec train` checkpoint (SASRec) trained
+    on the same items; the model's ``score(history)`` gives the collaborative reward."""
     import yaml
 
     from rayrec.config.schema import JobConfig
-    from rayrec.models.sasrec import build_sasrec
+    from rayrec.models import build_model
     from rayrec.train.checkpoint import STATE_FILE, load_state
 
     if path is None:
@@ -324,17 +325,17 @@ def load_collaborative(path: Path | None, num_items: int):
     path = Path(path).expanduser()
     if not (path / STATE_FILE).is_file():
         raise ConfigError(f"grpo.collaborative_checkpoint {path}: no {STATE_FILE}; give a checkpoint folder of "
-                          "`rayrec train` (runs/NAME/checkpoints/epoch_XXXX)")
+                          "`rayrec train` (runs/NAME/final, or one of runs/NAME/checkpoints/)")
     state = load_state(path)
     job = JobConfig.model_validate(yaml.safe_load(state["config"]))
-    if job.model.name != "sasrec":
-        raise ConfigError(f"grpo.collaborative_checkpoint {path}: a {job.model.name} checkpoint; the collaborative "
-                          "reward needs a sasrec one")
     weights = state.get("best_model") or state["model"]
-    rows = int(weights["item_emb.weight"].shape[0]) - 1
-    if rows != num_items:
-        raise ConfigError(f"grpo.collaborative_checkpoint {path}: trained on {rows} items but this job's data has "
-                          f"{num_items}; train the SASRec model on the same prepared data (data.path)")
-    model = build_sasrec(num_items, job.model)
+    emb = weights.get("item_emb.weight")
+    if emb is None:
+        raise ConfigError(f"grpo.collaborative_checkpoint {path}: a {job.model.name} checkpoint without item "
+                          "embeddings; the collaborative reward needs a sequential model such as sasrec")
+    if emb.shape[0] - 1 != num_items:
+        raise ConfigError(f"grpo.collaborative_checkpoint {path}: trained on {emb.shape[0] - 1} items but this job's "
+                          f"data has {num_items}; train the SASRec model on the same prepared data (data.path)")
+    model = build_model(job.model, num_items)
     model.load_state_dict(weights)
-    return model.eval(), job.model.max_len
+    return model.eval(), int(getattr(job.model, "max_len", 50))

@@ -155,7 +155,7 @@ def local(cfg: GRPOJobConfig, inputs: Inputs, run: Run) -> Outcome:
     for entry in trainer.state.log_history:
         history.update(renamed(entry) | {k: v for k, v in entry.items() if k.startswith(("val/", "test/"))})
     adapter = S.best_local(trainer.state.log_history, run.dir / "checkpoints", *cfg.selection_metric)
-    metrics = {k: float(v) for k, v in history.items() if "/" in k}
+    metrics = summary({k: float(v) for k, v in history.items() if "/" in k})
     return Outcome(metrics, run.dir, adapter, run.tracker.run_id)
 
 
@@ -208,10 +208,20 @@ def trainer_parts(cfg: GRPOJobConfig, inputs: Inputs, run: Run) -> TrainerParts:
     )
 
 
+#: TRL's detail kept in MLflow but not in the final table (clip ratios, length extremes, token counts)
+DETAIL = ("clip_ratio/", "_length", "num_tokens", "/std", "step_time", "samples_per_s", "mean_loss")
+
+
+def summary(metrics: dict[str, float]) -> dict[str, float]:
+    """The final table's metrics: rayrec names, without TRL's detail (mean completion length stays)."""
+    keep = {k: v for k, v in metrics.items() if k.startswith(("train/", "val/", "test/"))}
+    return {k: v for k, v in keep.items() if k.endswith("mean_length") or not any(d in k for d in DETAIL)}
+
+
 def outcome(cfg: GRPOJobConfig, result, run: Run) -> Outcome:
-    """The SFT recipe's (best checkpoint by the selection metric), with rayrec's metric names only."""
+    """The SFT recipe's (best checkpoint by the selection metric), with the summary's metrics."""
     out = S.outcome(cfg, result, run)
-    out.metrics = {k: v for k, v in out.metrics.items() if k.startswith(("train/", "val/", "test/"))}
+    out.metrics = summary(out.metrics)
     return out
 
 
