@@ -298,20 +298,23 @@ def test_resume_continues_the_step_count_and_the_mlflow_run(sft, monkeypatch):
 
 
 @pytest.mark.slow
-def test_grpo_with_deepspeed_zero2_on_ray_train(ray_session, sft):
-    """Two GRPO steps on a Ray Train worker through DeepSpeed ZeRO-2 (CPU, gloo); the reported
-    checkpoint holds the ZeRO optimizer shard, the adapter and what evaluation needs."""
+def test_grpo_with_deepspeed_zero2_on_two_ray_train_workers(ray_session, sft):
+    """Two GRPO steps on two Ray Train workers through DeepSpeed ZeRO-2 (CPU, gloo): each worker
+    generates whole groups and the reported checkpoint holds the ZeRO optimizer shards of both ranks,
+    the adapter and what evaluation needs."""
     from pathlib import Path
 
     from rayrec import recipes
 
-    cfg = grpo_job(sft, "zero2", train={"deepspeed": "zero2"})
+    cfg = grpo_job(sft, "zero2", train={"deepspeed": "zero2"}, scaling={"num_workers": 2})
     out = recipes.run(cfg)
     ckpt = Path(out.checkpoint)
     assert ckpt.name == "checkpoint" and "val/ndcg@10" in out.metrics and "train/kl" in out.metrics
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert state["global_step"] == 2
-    assert list((ckpt / "global_step2").glob("*zero_pp_rank_0*optim_states.pt")), sorted(p.name for p in ckpt.rglob("*"))
+    for rank in (0, 1):
+        assert list((ckpt / "global_step2").glob(f"*zero_pp_rank_{rank}_*optim_states.pt")), sorted(
+            p.name for p in ckpt.rglob("*"))
     assert {"adapter_model.safetensors", "genrec.json", "sids.index.json", "tokenizer.json"} <= {
         p.name for p in ckpt.iterdir()}
     assert json.loads((ckpt / "genrec.json").read_text())["stage"] == "grpo"
