@@ -295,6 +295,38 @@ def test_resume_continues_the_step_count_and_the_mlflow_run(sft, monkeypatch):
     assert state["global_step"] == 4
     steps = [m.step for m in MlflowClient(cfg.tracking.uri).get_metric_history(out.mlflow_run_id, "train/reward")]
     assert {1, 2, 3, 4} <= set(steps)
+    # the checkpoint resumed from carries its own validation scores, so it can still be picked as the best
+    resumed = json.loads((run_dir / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert any(e.get("step") == 2 and "val/ndcg@10" in e for e in resumed["log_history"])
+
+
+def test_the_best_checkpoint_survives_rotation(sft, tmp_path):
+    """save_total_limit keeps the last checkpoints *and* the best one by validation, which the local path
+    then picks (HF's rotation reads the state's best checkpoint, which the validation ranking sets)."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer, TrainerState
+    from transformers.trainer_utils import rotate_checkpoints
+
+    from rayrec.genrec.evaluate import val_ranking_callback
+    from rayrec.genrec.semantic_ids import read_index
+    from rayrec.genrec.sft import SID_FILE
+    from rayrec.recipes.sft import best_local
+
+    _, adapter, _ = sft
+    cfg = grpo_job(sft, "rot")
+    tok = AutoTokenizer.from_pretrained(adapter)
+    item_sids = read_index(f"{adapter}/{SID_FILE}").for_items(open_prepared(cfg.data.path).table("items"))
+    cb = val_ranking_callback([], item_sids, tok, cfg, tracker=None, on="save")
+    args, state = SimpleNamespace(output_dir=str(tmp_path)), TrainerState()
+    for step, score in [(1, 0.30), (2, 0.20), (3, 0.25), (4, 0.10)]:
+        state.global_step = step
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        rotate_checkpoints(str(tmp_path), save_total_limit=2, best_model_checkpoint=state.best_model_checkpoint)
+        state.log_history.append({"step": step, "val/ndcg@10": score})
+        cb.keep_best(args, state, {"val/ndcg@10": score})
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-4"]
+    assert best_local(state.log_history, tmp_path, "val/ndcg@10", "max").endswith("checkpoint-1")
 
 
 @pytest.mark.slow

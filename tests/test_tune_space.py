@@ -349,6 +349,12 @@ def test_grpo_space_parses_with_a_report_clock():
     ({"grpo.adapter": {"dist": "choice", "values": ["a", "b"]}}, [],
      "'grpo.adapter' cannot be searched: every trial continues the same SFT adapter"),
     ({}, ["train.max_steps=null"], "a GRPO trial reports at each checkpoint .* set train.max_steps"),
+    ({"train.save_steps": {"dist": "choice", "values": [10, 20]}}, [],
+     "'train.save_steps' cannot be searched: with train.max_steps it sets the trial's report count"),
+    ({"train.batch_size": {"dist": "choice", "values": [64, 12]}}, ["grpo.num_generations=4"],  # each fits alone
+     r"the job schema rejects train.batch_size=12, grpo.num_generations=8: .*whole groups"),
+    ({"train.batch_size": {"dist": "int", "low": 32, "high": 64}}, [],
+     "'train.batch_size' is searched with train.batch_size, grpo.num_generations, which must fit together"),
     ({}, ["scheduler.max_epochs=3"], r"scheduler.max_epochs \(3\) differs from the GRPO trial's reports \(4"),
 ])
 def test_bad_grpo_space_says_why(params, overrides, message):
@@ -367,7 +373,9 @@ def test_bad_grpo_space_says_why(params, overrides, message):
 def test_grpo_trial_reports_count_as_the_clock():
     from rayrec.tune.reports import LAST_EPOCH_KEY, TIME_ATTR, Objective
 
-    obj = Objective("val/ndcg@10", "max", last_epoch=2, count_reports=True)
-    first = obj.complete({"epoch": 0.16, "val/ndcg@10": 0.2})  # HF's epoch of a step-based run is a fraction
-    last = obj.complete({"epoch": 0.32, "val/ndcg@10": 0.1})
+    obj = Objective("val/ndcg@10", "max", last_epoch=2, steps_per_report=20)
+    first = obj.complete({"epoch": 0.16, "step": 20, "val/ndcg@10": 0.2})  # HF's epoch here is a fraction
+    last = obj.complete({"epoch": 0.32, "step": 40, "val/ndcg@10": 0.1})
     assert (first[TIME_ATTR], last[TIME_ATTR]) == (1, 2) and last[LAST_EPOCH_KEY] and LAST_EPOCH_KEY not in first
+    resumed = Objective("val/ndcg@10", "max", last_epoch=2, steps_per_report=20)  # a trial resumed at step 20
+    assert resumed.complete({"epoch": 0.32, "step": 40, "val/ndcg@10": 0.1})[TIME_ATTR] == 2

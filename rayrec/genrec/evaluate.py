@@ -237,14 +237,32 @@ def val_ranking_callback(records: list[dict], item_sids: dict[int, tuple[str, ..
 
     class ValRanking(TrainerCallback):
         def on_evaluate(self, args, state, control, model=None, **kwargs):
-            if on == "evaluate":
-                self.rank(state, model, append=False)
+            if on == "evaluate":  # the checkpoint of this step is written next
+                self.rank(args, state, model, append=False)
 
         def on_save(self, args, state, control, model=None, **kwargs):
-            if on == "save":
-                self.rank(state, model, append=True)
+            if on == "save":  # the checkpoint of this step is written: its state gets the scores too
+                self.rank(args, state, model, append=True)
+                if state.is_world_process_zero and Path(self.checkpoint(args, state)).is_dir():
+                    state.save_to_json(str(Path(self.checkpoint(args, state)) / "trainer_state.json"))
 
-        def rank(self, state, model, append: bool) -> None:
+        @staticmethod
+        def checkpoint(args, state) -> str:
+            return str(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+        def keep_best(self, args, state, named: dict[str, float]) -> None:
+            """Name the best checkpoint so far in the state: HF's rotation (``save_total_limit``) keeps it."""
+            metric, mode = cfg.selection_metric
+            value = named.get(metric)
+            if value is None:
+                return
+            better = state.best_metric is None or (value > state.best_metric if mode == "max" else
+                                                   value < state.best_metric)
+            if better:
+                state.best_metric, state.best_global_step = value, state.global_step
+                state.best_model_checkpoint = self.checkpoint(args, state)
+
+        def rank(self, args, state, model, append: bool) -> None:
             was_training = model.training
             model.eval()
             ranked = beam_rank(model, tokenizer, [r["prompt"] for r in mine], trie, num_beams=cfg.eval.num_beams,
@@ -265,6 +283,7 @@ def val_ranking_callback(records: list[dict], item_sids: dict[int, tuple[str, ..
                 state.log_history.append({"step": state.global_step, "epoch": state.epoch, **named})
             elif state.log_history:
                 state.log_history[-1].update(named)
+            self.keep_best(args, state, named)
             if state.is_world_process_zero:
                 tracker.log_metrics(named, step=state.global_step)
 

@@ -229,19 +229,21 @@ def make_rollout(cfg, trie, tokenizer, item_sids: dict[int, tuple[str, ...]], ma
                                   "must be a multiple of grpo.num_generations")
         targets = [int(rows[s]["target"]) for s in firsts]
         model = trainer.model_wrapped
-        with unwrap_model_for_generation(model, trainer.accelerator,
-                                         gather_deepspeed3_params=trainer.args.ds3_gather_for_generation) as unwrapped:
+        with unwrap_model_for_generation(  # the checkpointing kwargs: TRL forces reentrant ones (PEFT + ZeRO-3)
+                model, trainer.accelerator, gather_deepspeed3_params=trainer.args.ds3_gather_for_generation,
+                gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs) as unwrapped:
             was_training = unwrapped.training
             unwrapped.eval()
             groups = generate_groups(unwrapped, tokenizer, [prompts[s] for s in firsts], trie, size=size,
                                      mode=g.rollout, constrained=g.constrained, temperature=g.temperature,
                                      dynamic=g.dynamic_sampling, targets=targets, max_prompt_tokens=max_prompt_tokens)
             unwrapped.train(was_training)
+        had_target = [t in grp.items for grp, t in zip(groups, targets)]  # before add_gt puts it in
         if g.add_gt:
             groups = [inject_target(grp, t, target_ids[t]) for grp, t in zip(groups, targets)]
         prompt_ids = tokenizer([prompts[s] for s in firsts], truncation=True, max_length=max_prompt_tokens)["input_ids"]
         out: dict[str, list] = {"prompt_ids": [], "completion_ids": [], "logprobs": [], "item": [], "rank": []}
-        for grp, p_ids, t in zip(groups, prompt_ids, targets):
+        for grp, p_ids, has in zip(groups, prompt_ids, had_target):
             for pos in range(size):
                 out["prompt_ids"].append(list(p_ids))
                 out["completion_ids"].append(grp.completion_ids[pos])
@@ -251,7 +253,7 @@ def make_rollout(cfg, trie, tokenizer, item_sids: dict[int, tuple[str, ...]], ma
             valid = [i for i in grp.items if i is not None]
             trainer._log_metric("rollout/distinct_items", len(set(valid)) / size)
             trainer._log_metric("rollout/invalid", (size - len(valid)) / size)
-            trainer._log_metric("rollout/group_has_target", float(t in grp.items))
+            trainer._log_metric("rollout/group_has_target", float(has))
             trainer._log_metric("rollout/injected_target", float(any(grp.injected)))
         return out
 

@@ -53,7 +53,11 @@ GRPO_FIXED = {
     **GENREC_FIXED,
     "train.lora": "the LoRA config is the SFT adapter's: GRPO continues training that adapter (grpo.adapter)",
     "grpo.adapter": "every trial continues the same SFT adapter",
+    "train.max_steps": "with train.save_steps it sets the trial's report count, ASHA's clock (set both in the job)",
+    "train.save_steps": "with train.max_steps it sets the trial's report count, ASHA's clock (set both in the job)",
 }
+#: GRPO params that must satisfy a rule together: whole groups of G per worker and step
+GRPO_TOGETHER = ("train.batch_size", "train.grad_accum", "grpo.num_generations")
 
 
 @dataclass(frozen=True, eq=False)  # compared and hashed by identity: one object per kind
@@ -65,6 +69,7 @@ class JobKind:
     command: str  # the CLI command that runs a job file of this kind (and the sweep's best.yaml)
     fixed: dict[str, str]  # path prefix -> why a sweep may not search it
     test_report: bool  # a trial's run ends with a test/ report of its best weights (else: its last epoch's)
+    together: tuple[str, ...] = ()  # params the schema checks jointly: searched ones are probed in every combination
 
     def recipe(self, job: BaseModel):
         """The recipe that runs a job of this kind (``rayrec.recipes``); every trial runs through it."""
@@ -80,7 +85,7 @@ class JobKind:
 
 SEQUENTIAL = JobKind("sequential", JobConfig, "rayrec train", COMMON_FIXED, test_report=True)
 GENREC = JobKind("genrec", GenRecJobConfig, "rayrec sft", GENREC_FIXED, test_report=False)
-GRPO = JobKind("grpo", GRPOJobConfig, "rayrec grpo", GRPO_FIXED, test_report=False)
+GRPO = JobKind("grpo", GRPOJobConfig, "rayrec grpo", GRPO_FIXED, test_report=False, together=GRPO_TOGETHER)
 KINDS = {k.name: k for k in (SEQUENTIAL, GENREC, GRPO)}
 
 #: Top-level sections of any kind of job (overrides of these go to the base job, not the space).

@@ -49,14 +49,16 @@ class Objective:
     """Keeps the best value of ``metric`` over a trial's reports and adds the keys the sweep needs.
 
     ``best/<metric>`` (when the training loop did not report it) and ``epoch`` (the count of
-    reports, when missing; always, with ``count_reports``) end up in every report, so ASHA and Optuna find them,
+    reports, when missing; with ``steps_per_report``, the checkpoints so far) end up in every report, so ASHA
+    and Optuna find them,
     also in the final test report. With ``last_epoch`` (a loop without a test report), the
     report of that epoch is marked final (``LAST_EPOCH_KEY``).
     """
 
-    def __init__(self, metric: str, mode: str, last_epoch: int | None = None, count_reports: bool = False) -> None:
+    def __init__(self, metric: str, mode: str, last_epoch: int | None = None,
+                 steps_per_report: int | None = None) -> None:
         self.metric, self.sign = metric, 1.0 if mode == "max" else -1.0
-        self.last_epoch, self.count_reports = last_epoch, count_reports
+        self.last_epoch, self.steps_per_report = last_epoch, steps_per_report
         self.best: float | None = None
         self.reports = 0
 
@@ -68,8 +70,9 @@ class Objective:
             self.best = float(value)
         if objective_key(self.metric) not in out and self.best is not None:
             out[objective_key(self.metric)] = self.best
-        if self.count_reports:  # a step-based loop (GRPO): its HF epoch is a fraction, the clock is the report
-            out[TIME_ATTR] = self.reports
+        if self.steps_per_report:  # a step-based loop (GRPO): HF's epoch is a fraction; the clock counts
+            step = out.get("step")     # checkpoints, from the step so that a resumed trial keeps its count
+            out[TIME_ATTR] = math.ceil(step / self.steps_per_report) if step else self.reports
         else:
             out.setdefault(TIME_ATTR, self.reports)
         if self.last_epoch is not None and out[TIME_ATTR] >= self.last_epoch - 1e-6:
@@ -80,9 +83,10 @@ class Objective:
 class SweepReportCallback(_report_callback_base()):
     """``TuneReportCallback`` whose reports always carry the objective and the epoch (see ``Objective``)."""
 
-    def __init__(self, metric: str, mode: str, last_epoch: int | None = None, count_reports: bool = False) -> None:
+    def __init__(self, metric: str, mode: str, last_epoch: int | None = None,
+                 steps_per_report: int | None = None) -> None:
         super().__init__()
-        self.objective = Objective(metric, mode, last_epoch, count_reports)
+        self.objective = Objective(metric, mode, last_epoch, steps_per_report)
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         first = self.objective.complete(metrics[0])

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import itertools
 import logging
 import math
 from dataclasses import dataclass
@@ -391,6 +392,7 @@ def check_against_job(space: SearchSpace, job: BaseModel, source: str, lines: di
     for path, p in space.params.items():
         for value in _probe_values(p):
             _probe(kind, base, {**_condition_values(space, path), path: value}, source, lines, f"params.{path}")
+    _probe_together(kind, space, base, source, lines)
     _check_metric(space, job, source, lines)
     _check_scheduler(space, job, source, lines)
     for i, point in enumerate(space.searcher.points_to_evaluate):
@@ -491,6 +493,22 @@ def _condition_values(space: SearchSpace, path: str) -> dict[str, Any]:
         out.update(_condition_values(space, parent))
         out[parent] = want[0] if isinstance(want, list) else want
     return out
+
+
+def _probe_together(kind: JobKind, space: SearchSpace, base: dict[str, Any], source: str,
+                    lines: dict[str, int]) -> None:
+    """Params the schema checks jointly (``kind.together``; GRPO: batch, accumulation, G): when several
+    are searched, each must be a ``choice`` and every combination must pass."""
+    searched = [p for p in kind.together if p in space.params]
+    if len(searched) < 2:
+        return
+    for path in searched:
+        if not isinstance(space.params[path], Choice):
+            raise ConfigError(f"{source}:{lines.get(f'params.{path}', lines.get('params', 1))}: '{path}' is searched "
+                              f"with {', '.join(searched)}, which must fit together ({kind.name} jobs); search it "
+                              "with dist: choice over values that do")
+    for combo in itertools.product(*(space.params[p].values for p in searched)):
+        _probe(kind, base, dict(zip(searched, combo)), source, lines, f"params.{searched[0]}")
 
 
 def _probe_values(p: Any) -> list[Any]:

@@ -80,7 +80,7 @@ def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
     cfg.run.storage_path = Path(plan.sweep_dir) / trial_dirname_of(trial_id)  # the run folder: inside the trial's
     kind = kind_named(plan.kind)
     report = SweepReportCallback(plan.metric, plan.mode, last_epoch=None if kind.test_report else job_epochs(cfg),
-                                 count_reports=reports_clock(cfg))
+                                 steps_per_report=cfg.train.save_steps if reports_clock(cfg) else None)
     run_job(kind.recipe(cfg), cfg, callbacks=[report], tracking=partial(open_child, plan, trial_id, params),
             console=False)
 
