@@ -11,6 +11,7 @@ against unconstrained sampling of the same G, in generated tokens per second of 
 
     python bench/grpo_tiny.py                       # 3 seeds x (SFT + 2 GRPO runs), ~15 min on 2 cores
     python bench/grpo_tiny.py --seeds 0 --steps 100 # a quick look
+    python bench/grpo_tiny.py --work W --rollouts-only  # re-measure the rollout cost on a quiet machine
 """
 
 from __future__ import annotations
@@ -87,6 +88,13 @@ def rollout_cost(adapter: str, cfg: GenRecJobConfig, size: int = 8, prompts: int
     return out
 
 
+def print_cost(cost: dict) -> None:
+    print(f"\nrollouts, G={cost['G']}, {cost['prompts']} prompts: constrained beam "
+          f"{cost['beam_constrained']['tokens_per_cpu_s']:.0f} tokens/CPU-s, unconstrained sampling "
+          f"{cost['sample_unconstrained']['tokens_per_cpu_s']:.0f} tokens/CPU-s (invalid outputs "
+          f"{cost['sample_unconstrained']['invalid']:.1%}); ratio {cost['ratio_beam_to_sample']:.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -94,10 +102,23 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300, help="GRPO optimizer steps")
     ap.add_argument("--work", type=Path, default=None, help="runs, data and MLflow (default: a temporary folder)")
     ap.add_argument("--out", type=Path, default=RESULTS / "grpo_tiny.json")
+    ap.add_argument("--rollouts-only", action="store_true",
+                    help="re-measure only the rollout cost with the first seed's SFT adapter in --work, into --out")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(max(1, (os.cpu_count() or 2)))
     work = (args.work or Path(tempfile.mkdtemp(prefix="rayrec_grpo_bench_"))).resolve()
+    if args.rollouts_only:
+        from rayrec.runs import run_checkpoint
+
+        seed = args.seeds[0]
+        cost = rollout_cost(str(run_checkpoint(work / "runs" / f"sft_s{seed}")), sft_job(work, seed))
+        print_cost(cost)
+        results = json.loads(args.out.read_text())
+        results["rollout_cost"] = cost
+        args.out.write_text(json.dumps(results, indent=2))
+        print(f"updated rollout_cost in {args.out}")
+        return
 
     per_seed, cost = [], None
     for seed in args.seeds:
@@ -131,10 +152,7 @@ def main() -> None:
         wins = sum(r[m]["test/ndcg@10"] > r["sft"]["test/ndcg@10"] for r in per_seed)
         print(f"{m} vs sft: hr@1 {gain['test/hr@1']:+.1%}, ndcg@10 {gain['test/ndcg@10']:+.1%}; "
               f"ndcg@10 higher in {wins}/{len(per_seed)} seeds")
-    print(f"\nrollouts, G={cost['G']}, {cost['prompts']} prompts: constrained beam "
-          f"{cost['beam_constrained']['tokens_per_cpu_s']:.0f} tokens/CPU-s, unconstrained sampling "
-          f"{cost['sample_unconstrained']['tokens_per_cpu_s']:.0f} tokens/CPU-s (invalid outputs "
-          f"{cost['sample_unconstrained']['invalid']:.1%}); ratio {cost['ratio_beam_to_sample']:.2f}")
+    print_cost(cost)
     print(f"\nside by side in MLflow: rayrec compare grpo_bench --tracking-uri sqlite:///{work}/mlflow.db")
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
