@@ -51,8 +51,9 @@ def read_adapter(path: Path | None) -> dict[str, Any]:
                           "grpo.adapter=runs/genrec_tiny) or the checkpoint folder printed by `rayrec sft`")
     path = Path(path).expanduser()
     if not path.is_dir():
-        raise ConfigError(f"grpo.adapter {path}: no such folder; give the SFT checkpoint folder printed by "
-                          "`rayrec sft`")
+        raise ConfigError(f"grpo.adapter {path}: no such folder; run the SFT job first (e.g. `rayrec sft "
+                          "jobs/genrec_tiny.yaml` for jobs/genrec_tiny_grpo.yaml) and give its run folder or the "
+                          "checkpoint folder it prints")
     missing = [f for f in (META_FILE, SID_FILE, ADAPTER_CONFIG) if not (path / f).is_file()]
     if missing:
         raise ConfigError(f"grpo.adapter {path}: not a rayrec SFT checkpoint (missing {', '.join(missing)}); give "
