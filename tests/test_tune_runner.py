@@ -126,3 +126,21 @@ def test_relative_paths_become_absolute(sweep):
     job = runner.absolute_paths(sweep.job.model_copy(update={"data": sweep.job.data.model_copy(
         update={"path": Path("data/x")})}))
     assert job.data.path.is_absolute() and job.run.storage_path.is_absolute()
+
+
+def test_a_stopped_trial_ends_killed_whatever_order_the_two_sides_finish_in(tmp_path, monkeypatch):
+    """ASHA stops a trial by raising inside its loop: the trial's driver code (run_job) then ends the run
+    FAILED, racing the sweep recorder's KILLED. The trial's child run leaves its end status to the recorder."""
+    from rayrec.tune import mlflow_sweep
+
+    monkeypatch.setattr(mlflow_sweep, "dump_job", lambda cfg: "{}")  # the resolved YAML is not tested here
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    parent = open_run(uri, "exp", "/sweep", "sw", tags={"rayrec.kind": "sweep"})
+    plan = types.SimpleNamespace(tracking_uri=uri, parent_run_id=parent.run_id, sweep="sw", job_source="job.yaml",
+                                 base={"tracking": {"experiment": "exp"}, "model": {"name": "sasrec"}})
+    child = mlflow_sweep.open_child(plan, "t1", {}, None, tmp_path / "t1")
+    recorder = TrialRecorder(uri, "exp", parent.run_id, "sw", "val/ndcg@10", "best/val/ndcg@10", None)
+    trial = types.SimpleNamespace(trial_id="t1", last_result={"epoch": 1, "val/ndcg@10": 0.1}, error_file=None)
+    recorder.on_trial_complete(0, [], trial)  # the recorder first ...
+    child.finish("FAILED")  # ... then the trial's own failure path
+    assert MlflowClient(uri).get_run(child.run_id).info.status == "KILLED"

@@ -66,10 +66,21 @@ def open_child(plan, trial_id: str, params: dict[str, Any], cfg, run_dir: Path) 
     experiment = plan.base["tracking"]["experiment"]
     tags = {PARENT_TAG: plan.parent_run_id or "", KIND_TAG: "trial", SWEEP_TAG: plan.sweep, TRIAL_TAG: trial_id,
             BASE_JOB_TAG: plan.job_source, "rayrec.model": plan.base["model"].get("name", "genrec-sft")}
-    tracker = open_run(plan.tracking_uri, experiment, str(run_dir), f"{plan.sweep}/{trial_id}", tags=tags)
+    opened = open_run(plan.tracking_uri, experiment, str(run_dir), f"{plan.sweep}/{trial_id}", tags=tags)
+    tracker = TrialTracker(opened.uri, opened.run_id)
     tracker.log_params(params)
     tracker.log_text(dump_job(cfg), "config/resolved.yaml")
     return tracker
+
+
+class TrialTracker(Tracker):
+    """A trial's child run. Its end status, when the trial did not complete, is the sweep recorder's to
+    write (``TrialRecorder``): a trial stopped by ASHA raises inside its loop, so the trial's own code would
+    end the run FAILED, racing the recorder's KILLED."""
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if status == "FINISHED":
+            super().finish(status)
 
 
 def find_child(uri: str, experiment: str, parent_id: str, trial_id: str) -> str | None:
