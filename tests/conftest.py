@@ -26,6 +26,18 @@ def _private_torch_extensions(tmp_path_factory):
     yield
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Small tensors run faster on one thread, and the test machine's cores are shared
+    (modules opt in with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """A local Ray with 2 CPUs, started once; tests that need Ray take this fixture.

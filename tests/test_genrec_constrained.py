@@ -16,12 +16,7 @@ SIDS = {i: (f"<a_{i % 5}>", f"<b_{(i // 5) % 7}>", f"<c_{i // 35}>") for i in ra
 PROMPTS = ["predict the next item", "please predict the next item for this user", "item", "predict item please"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import math
 from collections import Counter
 
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
 
 from rayrec.cli import main
@@ -15,13 +14,7 @@ from rayrec.data.dataset import open_prepared
 from rayrec.genrec import evaluate as E
 from rayrec.genrec.config import GenRecJobConfig
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def sid(i: int | None) -> str | None:

@@ -20,13 +20,7 @@ from rayrec.genrec import rewards as R
 from rayrec.genrec.config import GenRecJobConfig, GRPOJobConfig
 from rayrec.genrec.rollouts import Group, inject_target, pick_dynamic
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ----------------------------------------------------------------------------- rewards alone

@@ -18,12 +18,7 @@ SIDS = [f"<{lvl}_{c}>" for lvl in "abc" for c in range(4)]
 PROMPT = "### Instruction: predict the next item . ### Response:"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def rows(n: int) -> list[dict[str, str]]:

@@ -13,14 +13,7 @@ from rayrec.errors import ConfigError, DataError
 from rayrec.genrec import semantic_ids as S
 from rayrec.genrec.config import SidConfig
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors run faster on one thread, and the test machine's cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def clusters(n_per: int = 40, centers: int = 6, dim: int = 16, seed: int = 0, spread: float = 0.1) -> np.ndarray:
