@@ -26,7 +26,7 @@ from rayrec.genrec.config import GRPOJobConfig
 from rayrec.genrec.inputs import SFTInputs, log_inputs, prepare_inputs
 from rayrec.recipes import sft as S
 from rayrec.runs import Outcome, Recipe, Run, TrainerParts, run_checkpoint
-from rayrec.workers import quiet_worker_logs, rank_and_world, resume_checkpoint, worker_tracker
+from rayrec.workers import quiet_worker_logs, rank_and_world, worker_tracker
 
 #: GRPO log keys kept under train/ (besides loss, lr, grad norm)
 GRPO_KEYS = ("reward", "reward_std", "frac_reward_zero_std", "kl", "entropy", "step_time", "num_tokens")
@@ -174,14 +174,7 @@ def grpo_worker(config: dict[str, Any]) -> None:
     trainer = make_trainer(cfg, config, tracker, S._rows(S.TRAIN_KEY), S._rows(S.VALID_KEY), output_dir,
                            use_gpu=cfg.scaling.use_gpu, show=rank == 0 and bool(config.get("console")),
                            extra_callbacks=[RayTrainReportCallback()])
-    trainer = prepare_trainer(trainer)
-    checkpoint = resume_checkpoint(config.get("resume_from"))
-    if checkpoint is None:
-        trainer.train()
-        return
-    with checkpoint.as_directory() as d:
-        inner = Path(d) / RayTrainReportCallback.CHECKPOINT_NAME
-        trainer.train(resume_from_checkpoint=str(inner if inner.is_dir() else d))
+    S.train_resuming(prepare_trainer(trainer), config.get("resume_from"))
 
 
 def trainer_parts(cfg: GRPOJobConfig, inputs: Inputs, run: Run) -> TrainerParts:

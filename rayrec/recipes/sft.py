@@ -224,8 +224,14 @@ def sft_worker(config: dict[str, Any]) -> None:
     output_dir = Path(tempfile.gettempdir()) / "rayrec_sft" / config["run_name"] / f"rank_{rank}"
     trainer = build_trainer(cfg, model, tokenizer, new_ids, train_rows, valid_rows, output_dir,
                             use_gpu=use_gpu, deepspeed=config.get("deepspeed"), callbacks=callbacks)
-    trainer = prepare_trainer(trainer)
-    checkpoint = resume_checkpoint(config.get("resume_from"))
+    train_resuming(prepare_trainer(trainer), config.get("resume_from"))
+
+
+def train_resuming(trainer, resume_from: str | None) -> None:
+    """A Ray Train worker's HF trainer: ``train()``, from the run's checkpoint when resuming."""
+    from ray.train.huggingface.transformers import RayTrainReportCallback
+
+    checkpoint = resume_checkpoint(resume_from)
     if checkpoint is None:
         trainer.train()
         return
