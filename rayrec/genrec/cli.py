@@ -8,25 +8,10 @@ from pathlib import Path
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    s = sub.add_parser("sft", help="LoRA SFT of a causal LM on semantic-ID prompts (Ray Train, or --local)")
-    s.add_argument("job", type=Path, help="job YAML, e.g. jobs/genrec_tiny.yaml")
-    s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 train.lora.r=8")
-    s.add_argument("--local", action="store_true", help="train in this process without Ray")
-    s.add_argument("--resume-from", help="checkpoint folder to continue from")
-    s.add_argument("--eval", action="store_true", help="evaluate the best adapter on eval.split afterwards")
-    s.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-                   help="show Ray's and the workers' own output here too (else: rayrec.log in the run folder)")
-    s.set_defaults(func=cmd_sft)
-
-    r = sub.add_parser("grpo", help="GRPO of an SFT adapter with recommendation rewards (Ray Train, or --local)")
-    r.add_argument("job", type=Path, help="job YAML, e.g. jobs/genrec_tiny_grpo.yaml")
-    r.add_argument("overrides", nargs="*", help="dotted overrides, e.g. grpo.adapter=PATH grpo.beta=0")
-    r.add_argument("--local", action="store_true", help="train in this process without Ray")
-    r.add_argument("--resume-from", help="GRPO checkpoint folder to continue from")
-    r.add_argument("--eval", action="store_true", help="evaluate the best adapter on eval.split afterwards")
-    r.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-                   help="show Ray's and the workers' own output here too (else: rayrec.log in the run folder)")
-    r.set_defaults(func=cmd_grpo)
+    _training_command(sub, "sft", cmd_sft, "LoRA SFT of a causal LM on semantic-ID prompts",
+                      "jobs/genrec_tiny.yaml", "train.lr=1e-4 train.lora.r=8")
+    _training_command(sub, "grpo", cmd_grpo, "GRPO of an SFT adapter with recommendation rewards",
+                      "jobs/genrec_tiny_grpo.yaml", "grpo.adapter=PATH grpo.beta=0")
 
     e = sub.add_parser("eval-genrec", help="constrained beam-search evaluation of an SFT or GRPO checkpoint")
     e.add_argument("job", type=Path)
@@ -60,6 +45,19 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--adapter", required=True, type=Path)
     m.add_argument("--out", required=True, type=Path)
     m.set_defaults(func=cmd_merge)
+
+
+def _training_command(sub, name: str, func, what: str, job: str, overrides: str) -> None:
+    """``rayrec sft`` and ``rayrec grpo``: the same arguments, a job kind each."""
+    p = sub.add_parser(name, help=f"{what} (Ray Train, or --local)")
+    p.add_argument("job", type=Path, help=f"job YAML, e.g. {job}")
+    p.add_argument("overrides", nargs="*", help=f"dotted overrides, e.g. {overrides}")
+    p.add_argument("--local", action="store_true", help="train in this process without Ray")
+    p.add_argument("--resume-from", help=f"{name.upper()} checkpoint folder to continue from")
+    p.add_argument("--eval", action="store_true", help="evaluate the best adapter on eval.split afterwards")
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="show Ray's and the workers' own output here too (else: rayrec.log in the run folder)")
+    p.set_defaults(func=func)
 
 
 def _job(args, schema=None):
