@@ -129,6 +129,10 @@ class RayReporter:
     def __init__(self, rank: int, tracker: Tracker, show: bool = True) -> None:
         self.rank, self.tracker, self.show = rank, tracker, show and rank == 0
 
+    def log_step(self, metrics: dict[str, float], step: int) -> None:
+        """Metrics on the optimizer-step axis (gradient health); rank 0's tracker logs, others' are null."""
+        self.tracker.log_metrics(metrics, step=step)
+
     def report(self, metrics: dict[str, float], state: dict[str, Any] | None) -> None:
         import ray.train
 

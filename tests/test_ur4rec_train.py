@@ -1,6 +1,7 @@
 """Staged joint training in the framework-free loop: stages, flags, schedules, zeroed grads, resume."""
 
 import logging
+import math
 import shutil
 
 import numpy as np
@@ -100,7 +101,7 @@ def test_schedules_advance_with_their_module_and_every_grad_is_zeroed(mm_data, t
     trained = []
     for _ in range(5):
         before = {n: p.detach().clone() for n, p in model.retriever.named_parameters()}
-        _, _, active = runner._step(next(batches))
+        _, _, active = runner.step([next(batches)])
         trained.append(sorted(active)[0])
         assert all(p.grad is None for p in model.parameters()), "a gradient survived the step"
         if active == {"sasrec"}:  # the idle retriever did not move
@@ -146,3 +147,99 @@ def test_features_of_another_dataset_are_refused(mm_data, tiny_dataset, tmp_path
     np.save(other / "features" / "item_text_ok.npy", np.ones(121, dtype=bool))
     with pytest.raises(DataError, match="item_text.npy has dimension 7 but .*user_text.npy has 32"):
         build_joint(cfg, 120, other)
+
+
+# ----------------------------------------------------------------------------- defects of the joint loop
+
+
+def test_grad_accum_accumulates_and_the_schedule_follows_optimizer_steps(mm_data, tmp_path):
+    """Defect 1: grad_accum=2 took a step every batch (10 steps on a schedule sized for 5)."""
+    cfg = joint_job(mm_data, tmp_path, stages=[{"name": "pretrain_sasrec", "epochs": 1}])
+    cfg.train.grad_accum = 2
+    cfg.train.optim.schedule = "cosine"
+    _, rep = local(cfg)
+    micro = len(PlainBatches(cfg, open_prepared(mm_data), data_info(open_prepared(mm_data))).train(1))
+    assert micro >= 6 and rep.metrics[0]["train/steps"] == -(-micro // 2)
+    assert rep.metrics[0]["train/lr_sasrec"] == pytest.approx(0.0, abs=1e-12)  # the cosine ended on its last step
+
+
+def test_end_to_end_with_alternation_is_refused_with_the_reason(mm_data, tmp_path):
+    """Defect 2: the fused loss was silently dropped on every step of end_to_end + alternation."""
+    with pytest.raises(ValueError, match="end_to_end.*fused loss needs both modules every step"):
+        joint_job(mm_data, tmp_path, stages=[{"name": "end_to_end", "epochs": 1, "strategies": [
+            {"name": "fixed_alternating", "every": 2}, {"name": "dwa"}]}])
+
+
+def test_a_nan_loss_is_skipped_not_spread_and_the_run_matches_a_clean_one(mm_data, tmp_path, monkeypatch):
+    """Defect 4: one NaN loss made every SASRec weight NaN for the rest of the run."""
+    from rayrec.models.joint import UR4Rec
+
+    stages = [{"name": "pretrain_sasrec", "epochs": 2},
+              {"name": "joint_finetune", "epochs": 2, "strategies": [{"name": "fixed_alternating", "every": 3}]}]
+    cfg = joint_job(mm_data, tmp_path, stages=stages)
+    cfg.train.batch_size = 8
+    clean, _ = local(cfg)
+    orig, calls = UR4Rec.outputs, {"n": 0}
+
+    def outputs(self, batch, losses, needs=frozenset()):
+        out = orig(self, batch, losses, needs)
+        calls["n"] += 1
+        if calls["n"] % 50 == 0:
+            out.losses = {k: v * float("nan") for k, v in out.losses.items()}
+        return out
+
+    monkeypatch.setattr(UR4Rec, "outputs", outputs)
+    final, rep = local(cfg, run_dir=tmp_path / "nan")
+    skipped = sum(m["health/skipped_steps"] for m in rep.metrics[:-1])
+    assert skipped == calls["n"] // 50 >= 2
+    state = load_state(tmp_path / "nan" / "final")
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert all(math.isfinite(m["train/loss"]) for m in rep.metrics[:-1])
+    assert final["test/ndcg@10"] == pytest.approx(clean["test/ndcg@10"], rel=0.01)
+
+
+def test_module_schedules_are_sized_for_their_own_steps_under_alternation(mm_data, tmp_path):
+    """Defect 5: each module's cosine was sized for the whole stage, so it ended at half the LR."""
+    stages = [{"name": "joint_finetune", "epochs": 2, "strategies": [{"name": "fixed_alternating", "every": 2}]}]
+    cfg = joint_job(mm_data, tmp_path, stages=stages)
+    cfg.train.optim.schedule = "cosine"
+    _, rep = local(cfg)
+    last = rep.metrics[1]
+    for m in ("sasrec", "retriever"):
+        assert last[f"train/lr_{m}"] < 0.05 * cfg.train.optim.lr, m
+
+
+def test_warmup_continues_across_stages_unless_a_stage_has_its_own(mm_data, tmp_path):
+    """Defect 5: warmup restarted every stage, so short stages never reached their LR."""
+    stages = [{"name": "joint_finetune", "epochs": 1, "strategies": [{"name": "fixed_alternating", "every": 2}]},
+              {"name": "end_to_end", "epochs": 1, "warmup_steps": 3}]
+    cfg = joint_job(mm_data, tmp_path, stages=stages)
+    cfg.train.optim.warmup_steps = 15
+    ds = open_prepared(mm_data)
+    info = data_info(ds)
+    model = build_joint(cfg, info.num_items, info.path)
+    plans = plan_stages(cfg.model.stages)
+    runner = StageRunner(plans[0], model, cfg, torch.device("cpu"), 10, no_sync, lambda t: t, 1,
+                         module_steps={"sasrec": 10, "retriever": 0})
+    assert runner.warmups == {"sasrec": 5, "retriever": 15}
+    assert runner.optims["sasrec"].param_groups[0]["lr"] == pytest.approx(cfg.train.optim.lr / 5)
+    assert runner.totals == {"sasrec": 6, "retriever": 4}  # 10 steps, every 2: s s r r s s r r s s
+    own = StageRunner(plans[1], model, cfg, torch.device("cpu"), 10, no_sync, lambda t: t, 1,
+                      module_steps={"sasrec": 40, "retriever": 40})
+    assert own.warmups == {"sasrec": 3, "retriever": 3}
+
+
+def test_optim_groups_apply_inside_each_modules_optimizer(mm_data, tmp_path, capsys):
+    cfg = joint_job(mm_data, tmp_path, stages=[{"name": "end_to_end", "epochs": 1, "lr": {"retriever": 0.001}}])
+    cfg.train.optim.groups = [{"pattern": "sasrec.item_emb*", "lr_mult": 2.0}]
+    ds = open_prepared(mm_data)
+    info = data_info(ds)
+    model = build_joint(cfg, info.num_items, info.path)
+    runner = StageRunner(plan_stages(cfg.model.stages)[0], model, cfg, torch.device("cpu"), 10, no_sync,
+                         lambda t: t, 1)
+    lrs = {g["name"]: g["initial_lr"] for g in runner.optims["sasrec"].param_groups}
+    assert lrs["sasrec.item_emb* (no decay)"] == pytest.approx(0.01) and lrs["default"] == pytest.approx(0.005)
+    assert {g["initial_lr"] for g in runner.optims["retriever"].param_groups} == {0.001}
+    cfg.train.optim.groups = [{"pattern": "item_emb*", "lr_mult": 2.0}]
+    with pytest.raises(Exception, match="'item_emb\\*' matches no parameter of the ur4rec model"):
+        StageRunner(plan_stages(cfg.model.stages)[0], model, cfg, torch.device("cpu"), 10, no_sync, lambda t: t, 1)

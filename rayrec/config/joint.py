@@ -240,10 +240,16 @@ class StageConfig(Strict):
     lr: dict[ModuleName, float] = Field(default_factory=dict, description="per module; default train.optim.lr")
     trainable: dict[ModuleName, bool] = Field(default_factory=dict, description="overrides the stage's defaults")
     strategies: list[StrategyConfig] = Field(default_factory=list)
+    warmup_steps: int | None = Field(
+        None, ge=0, description="this stage's own warmup (per module); null = the run's warmup continues where it is")
 
     @model_validator(mode="after")
     def _check(self) -> StageConfig:
         names = [s.name for s in self.strategies]
+        if self.name == "end_to_end" and any(n in SCHEDULES for n in names):
+            raise ValueError("stage end_to_end: alternation trains one module a step, but end_to_end's fused loss "
+                             "needs both modules every step (it would be dropped on every step); alternate in "
+                             "joint_finetune, train end_to_end without a schedule")
         for role, members in (("schedule", SCHEDULES), ("weighting", WEIGHTINGS)):
             chosen = [n for n in names if n in members]
             if len(chosen) > 1:

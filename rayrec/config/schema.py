@@ -13,6 +13,7 @@ from pydantic import Field, field_validator, model_validator
 
 from rayrec.config.base import LossConfig, SASRecConfig, Strict  # noqa: F401  (every section is found here)
 from rayrec.config.joint import JointConfig
+from rayrec.config.progressive import GroupRule, ProgressiveMixin
 
 SplitProtocol = Literal["leave_one_out", "temporal", "user_prefix"]
 SourceName = Literal[
@@ -87,6 +88,10 @@ class OptimConfig(Strict):
     warmup_steps: int = Field(0, ge=0, description="linear warmup steps before cosine decay")
     schedule: Literal["cosine", "constant"] = "cosine"
     grad_clip: float | None = Field(1.0, gt=0.0, description="max global grad norm; null = off")
+    groups: list[GroupRule] = Field(
+        default_factory=list, description="per-module multipliers: [{pattern: 'item_emb*', lr_mult: 2.0}, ...]; "
+        "`rayrec train JOB --print-groups` shows the groups each parameter lands in")
+    decay_all: bool = Field(False, description="weight decay on biases, norms and embeddings too (default: not)")
 
 
 class EarlyStopConfig(Strict):
@@ -129,7 +134,7 @@ class EvalConfig(Strict):
         return sorted(set(v))
 
 
-class TrainConfig(Strict):
+class TrainConfig(ProgressiveMixin):
     epochs: int = Field(20, ge=1)
     batch_size: int = Field(128, ge=1, description="sequences per worker per step")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
@@ -202,6 +207,19 @@ class JobConfig(Strict):
             raise ValueError(f"train.epochs ({self.train.epochs}) != the sum of model.stages[*].epochs "
                              f"({self.model.total_epochs}); for ur4rec set epochs per stage and drop train.epochs")
         self.train.epochs = self.model.total_epochs
+        return self
+
+    @model_validator(mode="after")
+    def _phases_fit(self) -> JobConfig:
+        phases = self.train.phases
+        if not phases:
+            return self
+        if self.model.name == "ur4rec":
+            raise ValueError("train.phases: ur4rec trains in model.stages (its phases); drop train.phases")
+        last = max((p.until_epoch for p in phases if p.until_epoch is not None), default=0)
+        if last > self.train.epochs or (phases[-1].until_epoch is not None and phases[-1].until_epoch < self.train.epochs):
+            raise ValueError(f"train.phases end at epoch {phases[-1].until_epoch} but train.epochs is {self.train.epochs}; "
+                             "the last phase must end at train.epochs (or leave its until_epoch null)")
         return self
 
     @property

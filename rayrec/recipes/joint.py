@@ -78,21 +78,28 @@ def joint_worker(config: dict[str, Any]) -> None:
 
 
 def all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
-    """Average the gradients of ``params`` over workers in one flat all-reduce.
+    """Average the gradients of ``params`` over workers: one small all-reduce of which parameters
+    have a gradient anywhere, then one flat all-reduce of those gradients.
 
-    A parameter without a gradient on this worker (unused by its batch) contributes zeros,
-    so every worker reduces the same flat tensor.
+    A parameter without a gradient on every worker keeps none (``None``), exactly as with one
+    worker, so its optimizer skips it and leaves its state alone. One with a gradient on only
+    some workers (unused by the others' batches) counts as zeros there.
     """
     import torch.distributed as dist
 
     if not params:
         return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    world = dist.get_world_size()
+    has = torch.tensor([p.grad is not None for p in params], dtype=torch.int32)
+    dist.all_reduce(has, op=dist.ReduceOp.SUM)
+    chosen = [p for p, n in zip(params, has.tolist(), strict=True) if n > 0]
+    if not chosen:
+        return
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in chosen])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat /= dist.get_world_size()
+    flat /= world
     offset = 0
-    for p in params:
+    for p in chosen:
         n = p.numel()
         p.grad = flat[offset : offset + n].view_as(p).clone()
         offset += n

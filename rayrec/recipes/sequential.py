@@ -108,7 +108,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from rayrec.train.loop import LossModule, fit
 
     w = setup_worker(config)
-    module = ray.train.torch.prepare_model(LossModule(w.model))
+    # phases that freeze parameters change what trains after DDP is built: it must look for unused ones
+    freezes = any(p.freeze or p.trainable is not None for p in w.cfg.train.phases)
+    module = ray.train.torch.prepare_model(LossModule(w.model),
+                                           parallel_strategy_kwargs={"find_unused_parameters": freezes})
     w.model.to(w.device)
     epochs = w.cfg.train.epochs
     progress = progress_for(config, w.rank, epochs=epochs, steps=micro_batches_per_epoch(w.cfg, w.info),

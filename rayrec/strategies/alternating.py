@@ -79,6 +79,10 @@ class FixedAlternating(Alternation):
         if self.step % self.every == 0:
             self._switch("every")
 
+    def observe_skipped(self) -> None:
+        """A step skipped for NaN/Inf gradients still counts: the plan of turns does not shift."""
+        self.observe({})
+
 
 class AdaptiveAlternating(Alternation):
     """Switch when the active module's loss stops improving, or its turn hits ``max_steps``."""
@@ -100,6 +104,15 @@ class AdaptiveAlternating(Alternation):
         reason = self.switch_reason()
         if reason:
             self._switch(reason)
+            self.turn_steps = 0
+            self.recent.clear()
+
+    def observe_skipped(self) -> None:
+        """A step skipped for NaN/Inf gradients counts towards the turn's cap, with no loss to judge."""
+        self.turn_steps += 1
+        self._count()
+        if self.turn_steps >= self.cfg.max_steps:
+            self._switch("cap")
             self.turn_steps = 0
             self.recent.clear()
 

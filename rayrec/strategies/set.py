@@ -58,6 +58,11 @@ class StrategySet(nn.Module):
         if self.schedule is not None:
             self.schedule.observe(losses)
 
+    def observe_skipped(self) -> None:
+        """A step skipped for NaN/Inf gradients: the schedule counts it (no loss reaches any mean)."""
+        if self.schedule is not None:
+            self.schedule.observe_skipped()
+
     def start_epoch(self, epoch: int) -> None:
         """``epoch`` counts from 1 within the stage."""
         self._sums, self._counts = {}, {}

@@ -14,6 +14,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--local", action="store_true", help="run the loop in this process without Ray")
     t.add_argument("--resume-from", help="checkpoint folder to start from (a new run)")
     t.add_argument("--json", type=Path, help="also write the final metrics to this JSON file")
+    t.add_argument("--print-groups", action="store_true",
+                   help="print each phase's (ur4rec: stage's) optimizer param groups, sizes and LR/WD, and exit")
     t.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                    help="show Ray's and the workers' own output here too (else: rayrec.log in the run folder)")
     t.set_defaults(func=cmd_train)
@@ -33,6 +35,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from rayrec.runs import print_outcome, run_job
 
     cfg = load_job(args.job, args.overrides)
+    if args.print_groups:
+        print_groups(cfg)
+        return 0
     recipe = recipe_for(cfg)
     out = run_job(recipe, cfg, local=args.local, source=str(args.job), resume_from=args.resume_from,
                   verbose=args.verbose)
@@ -40,6 +45,50 @@ def cmd_train(args: argparse.Namespace) -> int:
         args.json.write_text(json.dumps(out.metrics, indent=2))
     print_outcome(recipe, out, f"final metrics ({cfg.model.name}, best epoch by {cfg.train.early_stopping.metric})")
     return 0
+
+
+def print_groups(cfg) -> None:
+    """The optimizer's param groups of every phase (or ur4rec stage and module); trains nothing."""
+    from rayrec.cluster import shared_paths
+    from rayrec.data.dataset import ensure_prepared
+    from rayrec.train.groups import group_table
+    from rayrec.train.worker import build, data_info, has_parameters
+
+    cfg = shared_paths(cfg)
+    info = data_info(ensure_prepared(cfg.data))
+    model = build(cfg, info)
+    if not has_parameters(model):
+        print(f"model {cfg.model.name} has no trainable parameters")
+        return
+    if cfg.model.name == "ur4rec":
+        from rayrec.train.joint import plan_stages, stage_groups
+
+        plans = plan_stages(cfg.model.stages)
+        for plan in plans:
+            for module, groups in stage_groups(model, cfg, plan).items():
+                _print_groups(group_table(groups), f"stage {plan.index + 1}/{len(plans)} {plan.cfg.name} "
+                              f"(epochs {plan.first}-{plan.last}), module {module}")
+        return
+    from rayrec.train.phases import PhaseRunner
+
+    runner = PhaseRunner(model, cfg, 1)
+    for phase in runner.plans:
+        groups = runner.build_groups(phase)
+        frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+        title = f"phase {phase.index + 1}/{len(runner.plans)} {phase.name} (epochs {phase.first}-{phase.last})"
+        if phase.cfg is not None:
+            title += f", lr x{phase.cfg.lr_mult:g}, loss weights {phase.cfg.loss_weights or 'all 1'}"
+        _print_groups(group_table(groups), title)
+        if frozen:
+            print(f"frozen: {len(frozen)} tensors ({', '.join(frozen[:6])}{', ...' if len(frozen) > 6 else ''})")
+
+
+def _print_groups(rows: list[tuple[str, ...]], title: str) -> None:
+    head = ("group", "tensors", "parameters", "lr", "weight decay")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    print(f"\n{title}")
+    for r in [head, *rows]:
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))))
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -8,11 +8,19 @@ what joint training needs:
   seed left SASRec frozen after pretraining the retriever), with its own epochs, per-module
   learning rates, strategies and early stopping; the next stage starts from the best
   weights of the previous one, and each boundary is logged;
-- one optimizer and LR schedule per module, stepped only when that module trains, and every
-  gradient zeroed after every step (the seed let gradients pile up on the idle module);
+- one optimizer (param groups by ``train.optim.groups``) and LR schedule per module, stepped
+  only when that module trains, and every gradient zeroed after every step (the seed let
+  gradients pile up on the idle module). A module's schedule counts its own optimizer steps
+  (after ``train.grad_accum`` micro-batches) and is sized for them: all of the stage's steps
+  without alternation, its exact share under ``fixed_alternating``, and under
+  ``adaptive_alternating`` its share so far, re-estimated every epoch, so it ends near 0.
+  Warmup belongs to the run: a stage continues each module's warmup unless it sets its own;
+- gradient health (``rayrec.train.health``): a step with NaN/Inf gradients is skipped on
+  every worker (no optimizer, schedule or strategy sees it);
 - no DDP wrapper: alternation changes which parameters train from step to step, which DDP
   cannot follow, so workers average the trained parameters' gradients with one all-reduce
-  (``sync_grads``) and average each step's losses (``reduce``) so every worker's strategy
+  (``sync_grads``; a parameter no worker has a gradient for stays without one, so its
+  optimizer leaves it and its state untouched) and average each step's losses (``reduce``) so every worker's strategy
   makes the same decision.
 
 Validation ranks with the stage's scorer (SASRec alone while it pretrains, the retriever
@@ -23,10 +31,12 @@ fused stages.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +45,14 @@ import torch
 from rayrec.config.joint import MODULES, StageConfig
 from rayrec.config.loader import dump_job
 from rayrec.config.schema import JobConfig
+from rayrec.errors import ConfigError
 from rayrec.eval.metrics import MetricSums, full_ranks, parse_eval_mode, sampled_ranks
 from rayrec.models.joint import UR4Rec
 from rayrec.models.retriever import JointFeatures
-from rayrec.strategies import build_strategies
+from rayrec.strategies import AdaptiveAlternating, build_strategies
 from rayrec.train.checkpoint import rng_state, set_rng_state, warn_config_diff
+from rayrec.train.groups import Group, build_groups, make_grouped_optimizer, matches, no_decay_names
+from rayrec.train.health import GradHealth
 from rayrec.train.loop import (
     EPOCH,
     TRAIN_GRAD_NORM,
@@ -53,9 +66,8 @@ from rayrec.train.loop import (
     _to,
     eval_candidates,
     evaluate,
-    make_optimizer,
-    make_scheduler,
 )
+from rayrec.train.phases import lr_factor, warmup_left
 
 log = logging.getLogger(__name__)
 
@@ -109,70 +121,153 @@ class JointState:
     best_model: dict[str, torch.Tensor] | None = None  # best fused epoch (final test)
     stage_best: dict[str, torch.Tensor] | None = None  # best epoch of the current stage
     history: list[dict[str, float]] = field(default_factory=list)
+    module_steps: dict[str, int] = field(default_factory=lambda: dict.fromkeys(MODULES, 0))  # run-level, per module
+
+
+def stage_groups(model: UR4Rec, cfg: JobConfig, plan: StagePlan) -> dict[str, list[Group]]:
+    """Each trainable module's param groups in ``plan``: its stage LR x ``train.optim.groups`` multipliers."""
+    optim = cfg.train.optim
+    _check_rules(model, optim)
+    set_trainable(model, plan.cfg.trainable_flags)
+    no_decay = no_decay_names(model)
+    out = {}
+    for name in (m for m in MODULES if plan.cfg.trainable_flags[m]):
+        named = [(f"{name}.{n}", p) for n, p in model.parts()[name].named_parameters()]
+        rules = [r for r in optim.groups if any(matches(n, r.pattern) for n, _ in named)]
+        out[name] = build_groups(named, optim, rules=rules, base_lr=plan.cfg.lr.get(name, optim.lr), no_decay=no_decay)
+    return out
+
+
+def planned_steps(plan: StagePlan, stage_steps: int) -> dict[str, int]:
+    """Optimizer steps each trainable module takes in the stage (its schedule's length).
+
+    Without alternation: every step. ``fixed_alternating``: its exact share. ``adaptive_alternating``:
+    an even share to start with (``StageRunner.resize`` re-estimates it every epoch).
+    """
+    flags = plan.cfg.trainable_flags
+    modules = [m for m in MODULES if flags[m]]
+    sched = next((s for s in plan.cfg.strategies if s.name in ("fixed_alternating", "adaptive_alternating")), None)
+    if sched is None:
+        return dict.fromkeys(modules, stage_steps)
+    if sched.name == "fixed_alternating":
+        counts = dict.fromkeys(modules, 0)
+        for step in range(stage_steps):
+            counts[sched.order[(step // sched.every) % len(sched.order)]] += 1
+        return {m: max(1, n) for m, n in counts.items()}
+    return {m: max(1, math.ceil(stage_steps / len(sched.order))) for m in modules}
 
 
 class StageRunner:
     """One stage: trainable flags, per-module optimizers/schedulers, strategies; trains epochs."""
 
     def __init__(self, plan: StagePlan, model: UR4Rec, cfg: JobConfig, device: torch.device,
-                 steps_per_epoch: int, sync: Sync, reduce: Callable[[torch.Tensor], torch.Tensor], world_size: int) -> None:
+                 steps_per_epoch: int, sync: Sync, reduce: Callable[[torch.Tensor], torch.Tensor], world_size: int,
+                 *, health: GradHealth | None = None, module_steps: dict[str, int] | None = None) -> None:
         self.plan, self.model, self.cfg, self.device = plan, model, cfg, device
         self.sync, self.reduce, self.world = sync, reduce, world_size
         self.flags = plan.cfg.trainable_flags
         set_trainable(model, self.flags)
-        total = plan.cfg.epochs * max(1, steps_per_epoch)
+        self.stage_steps = plan.cfg.epochs * max(1, steps_per_epoch)
+        self.totals = planned_steps(plan, self.stage_steps)
+        done = module_steps or {}
+        optim = cfg.train.optim
+        self.warmups = {m: warmup_left(optim, plan.cfg.warmup_steps, done.get(m, 0)) for m in self.totals}
         self.optims, self.scheds = {}, {}
-        for name in (m for m in MODULES if self.flags[m]):
-            ocfg = cfg.train.optim.model_copy(update={"lr": plan.cfg.lr.get(name, cfg.train.optim.lr)})
-            self.optims[name] = make_optimizer(model.parts()[name].parameters(), ocfg)
-            self.scheds[name] = make_scheduler(self.optims[name], ocfg, total)
+        for name, groups in stage_groups(model, cfg, plan).items():
+            self.optims[name] = make_grouped_optimizer(groups, optim)
+            self.scheds[name] = torch.optim.lr_scheduler.LambdaLR(self.optims[name], partial(self._factor, name))
         self.strategies = build_strategies(plan.cfg, user_dim=cfg.model.sasrec.hidden,
                                            item_dim=cfg.model.retriever.hidden).to(device)
         self.strategy_opt = _strategy_optimizer(self.strategies, cfg)
-        log.info("stage %d/%s begins at epoch %d (%d epochs): trainable %s, lr %s, strategies %s", plan.index + 1,
-                 plan.cfg.name, plan.first, plan.cfg.epochs, self.flags,
-                 {m: o.param_groups[0]["initial_lr"] for m, o in self.optims.items()},
+        self.health = health or joint_health(model, cfg)
+        self.health.set_module("strategies", list(self.strategies.parameters()))
+        self.accum = cfg.train.grad_accum
+        self._pending, self._active, self._sums = 0, (), {}
+        log.info("stage %d/%s begins at epoch %d (%d epochs): trainable %s, lr %s, planned steps %s, warmup %s, "
+                 "strategies %s", plan.index + 1, plan.cfg.name, plan.first, plan.cfg.epochs, self.flags,
+                 {m: o.param_groups[0]["initial_lr"] for m, o in self.optims.items()}, self.totals, self.warmups,
                  [s.name for s in plan.cfg.strategies] or ["sum"])
 
+    def _factor(self, module: str, step: int) -> float:
+        """LR factor of ``module`` after ``step`` of its own steps (its planned total may be re-estimated)."""
+        return lr_factor(step, total=self.totals[module], warmup=self.warmups[module],
+                         schedule=self.cfg.train.optim.schedule)
+
     def train_epoch(self, batches: Iterable, epoch_in_stage: int, progress: Callable[[Iterable], Iterable]) -> dict[str, float]:
-        """One pass over the worker's batches; returns this epoch's training metrics."""
+        """One pass over the worker's batches (``grad_accum`` micro-batches a step); this epoch's training metrics."""
         self.model.train()
         self.strategies.start_epoch(epoch_in_stage)
         acc = _EpochAcc()
         start = time.perf_counter()
         for batch in progress(batches):
             batch = _to(batch, self.device)
-            acc.add(*self._step(batch), seqs=batch["input_ids"].shape[0])
+            self._micro(batch)
+            acc.seqs += batch["input_ids"].shape[0]
+            if self._pending == self.accum:
+                acc.add(self._finish())
+        if self._pending:
+            acc.add(self._finish())
         metrics = acc.metrics(self.world, time.perf_counter() - start)
+        metrics.update(self.health.epoch_metrics())
         metrics.update({f"train/loss_{k}": v for k, v in self.strategies.epoch_means().items()})
         metrics.update({f"train/lr_{m}": s.get_last_lr()[0] for m, s in self.scheds.items()})
         metrics[TRAIN_LR] = next(iter(self.scheds.values())).get_last_lr()[0]
         metrics.update({f"stage/trainable_{m}": float(self.flags[m]) for m in MODULES})
         metrics.update(self.strategies.end_epoch())
+        self.resize()
         return metrics
 
-    def _step(self, batch) -> tuple[float, dict[str, float], set[str]]:
-        """Forward the losses the strategies ask for, backward, average grads, step the active modules."""
-        active = tuple(m for m in self.strategies.active_modules() if self.flags[m])
-        set_trainable(self.model, {m: m in active for m in MODULES})
+    def resize(self) -> None:
+        """Under adaptive alternation: each module's schedule length from its share of the stage so far."""
+        sched = self.strategies.schedule
+        if not isinstance(sched, AdaptiveAlternating) or sched.step == 0:
+            return
+        left = max(0, self.stage_steps - sched.step)
+        for m in self.totals:
+            done = sched.steps_per_module.get(m, 0)
+            self.totals[m] = max(1, done + round(left * done / sched.step))
+
+    def step(self, micro_batches: Iterable) -> tuple[float, float, set[str]] | None:
+        """One optimizer step over ``micro_batches`` (already on the device); None when it was skipped."""
+        for batch in micro_batches:
+            self._micro(batch)
+        return self._finish()
+
+    def _micro(self, batch) -> None:
+        """Forward and backward one micro-batch (the step's active modules are fixed at its first)."""
+        if self._pending == 0:
+            self._active = tuple(m for m in self.strategies.active_modules() if self.flags[m])
+            set_trainable(self.model, {m: m in self._active for m in MODULES})
+            self._sums = {}
         with _autocast(self.device, self.cfg.train.amp):
-            out = self.model.outputs(batch, self.strategies.step_keys(active), self.strategies.needs())
-            total, parts = self.strategies.total(out, active)
-        total.backward()
+            out = self.model.outputs(batch, self.strategies.step_keys(self._active), self.strategies.needs())
+            total, parts = self.strategies.total(out, self._active)
+        (total / self.accum).backward()
+        for k, v in {"total": total, **parts}.items():
+            self._sums[k] = self._sums.get(k, 0.0) + v.detach().float()
+        self._pending += 1
+
+    def _finish(self) -> tuple[float, float, set[str]] | None:
+        """Average grads over workers, check them, step the active modules; None when skipped."""
+        active, n = self._active, self._pending
+        self._pending = 0
         params = [p for m in active for p in self.model.parts()[m].parameters()] + list(self.strategies.parameters())
         self.sync(params)
-        norms = {}
+        ok = self.health.check(self.cfg.train.optim.grad_clip, modules=[*active, "strategies"], per_module_clip=True,
+                               unclipped=("strategies",))
+        if not ok:
+            self._zero_all()
+            self.strategies.observe_skipped()
+            return None
         for m in active:
-            clip = self.cfg.train.optim.grad_clip or float("inf")
-            norms[m] = float(torch.nn.utils.clip_grad_norm_(self.model.parts()[m].parameters(), clip))
             self.optims[m].step()
             self.scheds[m].step()  # a module's schedule advances only when it steps
         if self.strategy_opt is not None:
             self.strategy_opt.step()
         self._zero_all()
-        losses = self._reduced({"total": total.detach(), **{k: v.detach() for k, v in parts.items()}})
+        losses = self._reduced({k: v / n for k, v in self._sums.items()})
         self.strategies.observe({k: v for k, v in losses.items() if k != "total"})
-        return losses["total"], norms, set(active)
+        return losses["total"], self.health.last_norm, set(active)
 
     def _zero_all(self) -> None:
         """Every optimizer's gradients, trained this step or not, and the model's."""
@@ -192,10 +287,12 @@ class StageRunner:
     def state(self) -> dict[str, Any]:
         return {"optimizers": {m: o.state_dict() for m, o in self.optims.items()},
                 "schedulers": {m: s.state_dict() for m, s in self.scheds.items()},
+                "totals": dict(self.totals), "warmups": dict(self.warmups),
                 "strategy": self.strategies.state_dict(),
                 "strategy_optimizer": self.strategy_opt.state_dict() if self.strategy_opt else None}
 
     def load(self, s: dict[str, Any]) -> None:
+        self.totals.update(s.get("totals", {}))
         for m, o in self.optims.items():
             o.load_state_dict(s["optimizers"][m])
             self.scheds[m].load_state_dict(s["schedulers"][m])
@@ -205,27 +302,40 @@ class StageRunner:
 
 
 class _EpochAcc:
-    """Sums over an epoch's steps: loss, per-module grad norms and step counts, sequences."""
+    """Sums over an epoch's optimizer steps: loss, global grad norm, steps per module, skipped steps, sequences."""
 
     def __init__(self) -> None:
-        self.loss, self.steps, self.seqs = 0.0, 0, 0
-        self.norms: dict[str, float] = {}
+        self.loss, self.norm, self.steps, self.seqs, self.skipped = 0.0, 0.0, 0, 0, 0
         self.module_steps: dict[str, int] = dict.fromkeys(MODULES, 0)
 
-    def add(self, loss: float, norms: dict[str, float], active: set[str], *, seqs: int) -> None:
-        self.loss, self.steps, self.seqs = self.loss + loss, self.steps + 1, self.seqs + seqs
-        for m, n in norms.items():
-            self.norms[m] = self.norms.get(m, 0.0) + n
+    def add(self, step: tuple[float, float, set[str]] | None) -> None:
+        if step is None:
+            self.skipped += 1
+            return
+        loss, norm, active = step
+        self.loss, self.norm, self.steps = self.loss + loss, self.norm + norm, self.steps + 1
         for m in active:
             self.module_steps[m] += 1
 
     def metrics(self, world: int, seconds: float) -> dict[str, float]:
         out = {TRAIN_LOSS: self.loss / max(1, self.steps), TRAIN_THROUGHPUT: self.seqs * world / max(seconds, 1e-9),
-               TRAIN_STEPS: float(self.steps)}
-        out.update({f"train/grad_norm_{m}": v / max(1, self.module_steps[m]) for m, v in self.norms.items()})
-        out[TRAIN_GRAD_NORM] = sum(self.norms.values()) / max(1, self.steps)
+               TRAIN_STEPS: float(self.steps), TRAIN_GRAD_NORM: self.norm / max(1, self.steps)}
         out.update({f"train/steps_{m}": float(n) for m, n in self.module_steps.items()})
         return out
+
+
+def joint_health(model: UR4Rec, cfg: JobConfig, log_step=None) -> GradHealth:
+    """Gradient health by module (sasrec, retriever, and the stage's strategies)."""
+    return GradHealth(model.named_parameters(), cfg.train.health.model_copy(update={"depth": 1}), log_step=log_step)
+
+
+def _check_rules(model: UR4Rec, optim) -> None:
+    """Every ``train.optim.groups`` pattern names parameters of the joint model (``sasrec.item_emb*``, ...)."""
+    names = [n for n, _ in model.named_parameters()]
+    for r in optim.groups:
+        if not any(matches(n, r.pattern) for n in names):
+            raise ConfigError(f"train.optim.groups: pattern '{r.pattern}' matches no parameter of the ur4rec model; "
+                              f"its names look like {names[:3]} (prefixed by the module: sasrec., retriever.)")
 
 
 def _strategy_optimizer(strategies, cfg: JobConfig) -> torch.optim.Optimizer | None:
@@ -266,14 +376,22 @@ def fit_joint(
     stopper = EarlyStopping(cfg.train.early_stopping)
     if st.stopper:
         stopper.load_state_dict(st.stopper)
+    health = joint_health(model, cfg, log_step=getattr(reporter, "log_step", None))
+    if resume is not None:
+        health.load(resume.get("health"))
     for plan in plans:
         if plan.index < st.stage or (plan.index == st.stage and st.stage_done):
             continue
         mid_stage = resume is not None and plan.index == st.stage and st.epoch >= plan.first
         if not mid_stage:
             _enter_stage(model, st, plan)
-        runner = StageRunner(plan, model, cfg, device, steps_per_epoch or 1, sync_grads, reduce, world_size)
+        done = dict(st.module_steps)
+        if mid_stage:  # the stage's warmups were set from the module steps at its start (restored below)
+            done = {m: 0 for m in MODULES}
+        runner = StageRunner(plan, model, cfg, device, steps_per_epoch or 1, sync_grads, reduce, world_size,
+                             health=health, module_steps=done)
         if mid_stage:
+            runner.warmups.update(resume["stage_state"].get("warmups", {}))
             runner.load(resume["stage_state"])
         st.stage, st.stage_done = plan.index, False
         _run_stage(plan, runner, model, batches, cfg, st, stopper, num_items, device, reduce, reporter, progress)
@@ -314,6 +432,8 @@ def _run_stage(plan: StagePlan, runner: StageRunner, model: UR4Rec, batches: Bat
         if plan.scorer == "joint" and stopper.update(metrics, epoch):
             st.best_model = weights if weights is not None else _copy(model)
         st.epoch, st.step = epoch, st.step + int(metrics[TRAIN_STEPS])
+        for m in MODULES:
+            st.module_steps[m] += int(metrics[f"train/steps_{m}"])
         st.stopper, st.stage_stopper = stopper.state_dict(), stage_stopper.state_dict()
         best = stopper.best if stopper.best is not None else stage_stopper.best
         metrics[f"best/{cfg.train.early_stopping.metric}"] = float(best)
@@ -384,6 +504,8 @@ def _joint_state(st: JointState, model: UR4Rec, runner: StageRunner | None, cfg:
         "best_model": st.best_model,
         "stage_best": st.stage_best,
         "stage_state": runner.state() if runner is not None else None,
+        "health": runner.health.state() if runner is not None else None,
+        "module_steps": dict(st.module_steps),
         "rng": rng_state(),
         "epoch": st.epoch,
         "step": st.step,
@@ -407,7 +529,8 @@ def _restore_joint(state: dict[str, Any], model: UR4Rec, cfg: JobConfig) -> Join
     return JointState(epoch=state["epoch"], step=state["step"], stage=state["stage"], stage_done=state["stage_done"],
                       stopper=state["early_stopping"], stage_stopper=state["stage_stopping"],
                       best_model=state["best_model"], stage_best=state["stage_best"],
-                      history=list(state.get("history", [])))
+                      history=list(state.get("history", [])),
+                      module_steps={**dict.fromkeys(MODULES, 0), **state.get("module_steps", {})})
 
 
 # ----------------------------------------------------------------------------- inputs

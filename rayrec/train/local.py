@@ -65,6 +65,10 @@ class LocalReporter:
         self.metrics: list[dict[str, float]] = []
         self.last_checkpoint: Path | None = None
 
+    def log_step(self, metrics: dict[str, float], step: int) -> None:
+        """Metrics on the optimizer-step axis (gradient health)."""
+        self.tracker.log_metrics(metrics, step=step)
+
     def report(self, metrics: dict[str, float], state: dict[str, Any] | None) -> None:
         if MID_EPOCH_STEP not in metrics:  # mid-epoch reports only carry a checkpoint
             self.metrics.append(dict(metrics))

@@ -24,6 +24,8 @@ from rayrec.config.loader import dump_job
 from rayrec.config.schema import EarlyStopConfig, JobConfig, OptimConfig
 from rayrec.eval.metrics import MetricSums, full_ranks, parse_eval_mode, sample_negatives, sampled_ranks
 from rayrec.train.checkpoint import MID_EPOCH_STEP, rng_state, set_rng_state, warn_config_diff
+from rayrec.train.health import GradHealth
+from rayrec.train.phases import PhaseRunner, loss_names, make_schedule, model_losses
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +49,11 @@ class Reporter(Protocol):
 
     def report(self, metrics: dict[str, float], state: dict[str, Any] | None) -> None: ...
 
+    # optional: ``log_step(metrics, step)`` logs metrics on the optimizer-step axis (gradient health)
+
 
 class LossModule(nn.Module):
-    """Wraps a model so that ``forward(batch)`` returns its loss.
+    """Wraps a model so that ``forward(batch)`` returns its named losses (``phases.model_losses``).
 
     DDP synchronises gradients only for computations that go through the wrapped
     module's ``forward``; calling ``model.loss`` directly would skip it.
@@ -59,8 +63,8 @@ class LossModule(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, batch: Batch) -> torch.Tensor:
-        return self.model.loss(batch)
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        return model_losses(self.model, batch)
 
 
 @dataclass
@@ -97,19 +101,10 @@ def make_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig) -> torch.op
     return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
 
-def make_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup for ``warmup_steps``, then cosine decay to 0 (or constant)."""
-    warmup = cfg.warmup_steps
-
-    def factor(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        if cfg.schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+def make_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int, *,
+                   warmup: int | None = None) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup (``warmup``, default ``warmup_steps``), then cosine decay to 0 at ``total_steps`` (or constant)."""
+    return make_schedule(opt, cfg, total=total_steps, warmup=cfg.warmup_steps if warmup is None else warmup)
 
 
 def autocast(device: torch.device, enabled: bool):
@@ -132,55 +127,73 @@ class EpochStats:
     seqs: int
     seconds: float
     steps: int
+    parts: dict[str, float] = field(default_factory=dict)  # mean of each named loss (unweighted)
 
 
 def train_epoch(
-    module: nn.Module, batches: Iterable[Batch], opt: torch.optim.Optimizer, sched, cfg: JobConfig,
-    device: torch.device, *, progress: Callable[[Iterable], Iterable] = lambda x: x,
+    module: nn.Module, batches: Iterable[Batch], run: PhaseRunner, health: GradHealth, cfg: JobConfig,
+    device: torch.device, *, epoch: int = 1, step: int = 0, progress: Callable[[Iterable], Iterable] = lambda x: x,
     skip: int = 0, on_step: Callable[[int, int], None] | None = None,
 ) -> EpochStats:
-    """One pass over the worker's batches with gradient accumulation and clipping.
+    """One pass over the worker's batches with gradient accumulation, health checks and clipping.
 
+    ``module(batch)`` returns the named losses; the phase weighs them (``run.total``).
+    ``step``: optimizer steps of the run before this epoch (KL annealing by step).
     ``skip``: micro-batches of this epoch trained before a mid-epoch resume. They are read
     again (same seed, so same order) but not trained on, so the epoch continues where the
     checkpoint left it. ``on_step(batches_done, steps_done)`` runs after each optimizer step.
+    A micro-batch whose loss is NaN/Inf is left out of the epoch's mean loss; its step is
+    skipped by the health check.
     """
     module.train()
     accum, clip = cfg.train.grad_accum, cfg.train.optim.grad_clip
     scaler = torch.amp.GradScaler(enabled=cfg.train.amp and device.type == "cuda" and not torch.cuda.is_bf16_supported())
-    total, count, seqs, steps, norm_sum = 0.0, 0, 0, 0, 0.0
+    total, count, seqs, steps, norm_sum, pending = 0.0, 0, 0, 0, 0.0, 0
+    sums: dict[str, float] = {}
     start = time.perf_counter()
-    opt.zero_grad(set_to_none=True)
+    run.opt.zero_grad(set_to_none=True)
     for i, batch in enumerate(progress(batches), start=1):
         if i <= skip:
             continue
         batch = _to(batch, device)
         with autocast(device, cfg.train.amp):
-            loss = module(batch)
+            parts = module(batch)
+            loss = run.total(parts, epoch=epoch, step=step + steps)
         scaler.scale(loss / accum).backward()
-        total, count, seqs = total + loss.item(), count + 1, seqs + batch["input_ids"].shape[0]
+        pending, seqs = pending + 1, seqs + batch["input_ids"].shape[0]
+        value = loss.item()
+        if math.isfinite(value):
+            total, count = total + value, count + 1
+            if len(parts) > 1:
+                for k, v in parts.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
         if i % accum == 0:
-            norm_sum += _step(module, opt, sched, scaler, clip)
-            steps += 1
-            if on_step is not None:
-                on_step(i, steps)
-    if count % accum:
-        norm_sum += _step(module, opt, sched, scaler, clip)
-        steps += 1
+            pending = 0
+            if _step(run, health, scaler, clip):
+                norm_sum, steps = norm_sum + health.last_norm, steps + 1
+                if on_step is not None:
+                    on_step(i, steps)
+    if pending and _step(run, health, scaler, clip):
+        norm_sum, steps = norm_sum + health.last_norm, steps + 1
     loss = total / count if count else float("nan")  # nan: resumed after the epoch's last batch
-    return EpochStats(loss, norm_sum / max(1, steps), sched.get_last_lr()[0],
-                      seqs, time.perf_counter() - start, steps)
+    return EpochStats(loss, norm_sum / max(1, steps), run.sched.get_last_lr()[0],
+                      seqs, time.perf_counter() - start, steps, {k: v / max(1, count) for k, v in sums.items()})
 
 
-def _step(module: nn.Module, opt, sched, scaler, clip: float | None) -> float:
+def _step(run: PhaseRunner, health: GradHealth, scaler, clip: float | None) -> bool:
+    """Check and clip the final gradients, then step (or skip); False when the step was skipped."""
+    opt = run.opt
     scaler.unscale_(opt)
-    params = [p for p in module.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf"))
-    scaler.step(opt)
-    scaler.update()
-    sched.step()
+    ok = health.check(clip, tolerate=scaler.is_enabled())
+    if scaler.is_enabled():  # fp16: the scaler skips an overflowing step itself and lowers its scale
+        scaler.step(opt)
+        scaler.update()
+    elif ok:
+        opt.step()
+    if ok:
+        run.sched.step()
     opt.zero_grad(set_to_none=True)
-    return float(norm)
+    return ok
 
 
 def score_rows(model: nn.Module, batch: Batch, candidates: torch.Tensor | None = None) -> torch.Tensor:
@@ -253,26 +266,30 @@ def fit(
     reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t, world_size: int = 1,
     progress: Callable[..., Iterable] | None = None, steps_per_epoch: int | None = None,
 ) -> dict[str, float]:
-    """Train ``module`` (the possibly-DDP-wrapped ``LossModule``), validate every epoch,
-    stop early, then evaluate the best weights on test. Returns the final metrics.
+    """Train ``module`` (the possibly-DDP-wrapped ``LossModule``) phase by phase, validate every
+    epoch, stop early, then evaluate the best weights on test. Returns the final metrics.
 
     ``model`` is the unwrapped model (used for ``score``); ``resume`` a loaded checkpoint.
     """
-    opt = make_optimizer(module.parameters(), cfg.train.optim)
-    total_steps = cfg.train.epochs * max(1, steps_per_epoch or 1)
-    sched = make_scheduler(opt, cfg.train.optim, total_steps)
+    run = PhaseRunner(model, cfg, steps_per_epoch or 1)
+    health = GradHealth(model.named_parameters(), cfg.train.health, log_step=getattr(reporter, "log_step", None))
     stopper = EarlyStopping(cfg.train.early_stopping)
     st = FitState()
     if resume is not None:
-        st = _restore(resume, model, opt, sched, stopper, cfg)
+        st = _restore(resume, model, run, health, stopper, cfg)
     for epoch in range(st.epoch + 1, cfg.train.epochs + 1):
         if stopper.should_stop:
             break
+        phase = run.phase_of(epoch)
+        if run.phase is None or run.phase.index != phase.index:
+            run.enter(phase, st.step)
         wrap = partial(progress, epoch=epoch) if progress else (lambda it: it)
-        on_step = _mid_epoch_checkpoints(st, epoch, model, opt, sched, cfg, reporter)
-        stats = train_epoch(module, batches.train(epoch), opt, sched, cfg, device, progress=wrap,
-                            skip=st.batch, on_step=on_step)
+        on_step = _mid_epoch_checkpoints(st, epoch, model, run, health, cfg, reporter)
+        stats = train_epoch(module, batches.train(epoch), run, health, cfg, device, epoch=epoch, step=st.step,
+                            progress=wrap, skip=st.batch, on_step=on_step)
         metrics = _epoch_metrics(stats, epoch, world_size)
+        metrics.update(run.metrics(epoch, st.step + stats.steps, set(loss_names(model))))
+        metrics.update(health.epoch_metrics())
         metrics.update(evaluate(model, batches.valid(), cfg, num_items, device, prefix="val/", reduce=reduce))
         if stopper.update(metrics, epoch):
             st.best_model = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -280,12 +297,12 @@ def fit(
         st.stopper = stopper.state_dict()
         metrics[f"best/{cfg.train.early_stopping.metric}"] = float(stopper.best)
         st.history.append(metrics)
-        reporter.report(metrics, _state(st, model, opt, sched, cfg))
+        reporter.report(metrics, _state(st, model, run, health, cfg))
         log.debug("epoch %d: %s", epoch, _fmt(metrics))  # the console shows rank 0's line (reporter)
-    return _final_test(model, st, batches, cfg, num_items, device, reduce, stopper, reporter, opt, sched)
+    return _final_test(model, st, batches, cfg, num_items, device, reduce, stopper, reporter, run, health)
 
 
-def _mid_epoch_checkpoints(st: FitState, epoch: int, model, opt, sched, cfg: JobConfig,
+def _mid_epoch_checkpoints(st: FitState, epoch: int, model, run: PhaseRunner, health: GradHealth, cfg: JobConfig,
                            reporter: Reporter) -> Callable[[int, int], None] | None:
     """Hook for ``train_epoch`` that reports a checkpoint every ``run.checkpoint.every_n_steps``
     optimizer steps (counted over the whole run), or None when that is off.
@@ -301,7 +318,7 @@ def _mid_epoch_checkpoints(st: FitState, epoch: int, model, opt, sched, cfg: Job
         step = st.step + steps_done
         if step % every == 0:
             snap = replace(st, step=step, batch=batches_done)
-            reporter.report({EPOCH: epoch, MID_EPOCH_STEP: step}, _state(snap, model, opt, sched, cfg))
+            reporter.report({EPOCH: epoch, MID_EPOCH_STEP: step}, _state(snap, model, run, health, cfg))
 
     return on_step
 
@@ -310,6 +327,7 @@ def _epoch_metrics(stats: EpochStats, epoch: int, world_size: int) -> dict[str, 
     return {
         EPOCH: epoch,
         TRAIN_LOSS: stats.loss,
+        **{f"train/loss_{k}": v for k, v in stats.parts.items()},
         TRAIN_LR: stats.lr,
         TRAIN_GRAD_NORM: stats.grad_norm,
         TRAIN_THROUGHPUT: stats.seqs * world_size / max(stats.seconds, 1e-9),
@@ -317,7 +335,7 @@ def _epoch_metrics(stats: EpochStats, epoch: int, world_size: int) -> dict[str, 
 
 
 def _final_test(model, st: FitState, batches: Batches, cfg: JobConfig, num_items: int, device, reduce,
-                stopper: EarlyStopping, reporter: Reporter, opt, sched) -> dict[str, float]:
+                stopper: EarlyStopping, reporter: Reporter, run: PhaseRunner, health: GradHealth) -> dict[str, float]:
     """Load the best weights, evaluate test once, and report it with a final checkpoint
     (its ``model`` and ``best_model`` are then both the best weights)."""
     if st.best_model is not None:
@@ -325,18 +343,21 @@ def _final_test(model, st: FitState, batches: Batches, cfg: JobConfig, num_items
     final = evaluate(model, batches.test(), cfg, num_items, device, prefix="test/", reduce=reduce)
     final.update({EPOCH: st.epoch, "best_epoch": stopper.best_epoch,
                   f"best/{cfg.train.early_stopping.metric}": float(stopper.best) if stopper.best is not None else float("nan"),
-                  "stopped_early": float(stopper.should_stop and st.epoch < cfg.train.epochs)})
-    reporter.report(final, _state(st, model, opt, sched, cfg))
+                  "stopped_early": float(stopper.should_stop and st.epoch < cfg.train.epochs),
+                  "health/skipped_steps_total": float(health.skipped_total)})
+    reporter.report(final, _state(st, model, run, health, cfg))
     log.debug("test (best epoch %d): %s", stopper.best_epoch, _fmt(final))
     return final
 
 
-def _state(st: FitState, model: nn.Module, opt, sched, cfg: JobConfig) -> dict[str, Any]:
+def _state(st: FitState, model: nn.Module, run: PhaseRunner, health: GradHealth, cfg: JobConfig) -> dict[str, Any]:
     return {
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "best_model": st.best_model,
-        "optimizer": opt.state_dict(),
-        "scheduler": sched.state_dict(),
+        "optimizer": run.opt.state_dict() if run.opt is not None else None,
+        "scheduler": run.sched.state_dict() if run.sched is not None else None,
+        "phase": run.state(),
+        "health": health.state(),
         "rng": rng_state(),
         "epoch": st.epoch,
         "step": st.step,
@@ -347,16 +368,22 @@ def _state(st: FitState, model: nn.Module, opt, sched, cfg: JobConfig) -> dict[s
     }
 
 
-def _restore(state: dict[str, Any], model: nn.Module, opt, sched, stopper: EarlyStopping, cfg: JobConfig) -> FitState:
+def _restore(state: dict[str, Any], model: nn.Module, run: PhaseRunner, health: GradHealth, stopper: EarlyStopping,
+             cfg: JobConfig) -> FitState:
+    """Load a checkpoint: weights, the phase it was in (its param groups, optimizer and schedule), the rest."""
     warn_config_diff(state["config"], dump_job(cfg))
     model.load_state_dict(state["model"])
-    opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
-    stopper.load_state_dict(state["early_stopping"])
+    phase = state.get("phase") or {"index": 0, "start_step": 0}
+    run.enter(run.plans[phase["index"]], phase["start_step"], resumed=True)
+    run.opt.load_state_dict(state["optimizer"])
+    run.sched.load_state_dict(state["scheduler"])
+    health.load(state.get("health"))
+    if state["early_stopping"]:
+        stopper.load_state_dict(state["early_stopping"])
     set_rng_state(state["rng"])
     batch = int(state.get("epoch_batch", 0))
-    log.info("resumed after epoch %d (step %d%s)", state["epoch"], state["step"],
-             f", {batch} batches into epoch {state['epoch'] + 1}" if batch else "")
+    log.info("resumed after epoch %d (step %d%s, phase %s)", state["epoch"], state["step"],
+             f", {batch} batches into epoch {state['epoch'] + 1}" if batch else "", run.phase.name)
     return FitState(epoch=state["epoch"], step=state["step"], batch=batch, stopper=state["early_stopping"],
                     best_model=state["best_model"], history=list(state.get("history", [])))
 
