@@ -175,9 +175,12 @@ class Console:
         else:
             epoch = int(metrics.get("epoch", 0))
             head, keys = f"epoch {epoch}/{self.epochs}" if self.epochs else f"epoch {epoch}", self.keys
-            if "stage" in metrics:
-                head += f" (stage {int(metrics['stage'])})"
+            for part in ("stage", "phase"):
+                if part in metrics:
+                    head += f" ({part} {int(metrics[part])})"
         shown = "  ".join(f"{k} {metrics[k]:.4f}" for k in keys if k in metrics)
+        if metrics.get("health/skipped_steps"):
+            shown += f"  skipped {int(metrics['health/skipped_steps'])} NaN/Inf steps"
         return f"{head}  {shown}  ({time.monotonic() - self._t0:.0f} s)"
 
     def line(self, text: str) -> None:

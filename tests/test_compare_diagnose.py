@@ -74,6 +74,20 @@ def test_nan_steps_are_listed(uri):
     assert "train/loss was NaN at epoch(s) 3, 4 (2 of 4 values; first at epoch 3)" in report.findings[0].message
 
 
+def test_skipped_nan_steps_and_vanishing_gradients_are_reported(uri):
+    rid = log_run(uri, "health", {"train/loss": [4.0, 3.5, 3.2], "val/ndcg@10": [0.1, 0.12, 0.13],
+                                  "health/skipped_steps": [0, 2, 1], "health/nonfinite_blocks": [0, 2, 1],
+                                  "health/nonfinite_item_emb": [0, 1, 0], "health/vanishing_causal": [0, 0, 7]},
+                  params={"train.health.vanish_below": "1e-07"})
+    report = diagnose(uri, rid)
+    nan = next(f for f in report.findings if f.kind == "nan_grad")
+    assert nan.epoch == 2 and "3 optimizer step(s) were skipped" in nan.message
+    assert "at epoch(s) 2 (2), 3 (1)" in nan.message and "blocks (3), item_emb (1)" in nan.message
+    van = next(f for f in report.findings if f.kind == "vanishing")
+    assert van.epoch == 3 and van.message.startswith("module causal: gradient norm below 1e-07 in 7 step(s)")
+    assert "nan_inf" not in kinds(report) and "ok" not in kinds(report)
+
+
 def test_alternation_that_never_switched(uri):
     rid = log_run(uri, "stuck", {"train/loss": [4.0, 3.5, 3.2], "val/ndcg@10": [0.1, 0.12, 0.13],
                                  "strategy/switches": [0, 0, 0], "strategy/share_sasrec": [1.0, 1.0, 1.0],

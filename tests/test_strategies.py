@@ -193,6 +193,10 @@ def test_memory_bank_queue_wraps_and_is_capped():
     assert bank.queue_ids.tolist() == [5, 6, 3, 4] and int(bank.ptr) == 2
     bank.enqueue(torch.zeros(6, 4), torch.arange(10, 16))  # more than the queue: the newest 4 stay
     assert sorted(bank.queue_ids.tolist()) == [12, 13, 14, 15]
+    keys = torch.ones(2, 4)
+    keys[0, 1] = float("nan")  # a step the health check skips must not poison the queue
+    bank.enqueue(keys, torch.tensor([20, 21]))
+    assert torch.isfinite(bank.queue).all() and 21 in bank.queue_ids.tolist() and 20 not in bank.queue_ids.tolist()
     assert MemoryBankConfig(queue_size=65536).queue_size == 65536
     with pytest.raises(ValidationError):
         MemoryBankConfig(queue_size=65537)
@@ -272,3 +276,14 @@ def test_end_to_end_has_a_fused_loss_and_pretraining_one_module():
     with pytest.raises(ValidationError, match="at most one schedule"):
         StageConfig(name="joint_finetune", epochs=1,
                     strategies=[{"name": "fixed_alternating"}, {"name": "adaptive_alternating"}])
+
+
+def test_a_skipped_step_keeps_the_plan_of_turns():
+    fixed = FixedAlternating(FixedAlternatingConfig(every=2))
+    fixed.observe({"sasrec": 1.0})
+    fixed.observe_skipped()  # NaN step: still the second step of sasrec's turn
+    assert fixed.active == "retriever" and fixed.step == 2
+    adaptive = AdaptiveAlternating(AdaptiveAlternatingConfig(window=1, min_steps=1, max_steps=2, threshold=0.0))
+    adaptive.observe({"sasrec": 1.0})
+    adaptive.observe_skipped()  # counts towards the cap, adds no loss to the plateau window
+    assert adaptive.active == "retriever" and list(adaptive.recent) == []

@@ -6,9 +6,11 @@ from mlflow.tracking import MlflowClient
 from rayrec import recipes
 from rayrec.cli import main
 from rayrec.config import dump_job
+from rayrec.data.dataset import open_prepared
 from rayrec.errors import RayrecError
 from rayrec.runs import COMPLETE_MARKER
-from rayrec.train.checkpoint import load_state
+from rayrec.train.checkpoint import load_state, seed_everything
+from rayrec.train.worker import build, data_info
 
 
 def test_one_worker_run_logs_everything(ray_session, tiny_job):
@@ -56,12 +58,25 @@ def test_eval_command_on_a_checkpoint(ray_session, tiny_job, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_two_workers_ddp(ray_session, tiny_job):
+    """2 DDP workers, with a phase that freezes the blocks (DDP must then look for unused parameters)."""
+    from rayrec.config.progressive import PhaseConfig
+
     cfg = tiny_job.model_copy(deep=True)
     cfg.scaling.num_workers = 2
+    cfg.train.phases = [PhaseConfig(name="embed", until_epoch=1, freeze=["blocks"]), PhaseConfig(name="all")]
+    cfg.run.checkpoint.num_to_keep = 5
     out = recipes.run(cfg)
     assert out.metrics["epoch"] == 3 and out.metrics["test/hr@10"] > 0.2
     # each test row evaluated exactly once across the two workers
     assert out.metrics["test/rows"] == 300
+    e1, e2 = (load_state(out.run_dir / f"epoch_000{e}")["model"] for e in (1, 2))
+    blocks = [k for k in e1 if k.startswith("blocks")]
+    seed_everything(cfg.run.seed)  # the workers' initial weights
+    init = build(cfg, data_info(open_prepared(cfg.data.path))).state_dict()
+    assert all(e1[k].equal(init[k]) for k in blocks) and not e1["item_emb.weight"].equal(init["item_emb.weight"])
+    c = MlflowClient(cfg.tracking.uri)
+    assert [m.value for m in sorted(c.get_metric_history(out.mlflow_run_id, "phase"), key=lambda m: m.step)] == [1, 2, 2]
+    assert not all(e1[k].equal(e2[k]) for k in blocks)
 
 
 def test_worker_logs_drop_ray_trains_per_report_metric_dump_but_keep_warnings():

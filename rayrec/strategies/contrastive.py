@@ -44,9 +44,14 @@ class MemoryBank(nn.Module):
 
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor, ids: torch.Tensor) -> None:
-        """Write ``keys`` [M, dim] and ``ids`` [M] at the ring pointer (the newest Q if M > Q)."""
+        """Write ``keys`` [M, dim] and ``ids`` [M] at the ring pointer (the newest Q if M > Q).
+
+        Rows with NaN/Inf (a step the health check will skip) are left out: a poisoned key
+        would stay in the queue and make every later loss NaN.
+        """
         size = self.queue.shape[0]
-        keys, ids = keys[-size:], ids[-size:]
+        finite = torch.isfinite(keys).all(dim=1)
+        keys, ids = keys[finite][-size:], ids[finite][-size:]
         slots = (self.ptr + torch.arange(len(ids), device=ids.device)) % size
         self.queue[slots] = keys.to(self.queue.dtype)
         self.queue_ids[slots] = ids

@@ -8,6 +8,8 @@ Each check looks at the per-epoch metrics MLflow holds for the run and returns a
   epoch while the metric stalls or drops (the epoch it began);
 - a loss that never moves (a module that is not learning) or zero gradients;
 - an alternating schedule that never switched, or a module that never trained;
+- gradient health: optimizer steps skipped for NaN/Inf gradients (and in which modules),
+  modules whose gradients vanished;
 - early stopping (or a sweep's scheduler) ending the run, and where the best epoch was.
 
 Nothing is written to the run; a figure of the curves goes to an output folder.
@@ -34,7 +36,7 @@ STALL_EPOCHS = 3
 
 @dataclass
 class Finding:
-    kind: str  # nan_inf | overfitting | not_learning | zero_grad | no_switch | starved | early_stop | no_improvement | ok
+    kind: str  # nan_inf | nan_grad | vanishing | overfitting | not_learning | zero_grad | no_switch | starved | early_stop | no_improvement | ok
     severity: str  # error | warning | info
     message: str
     epoch: int | None = None  # where it began, when that is meaningful
@@ -99,7 +101,7 @@ def run_checks(h: dict[str, History], metric: str, params: dict[str, str], tags:
     mode = _mode(metric)
     epochs = _epoch_series(h, metric)
     findings = [*check_non_finite(h), *check_overfitting(epochs, metric, mode, h.get(LOSS, [])),
-                *check_not_learning(h), *check_alternation(h, params), *check_stopping(h, metric, mode, params, tags)]
+                *check_not_learning(h), *check_health(h, params), *check_alternation(h, params), *check_stopping(h, metric, mode, params, tags)]
     if not any(f.severity in ("error", "warning") for f in findings):
         findings.append(_healthy(h, metric, mode))
     order = {"error": 0, "warning": 1, "info": 2}
@@ -169,6 +171,8 @@ def check_not_learning(h: dict[str, History]) -> list[Finding]:
     """A loss that stays flat over the epochs, or gradients that are zero."""
     out = []
     for key, hist in sorted(h.items()):
+        if key.startswith("health/"):  # step-axis norms and counts: check_health reads them
+            continue
         values = [v for _, v in hist if math.isfinite(v)]
         if "loss" in key.rsplit("/", 1)[-1] or key.startswith("train/loss"):
             if len(values) >= 3:
@@ -183,6 +187,35 @@ def check_not_learning(h: dict[str, History]) -> list[Finding]:
         elif "grad_norm" in key and len(values) >= 2 and max(abs(v) for v in values) < 1e-8:
             out.append(Finding("zero_grad", "warning", f"{key} was 0 at every epoch ({len(values)} epochs): no "
                                "gradient reaches these parameters (frozen, or the loss is detached)", hist[0][0]))
+    return out
+
+
+def _counts(h: dict[str, History], prefix: str) -> dict[str, list[tuple[int, float]]]:
+    """Per module (the key's suffix after ``prefix``): the epochs with a non-zero count."""
+    return {k[len(prefix):]: [(e, v) for e, v in hist if v] for k, hist in h.items()
+            if k.startswith(prefix) and any(v for _, v in hist)}
+
+
+def check_health(h: dict[str, History], params: dict[str, str]) -> list[Finding]:
+    """Steps skipped for NaN/Inf gradients (with the modules), and modules whose gradients vanished."""
+    out = []
+    skipped = [(e, v) for e, v in h.get("health/skipped_steps", []) if v]
+    if skipped:
+        total = int(sum(v for _, v in skipped))
+        where = ", ".join(f"{e} ({int(v)})" for e, v in skipped[:10]) + (" ..." if len(skipped) > 10 else "")
+        bad = _counts(h, "health/nonfinite_")
+        mods = ", ".join(f"{m} ({int(sum(v for _, v in c))})" for m, c in sorted(bad.items())) or "unknown modules"
+        out.append(Finding("nan_grad", "warning",
+                           f"{total} optimizer step(s) were skipped for NaN/Inf gradients, at epoch(s) {where}; "
+                           f"gradients went bad in {mods}: lower those modules' learning rate (train.optim.groups) "
+                           "or check their losses' inputs", skipped[0][0]))
+    for module, counts in sorted(_counts(h, "health/vanishing_").items()):
+        n = int(sum(v for _, v in counts))
+        below = params.get("train.health.vanish_below", "train.health.vanish_below")
+        out.append(Finding("vanishing", "warning",
+                           f"module {module}: gradient norm below {below} in {n} step(s), at epoch(s) "
+                           f"{', '.join(str(e) for e, _ in counts[:10])}: it barely learns (frozen by a zero loss "
+                           "weight, saturated, or a learning-rate multiplier too small)", counts[0][0]))
     return out
 
 

@@ -60,27 +60,39 @@ def print_groups(cfg) -> None:
     if not has_parameters(model):
         print(f"model {cfg.model.name} has no trainable parameters")
         return
-    if cfg.model.name == "ur4rec":
-        from rayrec.train.joint import plan_stages, stage_groups
+    for title, groups, frozen in GROUP_PLANS.get(cfg.model.name, phase_groups)(cfg, model):
+        _print_groups(group_table(groups), title)
+        if frozen:
+            print(f"frozen: {len(frozen)} tensors ({', '.join(frozen[:6])}{', ...' if len(frozen) > 6 else ''})")
 
-        plans = plan_stages(cfg.model.stages)
-        for plan in plans:
-            for module, groups in stage_groups(model, cfg, plan).items():
-                _print_groups(group_table(groups), f"stage {plan.index + 1}/{len(plans)} {plan.cfg.name} "
-                              f"(epochs {plan.first}-{plan.last}), module {module}")
-        return
+
+def phase_groups(cfg, model):
+    """(title, groups, frozen names) per phase of ``train.phases`` (one phase without any)."""
     from rayrec.train.phases import PhaseRunner
 
     runner = PhaseRunner(model, cfg, 1)
     for phase in runner.plans:
         groups = runner.build_groups(phase)
-        frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
         title = f"phase {phase.index + 1}/{len(runner.plans)} {phase.name} (epochs {phase.first}-{phase.last})"
         if phase.cfg is not None:
             title += f", lr x{phase.cfg.lr_mult:g}, loss weights {phase.cfg.loss_weights or 'all 1'}"
-        _print_groups(group_table(groups), title)
-        if frozen:
-            print(f"frozen: {len(frozen)} tensors ({', '.join(frozen[:6])}{', ...' if len(frozen) > 6 else ''})")
+        yield title, groups, [n for n, p in model.named_parameters() if not p.requires_grad]
+
+
+def stage_groups(cfg, model):
+    """(title, groups, frozen names) per ur4rec stage and trained module."""
+    from rayrec.train.joint import plan_stages
+    from rayrec.train.joint import stage_groups as groups_of
+
+    plans = plan_stages(cfg.model.stages)
+    for plan in plans:
+        for module, groups in groups_of(model, cfg, plan).items():
+            yield (f"stage {plan.index + 1}/{len(plans)} {plan.cfg.name} (epochs {plan.first}-{plan.last}), "
+                   f"module {module}", groups, [])
+
+
+#: models whose optimizer is not one phase-built optimizer (a plain dict, by model name)
+GROUP_PLANS = {"ur4rec": stage_groups}
 
 
 def _print_groups(rows: list[tuple[str, ...]], title: str) -> None:

@@ -194,9 +194,9 @@ class PhaseRunner:
         self.opt, self.phase, self.start_step = opt, phase, steps_done
         if len(self.plans) > 1 and not resumed:
             frozen = sum(1 for p in self.model.parameters() if not p.requires_grad)
-            log.info("phase %d/%d %s begins at epoch %d (epochs %d-%d): %d param groups, %d frozen tensors, "
+            log.info("phase %d/%d %s begins (epochs %d-%d): %d param groups, %d frozen tensors, "
                      "lr x%g, loss weights %s; Adam state kept for %d tensors", phase.index + 1, len(self.plans),
-                     phase.name, phase.first, phase.first, phase.last, len(self.groups), frozen,
+                     phase.name, phase.first, phase.last, len(self.groups), frozen,
                      phase.cfg.lr_mult if phase.cfg else 1.0, phase.cfg.loss_weights if phase.cfg else {}, kept)
 
     def state(self) -> dict[str, Any]:
