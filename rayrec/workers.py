@@ -76,13 +76,26 @@ def resume_state(explicit: str | None) -> dict[str, Any] | None:
         return load_state(d)
 
 
+def comm_device() -> torch.device:
+    """Where the process group's collectives take tensors: the GPU for NCCL, else the CPU."""
+    import torch.distributed as dist
+
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum a tensor over workers (a no-op when there is one)."""
+    """Sum a tensor over workers (a no-op when there is one); returned on ``t``'s device.
+
+    NCCL takes only GPU tensors: a CPU tensor (the metric sums) goes to the GPU and back.
+    """
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        t = t.clone()
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        out = t.to(comm_device(), copy=True)
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        t = out.to(t.device)
     return t
 
 

@@ -86,8 +86,8 @@ def test_group_multipliers_reach_the_optimizer_and_norms_biases_embeddings_do_no
     assert of[id(named["item_emb.weight"])]["weight_decay"] == pytest.approx(0.1)
 
     typo = job(tiny_job, optim={"groups": [{"pattern": "item_embedding*", "lr_mult": 2.0}]})
-    with pytest.raises(ConfigError, match="item_embedding"):
-        PhaseRunner(model, typo, 10).enter(PhaseRunner(model, typo, 10).plans[0], 0)
+    with pytest.raises(ConfigError, match="train.optim.groups: pattern 'item_embedding\\*' matches no parameter"):
+        PhaseRunner(model, typo, 10)
 
 
 def test_print_groups_shows_each_phase_and_trains_nothing(tiny_job, tmp_path, capsys):
@@ -161,27 +161,44 @@ def test_resume_in_the_middle_of_a_phase_continues_exactly(tiny_job, tmp_path):
 def test_phase_config_errors_name_the_key(tiny_job):
     with pytest.raises(ValueError, match="strictly increasing"):
         job(tiny_job, epochs=4, phases=[{"name": "a", "until_epoch": 3}, {"name": "b", "until_epoch": 2}])
-    with pytest.raises(ValueError, match="last phase must end at train.epochs"):
+    with pytest.raises(ValueError, match=r"last phase \(a\) ends at epoch 2 but train.epochs is 4"):
         job(tiny_job, epochs=4, phases=[{"name": "a", "until_epoch": 2}])
+    with pytest.raises(ValueError, match=r"phases\[0\] \(a\).until_epoch is 5, past train.epochs \(4\)"):
+        job(tiny_job, epochs=4, phases=[{"name": "a", "until_epoch": 5}, {"name": "b"}])
+    with pytest.raises(ValueError, match=r"last phase \(b\) would have no epochs"):
+        job(tiny_job, epochs=4, phases=[{"name": "a", "until_epoch": 4}, {"name": "b"}])
     cfg = job(tiny_job, epochs=2, phases=[{"name": "a", "until_epoch": 1, "loss_weights": {"kl": 0.5}},
                                           {"name": "b"}])
     with pytest.raises(ConfigError, match=r"phases\[0\] \(a\)\.loss_weights: \['kl'\].*\['rec'\]"):
         PhaseRunner(model_of(cfg), cfg, 10)
-    cfg = job(tiny_job, epochs=2, phases=[{"name": "a", "until_epoch": 1, "freeze": ["encoder"]}, {"name": "b"}])
-    runner = PhaseRunner(model_of(cfg), cfg, 10)
-    with pytest.raises(ConfigError, match=r"phases\[0\] \(a\)\.freeze: 'encoder' matches no parameter"):
-        runner.enter(runner.plans[0], 0)
+    cfg = job(tiny_job, epochs=2, phases=[{"name": "a", "until_epoch": 1}, {"name": "b", "freeze": ["encoder"]}])
+    with pytest.raises(ConfigError, match=r"phases\[1\] \(b\)\.freeze: 'encoder' matches no parameter"):
+        PhaseRunner(model_of(cfg), cfg, 10)  # found before the first step, not when phase b begins
+    # a global rule may match only parameters a phase freezes; a phase's own rule must match trainable ones
+    ok = job(tiny_job, epochs=2, optim={"groups": [{"pattern": "blocks", "lr_mult": 0.5}]},
+             phases=[{"name": "a", "until_epoch": 1, "freeze": ["blocks"]}, {"name": "b"}])
+    PhaseRunner(model_of(ok), ok, 10)
+    bad = job(tiny_job, epochs=2, phases=[
+        {"name": "a", "until_epoch": 1, "freeze": ["blocks"], "groups": [{"pattern": "blocks", "lr_mult": 2}]},
+        {"name": "b"}])
+    with pytest.raises(ConfigError, match=r"phases\[0\] \(a\).groups: pattern\(s\) \['blocks'\] match no trainable"):
+        PhaseRunner(model_of(bad), bad, 10)
 
 
 def test_warmup_belongs_to_the_run_and_cosine_ends_at_zero_in_each_phase():
+    from rayrec.config.schema import OptimConfig
+    from rayrec.train.phases import warmup_of
+
     assert lr_factor(0, total=10, warmup=4, schedule="cosine") == pytest.approx(0.25)
     assert lr_factor(9, total=10, warmup=0, schedule="cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.9)))
     assert lr_factor(10, total=10, warmup=0, schedule="cosine") == 0.0
-    from rayrec.config.schema import OptimConfig
-    from rayrec.train.phases import warmup_left
-
+    # a phase that starts 10 steps into a 15-step warmup continues the ramp, then decays over the rest
+    assert [lr_factor(s, total=10, warmup=15, done=10, schedule="constant") for s in (0, 4, 5)] == [11 / 15, 1.0, 1.0]
+    assert lr_factor(5, total=10, warmup=15, done=10, schedule="cosine") == 1.0
+    assert lr_factor(10, total=10, warmup=15, done=10, schedule="cosine") == 0.0
     optim = OptimConfig(warmup_steps=15)
-    assert warmup_left(optim, None, 10) == 5 and warmup_left(optim, None, 40) == 0 and warmup_left(optim, 3, 40) == 3
+    assert warmup_of(optim, None, 10) == (15, 10) and warmup_of(optim, 3, 40) == (3, 0)
+    assert lr_factor(0, total=10, warmup=15, done=40, schedule="constant") == 1.0  # warmup long over
 
 
 # ----------------------------------------------------------------------------- KL annealing
@@ -274,3 +291,44 @@ def test_vanishing_gradients_are_warned_and_counted(tiny_job, monkeypatch, caplo
     warned = [r.getMessage() for r in caplog.records if "vanishing gradient" in r.getMessage()]
     assert any("module blocks" in w for w in warned)
     assert len([w for w in warned if "module blocks" in w]) == 1  # once per module and epoch
+
+
+def test_fp16_scaler_overflow_is_a_counted_skip_that_leaves_the_schedule(tiny_job):
+    from rayrec.train.health import GradHealth
+    from rayrec.train.loop import _step
+
+    model = TwoLosses()
+    runner = PhaseRunner(model, tiny_job, 10)
+    runner.enter(runner.plans[0], 0)
+    health = GradHealth(model.named_parameters(), tiny_job.train.health)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    scaler.scale(model.w.sum() * float("inf")).backward()
+    assert _step(runner, health, scaler, 1.0) is False
+    assert runner.sched.last_epoch == 0 and health.skipped == 1 and scaler.get_scale() == 2.0
+    assert torch.equal(model.w.detach(), torch.ones(3))
+    scaler.scale(model.w.sum()).backward()
+    assert _step(runner, health, scaler, 1.0) is True and runner.sched.last_epoch == 1 and health.consecutive == 0
+
+
+def test_a_short_last_accumulation_step_is_a_mean_over_its_own_batches(tiny_job):
+    from rayrec.train.health import GradHealth
+    from rayrec.train.loop import LossModule, train_epoch
+
+    batch = a_batch(tiny_job)
+    grads = {}
+    for accum in (1, 3):  # one batch: a full step at accum 1, a short last step at accum 3
+        cfg = job(tiny_job, grad_accum=accum, optim={"lr": 0.01, "grad_clip": None})
+        model = model_of(cfg)
+        runner = PhaseRunner(model, cfg, 1)
+        runner.enter(runner.plans[0], 0)
+        health = GradHealth(model.named_parameters(), cfg.train.health)
+
+        def check(*a, accum=accum, model=model, check=health.check, **k):
+            grads[accum] = [p.grad.clone() for p in model.parameters()]
+            return check(*a, **k)
+
+        health.check = check
+        torch.manual_seed(1)
+        stats = train_epoch(LossModule(model), [batch], runner, health, cfg, torch.device("cpu"))
+        assert stats.steps == 1
+    assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(grads[1], grads[3], strict=True))

@@ -221,12 +221,13 @@ def test_warmup_continues_across_stages_unless_a_stage_has_its_own(mm_data, tmp_
     plans = plan_stages(cfg.model.stages)
     runner = StageRunner(plans[0], model, cfg, torch.device("cpu"), 10, no_sync, lambda t: t, 1,
                          module_steps={"sasrec": 10, "retriever": 0})
-    assert runner.warmups == {"sasrec": 5, "retriever": 15}
-    assert runner.optims["sasrec"].param_groups[0]["lr"] == pytest.approx(cfg.train.optim.lr / 5)
+    assert runner.warmups == {"sasrec": (15, 10), "retriever": (15, 0)}  # the run's ramp, continued
+    assert runner.optims["sasrec"].param_groups[0]["lr"] == pytest.approx(cfg.train.optim.lr * 11 / 15)
+    assert runner.optims["retriever"].param_groups[0]["lr"] == pytest.approx(cfg.train.optim.lr / 15)
     assert runner.totals == {"sasrec": 6, "retriever": 4}  # 10 steps, every 2: s s r r s s r r s s
     own = StageRunner(plans[1], model, cfg, torch.device("cpu"), 10, no_sync, lambda t: t, 1,
                       module_steps={"sasrec": 40, "retriever": 40})
-    assert own.warmups == {"sasrec": 3, "retriever": 3}
+    assert own.warmups == {"sasrec": (3, 0), "retriever": (3, 0)}
 
 
 def test_optim_groups_apply_inside_each_modules_optimizer(mm_data, tmp_path, capsys):
@@ -243,3 +244,24 @@ def test_optim_groups_apply_inside_each_modules_optimizer(mm_data, tmp_path, cap
     cfg.train.optim.groups = [{"pattern": "item_emb*", "lr_mult": 2.0}]
     with pytest.raises(Exception, match="'item_emb\\*' matches no parameter of the ur4rec model"):
         StageRunner(plan_stages(cfg.model.stages)[0], model, cfg, torch.device("cpu"), 10, no_sync, lambda t: t, 1)
+
+
+def test_a_short_last_accumulation_step_is_a_mean_over_its_own_batches(mm_data, tmp_path):
+    ds = open_prepared(mm_data)
+    info = data_info(ds)
+    grads = {}
+    for accum in (1, 2):
+        cfg = joint_job(mm_data, tmp_path, stages=[{"name": "pretrain_sasrec", "epochs": 1}])
+        cfg.train.grad_accum = accum
+        cfg.train.optim.grad_clip = None
+        torch.manual_seed(0)
+        model = build_joint(cfg, info.num_items, info.path)
+
+        def sync(params, accum=accum):
+            grads[accum] = [p.grad.clone() for p in params if p.grad is not None]
+
+        runner = StageRunner(plan_stages(cfg.model.stages)[0], model, cfg, torch.device("cpu"), 10, sync,
+                             lambda t: t, 1)
+        torch.manual_seed(1)
+        runner.step([next(iter(PlainBatches(cfg, ds, info).train(1)))])
+    assert len(grads[1]) > 5 and all(torch.allclose(a, b, atol=1e-7) for a, b in zip(grads[1], grads[2], strict=True))

@@ -216,10 +216,17 @@ class JobConfig(Strict):
             return self
         if self.model.name == "ur4rec":
             raise ValueError("train.phases: ur4rec trains in model.stages (its phases); drop train.phases")
-        last = max((p.until_epoch for p in phases if p.until_epoch is not None), default=0)
-        if last > self.train.epochs or (phases[-1].until_epoch is not None and phases[-1].until_epoch < self.train.epochs):
-            raise ValueError(f"train.phases end at epoch {phases[-1].until_epoch} but train.epochs is {self.train.epochs}; "
-                             "the last phase must end at train.epochs (or leave its until_epoch null)")
+        epochs = self.train.epochs
+        for i, p in enumerate(phases):
+            if p.until_epoch is not None and p.until_epoch > epochs:
+                raise ValueError(f"train.phases[{i}] ({p.name}).until_epoch is {p.until_epoch}, past train.epochs ({epochs})")
+        last = phases[-1]
+        if last.until_epoch is not None and last.until_epoch < epochs:
+            raise ValueError(f"the last phase ({last.name}) ends at epoch {last.until_epoch} but train.epochs is {epochs}; "
+                             "end it at train.epochs or leave its until_epoch null")
+        if last.until_epoch is None and len(phases) > 1 and phases[-2].until_epoch >= epochs:
+            raise ValueError(f"the last phase ({last.name}) would have no epochs: phases[{len(phases) - 2}] "
+                             f"({phases[-2].name}) already ends at train.epochs ({epochs})")
         return self
 
     @property

@@ -26,7 +26,7 @@ from rayrec.recipes import sequential
 from rayrec.runs import Outcome, Run, TrainerParts
 from rayrec.tracking.mlflow_tracking import Tracker
 from rayrec.train.worker import micro_batches_per_epoch, steps_per_epoch
-from rayrec.workers import RayReporter, ShardBatches, all_reduce_sum, progress_for
+from rayrec.workers import RayReporter, ShardBatches, all_reduce_sum, comm_device, progress_for
 
 
 @dataclass
@@ -90,7 +90,7 @@ def all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
     if not params:
         return
     world = dist.get_world_size()
-    has = torch.tensor([p.grad is not None for p in params], dtype=torch.int32)
+    has = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=comm_device())
     dist.all_reduce(has, op=dist.ReduceOp.SUM)
     chosen = [p for p, n in zip(params, has.tolist(), strict=True) if n > 0]
     if not chosen:

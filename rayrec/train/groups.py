@@ -61,11 +61,12 @@ class Group:
 
 def build_groups(named: Iterable[tuple[str, nn.Parameter]], optim: OptimConfig, *, rules: list[GroupRule] = (),
                  lr_mult: float = 1.0, no_decay: set[str] = frozenset(), base_lr: float | None = None,
-                 where: str = "train.optim.groups") -> list[Group]:
+                 where: str = "train.optim.groups", required: int | None = None) -> list[Group]:
     """The param groups of the trainable parameters in ``named`` (order: rules, then the default).
 
-    ``base_lr`` replaces ``optim.lr`` (a ur4rec stage's module learning rate). A rule that
-    matches no trainable parameter is an error naming it (a typo would silently train at 1x).
+    ``base_lr`` replaces ``optim.lr`` (a ur4rec stage's module learning rate). Each of the first
+    ``required`` rules (default: all) must match a trainable parameter, else an error names it
+    (a typo would silently train at 1x); the others may match only frozen ones.
     """
     rules, named = list(rules), list(named)
     lr0 = optim.lr if base_lr is None else base_lr
@@ -88,7 +89,8 @@ def build_groups(named: Iterable[tuple[str, nn.Parameter]], optim: OptimConfig, 
             groups[key] = Group(label, lr0 * lr_mult * rule.lr_mult, wd, rule.lr_mult, rule.wd_mult, decay)
         groups[key].names.append(name)
         groups[key].params.append(p)
-    unused = [r.pattern for r, u in zip(rules, used, strict=True) if not u]
+    unused = [r.pattern for r, u in list(zip(rules, used, strict=True))[: len(rules) if required is None else required]
+              if not u]
     if unused:
         raise ConfigError(f"{where}: pattern(s) {unused} match no trainable parameter; parameter names look like "
                           f"{_examples(named)}")

@@ -133,6 +133,18 @@ class GradHealth:
                 f"{self.cfg.max_bad_steps}); the gradients of {bad} went bad at step {self.step}. Lower the learning "
                 "rate of those modules (train.optim.groups), keep train.optim.grad_clip on, or check the inputs")
 
+    def scaler_skipped(self) -> None:
+        """fp16 loss scaling skipped a step (overflow): counted; the scaler backs off from 2^16 in at
+        most 16 such steps, so more than ``max_bad_steps + 16`` in a row is a real NaN/Inf."""
+        self.skipped += 1
+        self.skipped_total += 1
+        self.consecutive += 1
+        if self.consecutive > self.cfg.max_bad_steps + 16:
+            raise TrainingHealthError(
+                f"{self.consecutive} optimizer steps in a row overflowed under fp16 loss scaling (train.health."
+                f"max_bad_steps={self.cfg.max_bad_steps} + 16 for the scaler's back-off): the loss or gradients are "
+                "NaN/Inf, not just large; lower the learning rate or use bf16")
+
     def _record(self, norms: dict[str, float]) -> None:
         for m, v in norms.items():
             self.sums[m] = self.sums.get(m, 0.0) + v

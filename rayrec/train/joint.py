@@ -66,8 +66,9 @@ from rayrec.train.loop import (
     _to,
     eval_candidates,
     evaluate,
+    rescale_grads,
 )
-from rayrec.train.phases import lr_factor, warmup_left
+from rayrec.train.phases import lr_factor, warmup_of
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +172,7 @@ class StageRunner:
         self.totals = planned_steps(plan, self.stage_steps)
         done = module_steps or {}
         optim = cfg.train.optim
-        self.warmups = {m: warmup_left(optim, plan.cfg.warmup_steps, done.get(m, 0)) for m in self.totals}
+        self.warmups = {m: warmup_of(optim, plan.cfg.warmup_steps, done.get(m, 0)) for m in self.totals}
         self.optims, self.scheds = {}, {}
         for name, groups in stage_groups(model, cfg, plan).items():
             self.optims[name] = make_grouped_optimizer(groups, optim)
@@ -190,7 +191,8 @@ class StageRunner:
 
     def _factor(self, module: str, step: int) -> float:
         """LR factor of ``module`` after ``step`` of its own steps (its planned total may be re-estimated)."""
-        return lr_factor(step, total=self.totals[module], warmup=self.warmups[module],
+        warmup, done = self.warmups[module]
+        return lr_factor(step, total=self.totals[module], warmup=warmup, done=done,
                          schedule=self.cfg.train.optim.schedule)
 
     def train_epoch(self, batches: Iterable, epoch_in_stage: int, progress: Callable[[Iterable], Iterable]) -> dict[str, float]:
@@ -218,14 +220,16 @@ class StageRunner:
         return metrics
 
     def resize(self) -> None:
-        """Under adaptive alternation: each module's schedule length from its share of the stage so far."""
+        """Under adaptive alternation: each module's schedule length from its share of the stage so far
+        (at least an even share, so a module that waited does not find its schedule already spent)."""
         sched = self.strategies.schedule
         if not isinstance(sched, AdaptiveAlternating) or sched.step == 0:
             return
         left = max(0, self.stage_steps - sched.step)
         for m in self.totals:
             done = sched.steps_per_module.get(m, 0)
-            self.totals[m] = max(1, done + round(left * done / sched.step))
+            share = max(done / sched.step, 1 / len(sched.order))  # never below an even share: no early LR 0
+            self.totals[m] = max(1, done + round(left * share))
 
     def step(self, micro_batches: Iterable) -> tuple[float, float, set[str]] | None:
         """One optimizer step over ``micro_batches`` (already on the device); None when it was skipped."""
@@ -252,6 +256,7 @@ class StageRunner:
         active, n = self._active, self._pending
         self._pending = 0
         params = [p for m in active for p in self.model.parts()[m].parameters()] + list(self.strategies.parameters())
+        rescale_grads(params, self.accum / n)  # a short last step: a mean over its own batches
         self.sync(params)
         ok = self.health.check(self.cfg.train.optim.grad_clip, modules=[*active, "strategies"], per_module_clip=True,
                                unclipped=("strategies",))
@@ -391,7 +396,7 @@ def fit_joint(
         runner = StageRunner(plan, model, cfg, device, steps_per_epoch or 1, sync_grads, reduce, world_size,
                              health=health, module_steps=done)
         if mid_stage:
-            runner.warmups.update(resume["stage_state"].get("warmups", {}))
+            runner.warmups.update({m: tuple(w) for m, w in resume["stage_state"].get("warmups", {}).items()})
             runner.load(resume["stage_state"])
         st.stage, st.stage_done = plan.index, False
         _run_stage(plan, runner, model, batches, cfg, st, stopper, num_items, device, reduce, reporter, progress)

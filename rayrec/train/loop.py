@@ -22,6 +22,7 @@ from torch import nn
 
 from rayrec.config.loader import dump_job
 from rayrec.config.schema import EarlyStopConfig, JobConfig, OptimConfig
+from rayrec.errors import ConfigError
 from rayrec.eval.metrics import MetricSums, full_ranks, parse_eval_mode, sample_negatives, sampled_ranks
 from rayrec.train.checkpoint import MID_EPOCH_STEP, rng_state, set_rng_state, warn_config_diff
 from rayrec.train.health import GradHealth
@@ -173,10 +174,13 @@ def train_epoch(
                 norm_sum, steps = norm_sum + health.last_norm, steps + 1
                 if on_step is not None:
                     on_step(i, steps)
-    if pending and _step(run, health, scaler, clip):
-        norm_sum, steps = norm_sum + health.last_norm, steps + 1
+    if pending:
+        rescale_grads(module.parameters(), accum / pending)  # a short last step: a mean over its own batches
+        if _step(run, health, scaler, clip):
+            norm_sum, steps = norm_sum + health.last_norm, steps + 1
     loss = total / count if count else float("nan")  # nan: resumed after the epoch's last batch
-    return EpochStats(loss, norm_sum / max(1, steps), run.sched.get_last_lr()[0],
+    base_lr = run.sched.get_last_lr()[0] / run.groups[0].lr_mult  # without the first group's multiplier
+    return EpochStats(loss, norm_sum / max(1, steps), base_lr,
                       seqs, time.perf_counter() - start, steps, {k: v / max(1, count) for k, v in sums.items()})
 
 
@@ -186,14 +190,27 @@ def _step(run: PhaseRunner, health: GradHealth, scaler, clip: float | None) -> b
     scaler.unscale_(opt)
     ok = health.check(clip, tolerate=scaler.is_enabled())
     if scaler.is_enabled():  # fp16: the scaler skips an overflowing step itself and lowers its scale
+        scale = scaler.get_scale()
         scaler.step(opt)
         scaler.update()
+        ok = scaler.get_scale() >= scale
+        if not ok:
+            health.scaler_skipped()
     elif ok:
         opt.step()
     if ok:
         run.sched.step()
     opt.zero_grad(set_to_none=True)
     return ok
+
+
+@torch.no_grad()
+def rescale_grads(params: Iterable[nn.Parameter], factor: float) -> None:
+    """Multiply every gradient by ``factor`` (a no-op at 1)."""
+    if factor != 1:
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(factor)
 
 
 def score_rows(model: nn.Module, batch: Batch, candidates: torch.Tensor | None = None) -> torch.Tensor:
@@ -375,7 +392,12 @@ def _restore(state: dict[str, Any], model: nn.Module, run: PhaseRunner, health: 
     model.load_state_dict(state["model"])
     phase = state.get("phase") or {"index": 0, "start_step": 0}
     run.enter(run.plans[phase["index"]], phase["start_step"], resumed=True)
-    run.opt.load_state_dict(state["optimizer"])
+    try:
+        run.opt.load_state_dict(state["optimizer"])
+    except ValueError as e:  # param groups of another layout (another version, or other groups/phases)
+        raise ConfigError(f"this checkpoint's optimizer has other param groups than the job builds ({e}); "
+                          "train.optim.groups, train.phases or the rayrec version differ from the run that "
+                          "wrote it: resume with those, or start a new run") from e
     run.sched.load_state_dict(state["scheduler"])
     health.load(state.get("health"))
     if state["early_stopping"]:

@@ -9,8 +9,9 @@ Scheduler semantics (the same in the joint loop):
 
 - a step is an optimizer step (after gradient accumulation; a skipped NaN step is none);
 - a phase's cosine is sized for the phase's own steps and ends at 0 on its last step;
-- warmup belongs to the run: a phase continues it where the previous one left it
-  (``warmup_steps - steps already done``), unless the phase sets its own ``warmup_steps``.
+- warmup belongs to the run: a phase that starts after ``done`` steps continues the run's
+  ramp at ``(done + 1) / warmup_steps`` (nothing when ``done >= warmup_steps``), unless the phase
+  sets its own ``warmup_steps``, a fresh ramp from its first step.
 """
 
 from __future__ import annotations
@@ -78,25 +79,27 @@ def phase_of(plans: list[Phase], epoch: int) -> Phase:
     return next((p for p in plans if p.first <= epoch <= p.last), plans[-1])
 
 
-def lr_factor(step: int, *, total: int, warmup: int, schedule: str) -> float:
-    """Linear warmup over ``warmup`` steps, then cosine to 0 at ``total`` (or constant)."""
-    if warmup and step < warmup:
-        return (step + 1) / warmup
+def lr_factor(step: int, *, total: int, warmup: int, schedule: str, done: int = 0) -> float:
+    """LR factor after ``step`` steps of a phase of ``total`` steps that began ``done`` steps into a
+    warmup of ``warmup`` steps: the rest of the linear ramp, then cosine to 0 at ``total`` (or constant)."""
+    left = max(0, warmup - done)
+    if step < left:
+        return (done + step + 1) / warmup
     if schedule == "constant":
         return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    progress = min(1.0, (step - left) / max(1, total - left))
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def make_schedule(opt: torch.optim.Optimizer, optim: OptimConfig, *, total: int, warmup: int):
-    """``LambdaLR`` of ``lr_factor``; ``total``/``warmup`` in this optimizer's own steps."""
+def make_schedule(opt: torch.optim.Optimizer, optim: OptimConfig, *, total: int, warmup: int, done: int = 0):
+    """``LambdaLR`` of ``lr_factor``; ``total``/``warmup``/``done`` in this optimizer's own steps."""
     return torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, total=total, warmup=warmup, schedule=optim.schedule))
+        opt, lambda s: lr_factor(s, total=total, warmup=warmup, schedule=optim.schedule, done=done))
 
 
-def warmup_left(optim: OptimConfig, own: int | None, steps_done: int) -> int:
-    """Warmup steps of a phase that starts after ``steps_done`` steps of the run (see module doc)."""
-    return own if own is not None else max(0, optim.warmup_steps - steps_done)
+def warmup_of(optim: OptimConfig, own: int | None, steps_done: int) -> tuple[int, int]:
+    """(warmup, done) of a phase that starts after ``steps_done`` steps of the run (see module doc)."""
+    return (own, 0) if own is not None else (optim.warmup_steps, steps_done)
 
 
 def kl_factor(cfg: KLAnnealConfig, *, epoch: int, step: int) -> float:
@@ -140,6 +143,22 @@ class PhaseRunner:
         self.groups: list[Group] = []
         self.start_step = 0  # run steps done when the phase began
         self._check_names()
+        self._check_plans()
+
+    def _check_plans(self) -> None:
+        """Every phase's patterns and groups, checked before the first step (then the flags are restored)."""
+        names = [n for n, _ in self.model.named_parameters()]
+        for r in self.cfg.train.optim.groups:
+            if not any(matches(n, r.pattern) for n in names):
+                raise ConfigError(f"train.optim.groups: pattern '{r.pattern}' matches no parameter; names look like "
+                                  f"{names[:4]}")
+        for phase in self.plans:
+            self.build_groups(phase)
+            if phase.epochs < 1:
+                raise ConfigError(f"train.phases[{phase.index}] ({phase.name}) has no epochs "
+                                  f"({phase.first}-{phase.last}); drop it or move the previous until_epoch")
+        for n, p in self.model.named_parameters():
+            p.requires_grad_(self.base[n])
 
     def _check_names(self) -> None:
         names = set(loss_names(self.model))
@@ -175,9 +194,10 @@ class PhaseRunner:
         for n, p in self.model.named_parameters():
             p.requires_grad_(flags[n])
         rules = [*(phase.cfg.groups if phase.cfg else []), *self.cfg.train.optim.groups]
-        where = f"train.phases[{phase.index}].groups / train.optim.groups" if phase.cfg else "train.optim.groups"
+        where = f"train.phases[{phase.index}] ({phase.name}).groups" if phase.cfg else "train.optim.groups"
         groups = build_groups(self.model.named_parameters(), self.cfg.train.optim, rules=rules,
-                              lr_mult=phase.cfg.lr_mult if phase.cfg else 1.0, no_decay=self.no_decay, where=where)
+                              lr_mult=phase.cfg.lr_mult if phase.cfg else 1.0, no_decay=self.no_decay, where=where,
+                              required=len(phase.cfg.groups) if phase.cfg else 0)
         if not groups:
             raise ConfigError(f"train.phases[{phase.index}] ({phase.name}) trains no parameter")
         return groups
@@ -188,9 +208,8 @@ class PhaseRunner:
         opt = make_grouped_optimizer(self.groups, self.cfg.train.optim)
         kept = carry_state(self.opt, opt)
         total = phase.epochs * self.spe
-        own = phase.cfg.warmup_steps if phase.cfg else None
-        self.sched = make_schedule(opt, self.cfg.train.optim, total=total,
-                                   warmup=warmup_left(self.cfg.train.optim, own, steps_done))
+        warmup, done = warmup_of(self.cfg.train.optim, phase.cfg.warmup_steps if phase.cfg else None, steps_done)
+        self.sched = make_schedule(opt, self.cfg.train.optim, total=total, warmup=warmup, done=done)
         self.opt, self.phase, self.start_step = opt, phase, steps_done
         if len(self.plans) > 1 and not resumed:
             frozen = sum(1 for p in self.model.parameters() if not p.requires_grad)
