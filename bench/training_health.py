@@ -11,6 +11,7 @@
 
     python bench/training_health.py                      # ~10 min on 2 cores
     python bench/training_health.py --seeds 0 --repeats 1  # a quick look
+    python bench/training_health.py --overhead-only --repeats 5  # only the overhead, on a quiet machine
 """
 
 from __future__ import annotations
@@ -112,6 +113,11 @@ def resilience(work: Path, name: str, seeds: list[int], *overrides: str) -> list
     return rows
 
 
+def _print_cost(cost: dict) -> None:
+    print(f"\nhealth checks: {cost['seqs_per_s_health_on']:.0f} seqs/s on vs {cost['seqs_per_s_health_off']:.0f} off "
+          f"(ratio {cost['ratio_on_over_off']:.3f}, median of {cost['repeats']})")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -119,17 +125,24 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--before", type=Path, help="the joint quickstart's --json output from an older checkout")
     p.add_argument("--work", type=Path)
+    p.add_argument("--overhead-only", action="store_true",
+                   help="re-measure only the overhead (on a quiet machine) and update it in the JSON")
     args = p.parse_args()
     torch.set_num_threads(1)
     work = args.work or Path(tempfile.mkdtemp(prefix="health_bench_"))
     print(f"work folder: {work}")
     cost = overhead(work, args.repeats)
+    _print_cost(cost)
+    path = RESULTS / "training_health.json"
+    if args.overhead_only:
+        out = json.loads(path.read_text()) if path.exists() else {}
+        path.write_text(json.dumps({**out, "overhead": cost}, indent=2, default=float))
+        print(f"\nupdated {path}")
+        return
     sas = resilience(work, "quickstart.yaml", args.seeds, "train.epochs=6", f"data.path={work}/quickstart")
     joint = resilience(work, "ur4rec_quickstart.yaml", args.joint_seeds, f"data.path={work}/ur4rec_quickstart",
                        f"model.features.cache_dir={ROOT}/.cache/rayrec/features")
 
-    print(f"\nhealth checks: {cost['seqs_per_s_health_on']:.0f} seqs/s on vs {cost['seqs_per_s_health_off']:.0f} off "
-          f"(ratio {cost['ratio_on_over_off']:.3f}, median of {cost['repeats']})")
     print(f"\nloss NaN on every {EVERY}th batch vs clean, same seed (test NDCG@10)")
     print(f"{'job':<24}{'seed':>5}{'NaN batches':>12}{'skipped':>9}{'finite':>8}{'clean':>9}{'NaN run':>9}{'diff':>8}")
     for r in sas + joint:
@@ -146,7 +159,6 @@ def main() -> None:
            "joint_quickstart": quick, "joint_quickstart_before": before,
            "max_abs_rel_diff": max((abs(r["rel_diff"]) for r in sas + joint), default=math.nan)}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / "training_health.json"
     path.write_text(json.dumps(out, indent=2, default=float))
     print(f"\nwrote {path}")
 
