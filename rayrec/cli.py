@@ -10,7 +10,7 @@ from pathlib import Path
 
 from rayrec.errors import RayrecError
 
-SOURCES_HELP = "synthetic, movielens-100k, movielens-1m, movielens-multimodal, recbole, minionerec, csv"
+SOURCES_HELP = "synthetic, movielens-100k, movielens-1m, movielens-multimodal, recbole, minionerec, amazon, csv"
 
 
 def _add_data(sub: argparse._SubParsersAction) -> None:

@@ -23,6 +23,7 @@ SourceName = Literal[
     "movielens-multimodal",
     "recbole",
     "minionerec",
+    "amazon",
     "csv",
 ]
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from rayrec.data.sources.amazon import read_amazon
 from rayrec.data.sources.base import RawData
 from rayrec.data.sources.generic import read_interactions_table
 from rayrec.data.sources.minionerec import read_minionerec
@@ -23,6 +24,7 @@ SOURCES: dict[str, Callable[..., RawData]] = {
     "recbole": read_recbole,
     "csv": read_interactions_table,
     "minionerec": read_minionerec,
+    "amazon": read_amazon,
     # Generates instead of reading: keyword-only parameters, no ``input``.
     "synthetic": generate_synthetic,
 }
