@@ -13,6 +13,7 @@ from pydantic import Field, field_validator, model_validator
 
 from rayrec.config.base import LossConfig, SASRecConfig, Strict  # noqa: F401  (every section is found here)
 from rayrec.config.joint import JointConfig
+from rayrec.config.multi_interest import MultiInterestConfig
 from rayrec.config.progressive import GroupRule, ProgressiveMixin
 
 SplitProtocol = Literal["leave_one_out", "temporal", "user_prefix"]
@@ -79,7 +80,7 @@ class PopularityConfig(Strict):
 
 
 
-ModelConfig = Annotated[SASRecConfig | PopularityConfig | JointConfig, Field(discriminator="name")]
+ModelConfig = Annotated[SASRecConfig | PopularityConfig | JointConfig | MultiInterestConfig, Field(discriminator="name")]
 
 
 class OptimConfig(Strict):

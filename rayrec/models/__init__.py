@@ -7,9 +7,11 @@ from collections.abc import Callable
 from torch import nn
 
 from rayrec.config.joint import JointConfig
+from rayrec.config.multi_interest import MultiInterestConfig
 from rayrec.config.schema import PopularityConfig, SASRecConfig
 from rayrec.errors import ConfigError
 from rayrec.models.joint import UR4Rec, build_ur4rec
+from rayrec.models.multi_interest import MultiInterest, build_multi_interest
 from rayrec.models.popularity import Popularity, build_popularity
 from rayrec.models.sasrec import SASRec, build_sasrec
 
@@ -18,13 +20,14 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "sasrec": build_sasrec,
     "popularity": build_popularity,
     "ur4rec": build_ur4rec,  # also needs features=JointFeatures (rayrec.train.joint.build_joint loads them)
+    "multi_interest": build_multi_interest,
 }
 
 #: models with nothing to train: fitted from counts on the driver, never on Ray Train workers
 PARAMETER_FREE = frozenset({"popularity"})
 
 
-def build_model(cfg: SASRecConfig | PopularityConfig | JointConfig, num_items: int, **inputs) -> nn.Module:
+def build_model(cfg: SASRecConfig | PopularityConfig | JointConfig | MultiInterestConfig, num_items: int, **inputs) -> nn.Module:
     """Build the model named by `cfg.name` (a job's `model:` section) over items 1..num_items.
 
     ``inputs`` are extra data a builder needs (ur4rec: ``features``)."""
@@ -34,5 +37,5 @@ def build_model(cfg: SASRecConfig | PopularityConfig | JointConfig, num_items: i
     return builder(num_items, cfg, **inputs)
 
 
-__all__ = ["MODELS", "PARAMETER_FREE", "Popularity", "SASRec", "UR4Rec", "build_model", "build_popularity", "build_sasrec",
+__all__ = ["MODELS", "PARAMETER_FREE", "MultiInterest", "Popularity", "SASRec", "UR4Rec", "build_model", "build_popularity", "build_sasrec",
            "build_ur4rec"]

@@ -1,6 +1,6 @@
 """Recipes: what each kind of job does differently, run by the one driver (``rayrec.runs``).
 
-* ``sequential``: SASRec and the popularity baseline (``rayrec train``).
+* ``sequential``: SASRec, the multi-interest model and the popularity baseline (``rayrec train``).
 * ``joint``: the UR4Rec joint model, trained in stages (``rayrec train``).
 * ``sft``: LoRA SFT of a causal LM on semantic-ID prompts (``rayrec sft``).
 * ``grpo``: GRPO of an SFT adapter with recommendation rewards (``rayrec grpo``).
@@ -30,7 +30,8 @@ RECIPES: dict[str, str] = {
 }
 
 #: model name of a ``JobConfig`` (``model.name``) -> the recipe that trains it
-MODEL_RECIPES: dict[str, str] = {"sasrec": "sequential", "popularity": "sequential", "ur4rec": "joint"}
+MODEL_RECIPES: dict[str, str] = {"sasrec": "sequential", "popularity": "sequential", "ur4rec": "joint",
+                                 "multi_interest": "sequential"}
 
 
 def recipe_named(name: str) -> Recipe:

@@ -167,7 +167,7 @@ def train_epoch(
             total, count = total + value, count + 1
             if len(parts) > 1:
                 for k, v in parts.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
+                    sums[k] = sums.get(k, 0.0) + float(v.detach())
         if i % accum == 0:
             pending = 0
             if _step(run, health, scaler, clip):

@@ -149,7 +149,7 @@ class PhaseRunner:
         """Every phase's patterns and groups, checked before the first step (then the flags are restored)."""
         names = [n for n, _ in self.model.named_parameters()]
         for r in self.cfg.train.optim.groups:
-            if not any(matches(n, r.pattern) for n in names):
+            if not any(matches(n, r.pattern) for n in names) and not self.names_disabled(r.pattern):
                 raise ConfigError(f"train.optim.groups: pattern '{r.pattern}' matches no parameter; names look like "
                                   f"{names[:4]}")
         for phase in self.plans:
@@ -161,12 +161,21 @@ class PhaseRunner:
             p.requires_grad_(self.base[n])
 
     def _check_names(self) -> None:
-        names = set(loss_names(self.model))
+        names = set(getattr(self.model, "all_loss_names", loss_names(self.model)))  # a switched-off module's too
         for i, p in enumerate(self.cfg.train.phases):
             unknown = sorted(set(p.loss_weights) - names)
             if unknown:
                 raise ConfigError(f"train.phases[{i}] ({p.name}).loss_weights: {unknown} are not losses of model "
                                   f"{self.cfg.model.name}; its losses are {sorted(names)}")
+
+    def names_disabled(self, pattern: str) -> bool:
+        """``pattern`` names a module the model's config switched off (it then matches nothing, by design)."""
+        return pattern.split(".")[0].rstrip("*") in getattr(self.model, "disabled_modules", ())
+
+    def rules(self, phase: Phase):
+        """Multiplier rules of ``phase`` then ``train.optim.groups``, without those of switched-off modules."""
+        rules = [*(phase.cfg.groups if phase.cfg else []), *self.cfg.train.optim.groups]
+        return [r for r in rules if not self.names_disabled(r.pattern)]
 
     def phase_of(self, epoch: int) -> Phase:
         return phase_of(self.plans, epoch)
@@ -179,7 +188,7 @@ class PhaseRunner:
         where = f"train.phases[{phase.index}] ({phase.name})"
         for key, pats in (("trainable", phase.cfg.trainable or []), ("freeze", phase.cfg.freeze)):
             for pat in pats:
-                if not any(matches(n, pat) for n in flags):
+                if not any(matches(n, pat) for n in flags) and not self.names_disabled(pat):
                     raise ConfigError(f"{where}.{key}: '{pat}' matches no parameter; names look like "
                                       f"{list(flags)[:4]}")
         for n in flags:
@@ -193,11 +202,12 @@ class PhaseRunner:
         flags = self.trainable(phase)
         for n, p in self.model.named_parameters():
             p.requires_grad_(flags[n])
-        rules = [*(phase.cfg.groups if phase.cfg else []), *self.cfg.train.optim.groups]
+        rules = self.rules(phase)
+        own = [r for r in (phase.cfg.groups if phase.cfg else []) if not self.names_disabled(r.pattern)]
         where = f"train.phases[{phase.index}] ({phase.name}).groups" if phase.cfg else "train.optim.groups"
         groups = build_groups(self.model.named_parameters(), self.cfg.train.optim, rules=rules,
                               lr_mult=phase.cfg.lr_mult if phase.cfg else 1.0, no_decay=self.no_decay, where=where,
-                              required=len(phase.cfg.groups) if phase.cfg else 0)
+                              required=len(own))
         if not groups:
             raise ConfigError(f"train.phases[{phase.index}] ({phase.name}) trains no parameter")
         return groups

@@ -1,0 +1,85 @@
+"""Schema of the disentangled multi-interest recommender (``model.name: multi_interest``, seed 003).
+
+SASRec blocks encode the history; K attention queries read K interest vectors from it; a VAE
+models the interests; orthogonality and diversity losses keep them apart; a causal branch
+removes popularity's effect; a complex-valued encoder adds interference-style scores. Every
+module has a switch; the loss names (``rec``, ``kl``, ``recon``, ``orthogonality``,
+``diversity``, ``causal``) are the ones ``train.phases[*].loss_weights`` weigh, and the module
+names (``encoder``, ``interests``, ``vae``, ``causal``, ``complex``) start the parameter names
+that ``train.optim.groups`` and a phase's ``freeze`` match.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from rayrec.config.base import Strict
+
+#: every loss the model can return (a switched-off module's loss is absent)
+MULTI_INTEREST_LOSSES = ("rec", "kl", "recon", "orthogonality", "diversity", "causal")
+
+
+class VAEConfig(Strict):
+    """A VAE over each interest vector: mean/log-variance, a reparameterised sample, a reconstruction."""
+
+    enabled: bool = True
+    latent: int = Field(32, ge=2, description="latent width per interest")
+
+
+class CausalConfig(Strict):
+    """Popularity deconfounding.
+
+    pop_head: a learned per-item popularity logit is added to the training logits (the
+      confounded path) and trained alone on the ``causal`` loss; at ranking it is removed
+      (kept with ``inference_weight``), so the user-item part ranks without the popularity bias.
+    ips: the ``causal`` loss is the recommendation loss weighted by inverse propensity,
+      ``(count(target) + 1) ** -ips_power`` normalised to mean 1 and clipped at ``ips_clip``;
+      counts are the targets seen in training so far (a buffer, so checkpoints carry them).
+      This variant has no parameters: do not freeze ``causal`` with it.
+    """
+
+    enabled: bool = True
+    method: Literal["pop_head", "ips"] = "pop_head"
+    inference_weight: float = Field(0.0, ge=0.0, le=1.0, description="pop_head: share of the popularity logit kept at ranking")
+    ips_power: float = Field(0.5, ge=0.0, le=1.0)
+    ips_clip: float = Field(10.0, gt=1.0)
+
+
+class ComplexConfig(Strict):
+    """Quantum-inspired encoder: items as amplitude x phase, the history as their decaying superposition,
+    scores from the interference term Re<psi_user, phi_item> of unit-normalised states."""
+
+    enabled: bool = True
+    dim: int = Field(32, ge=2, description="complex dimensions (amplitude and phase embeddings each)")
+    decay: float = Field(0.8, gt=0.0, le=1.0, description="weight of an item s steps back: decay ** s")
+
+
+class MultiInterestConfig(Strict):
+    """Disentangled multi-interest model; see the module docstring."""
+
+    name: Literal["multi_interest"] = "multi_interest"
+    hidden: int = Field(64, ge=4)
+    num_blocks: int = Field(2, ge=1)
+    num_heads: int = Field(1, ge=1)
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    max_len: int = Field(50, ge=2, description="history length fed to the model")
+    num_interests: int = Field(4, ge=1, description="K interest vectors per user (1 = single-interest)")
+    label_power: float = Field(2.0, gt=0.0, description="training: interest weights softmax(p * <interest, target>) "
+                               "(MIND's label-aware attention; larger = harder)")
+    scoring: Literal["max", "attention"] = Field("max", description="ranking: max over interests, or their "
+                                                 "softmax(score)-weighted mean per item")
+    train_positions: int = Field(50, ge=1, description="last positions per sequence that train the model "
+                                 "(max_len or more: every position, as SASRec)")
+    orthogonality: bool = Field(True, description="the orthogonality loss between interests (K > 1)")
+    diversity: bool = Field(True, description="the diversity loss: interests used evenly over a batch (K > 1)")
+    vae: VAEConfig = VAEConfig()
+    causal: CausalConfig = CausalConfig()
+    complex: ComplexConfig = ComplexConfig()
+
+    @model_validator(mode="after")
+    def _heads(self) -> MultiInterestConfig:
+        if self.hidden % self.num_heads:
+            raise ValueError(f"hidden ({self.hidden}) must be divisible by num_heads ({self.num_heads})")
+        return self
