@@ -99,11 +99,11 @@ def test_training_lowers_kl_and_recon_and_the_interests_diverge():
     for _ in range(120):
         out = m.losses(data)
         if first is None:
-            first = {k: float(v) for k, v in out.items()}
+            first = {k: float(v.detach()) for k, v in out.items()}
         (out["rec"] + out["recon"] + 0.1 * out["kl"] + out["orthogonality"]).backward()
         opt.step()
         opt.zero_grad()
-    last = {k: float(v) for k, v in m.losses(data).items()}
+    last = {k: float(v.detach()) for k, v in m.losses(data).items()}
     assert last["kl"] < first["kl"] and last["recon"] < 0.5 * first["recon"]
     assert last["orthogonality"] < 0.75 * first["orthogonality"]  # from ~1: all interests alike at start
     assert last["rec"] < first["rec"]
