@@ -198,6 +198,22 @@ class Console:
                 self.bar.close()
                 self.bar = None
 
+    def around(self, emit):
+        """``emit`` (a console log handler's) with the bar cleared first and drawn again after, so a
+        log line (a phase or stage boundary) is its own line, not glued to the bar's."""
+
+        def wrapped(record: logging.LogRecord) -> None:
+            with self._lock:
+                if self.bar is not None:
+                    self.bar.clear()
+                try:
+                    emit(record)
+                finally:
+                    if self.bar is not None:
+                        self.bar.refresh()
+
+        return wrapped
+
 
 class _ConsoleFilter(logging.Filter):
     """What reaches the console without ``--verbose``: rayrec's own INFO and up, anyone's errors."""
@@ -247,6 +263,9 @@ def job_console(folder: Path | None, keys: list[str], *, verbose: bool = False,
         routing = stack.enter_context(_Routing(file, verbose))
         console = Console(keys, out=routing.out, tty=tty, log=lambda line: _write(file, line))
         console.log_path = path
+        for h in routing.console:
+            h.emit = console.around(h.emit)
+            stack.callback(delattr, h, "emit")
         previous, _active = _active, console
 
         def restore_active() -> None:

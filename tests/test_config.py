@@ -134,3 +134,15 @@ def test_every_shipped_job_file_loads():
 
     for f in files:  # each by the schema of its kind (the rule sweeps use: a grpo, sids or prompts section)
         load_model(kind_of_file(read_yaml(f)[0]).schema, f)
+
+
+def test_overrides_pick_list_items_by_name_or_index():
+    job = Path(__file__).resolve().parents[1] / "jobs" / "sasrec_progressive.yaml"
+    cfg = load_job(job, ["train.phases.embeddings.until_epoch=2", "train.phases.1.lr_mult=0.25",
+                         "train.optim.groups.0.lr_mult=3"])
+    assert [p.until_epoch for p in cfg.train.phases] == [2, None] and cfg.train.phases[1].lr_mult == 0.25
+    assert cfg.train.optim.groups[0].lr_mult == 3
+    with pytest.raises(ConfigError, match=r"train.phases has no item named 'warm' \(items: 0:embeddings, 1:all\)"):
+        load_job(job, ["train.phases.warm.until_epoch=2"])
+    with pytest.raises(ConfigError, match="index 5 is out of range"):
+        load_job(job, ["train.phases.5.lr_mult=2"])

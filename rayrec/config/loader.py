@@ -74,23 +74,49 @@ def parse_override(item: str) -> tuple[str, Any]:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...], model: type[BaseModel]) -> dict[str, str]:
-    """Set each override into ``raw`` in place; return ``{dotted key: override text}``."""
+    """Set each override into ``raw`` in place; return ``{dotted key: override text}``.
+
+    A segment after a list picks an item by index or, for lists of named items (phases,
+    stages, strategies), by name: ``train.phases.joint.loss_weights.recon=0.5``.
+    """
     applied: dict[str, str] = {}
     for item in overrides:
         key, value = parse_override(item)
         parts = key.split(".")
-        node = raw
+        node: Any = raw
         for depth, part in enumerate(parts[:-1]):
+            prefix = ".".join(parts[: depth + 1])
+            if isinstance(node, list):
+                node = node[list_index(node, part, f"override '{item}': {'.'.join(parts[:depth])}")]
+                continue
             child = node.get(part)
             if child is None:
                 child = node[part] = {}
-            if not isinstance(child, dict):
-                prefix = ".".join(parts[: depth + 1])
+            if not isinstance(child, dict | list):
                 raise ConfigError(f"override '{item}': '{prefix}' is a value, not a section")
             node = child
-        node[parts[-1]] = value
+        if isinstance(node, list):
+            node[list_index(node, parts[-1], f"override '{item}': {'.'.join(parts[:-1])}")] = value
+        else:
+            node[parts[-1]] = value
         applied[key] = item
     return applied
+
+
+def list_index(items: list[Any], part: str, where: str) -> int:
+    """The index of ``part`` in ``items``: a number, or the name of exactly one item."""
+    if part.lstrip("-").isdigit():
+        i = int(part)
+        if not 0 <= i < len(items):
+            raise ConfigError(f"{where} has {len(items)} items; index {i} is out of range")
+        return i
+    names = [it.get("name") if isinstance(it, dict) else None for it in items]
+    hits = [i for i, n in enumerate(names) if n == part]
+    if len(hits) != 1:
+        shown = ", ".join(f"{i}:{n}" for i, n in enumerate(names))
+        why = "no item" if not hits else "several items"
+        raise ConfigError(f"{where} has {why} named '{part}' (items: {shown}); select one by name or index")
+    return hits[0]
 
 
 def validate(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from rayrec.config.loader import list_index
 from rayrec.errors import ConfigError
 
 
@@ -42,18 +43,10 @@ def locate(data: Any, path: str) -> list[str | int]:
 
 
 def _list_index(items: list[Any], part: str, where: str) -> int:
-    if part.lstrip("-").isdigit():
-        i = int(part)
-        if not 0 <= i < len(items):
-            raise PathError(f"{where} has {len(items)} items; index {i} is out of range")
-        return i
-    names = [item.get("name") if isinstance(item, dict) else None for item in items]
-    hits = [i for i, n in enumerate(names) if n == part]
-    if len(hits) != 1:
-        shown = ", ".join(f"{i}:{n}" for i, n in enumerate(names))
-        why = "no item" if not hits else "several items"
-        raise PathError(f"{where} has {why} named '{part}' (items: {shown}); select one by name or index")
-    return hits[0]
+    try:
+        return list_index(items, part, where)
+    except ConfigError as e:
+        raise PathError(str(e)) from None
 
 
 def get_path(data: Any, path: str) -> Any:
