@@ -7,6 +7,7 @@ construction), every run has the same epoch budget and comes from
 - ``phased``: the job as written (seed 003's three phases and per-module LR/WD table);
 - ``e2e``: the same model and table, all losses at weight 1 from step 0 (``train.phases=[]``);
 - ``no_vae``, ``no_causal``, ``no_complex``, ``k1``: the phased run without one module (K = 1);
+- ``vae_detached``: the phased run with a VAE that models the interests without changing them;
 - ``sasrec``: ``jobs/quickstart.yaml``'s SASRec at the same width, depth and epochs.
 
 It prints test NDCG@10 / HR@10 (mean +- std over seeds), NaN/Inf steps skipped, and the rec
@@ -40,6 +41,7 @@ VARIANTS = {
     "phased": [],
     "e2e": ["train.phases=[]"],
     "no_vae": ["model.vae.enabled=false"],
+    "vae_detached": ["model.vae.shape_interests=false"],
     "no_causal": ["model.causal.enabled=false"],
     "no_complex": ["model.complex.enabled=false"],
     "k1": ["model.num_interests=1"],

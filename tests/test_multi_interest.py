@@ -109,6 +109,14 @@ def test_training_lowers_kl_and_recon_and_the_interests_diverge():
     assert last["rec"] < first["rec"]
 
 
+def test_a_detached_vae_leaves_the_interests_alone():
+    m = model(vae={"latent": 4, "shape_interests": False})
+    out = m.losses(batch())
+    (out["recon"] + out["kl"]).backward()
+    assert all(p.grad is None or not p.grad.any() for n, p in m.named_parameters() if not n.startswith("vae."))
+    assert any(p.grad is not None and p.grad.any() for n, p in m.named_parameters() if n.startswith("vae."))
+
+
 def test_ips_counts_training_targets_and_weighs_rare_ones_up():
     m = model(causal={"method": "ips"})
     data = batch()

@@ -26,6 +26,9 @@ class VAEConfig(Strict):
 
     enabled: bool = True
     latent: int = Field(32, ge=2, description="latent width per interest")
+    shape_interests: bool = Field(
+        True, description="the recon and kl gradients reach the interests (they are pulled towards what the "
+        "latent code expresses); false: the VAE models detached interests and never changes the ranking")
 
 
 class CausalConfig(Strict):

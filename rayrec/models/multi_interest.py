@@ -8,7 +8,8 @@ Modules (each switchable; names start the parameter names the progressive toolki
 - ``vae``: per interest a mean and log-variance, a reparameterised sample and its
   reconstruction; losses ``recon`` (MSE to the interest, whose gradient also reaches the
   interest: it is pulled towards what the latent code can express) and ``kl`` (to N(0, I),
-  summed over the latent, averaged). Ranking reads the interests themselves (a sampled
+  summed over the latent, averaged); ``vae.shape_interests: false`` detaches its input, so it
+  models the interests without changing them. Ranking reads the interests themselves (a sampled
   reconstruction would add noise at ranking; in a first version it did, and NDCG fell ~10x);
 - orthogonality (mean squared cosine between distinct interests) and diversity (1 - the
   normalised entropy of how often each interest is the one used over a batch), K > 1;
@@ -174,7 +175,7 @@ class MultiInterest(nn.Module):
         interests = self.interests(h, input_ids, pos)  # [B, P, K, H]
         if not vae or self.vae is None:
             return interests, None, None, None
-        return (interests, *self.vae(interests))
+        return (interests, *self.vae(interests if self.cfg.vae.shape_interests else interests.detach()))
 
     def _item_logits(self, users: torch.Tensor) -> torch.Tensor:
         """users [..., H] -> dot products with items 1..N [..., N]."""
@@ -213,7 +214,8 @@ class MultiInterest(nn.Module):
                 w = (w / w.mean()).clamp(max=self.cfg.causal.ips_clip)
                 out["causal"] = (w * per_row).mean()
         if self.vae is not None:
-            out["recon"] = F.mse_loss(recon, interests)
+            target = interests if self.cfg.vae.shape_interests else interests.detach()
+            out["recon"] = F.mse_loss(recon, target)
             out["kl"] = (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(-1)).mean()
         if "orthogonality" in self.loss_names:
             unit = F.normalize(inter, dim=-1, eps=EPS)
