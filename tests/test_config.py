@@ -146,3 +146,11 @@ def test_overrides_pick_list_items_by_name_or_index():
         load_job(job, ["train.phases.warm.until_epoch=2"])
     with pytest.raises(ConfigError, match="index 5 is out of range"):
         load_job(job, ["train.phases.5.lr_mult=2"])
+
+
+def test_a_bad_value_picked_by_name_is_blamed_on_the_override():
+    job = Path(__file__).resolve().parents[1] / "jobs" / "sasrec_progressive.yaml"
+    with pytest.raises(ConfigError, match=r"override 'train.phases.all.lr_mult=-1'"):
+        load_job(job, ["train.phases.all.lr_mult=-1"])
+    with pytest.raises(ConfigError, match=r"'train.eval.ks.0' is a value, not a section"):
+        load_job(job, ["train.eval.ks.0.x=1"])

@@ -97,10 +97,31 @@ def test_bad_review_lines_and_missing_files_name_the_file(tmp_path):
     with pytest.raises(DataError, match=r"Beauty_5.json:4: no unixReviewTime in the review"):
         read_amazon(folder)
     raw = read_amazon(folder, on_bad_line="skip")
-    assert len(raw.interactions) == 3 and raw.skipped_lines == 3 and raw.missing == {"meta_Beauty.json.gz": "absent"}
+    assert len(raw.interactions) == 3 and raw.skipped_lines == 3
+    assert raw.missing == {"meta_Beauty.json.gz": "absent", "duplicate_reviews": 0}
     write_2014(tmp_path / "two")
     write_2018(tmp_path / "two")
     with pytest.raises(DataError, match="expected one reviews file.*category=<Cat>"):
         read_amazon(tmp_path / "two")
     with pytest.raises(DataError, match="no reviews file for category 'Toys'"):
         read_amazon(tmp_path / "two", category="Toys")
+
+
+def test_duplicates_missing_ratings_and_hostile_lines(tmp_path):
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    rows = reviews()[:4]
+    lines = [json.dumps(r) for r in rows] + [json.dumps(rows[0])]  # an exact repeat, as in the 2018 dumps
+    lines += [json.dumps({k: v for k, v in rows[1].items() if k != "overall"} | {"unixReviewTime": 1})]
+    lines += ["[" * 100_000 + "]" * 100_000, '{"reviewerID": "U1", "asin": "B1", "unixReviewTime": ' + "9" * 5000 + "}"]
+    lines += ['{"reviewerID": "U2", "asin": "B2", "unixReviewTime": 5, "x": "' + "y" * (1 << 20) + '"}']
+    (folder / "Beauty_5.json").write_text("\n".join(lines) + "\n")
+    raw = read_amazon(folder, on_bad_line="skip")
+    assert raw.skipped_lines == 3  # the deep nesting, the 5,000-digit number, the 1 MB line
+    assert raw.missing["duplicate_reviews"] == 1 and len(raw.interactions) == 5
+    assert raw.interactions["rating"].isna().all()  # one review without "overall": no ratings at all
+    with pytest.raises(DataError, match=r"Beauty_5.json:7: not a JSON object \(RecursionError\)"):
+        read_amazon(folder)
+    (folder / "Beauty_5.json").write_text("\n".join(lines[:6] + lines[8:]) + "\n")
+    with pytest.raises(DataError, match=r"Beauty_5.json:7: line longer than 1048576 bytes"):
+        read_amazon(folder)

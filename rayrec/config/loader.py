@@ -84,22 +84,29 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...],
         key, value = parse_override(item)
         parts = key.split(".")
         node: Any = raw
+        resolved: list[str] = []  # the key with list items as indices (how validation errors name it)
         for depth, part in enumerate(parts[:-1]):
             prefix = ".".join(parts[: depth + 1])
             if isinstance(node, list):
-                node = node[list_index(node, part, f"override '{item}': {'.'.join(parts[:depth])}")]
-                continue
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
+                index = list_index(node, part, f"override '{item}': {'.'.join(parts[:depth])}")
+                child = node[index]
+                resolved.append(str(index))
+            else:
+                child = node.get(part)
+                if child is None:
+                    child = node[part] = {}
+                resolved.append(part)
             if not isinstance(child, dict | list):
                 raise ConfigError(f"override '{item}': '{prefix}' is a value, not a section")
             node = child
         if isinstance(node, list):
-            node[list_index(node, parts[-1], f"override '{item}': {'.'.join(parts[:-1])}")] = value
+            index = list_index(node, parts[-1], f"override '{item}': {'.'.join(parts[:-1])}")
+            node[index] = value
+            resolved.append(str(index))
         else:
             node[parts[-1]] = value
-        applied[key] = item
+            resolved.append(parts[-1])
+        applied[".".join(resolved)] = item
     return applied
 
 

@@ -87,9 +87,18 @@ class PopularityHead(nn.Module):
         self.register_buffer("counts", torch.zeros(num_items))
 
     def observe(self, targets: torch.Tensor) -> None:
-        """Count training targets (1-based item ids) for the propensities."""
+        """Count training targets (1-based item ids) for the propensities, over all workers (each adds
+        the same all-reduced counts, so DDP's buffer broadcast from rank 0 loses nothing)."""
+        import torch.distributed as dist
+
         with torch.no_grad():
-            self.counts += torch.bincount(targets - 1, minlength=self.counts.numel()).to(self.counts.dtype)
+            delta = torch.bincount(targets - 1, minlength=self.counts.numel()).to(self.counts.dtype)
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                nccl = dist.get_backend() == "nccl"  # NCCL takes GPU tensors only
+                shared = delta.to(torch.device("cuda", torch.cuda.current_device()) if nccl else delta.device)
+                dist.all_reduce(shared)
+                delta = shared.to(self.counts.device)
+            self.counts += delta
 
 
 class ComplexEncoder(nn.Module):
@@ -163,19 +172,17 @@ class MultiInterest(nn.Module):
             ("rec", True), ("kl", self.vae is not None), ("recon", self.vae is not None),
             ("orthogonality", cfg.orthogonality and k > 1), ("diversity", cfg.diversity and k > 1),
             ("causal", self.causal is not None)) if on)
-        #: modules switched off in config: patterns naming them match nothing, by design
+        #: modules switched off in config, or without parameters (causal ips): patterns naming them
+        #: match nothing, by design
         self.disabled_modules = frozenset(n for n, m in (("vae", self.vae), ("causal", self.causal),
-                                                         ("complex", self.complex)) if m is None)
+                                                         ("complex", self.complex))
+                                          if m is None or not any(True for _ in m.parameters()))
 
     # ------------------------------------------------------------------ shared
 
-    def _interests(self, input_ids: torch.Tensor, pos: torch.Tensor, *, vae: bool = False):
-        """Interests at ``pos`` [B, P, K, H] (and, with ``vae``, the VAE's reconstruction, mean, log-variance)."""
-        h = self.encoder(input_ids)  # [B, L, H]
-        interests = self.interests(h, input_ids, pos)  # [B, P, K, H]
-        if not vae or self.vae is None:
-            return interests, None, None, None
-        return (interests, *self.vae(interests if self.cfg.vae.shape_interests else interests.detach()))
+    def _interests(self, input_ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Interests at ``pos`` [B, P, K, H]."""
+        return self.interests(self.encoder(input_ids), input_ids, pos)
 
     def _item_logits(self, users: torch.Tensor) -> torch.Tensor:
         """users [..., H] -> dot products with items 1..N [..., N]."""
@@ -186,9 +193,8 @@ class MultiInterest(nn.Module):
     def losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         input_ids, targets = batch["input_ids"], batch["targets"]
         pos, valid = last_positions(targets, self.cfg.train_positions)  # [B, P]
-        interests, recon, mu, logvar = self._interests(input_ids, pos, vae=True)
         tgt = targets.gather(1, pos)[valid]  # [M]
-        inter = interests[valid]  # [M, K, H]
+        inter = self._interests(input_ids, pos)[valid]  # [M, K, H]: trained positions only (no padding)
         out: dict[str, torch.Tensor] = {}
         if tgt.numel() == 0:  # no targets: zeros that still reach every weight (DDP)
             zero = sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
@@ -214,8 +220,9 @@ class MultiInterest(nn.Module):
                 w = (w / w.mean()).clamp(max=self.cfg.causal.ips_clip)
                 out["causal"] = (w * per_row).mean()
         if self.vae is not None:
-            target = interests if self.cfg.vae.shape_interests else interests.detach()
-            out["recon"] = F.mse_loss(recon, target)
+            seen = inter if self.cfg.vae.shape_interests else inter.detach()
+            recon, mu, logvar = self.vae(seen)
+            out["recon"] = F.mse_loss(recon, seen)
             out["kl"] = (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(-1)).mean()
         if "orthogonality" in self.loss_names:
             unit = F.normalize(inter, dim=-1, eps=EPS)
@@ -234,7 +241,7 @@ class MultiInterest(nn.Module):
         """Scores of all items after each history  # [B, L] -> [B, N+1], column 0 = -inf."""
         history = history[:, -self.cfg.max_len :]
         pos = torch.full((history.shape[0], 1), history.shape[1] - 1, device=history.device)
-        interests = self._interests(history, pos)[0][:, 0]  # [B, K, H]
+        interests = self._interests(history, pos)[:, 0]  # [B, K, H]
         per = interests @ self.encoder.item_emb.weight.T  # [B, K, N+1]
         if self.cfg.scoring == "max":
             scores = per.max(dim=1).values

@@ -22,6 +22,7 @@ import gzip
 import html
 import json
 import re
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,6 +36,7 @@ REVIEW_PATTERNS = ("reviews_{cat}_5.json.gz", "reviews_{cat}_5.json", "{cat}_5.j
 META_PATTERNS = ("meta_{cat}.json.gz", "meta_{cat}.json")
 _TAGS = re.compile(r"<[^>]+>")
 MAX_TEXT = 2000  # characters of item text kept
+MAX_LINE = 1 << 20  # bytes: a longer line is a bad line (never parsed: literal_eval's tree would be huge)
 
 
 def read_amazon(input: Path, *, category: str | None = None, on_bad_line: OnBadLine = "error") -> RawData:
@@ -45,7 +47,13 @@ def read_amazon(input: Path, *, category: str | None = None, on_bad_line: OnBadL
     if not rows:
         raise DataError(f"{reviews}: no review lines (expected JSON lines with reviewerID, asin, unixReviewTime)")
     table = pd.DataFrame(rows, columns=["lineno", "user", "item", "timestamp", "rating"])
-    raw = RawData(to_interactions(table, bad), input_files=[reviews], skipped_lines=bad.count)
+    if table["rating"].isna().any():  # ``overall`` is optional: without it on every line, no ratings at all
+        table = table.drop(columns="rating")
+    events = to_interactions(table, bad)
+    duplicates = int(events.duplicated(["user", "item", "timestamp"]).sum())
+    events = events.drop_duplicates(["user", "item", "timestamp"], ignore_index=True)  # the 2018 dumps repeat reviews
+    raw = RawData(events, input_files=[reviews], skipped_lines=bad.count)
+    raw.missing["duplicate_reviews"] = duplicates
     meta = next((reviews.parent / p.format(cat=cat) for p in META_PATTERNS
                  if (reviews.parent / p.format(cat=cat)).is_file()), None)
     if meta is None:
@@ -88,7 +96,14 @@ def _lines(path: Path, bad: BadLines) -> Iterator[tuple[int, str]]:
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
-            for lineno, raw in enumerate(f, start=1):
+            lineno = 0
+            while raw := f.readline(MAX_LINE + 1):
+                lineno += 1
+                if len(raw) > MAX_LINE and not raw.endswith(b"\n"):
+                    while (rest := f.readline(MAX_LINE)) and not rest.endswith(b"\n"):
+                        pass  # the rest of the long line
+                    bad.report(lineno, f"line longer than {MAX_LINE} bytes")
+                    continue
                 try:
                     text = raw.decode("utf-8").strip()
                 except UnicodeDecodeError as e:
@@ -96,7 +111,7 @@ def _lines(path: Path, bad: BadLines) -> Iterator[tuple[int, str]]:
                     continue
                 if text:
                     yield lineno, text
-    except (OSError, EOFError) as e:  # a truncated or corrupt gzip stream
+    except (OSError, EOFError, zlib.error) as e:  # a truncated or corrupt gzip stream
         raise DataError(f"{path}: cannot read ({e})") from e
 
 
@@ -107,11 +122,14 @@ def _reviews(path: Path, bad: BadLines) -> Iterator[tuple]:
         except json.JSONDecodeError as e:
             bad.report(lineno, f"not a JSON object ({e.msg} at column {e.colno})")
             continue
+        except (ValueError, RecursionError) as e:  # e.g. a number of 5,000 digits, nesting 10,000 deep
+            bad.report(lineno, f"not a JSON object ({type(e).__name__})")
+            continue
         missing = [k for k in ("reviewerID", "asin", "unixReviewTime") if not isinstance(r, dict) or k not in r]
         if missing:
             bad.report(lineno, f"no {', '.join(missing)} in the review")
             continue
-        yield lineno, str(r["reviewerID"]), str(r["asin"]), r["unixReviewTime"], r.get("overall")
+        yield lineno, str(r["reviewerID"]), str(r["asin"]), r["unixReviewTime"], r.get("overall", float("nan"))
 
 
 def _record(text: str) -> object:
@@ -137,14 +155,15 @@ def _meta(path: Path, bad: BadLines) -> Iterator[tuple]:
         desc = _clean(" ".join(map(str, m["description"])) if isinstance(m.get("description"), list)
                       else m.get("description"))
         parts = [p for p in (title, ", ".join(cats), desc) if p]
-        image = m.get("imUrl") or next(iter(m.get("imageURLHighRes") or m.get("imageURL") or []), None)
-        yield str(m["asin"]), title or None, ". ".join(parts)[:MAX_TEXT], "|".join(cats), image
+        images = m.get("imUrl") or m.get("imageURLHighRes") or m.get("imageURL") or []
+        image = images if isinstance(images, str) else next(iter(images), None)
+        yield str(m["asin"]), title[:MAX_TEXT] or None, ". ".join(parts)[:MAX_TEXT], "|".join(cats), image
 
 
 def _categories(value) -> list[str]:
     """2014: [["Beauty", "Makeup", "Face"], ...]; 2018: ["Beauty", "Makeup"]; distinct, in order."""
     flat: list[str] = []
-    for v in value or []:
+    for v in ([value] if isinstance(value, str) else value or []):
         flat.extend(v if isinstance(v, list) else [v])
     return list(dict.fromkeys(c for c in (_clean(str(x)) for x in flat) if c))
 
