@@ -30,21 +30,30 @@ class LossConfig(Strict):
     gbce_t: float = Field(0.75, ge=0.0, le=1.0, description="gBCE calibration t in [0, 1]")
 
 
-class SASRecConfig(Strict):
-    """SASRec (Kang & McAuley 2018) with pre-LN blocks and tied output embedding."""
+class EncoderConfig(Strict):
+    """SASRec-style self-attention blocks over a history: what every model built on SASRec's encoder sets."""
 
-    name: Literal["sasrec"] = "sasrec"
     hidden: int = Field(64, ge=4)
     num_blocks: int = Field(2, ge=1)
     num_heads: int = Field(1, ge=1)
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
     max_len: int = Field(50, ge=2, description="history length fed to the model")
-    loss: LossConfig = LossConfig()
 
     @model_validator(mode="after")
-    def _heads_divide_hidden(self) -> SASRecConfig:
+    def _heads_divide_hidden(self) -> EncoderConfig:
         if self.hidden % self.num_heads:
             raise ValueError(
                 f"hidden ({self.hidden}) must be divisible by num_heads ({self.num_heads})"
             )
         return self
+
+    def encoder(self) -> SASRecConfig:
+        """These fields as a SASRec config (the encoder of a model built on it)."""
+        return SASRecConfig(**{k: getattr(self, k) for k in EncoderConfig.model_fields})
+
+
+class SASRecConfig(EncoderConfig):
+    """SASRec (Kang & McAuley 2018) with pre-LN blocks and tied output embedding."""
+
+    name: Literal["sasrec"] = "sasrec"
+    loss: LossConfig = LossConfig()

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
-from rayrec.config.base import Strict
+from rayrec.config.base import EncoderConfig, Strict
 
 #: every loss the model can return (a switched-off module's loss is absent)
 MULTI_INTEREST_LOSSES = ("rec", "kl", "recon", "orthogonality", "diversity", "causal")
@@ -59,15 +59,10 @@ class ComplexConfig(Strict):
     decay: float = Field(0.8, gt=0.0, le=1.0, description="weight of an item s steps back: decay ** s")
 
 
-class MultiInterestConfig(Strict):
-    """Disentangled multi-interest model; see the module docstring."""
+class MultiInterestConfig(EncoderConfig):
+    """Disentangled multi-interest model (its encoder's fields from ``EncoderConfig``); see the module docstring."""
 
     name: Literal["multi_interest"] = "multi_interest"
-    hidden: int = Field(64, ge=4)
-    num_blocks: int = Field(2, ge=1)
-    num_heads: int = Field(1, ge=1)
-    dropout: float = Field(0.2, ge=0.0, lt=1.0)
-    max_len: int = Field(50, ge=2, description="history length fed to the model")
     num_interests: int = Field(4, ge=1, description="K interest vectors per user (1 = single-interest)")
     label_power: float = Field(2.0, gt=0.0, description="training: interest weights softmax(p * <interest, target>) "
                                "(MIND's label-aware attention; larger = harder)")
@@ -80,9 +75,3 @@ class MultiInterestConfig(Strict):
     vae: VAEConfig = VAEConfig()
     causal: CausalConfig = CausalConfig()
     complex: ComplexConfig = ComplexConfig()
-
-    @model_validator(mode="after")
-    def _heads(self) -> MultiInterestConfig:
-        if self.hidden % self.num_heads:
-            raise ValueError(f"hidden ({self.hidden}) must be divisible by num_heads ({self.num_heads})")
-        return self

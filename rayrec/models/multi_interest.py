@@ -31,7 +31,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rayrec.config.base import SASRecConfig
 from rayrec.config.multi_interest import MULTI_INTEREST_LOSSES, MultiInterestConfig
 from rayrec.models.joint import last_positions
 from rayrec.models.sasrec import SASRec, _init_weights
@@ -158,8 +157,7 @@ class MultiInterest(nn.Module):
     def __init__(self, num_items: int, cfg: MultiInterestConfig) -> None:
         super().__init__()
         self.num_items, self.cfg = num_items, cfg
-        self.encoder = SASRec(num_items, SASRecConfig(hidden=cfg.hidden, num_blocks=cfg.num_blocks,
-                                                      num_heads=cfg.num_heads, dropout=cfg.dropout, max_len=cfg.max_len))
+        self.encoder = SASRec(num_items, cfg.encoder())
         self.interests = InterestExtractor(cfg.hidden, cfg.num_interests)
         self.interests.key.apply(_init_weights)
         self.interests.out.apply(_init_weights)

@@ -97,6 +97,15 @@ def build_groups(named: Iterable[tuple[str, nn.Parameter]], optim: OptimConfig, 
     return [groups[k] for k in sorted(groups)]
 
 
+def check_rules(rules: list[GroupRule], model: nn.Module, *, skip=lambda pattern: False, hint: str = "") -> None:
+    """Every ``train.optim.groups`` pattern names some parameter of ``model`` (unless ``skip(pattern)``)."""
+    names = [n for n, _ in model.named_parameters()]
+    for r in rules:
+        if not any(matches(n, r.pattern) for n in names) and not skip(r.pattern):
+            raise ConfigError(f"train.optim.groups: pattern '{r.pattern}' matches no parameter{hint}; names look like "
+                              f"{names[:4]}")
+
+
 def _examples(named) -> list[str]:
     names = [n for n, _ in named]
     return names[:4] + (["..."] if len(names) > 4 else [])

@@ -45,13 +45,19 @@ import torch
 from rayrec.config.joint import MODULES, StageConfig
 from rayrec.config.loader import dump_job
 from rayrec.config.schema import JobConfig
-from rayrec.errors import ConfigError
 from rayrec.eval.metrics import MetricSums, full_ranks, parse_eval_mode, sampled_ranks
 from rayrec.models.joint import UR4Rec
 from rayrec.models.retriever import JointFeatures
 from rayrec.strategies import AdaptiveAlternating, build_strategies
 from rayrec.train.checkpoint import rng_state, set_rng_state, warn_config_diff
-from rayrec.train.groups import Group, build_groups, make_grouped_optimizer, matches, no_decay_names
+from rayrec.train.groups import (
+    Group,
+    build_groups,
+    check_rules,
+    make_grouped_optimizer,
+    matches,
+    no_decay_names,
+)
 from rayrec.train.health import GradHealth
 from rayrec.train.loop import (
     EPOCH,
@@ -128,7 +134,7 @@ class JointState:
 def stage_groups(model: UR4Rec, cfg: JobConfig, plan: StagePlan) -> dict[str, list[Group]]:
     """Each trainable module's param groups in ``plan``: its stage LR x ``train.optim.groups`` multipliers."""
     optim = cfg.train.optim
-    _check_rules(model, optim)
+    check_rules(optim.groups, model, hint=" of the ur4rec model (names start with its module: sasrec., retriever.)")
     set_trainable(model, plan.cfg.trainable_flags)
     no_decay = no_decay_names(model)
     out = {}
@@ -332,15 +338,6 @@ class _EpochAcc:
 def joint_health(model: UR4Rec, cfg: JobConfig, log_step=None) -> GradHealth:
     """Gradient health by module (sasrec, retriever, and the stage's strategies)."""
     return GradHealth(model.named_parameters(), cfg.train.health.model_copy(update={"depth": 1}), log_step=log_step)
-
-
-def _check_rules(model: UR4Rec, optim) -> None:
-    """Every ``train.optim.groups`` pattern names parameters of the joint model (``sasrec.item_emb*``, ...)."""
-    names = [n for n, _ in model.named_parameters()]
-    for r in optim.groups:
-        if not any(matches(n, r.pattern) for n in names):
-            raise ConfigError(f"train.optim.groups: pattern '{r.pattern}' matches no parameter of the ur4rec model; "
-                              f"its names look like {names[:3]} (prefixed by the module: sasrec., retriever.)")
 
 
 def _strategy_optimizer(strategies, cfg: JobConfig) -> torch.optim.Optimizer | None:

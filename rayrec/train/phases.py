@@ -31,6 +31,7 @@ from rayrec.train.groups import (
     Group,
     build_groups,
     carry_state,
+    check_rules,
     make_grouped_optimizer,
     matches,
     no_decay_names,
@@ -147,11 +148,7 @@ class PhaseRunner:
 
     def _check_plans(self) -> None:
         """Every phase's patterns and groups, checked before the first step (then the flags are restored)."""
-        names = [n for n, _ in self.model.named_parameters()]
-        for r in self.cfg.train.optim.groups:
-            if not any(matches(n, r.pattern) for n in names) and not self.names_disabled(r.pattern):
-                raise ConfigError(f"train.optim.groups: pattern '{r.pattern}' matches no parameter; names look like "
-                                  f"{names[:4]}")
+        check_rules(self.cfg.train.optim.groups, self.model, skip=self.names_disabled)
         for phase in self.plans:
             self.build_groups(phase)
             if phase.epochs < 1:
