@@ -299,17 +299,17 @@ def test_the_best_checkpoint_survives_rotation(sft, tmp_path):
     then picks (HF's rotation reads the state's best checkpoint, which the validation ranking sets)."""
     from types import SimpleNamespace
 
-    from transformers import AutoTokenizer, TrainerState
+    from transformers import TrainerState
     from transformers.trainer_utils import rotate_checkpoints
 
     from rayrec.genrec.evaluate import val_ranking_callback
     from rayrec.genrec.semantic_ids import read_index
-    from rayrec.genrec.sft import SID_FILE
+    from rayrec.genrec.sft import SID_FILE, load_tokenizer
     from rayrec.recipes.sft import best_local
 
     _, adapter, _ = sft
     cfg = grpo_job(sft, "rot")
-    tok = AutoTokenizer.from_pretrained(adapter)
+    tok = load_tokenizer(adapter)
     item_sids = read_index(f"{adapter}/{SID_FILE}").for_items(open_prepared(cfg.data.path).table("items"))
     cb = val_ranking_callback([], item_sids, tok, cfg, tracker=None, on="save")
     args, state = SimpleNamespace(output_dir=str(tmp_path)), TrainerState()

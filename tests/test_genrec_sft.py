@@ -54,6 +54,20 @@ def test_sid_tokens_are_whole_tokens_and_resize_only_grows():
     assert sft.resize_embeddings(model, 5) == len(tok)  # never shrinks (Qwen pads its matrices)
 
 
+def test_a_saved_tiny_base_reads_back_the_same_tokenizer(tmp_path):
+    """transformers 5's AutoTokenizer rebuilds a qwen2 folder's tokenizer as a BPE over the vocabulary,
+    which turned the word-level tiny tokenizer into a few characters ("Below is an" -> "s a s")."""
+    text = f"{PROMPT} Loctite Heavy Duty Epoxy, 3/4 in"
+    tok = tiny_tokenizer([text])
+    save_tiny_base(tmp_path / "base", [text], hidden=16, heads=2, kv_heads=1)
+    _, loaded = sft.load_base(str(tmp_path / "base"), torch.float32)
+    assert loaded(text)["input_ids"] == tok(text)["input_ids"]
+    assert loaded.convert_ids_to_tokens(loaded(text)["input_ids"])[:3] == ["#", "#", "#"]
+    sft.extend_tokenizer(loaded, SIDS)
+    loaded.save_pretrained(tmp_path / "ckpt")  # as a checkpoint saves it
+    assert sft.load_tokenizer(tmp_path / "ckpt")(text + " <a_1>")["input_ids"][:-1] == tok(text)["input_ids"]
+
+
 def test_lora_targets():
     model = tiny_qwen2(50)
     every = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]

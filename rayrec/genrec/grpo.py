@@ -98,11 +98,13 @@ def lora_settings(job_lora, adapter: dict[str, Any], base: str):
 def load_policy(adapter_dir: str | Path, *, dtype: torch.dtype, trainable: bool = True):
     """(PEFT model, tokenizer, meta): base -> tokenizer of the adapter -> resize -> SFT adapter."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    from rayrec.genrec.sft import load_tokenizer
 
     adapter_dir = Path(adapter_dir)
     meta = json.loads((adapter_dir / META_FILE).read_text())
-    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    tokenizer = load_tokenizer(adapter_dir)
     base = AutoModelForCausalLM.from_pretrained(meta["base"], dtype=dtype)
     resize_embeddings(base, meta["embedding_rows"], mean_init=False)
     base.config.use_cache = False

@@ -131,12 +131,31 @@ def pick_dtype(setting: str, use_gpu: bool) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[setting]
 
 
+def load_tokenizer(path: str | Path):
+    """The tokenizer of a model folder (or hub id) exactly as it was saved.
+
+    transformers 5's ``AutoTokenizer`` rebuilds the tokenizer of a folder from the model type
+    in its ``config.json`` (qwen2 -> ``Qwen2Tokenizer``, a BPE over the saved vocabulary): a
+    tokenizer of another kind saved there, like the tiny word-level one, comes back garbled
+    ("Below is an instruction" -> "s a s"). A local folder whose ``tokenizer_config.json``
+    names the generic class is therefore read from its ``tokenizer.json`` as is.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    folder = Path(path)
+    config = folder / "tokenizer_config.json"
+    if config.is_file() and (folder / "tokenizer.json").is_file():
+        if json.loads(config.read_text()).get("tokenizer_class") in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+            return PreTrainedTokenizerFast.from_pretrained(str(folder))
+    return AutoTokenizer.from_pretrained(str(path))
+
+
 def load_base(path: str, dtype: torch.dtype):
     """(model, tokenizer) of a local folder or hub id; a missing folder is a clear error."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = load_tokenizer(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except OSError as e:
         raise RayrecError(f"model.base {path!r} cannot be loaded ({e}); give a local model folder, or a hub id "
@@ -259,7 +278,7 @@ def load_for_eval(adapter_dir: str | Path, *, device: str = "cpu", dtype: torch.
     resized to the row count recorded at training before the adapter is loaded.
     """
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     adapter_dir = Path(adapter_dir)
     meta_path = adapter_dir / META_FILE
@@ -268,7 +287,7 @@ def load_for_eval(adapter_dir: str | Path, *, device: str = "cpu", dtype: torch.
                           "holds adapter_model.safetensors and genrec.json (`rayrec sft` prints it)")
     meta = json.loads(meta_path.read_text())
     dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    tokenizer = load_tokenizer(adapter_dir)
     base = AutoModelForCausalLM.from_pretrained(meta["base"], dtype=dtype)
     if len(tokenizer) > meta["embedding_rows"]:
         raise RayrecError(f"{adapter_dir}: tokenizer has {len(tokenizer)} tokens but training used "
