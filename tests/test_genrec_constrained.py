@@ -33,12 +33,12 @@ def test_trie_walks_prefixes_and_allows_only_children(lm):
     assert trie.num_items == 60 and trie.max_len == 4
     nodes = trie.walk(torch.tensor([ids(["<a_1>", "<b_0>"]), ids(["<a_1>", "<a_2>"]), ids(["<a_0>", "<b_0>"])]))
     assert nodes[0] > 0 and nodes[1] == -1 and nodes[2] > 0
-    allowed = set(trie.vocab_ids[trie.allowed[nodes[0]]].tolist())  # after <a_1><b_0>: items 1 (c_0) and 36 (c_1)
+    allowed = set(trie.vocab_ids[trie.allowed_mask(nodes[:1])[0]].tolist())  # after <a_1><b_0>: items 1 (c_0) and 36 (c_1)
     assert allowed == {ids("<c_0>"), ids("<c_1>")}
-    root = set(trie.vocab_ids[trie.allowed[0]].tolist())
+    root = set(trie.vocab_ids[trie.allowed_mask(torch.tensor([0]))[0]].tolist())
     assert root == {ids(f"<a_{k}>") for k in range(5)}
     full = trie.walk(torch.tensor([ids(list(SIDS[7]))]))
-    assert set(trie.vocab_ids[trie.allowed[full[0]]].tolist()) == {tok.eos_token_id}
+    assert set(trie.vocab_ids[trie.allowed_mask(full)[0]].tolist()) == {tok.eos_token_id}
     assert trie.lookup(ids(list(SIDS[7])) + [tok.eos_token_id, tok.pad_token_id]) == 7
     assert trie.lookup(ids(["<a_1>", "<b_0>"])) is None
 
@@ -99,7 +99,7 @@ def test_unconstrained_search_emits_non_items(lm):
 
 def test_bad_requests_fail_before_decoding(lm):
     model, tok, trie = lm
-    with pytest.raises(ConfigError, match="num_beams=61 exceeds the 60 items"):
+    with pytest.raises(ConfigError, match="num_beams=61 exceeds the 60 distinct answers"):
         C.beam_rank(model, tok, PROMPTS, trie, num_beams=61)
     with pytest.raises(ConfigError, match="not in the tokenizer.*<z_1>"):
         C.build_trie(tok, {1: ("<z_1>",)})

@@ -42,7 +42,7 @@ def test_metrics_of_a_handmade_results_file(tmp_path):
     assert m["test/ndcg@3"] == pytest.approx((1 + 1 / math.log2(4) + 1 / math.log2(3)) / 4)
     assert m["test/invalid"] == 1 and m["test/rows"] == 4
     assert set(m) == {"test/hr@1", "test/hr@3", "test/hr@5", "test/ndcg@1", "test/ndcg@3", "test/ndcg@5",
-                      "test/invalid", "test/rows"}
+                      "test/invalid", "test/rows", "test/ambiguous_targets"}
 
 
 def test_show_prints_hits_or_misses_with_the_rank(tmp_path, capsys):

@@ -128,8 +128,6 @@ def test_bad_indexes_fail_with_clear_messages(tmp_path):
         S.SidIndex({**good, "ghost": ("<a_9>", "<b_9>")}, "x.index.json").for_items(items)
     with pytest.raises(DataError, match="have no SID, e.g. i2"):
         S.SidIndex({k: v for k, v in good.items() if k != "i2"}).for_items(items)
-    with pytest.raises(DataError, match="shared by several items.*i0, i1"):
-        S.SidIndex({**good, "i1": ("<a_1>", "<b_1>")}).for_items(items)
     (tmp_path / "index").mkdir()
     (tmp_path / "index" / "bad.index.json").write_text(json.dumps({"i0": ["a_1", "<b_1>"]}))
     with pytest.raises(DataError, match="bad.index.json: item 'i0'"):

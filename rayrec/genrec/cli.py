@@ -92,12 +92,18 @@ def cmd_sids(args) -> int:
         if built and existing.is_file():
             print(f"{existing} exists: checking it (pass --force to rebuild)")
         index, report = load_or_build(cfg.sids, items, cfg.run.seed)
-    index.for_items(items)  # unknown / missing / duplicate SIDs are errors here, not at training
+    index.for_items(items)  # unknown / missing SIDs are errors here, not at training
     d = describe_index(index)
     rows = [("source", d["source"]), ("items", d["items"]), ("levels", d["levels"]),
             ("distinct codes per level", "/".join(map(str, d["distinct_codes"]))),
             ("collision rate (final)", f"{d['collision_rate']:.4f}")]
-    if report:
+    shared = (report or {}).get("shared")
+    if shared:
+        rows += [("SIDs shared by several items (read)", shared["shared_sids"]),
+                 ("items sharing them", shared["items_sharing"]), ("sids.shared", shared["policy"])]
+        if shared.get("written"):
+            rows.append(("disambiguated index", shared["written"]))
+    if report and "usage" in report:
         rows += [("codebook usage per level", "/".join(f"{u:.2f}" for u in report["usage"])),
                  ("collision rate (raw)", f"{report['collision_rate_raw']:.4f}"),
                  ("after last-level reassign", f"{report['collision_rate_after_reassign']:.4f}"),
@@ -107,13 +113,17 @@ def cmd_sids(args) -> int:
 
 
 def cmd_prompts(args) -> int:
-    from rayrec.genrec.inputs import prepare_inputs
+    from rayrec.genrec.inputs import fit_inputs, prepare_inputs, prompt_tokenizer
 
     cfg = _job(args)
     inputs = prepare_inputs(cfg)
+    fit = fit_inputs(cfg, inputs, prompt_tokenizer(cfg, inputs))
     counts = inputs.train["task"].value_counts()
-    _table([(t, int(n)) for t, n in counts.items()] + [("valid (sid_seq)", len(inputs.valid))], ("task", "examples"),
-           "training prompts (train split only)")
+    rows = [(t, int(n), fit["train"].truncated.get(t, 0), fit["train"].dropped.get(t, 0)) for t, n in counts.items()]
+    rows += [(t, 0, 0, n) for t, n in fit["train"].dropped.items() if t not in counts]
+    rows.append(("valid (sid_seq)", len(inputs.valid), fit["valid"].total_truncated, fit["valid"].total_dropped))
+    _table(rows, ("task", "examples", "history cut", "dropped"),
+           f"training prompts (train split only; model.max_length={cfg.model.max_length} tokens)")
     for task, group in inputs.train.groupby("task"):
         for r in group.head(args.show).itertuples():
             print(f"\n=== {task} ===\n{r.prompt}{r.completion}")
@@ -154,12 +164,14 @@ def cmd_eval(args) -> int:
 
 
 def _evaluate(cfg, adapter: Path, split: str | None, local: bool, out: Path | None, label: str = "model") -> int:
-    from rayrec.genrec.evaluate import evaluate_adapter, summary_rows
+    from rayrec.genrec.evaluate import evaluate_adapter, metric_prefix, summary_rows
 
     split = split or cfg.eval.split
     res = evaluate_adapter(cfg, adapter, split=split, local=local, out=out)
-    _table(summary_rows(res.metrics, split, cfg.eval.ks), ("metric", label, "popularity"),
-           f"{split} metrics, constrained beam search (num_beams={cfg.eval.num_beams})")
+    answers = "titles" if cfg.eval.task.endswith("_to_title") else "SIDs"
+    _table(summary_rows(res.metrics, metric_prefix(split, cfg.eval.task), cfg.eval.ks), ("metric", label, "popularity"),
+           f"{split} metrics of {cfg.eval.task}, beam search constrained to real {answers} "
+           f"(num_beams={cfg.eval.num_beams})")
     print(f"\nresults: {res.results_path}")
     return 0
 

@@ -14,7 +14,9 @@ from pydantic import Field, field_validator, model_validator
 
 from rayrec.config.schema import DataConfig, RunConfig, ScalingConfig, Strict, TrackingConfig
 
-TaskName = Literal["sid_seq", "title_seq", "sid_to_title", "title_to_sid"]
+TaskName = Literal["sid_seq", "title_seq", "sid_to_title", "title_to_sid", "sid_seq_to_title", "title_seq_to_title"]
+#: Tasks that ask for the next item after a history (the rest align one item's SID and title).
+HistoryTask = Literal["sid_seq", "title_seq", "sid_seq_to_title", "title_seq_to_title"]
 
 
 class EmbeddingConfig(Strict):
@@ -54,12 +56,21 @@ class SidConfig(Strict):
     balanced: bool = Field(False, description="balanced k-means (Sinkhorn assignment) for even code usage")
     kmeans_iters: int = Field(50, ge=1)
     reassign_last_level: bool = Field(True, description="resolve collisions at the last level before adding one")
+    shared: Literal["disambiguate", "share"] = Field(
+        "disambiguate", description="a read index (file, data) whose SID names several items: disambiguate = "
+        "append one level token to those items only (written to sids.dir/disambiguated/, the file is never "
+        "changed); share = keep it, and a decoded SID counts as a hit when it is the target's")
     embedding: EmbeddingConfig = EmbeddingConfig()
     rqvae: RQVAEConfig = RQVAEConfig()
 
 
 class PromptConfig(Strict):
-    """Prompt tasks and their mixture weights (expected copies of each example; 0 = off)."""
+    """Prompt tasks and their mixture weights (expected copies of each example; 0 = off).
+
+    sid_seq: SID history -> next SID; title_seq: title history -> next SID; sid_to_title and
+    title_to_sid: one item's SID <-> title; sid_seq_to_title: SID history -> next item's title;
+    title_seq_to_title: title history -> next item's title.
+    """
 
     tasks: dict[TaskName, float] = Field(
         default_factory=lambda: {"sid_seq": 1.0, "title_seq": 0.5, "sid_to_title": 0.5, "title_to_sid": 0.5})
@@ -91,7 +102,9 @@ class LMConfig(Strict):
     base: str = Field("tiny", description="'tiny', a local model folder, or a hub id on a cluster with access")
     tiny: TinyLMConfig = TinyLMConfig()
     dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
-    max_length: int = Field(512, ge=16, description="prompt + response tokens; longer prompts are cut on the left")
+    max_length: int = Field(512, ge=16, description="prompt + response + EOS tokens; a longer example loses its "
+                            "oldest history items (the instruction, recent history and whole answer stay), "
+                            "or is dropped when it has none to lose; both are counted")
 
 
 class LoraSettings(Strict):
@@ -116,8 +129,9 @@ class SFTTrainConfig(Strict):
     gradient_checkpointing: bool = False
     logging_steps: int = Field(10, ge=1)
     save_total_limit: int = Field(2, ge=1)
-    val_rows: int = Field(256, ge=0, description="valid rows decoded (constrained) each epoch for val/hr@K, "
-                          "val/ndcg@K (eval.num_beams, eval.ks); 0 = val/loss only")
+    val_rows: int = Field(256, ge=0, description="first valid rows used each epoch: val/loss over them, and "
+                          "decoded (constrained) for val/hr@K, val/ndcg@K (eval.num_beams, eval.ks); "
+                          "0 = val/loss only, over every valid row")
     lora: LoraSettings = LoraSettings()
 
 
@@ -125,6 +139,8 @@ class GenEvalConfig(Strict):
     """Constrained beam-search evaluation."""
 
     split: Literal["valid", "test"] = "test"
+    task: HistoryTask = Field("sid_seq", description="prompt task decoded: sid_seq/title_seq rank items by SID; "
+                              "sid_seq_to_title/title_seq_to_title by exact title (constrained to real titles)")
     num_beams: int = Field(20, ge=1, description="beams = items returned per row")
     ks: list[int] = Field(default_factory=lambda: [1, 3, 5, 10, 20])
     batch_size: int = Field(8, ge=1, description="prompts per generate call")

@@ -27,43 +27,44 @@ from rayrec.errors import ConfigError, DataError
 
 
 class SidTrie:
-    """Prefix trie over valid token sequences, stored as flat tensors.
+    """Prefix trie over valid token sequences (item SIDs, or item titles), stored as flat tensors.
 
     Tokens are renumbered into a local vocabulary of the S distinct ids that occur (SID
     tokens and EOS). Node 0 is the root; an edge (node, local token) -> child is the key
-    ``node * S + local`` in a sorted array, so a batch of lookups is one ``searchsorted``.
+    ``node * S + local`` in a sorted array, so a batch of lookups is one ``searchsorted``, and
+    the edges leaving node m are the keys in ``[m * S, (m + 1) * S)``: the allowed tokens of
+    a batch of nodes are found without an [M, S] matrix (titles make M and S large).
 
     vocab_ids # [S]      token id of each local token
-    allowed   # [M, S]   bool, which local tokens continue node m
     edge_keys # [E]      sorted node * S + local
     edge_next # [E]      child node of each edge
+
+    Several items may share a sequence (``sids.shared: share``, or identical titles): the
+    sequence then names the first of them (smallest id), ``canonical`` maps every item to
+    the item its sequence names, and a hit compares ``canonical[target]``.
     """
 
     def __init__(self, sequences: dict[int, Sequence[int]], eos_id: int):
         if not sequences:
             raise DataError("cannot build a SID trie over zero items")
-        full = {item: [*map(int, seq), int(eos_id)] for item, seq in sequences.items()}
+        full = {item: [*map(int, seq), int(eos_id)] for item, seq in sorted(sequences.items())}
         ids = sorted({t for seq in full.values() for t in seq})
         self.vocab_ids = torch.tensor(ids, dtype=torch.long)
         local = {t: i for i, t in enumerate(ids)}
         s = len(ids)
         children: dict[tuple[int, int], int] = {}
         self.item_of: dict[tuple[int, ...], int] = {}
+        self.canonical: dict[int, int] = {}
         for item, seq in full.items():
             node = 0
             for tok in seq:
                 node = children.setdefault((node, local[tok]), len(children) + 1)
-            key = tuple(seq[:-1])
-            if key in self.item_of:
-                raise DataError(f"items {self.item_of[key]} and {item} have the same SID tokens {key}")
-            self.item_of[key] = item
+            self.canonical[item] = self.item_of.setdefault(tuple(seq[:-1]), item)
         keys = torch.tensor([n * s + t for n, t in children], dtype=torch.long)
         order = keys.argsort()
         self.edge_keys = keys[order]
         self.edge_next = torch.tensor(list(children.values()), dtype=torch.long)[order]
-        self.allowed = torch.zeros(len(children) + 1, s, dtype=torch.bool)
-        for n, t in children:
-            self.allowed[n, t] = True
+        self.num_nodes = len(children) + 1
         self.size, self.eos_id = s, int(eos_id)
         self.max_len = max(len(seq) for seq in full.values())  # SID length + EOS
         self._local = torch.full((int(self.vocab_ids.max()) + 1,), -1, dtype=torch.long)
@@ -71,7 +72,29 @@ class SidTrie:
 
     @property
     def num_items(self) -> int:
+        """Distinct sequences: the most items one beam search can return."""
         return len(self.item_of)
+
+    @property
+    def shared_items(self) -> int:
+        """Items whose sequence names another item (shared SIDs, identical titles)."""
+        return sum(1 for item, rep in self.canonical.items() if item != rep)
+
+    def allowed_mask(self, nodes: torch.Tensor) -> torch.Tensor:
+        """Which local tokens continue each node  # [R] (>= 0) -> [R, S] bool.
+
+        Node m's edges are the contiguous keys in [m*S, (m+1)*S) of the sorted ``edge_keys``:
+        two searchsorted calls give every row's range, one scatter fills the mask.
+        """
+        lo = torch.searchsorted(self.edge_keys, nodes * self.size)
+        hi = torch.searchsorted(self.edge_keys, (nodes + 1) * self.size)
+        counts = hi - lo  # [R]
+        rows = torch.repeat_interleave(torch.arange(len(nodes)), counts)
+        starts = torch.repeat_interleave(lo - torch.cumsum(counts, 0) + counts, counts)
+        edges = starts + torch.arange(int(counts.sum()))
+        mask = torch.zeros(len(nodes), self.size, dtype=torch.bool)
+        mask[rows, self.edge_keys[edges] % self.size] = True
+        return mask
 
     def walk(self, generated: torch.Tensor) -> torch.Tensor:
         """Trie node reached by each row's generated tokens  # [R, g] -> [R] (-1 = off the trie)."""
@@ -107,7 +130,7 @@ class TrieLogitsProcessor(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         node = self.trie.walk(input_ids[:, self.prompt_len :])  # [R]
-        allowed = self.trie.allowed[node.clamp(min=0)].to(scores.device)  # [R, S]
+        allowed = self.trie.allowed_mask(node.clamp(min=0)).to(scores.device)  # [R, S]
         dead = (node < 0).to(scores.device)
         eos_col = self.trie.vocab_ids.to(scores.device) == self.trie.eos_id  # [S]
         allowed = torch.where(dead[:, None], eos_col[None, :], allowed)
@@ -126,6 +149,16 @@ def build_trie(tokenizer, item_tokens: dict[int, tuple[str, ...]]) -> SidTrie:
         raise ConfigError(f"{len(missing)} SID token(s) are not in the tokenizer, e.g. {', '.join(missing[:5])}; "
                           "load the tokenizer saved with the adapter (it holds the added SID tokens)")
     return SidTrie({i: [vocab[t] for t in seq] for i, seq in item_tokens.items()}, tokenizer.eos_token_id)
+
+
+def build_title_trie(tokenizer, titles: dict[int, str]) -> SidTrie:
+    """Trie over ``item_idx -> title`` token ids (as a completion is tokenized after the prompt's
+    newline); items with identical titles share one path (``SidTrie.canonical``)."""
+    ids = tokenizer([titles[i] for i in titles], add_special_tokens=False)["input_ids"]
+    empty = [i for i, seq in zip(titles, ids) if not seq]
+    if empty:
+        raise DataError(f"{len(empty)} item title(s) tokenize to nothing, e.g. item {empty[0]}")
+    return SidTrie(dict(zip(titles, ids)), tokenizer.eos_token_id)
 
 
 def beam_config(tokenizer, num_beams: int, max_new_tokens: int) -> GenerationConfig:
@@ -174,8 +207,8 @@ def beam_rank(model, tokenizer, prompts: Sequence[str], trie: SidTrie, *, num_be
     than ``max_prompt_tokens`` keep their end (the most recent history and the template).
     """
     if constrained and num_beams > trie.num_items:
-        raise ConfigError(f"eval.num_beams={num_beams} exceeds the {trie.num_items} items of the SID index; "
-                          f"lower eval.num_beams to at most {trie.num_items}")
+        raise ConfigError(f"eval.num_beams={num_beams} exceeds the {trie.num_items} distinct answers (items of the "
+                          f"SID index, or titles); lower eval.num_beams to at most {trie.num_items}")
     tokenizer.padding_side, tokenizer.truncation_side = "left", "left"
     config = beam_config(tokenizer, num_beams, trie.max_len)
     device = next(model.parameters()).device

@@ -8,6 +8,13 @@ table with the popularity baseline beside it, and logs to the training run in ML
 
 A target's rank is its 1-based position among the ``num_beams`` returned items (a miss
 when absent), so HR@K and NDCG@K are exact for every K <= num_beams.
+
+``eval.task`` picks the prompt task: ``sid_seq`` / ``title_seq`` decode SIDs,
+``sid_seq_to_title`` / ``title_seq_to_title`` decode titles, constrained by a trie over the
+real titles' tokens, and a hit is an exact title match. When several items share the
+decoded answer (a shared SID under ``sids.shared: share``, or identical titles), the answer
+names all of them: the target's rank is that of its answer, and the rows whose target
+shares its answer are counted (``ambiguous_targets``).
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from rayrec.eval.metrics import HR, NDCG, MetricSums, full_ranks, metric_key
 from rayrec.genrec import prompts as P
 from rayrec.genrec.config import GenRecJobConfig
 from rayrec.genrec.semantic_ids import read_index
-from rayrec.genrec.sft import META_FILE, SID_FILE
+from rayrec.genrec.sft import META_FILE, SID_FILE, load_tokenizer
 from rayrec.models.popularity import Popularity
 
 log = logging.getLogger(__name__)
@@ -39,20 +46,35 @@ def rank_of(target: int, predictions: list[int | None]) -> int | None:
     return predictions.index(target) + 1 if target in predictions else None
 
 
-def result_rows(prompts, ranked, item_sids: dict[int, tuple[str, ...]]) -> list[dict[str, Any]]:
-    """One JSON-ready dict per prompt row (``prompts``: records of ``eval_prompts``; ``ranked``: ``Ranked``)."""
+def answer_texts(task: str, item_sids: dict[int, tuple[str, ...]], titles: dict[int, str]) -> dict[int, str]:
+    """item -> the text a ``task`` answers with (its SID string, or its title)."""
+    if P.ANSWER_BY[task] == "title":
+        return {i: titles[i] for i in item_sids}
+    return {i: "".join(s) for i, s in item_sids.items()}
+
+
+def result_rows(prompts, ranked, item_sids: dict[int, tuple[str, ...]], canonical: dict[int, int] | None = None,
+                titles: dict[int, str] | None = None, task: str = "sid_seq") -> list[dict[str, Any]]:
+    """One JSON-ready dict per prompt row (``prompts``: records of ``eval_prompts``; ``ranked``: ``Ranked``).
+
+    ``canonical`` (``SidTrie.canonical``) maps a target to the item its answer names.
+    """
+    canonical = canonical or {}
+    answers = answer_texts(task, item_sids, titles or {})
+    shared = {i for i, c in canonical.items() if i != c} | {c for i, c in canonical.items() if i != c}
     out = []
     for row, r in zip(prompts, ranked):
         target = int(row["target"])
         out.append({
             "user_idx": int(row["user_idx"]),
-            "input": P.history_input(row["history"], item_sids, {}, "sid"),
-            "target": "".join(item_sids[target]),
+            "input": P.history_input(row["history"], item_sids, titles or {}, P.HISTORY_BY[task]),
+            "target": answers[target],
             "target_item": target,
-            "predictions": ["".join(item_sids[i]) if i is not None else None for i in r.items],
+            "predictions": [answers[i] if i is not None else None for i in r.items],
             "predicted_items": r.items,
             "scores": [round(s, 4) if np.isfinite(s) else None for s in r.scores],
-            "rank": rank_of(target, r.items),
+            "rank": rank_of(canonical.get(target, target), r.items),
+            "ambiguous": target in shared,
         })
     return out
 
@@ -67,32 +89,58 @@ def metrics_from_results(rows: list[dict[str, Any]], ks: list[int], split: str) 
     out = {k: v for k, v in means.items() if k in wanted}
     out[f"{split}/invalid"] = float(sum(p is None for r in rows for p in r["predicted_items"]))
     out[f"{split}/rows"] = float(len(rows))
+    out[f"{split}/ambiguous_targets"] = float(sum(bool(r.get("ambiguous")) for r in rows))
     return out
 
 
-def popularity_metrics(ds: Prepared, targets: list[int], ks: list[int], split: str) -> dict[str, float]:
-    """The most-popular baseline on the same rows (train counts, seen items not masked, as the LLM)."""
+def popularity_metrics(ds: Prepared, targets: list[int], ks: list[int], split: str,
+                       canonical: dict[int, int] | None = None) -> dict[str, float]:
+    """The most-popular baseline on the same rows (train counts, seen items not masked, as the LLM).
+
+    With ``canonical`` (``SidTrie.canonical``: items sharing a SID or a title), it ranks what the
+    model can return: one entry per shared answer, with the summed count of its items, and a
+    target is found at its answer's rank, as the model's are.
+    """
     model = Popularity(ds.num_items, PopularityConfig()).fit(ds.table("train")["seq"])
     t = torch.tensor(targets, dtype=torch.long)
-    ranks = full_ranks(model.score(t[:, None]), t)
+    scores = model.score(t[:, None])  # [B, N+1], the same row for every target
+    if canonical and any(i != c for i, c in canonical.items()):
+        n = scores.shape[1]
+        reps = torch.tensor([canonical.get(i, i) for i in range(n)], dtype=torch.long)  # [N+1]
+        counts = model.counts.double()
+        grouped = torch.zeros(n, dtype=torch.float64).index_add_(0, reps, counts)
+        row = torch.where(reps == torch.arange(n), grouped + (scores[0] - counts), float("-inf"))
+        row[0] = float("-inf")
+        scores, t = row.expand_as(scores), reps[t]
+    ranks = full_ranks(scores, t)
     means = MetricSums(ks).update(ranks).means(f"{split}_popularity")
     return {k: v for k, v in means.items() if "/hr@" in k or "/ndcg@" in k}
+
+
+def answer_trie(tokenizer, task: str, item_sids: dict[int, tuple[str, ...]], titles: dict[int, str]):
+    """The decoding trie of a task: over SIDs, or over the real titles' tokens."""
+    from rayrec.genrec.constrained import build_title_trie, build_trie
+
+    if P.ANSWER_BY[task] == "title":
+        return build_title_trie(tokenizer, {i: titles[i] for i in item_sids})
+    return build_trie(tokenizer, item_sids)
 
 
 def decode_shard(adapter: str, records: list[dict], item_sids: dict[int, tuple[str, ...]], settings: dict,
                  device: str = "cpu") -> list[dict[str, Any]]:
     """Load the checkpoint, build the trie once, and rank items for ``records`` (one worker's shard)."""
-    from rayrec.genrec.constrained import beam_rank, build_trie
+    from rayrec.genrec.constrained import beam_rank
     from rayrec.genrec.sft import load_for_eval
 
     if not records:
         return []
     _quiet_loading()
     model, tokenizer, _ = load_for_eval(adapter, device=device)
-    trie = build_trie(tokenizer, item_sids)
+    task, titles = settings.get("task", "sid_seq"), settings.get("titles") or {}
+    trie = answer_trie(tokenizer, task, item_sids, titles)
     ranked = beam_rank(model, tokenizer, [r["prompt"] for r in records], trie, num_beams=settings["num_beams"],
                        batch_size=settings["batch_size"], max_prompt_tokens=settings["max_prompt_tokens"])
-    return result_rows(records, ranked, item_sids)
+    return result_rows(records, ranked, item_sids, trie.canonical, titles, task)
 
 
 def _quiet_loading() -> None:
@@ -122,6 +170,11 @@ def _decode_ray(cfg: GenRecJobConfig, adapter: str, records: list[dict], item_si
     return [row for part in ray.get(refs) for row in part]
 
 
+def metric_prefix(split: str, task: str) -> str:
+    """``test`` for the default task, ``test_sid_seq_to_title`` for another one."""
+    return split if task == "sid_seq" else f"{split}_{task}"
+
+
 @dataclass
 class EvalOutcome:
     metrics: dict[str, float]
@@ -133,6 +186,7 @@ def evaluate_adapter(cfg: GenRecJobConfig, adapter: str | Path, *, split: str | 
                      out: Path | None = None) -> EvalOutcome:
     """Decode ``split`` with the checkpoint in ``adapter``, score it, write and log the results."""
     from rayrec.errors import ConfigError
+    from rayrec.genrec.inputs import token_counter
 
     split = split or cfg.eval.split
     adapter = Path(adapter).resolve()
@@ -140,21 +194,34 @@ def evaluate_adapter(cfg: GenRecJobConfig, adapter: str | Path, *, split: str | 
         raise ConfigError(f"--adapter {adapter}: not an SFT checkpoint (needs {SID_FILE} and {META_FILE}); pass the "
                           "adapter folder printed by `rayrec sft`")
     ds = ensure_prepared(cfg.data)
+    task = cfg.eval.task
     item_sids = read_index(adapter / SID_FILE).for_items(ds.table("items"))
-    if cfg.eval.num_beams > len(item_sids):
-        raise ConfigError(f"eval.num_beams={cfg.eval.num_beams} exceeds the {len(item_sids)} items; lower it")
-    prompts = P.eval_prompts(ds, split, item_sids, cfg.prompts, cfg.eval.max_rows)
+    titles = P.titles_of(ds)
+    prompts = P.eval_prompts(ds, split, item_sids, cfg.prompts, cfg.eval.max_rows, task=task)
+    tokenizer = load_tokenizer(adapter)
+    trie = answer_trie(tokenizer, task, item_sids, titles)  # checked here; each decoding worker builds its own
+    if cfg.eval.num_beams > trie.num_items:
+        raise ConfigError(f"eval.num_beams={cfg.eval.num_beams} exceeds the {trie.num_items} distinct answers of "
+                          f"task {task}; lower it")
+    budget = cfg.model.max_length - trie.max_len  # the longest answer and its EOS always fit
+    if budget < 16:
+        raise ConfigError(f"model.max_length={cfg.model.max_length} leaves {budget} prompt tokens once the longest "
+                          f"answer of task {task} ({trie.max_len} tokens with EOS) is reserved; raise model.max_length")
+    prompts, fit = P.fit_lengths(prompts, token_counter(tokenizer, eos=False), budget, item_sids, titles,
+                                 with_answer=False, drop=False)
     records = prompts.to_dict("records")
-    sid_len = max(len(s) for s in item_sids.values()) + 1
-    settings = {"num_beams": cfg.eval.num_beams, "batch_size": cfg.eval.batch_size,
-                "max_prompt_tokens": cfg.model.max_length - sid_len}
+    settings = {"num_beams": cfg.eval.num_beams, "batch_size": cfg.eval.batch_size, "max_prompt_tokens": budget,
+                "task": task, "titles": titles}
     if local:
         rows = decode_shard(str(adapter), records, item_sids, settings)
     else:
         rows = _decode_ray(cfg, str(adapter), records, item_sids, settings)
-    metrics = metrics_from_results(rows, cfg.eval.ks, split)
-    metrics.update(popularity_metrics(ds, prompts["target"].tolist(), cfg.eval.ks, split))
-    out = Path(out) if out else adapter.parent / f"eval_{split}.json"
+    prefix = metric_prefix(split, task)
+    metrics = metrics_from_results(rows, cfg.eval.ks, prefix)
+    metrics.update(popularity_metrics(ds, prompts["target"].tolist(), cfg.eval.ks, prefix, trie.canonical))
+    metrics[f"{prefix}/prompts_history_cut"] = float(fit.total_truncated)
+    metrics[f"{prefix}/prompts_over_budget"] = float(fit.over_budget)
+    out = Path(out) if out else adapter.parent / f"eval_{prefix}.json"
     out.write_text(json.dumps(rows, indent=1))
     out.with_name(out.stem + "_metrics.json").write_text(json.dumps(metrics, indent=2))
     _log_eval(cfg, adapter, metrics, out)
@@ -191,6 +258,12 @@ def summary_rows(metrics: dict[str, float], split: str, ks: list[int]) -> list[t
             rows.append((f"{name}@{k}", f"{metrics[key]:.4f}", f"{pop:.4f}" if pop is not None else "-"))
     rows.append(("invalid outputs", f"{metrics[f'{split}/invalid']:.0f}", "-"))
     rows.append(("rows", f"{metrics[f'{split}/rows']:.0f}", "-"))
+    if metrics.get(f"{split}/ambiguous_targets"):
+        rows.append(("targets sharing their answer", f"{metrics[f'{split}/ambiguous_targets']:.0f}", "-"))
+    if metrics.get(f"{split}/prompts_history_cut"):
+        rows.append(("prompts with history cut", f"{metrics[f'{split}/prompts_history_cut']:.0f}", "-"))
+    if metrics.get(f"{split}/prompts_over_budget"):
+        rows.append(("prompts cut by tokens (1 item too long)", f"{metrics[f'{split}/prompts_over_budget']:.0f}", "-"))
     return rows
 
 
@@ -229,6 +302,7 @@ def val_ranking_callback(records: list[dict], item_sids: dict[int, tuple[str, ..
     from rayrec.genrec.constrained import beam_rank, build_trie
 
     trie = build_trie(tokenizer, item_sids)
+    canonical = trie.canonical
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     rank = dist.get_rank() if world > 1 else 0
     per_rank = -(-len(records) // world)
@@ -268,7 +342,7 @@ def val_ranking_callback(records: list[dict], item_sids: dict[int, tuple[str, ..
             ranked = beam_rank(model, tokenizer, [r["prompt"] for r in mine], trie, num_beams=cfg.eval.num_beams,
                                batch_size=cfg.eval.batch_size)
             model.train(was_training)
-            ranks = [rank_of(int(r["target"]), x.items) for r, x in zip(mine, ranked)]
+            ranks = [rank_of(canonical.get(int(r["target"]), int(r["target"])), x.items) for r, x in zip(mine, ranked)]
             valid = len(records) - rank * per_rank  # padded copies do not count
             sums = MetricSums(cfg.eval.ks).update(torch.tensor(
                 [float(k) if k else float("inf") for k in ranks[: max(0, valid)]], dtype=torch.float64))

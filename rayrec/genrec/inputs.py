@@ -8,7 +8,8 @@ weightless ``meta``-device copy of the model).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,8 @@ from rayrec.genrec.config import GenRecJobConfig
 from rayrec.genrec.semantic_ids import SidIndex, describe_index, load_or_build
 from rayrec.genrec.sft import lora_targets
 from rayrec.tracking.mlflow_tracking import Tracker
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -31,6 +34,8 @@ class SFTInputs:
     train: Any  # pandas DataFrame of prompts
     valid: Any
     report: dict | None
+    valid_total: int = 0  # valid rows of the dataset, before train.val_rows
+    fit: dict[str, P.FitReport] = field(default_factory=dict)  # per table, set by ``fit_inputs``
 
 
 def prepare_inputs(cfg: GenRecJobConfig, index: SidIndex | None = None) -> SFTInputs:
@@ -43,8 +48,86 @@ def prepare_inputs(cfg: GenRecJobConfig, index: SidIndex | None = None) -> SFTIn
         index, report = load_or_build(cfg.sids, items, seed=cfg.run.seed)
     item_sids = index.for_items(items)
     train = P.train_prompts(ds, item_sids, cfg.prompts, seed=cfg.run.seed)
-    valid = P.eval_prompts(ds, "valid", item_sids, cfg.prompts)
-    return SFTInputs(ds, index, item_sids, train, valid, report)
+    valid = P.eval_prompts(ds, "valid", item_sids, cfg.prompts, max_rows=cfg.train.val_rows or None)
+    total = len(ds.table("valid"))
+    log.info("validation uses the first %d of %d valid rows (train.val_rows=%d)", len(valid), total,
+             cfg.train.val_rows)
+    return SFTInputs(ds, index, item_sids, train, valid, report, valid_total=total)
+
+
+def canonical_targets(inputs: SFTInputs) -> int:
+    """With shared SIDs (``sids.shared: share``), targets become the item that a decoded SID names
+    (``canonical_items``), so rewards and hits compare SIDs; returns the targets changed."""
+    from rayrec.genrec.semantic_ids import canonical_items
+
+    canon = canonical_items(inputs.item_sids)
+    changed = 0
+    for name in ("train", "valid"):
+        table = getattr(inputs, name)
+        mapped = table["target"].map(lambda t: canon.get(int(t), int(t)) if int(t) >= 0 else int(t))
+        changed += int((mapped != table["target"]).sum())
+        setattr(inputs, name, table.assign(target=mapped))
+    return changed
+
+
+def prompt_tokenizer(cfg: GenRecJobConfig, inputs: SFTInputs, base: str | None = None):
+    """The tokenizer training will use, with the SID tokens added: ``base``'s (a folder or hub id,
+    default ``model.base``), or for ``tiny`` the word-level one built from the prompts."""
+    from rayrec.genrec.sft import extend_tokenizer
+
+    base = base or cfg.model.base
+    if base == "tiny":
+        from rayrec.genrec.tiny import tiny_tokenizer
+
+        test = P.eval_prompts(inputs.ds, "test", inputs.item_sids, cfg.prompts)
+        tokenizer = tiny_tokenizer(P.tokenizer_corpus(inputs.train, inputs.valid, test, titles=P.titles_of(inputs.ds)))
+    else:
+        from rayrec.genrec.sft import load_tokenizer
+
+        try:
+            tokenizer = load_tokenizer(base)
+        except OSError as e:
+            raise RayrecError(f"model.base {base!r}: no tokenizer ({e})") from None
+    extend_tokenizer(tokenizer, inputs.index.vocab())
+    return tokenizer
+
+
+def token_counter(tokenizer, eos: bool):
+    """``texts -> token counts`` as TRL counts a prompt-completion example (EOS appended when ``eos``)."""
+    suffix = tokenizer.eos_token if eos and tokenizer.eos_token else ""
+
+    def count(texts: list[str]) -> list[int]:
+        return [len(ids) for ids in tokenizer([t + suffix for t in texts])["input_ids"]]
+
+    return count
+
+
+def fit_inputs(cfg: GenRecJobConfig, inputs: SFTInputs, tokenizer, answer_tokens: int | None = None
+               ) -> dict[str, P.FitReport]:
+    """Fit the prompt tables to ``model.max_length`` in place (``P.fit_lengths``) and log what it cut.
+
+    SFT (``answer_tokens`` None): prompt + completion + EOS must fit. Generation (GRPO):
+    the prompt must leave ``answer_tokens`` (the longest SID and EOS) free.
+    """
+    titles = P.titles_of(inputs.ds)
+    with_answer = answer_tokens is None
+    budget = cfg.model.max_length - (answer_tokens or 0)
+    count = token_counter(tokenizer, eos=with_answer)
+    for name in ("train", "valid"):
+        table = getattr(inputs, name)
+        fitted, report = P.fit_lengths(table, count, budget, inputs.item_sids, titles, with_answer=with_answer)
+        if fitted.empty:
+            raise RayrecError(f"model.max_length={cfg.model.max_length}: no {name} prompt fits, even with one history "
+                              "item; raise model.max_length")
+        setattr(inputs, name, fitted)
+        inputs.fit[name] = report
+        if report.total_truncated or report.total_dropped:
+            log.warning("%s prompts: %d of %d longer than model.max_length=%d tokens: %d kept their most recent "
+                        "history (%d older items cut), %d dropped (%s)", name, report.total_truncated +
+                        report.total_dropped, report.examples, cfg.model.max_length, report.total_truncated,
+                        report.items_cut, report.total_dropped,
+                        ", ".join(f"{t} {n}" for t, n in report.dropped.items()) or "none")
+    return inputs.fit
 
 
 def materialize_base(cfg: GenRecJobConfig, run_dir: Path, inputs: SFTInputs) -> str:
@@ -82,12 +165,20 @@ def log_inputs(tracker: Tracker, inputs: SFTInputs) -> None:
     d = describe_index(inputs.index)
     codes = {f"sids/codes_level_{i}": n for i, n in enumerate(d["distinct_codes"])}
     tracker.log_metrics({**codes, "sids/levels": d["levels"], "sids/collision_rate": d["collision_rate"]})
+    shared = (inputs.report or {}).get("shared")
+    if shared:
+        tracker.log_metrics({"sids/shared_sids": shared["shared_sids"], "sids/items_sharing": shared["items_sharing"]})
     if inputs.report:
         tracker.log_text(json.dumps(inputs.report, indent=2), "sids/report.json")
+    if inputs.report and "usage" in inputs.report:
         usage = {f"sids/usage_level_{i}": u for i, u in enumerate(inputs.report["usage"])}
         tracker.log_metrics({**usage, "sids/collision_rate_raw": inputs.report["collision_rate_raw"]})
     sample = inputs.train.groupby("task").head(2)
     text = "\n\n".join(f"[{r.task}]\n{r.prompt}{r.completion}" for r in sample.itertuples())
     tracker.log_text(text, "prompts/sample.txt")
-    tracker.log_metrics({"data/train_prompts": len(inputs.train), "data/valid_prompts": len(inputs.valid)})
+    tracker.log_metrics({"data/train_prompts": len(inputs.train), "data/valid_prompts": len(inputs.valid),
+                         "data/valid_rows_total": inputs.valid_total})
+    for name, fit in inputs.fit.items():
+        tracker.log_metrics({f"data/{name}_truncated": fit.total_truncated, f"data/{name}_dropped": fit.total_dropped,
+                             f"data/{name}_history_items_cut": fit.items_cut})
     tracker.log_file(inputs.ds.path / "manifest.json", "data")

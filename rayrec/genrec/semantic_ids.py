@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from collections import defaultdict
 from dataclasses import dataclass
@@ -84,22 +85,19 @@ class SidIndex:
             by_seq[seq].append(item)
         return {seq: items for seq, items in by_seq.items() if len(items) > 1}
 
-    def check_unique(self) -> None:
-        """A SID must name one item; duplicates make decoding ambiguous (fail before training)."""
+    def shared_counts(self) -> dict[str, int]:
+        """How many SIDs name several items, and how many items they name."""
         dup = self.duplicates()
-        if dup:
-            seq, items = next(iter(dup.items()))
-            raise DataError(f"{self.source}: {len(dup)} SID(s) are shared by several items, e.g. {''.join(seq)} by "
-                            f"items {', '.join(items[:5])}; rebuild the index with `rayrec genrec sids` (which "
-                            "resolves collisions) or fix the file")
+        return {"shared_sids": len(dup), "items_sharing": sum(len(v) for v in dup.values())}
 
     def for_items(self, items: pd.DataFrame) -> dict[int, tuple[str, ...]]:
         """``item_idx -> tokens`` for a prepared ``items`` table (columns item_idx, source_id).
 
         Every item of the dataset needs a SID (any may be a target) and every SID must
         name a known item; either mismatch means the index belongs to another dataset.
+        A SID may name several items only when the index is read with ``sids.shared: share``
+        (``apply_shared``); decoding then maps it to one of them (``canonical_items``).
         """
-        self.check_unique()
         ids = items["source_id"].astype(str)
         unknown = sorted(set(self.tokens) - set(ids))
         if unknown:
@@ -128,12 +126,22 @@ def write_index(index: SidIndex, folder: str | Path, name: str, titles: dict[str
     index_path, info_path = index_paths(folder, name)
     index_path.parent.mkdir(parents=True, exist_ok=True)
     info_path.parent.mkdir(parents=True, exist_ok=True)
-    index_path.write_text(json.dumps({k: list(v) for k, v in index.tokens.items()}, indent=1))
     titles = titles or {}
     clean = {k: re.sub(r"[\t\r\n]+", " ", str(titles.get(k, ""))) for k in index.tokens}
     lines = [f"{''.join(seq)}\t{clean[k]}\t{k}\n" for k, seq in index.tokens.items()]
-    info_path.write_text("".join(lines), encoding="utf-8")
+    _write_atomic(info_path, "".join(lines))
+    _write_atomic(index_path, json.dumps({k: list(v) for k, v in index.tokens.items()}, indent=1))
     return index_path
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """``text`` into ``path`` through a temporary file renamed into place (readers never see half)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def find_index_file(path: str | Path, name: str | None = None) -> Path:
@@ -205,6 +213,74 @@ def index_from_items(items: pd.DataFrame, column: str = "sid", source: str = "it
         except ValueError as e:
             raise DataError(f"{source}: item {item}: {e}") from None
     return SidIndex(tokens, source)
+
+
+def disambiguate(index: SidIndex) -> SidIndex:
+    """Append one level token to the items of each shared SID, numbering them in file order.
+
+    ``<a_1><b_2><c_3>`` shared by items 7 and 9 becomes ``<a_1><b_2><c_3><d_0>`` and
+    ``<a_1><b_2><c_3><d_1>``; every other item keeps its SID (as MiniOneRec's constrained
+    RQ-KMeans resolves its last collisions). No SID is then a prefix of another's *item*, so
+    the decoding trie stays exact (each SID ends with EOS).
+    """
+    extra: dict[str, str] = {}
+    for seq, items in index.duplicates().items():
+        if len(seq) >= len(LEVEL_LETTERS):
+            raise DataError(f"{index.source}: SID {''.join(seq)} already has {len(seq)} levels; cannot add one")
+        extra.update({item: sid_token(len(seq), n) for n, item in enumerate(items)})
+    out = SidIndex({k: (*v, extra[k]) if k in extra else v for k, v in index.tokens.items()},
+                   f"{index.source} (disambiguated)")
+    left = out.duplicates()
+    if left:
+        seq, items = next(iter(left.items()))
+        raise DataError(f"{index.source}: adding a level to shared SIDs made {''.join(seq)} collide with an existing "
+                        f"SID (items {', '.join(items[:5])}); fix the file or use sids.shared=share")
+    return out
+
+
+def apply_shared(index: SidIndex, cfg, items: pd.DataFrame) -> tuple[SidIndex, dict]:
+    """The ``sids.shared`` policy on a read index; returns the index to train on and a report.
+
+    disambiguate: ``disambiguate`` it, and write the result under ``sids.dir/disambiguated/``
+    (``index/NAME.index.json``, ``info/NAME.txt``) for inspection and MiniOneRec's scripts; the
+    user's file is never changed. share: keep it as read.
+    """
+    counts = index.shared_counts()
+    report: dict = {"policy": cfg.shared, **counts}
+    if not counts["shared_sids"]:
+        return index, report
+    if cfg.shared == "share":
+        log.warning("%s: %d SID(s) are shared by %d items; sids.shared=share: a decoded SID counts as a hit for any "
+                    "item it names", index.source, counts["shared_sids"], counts["items_sharing"])
+        return index, report
+    out = disambiguate(index)
+    folder = (Path(cfg.dir).parent if Path(cfg.dir).is_file() else Path(cfg.dir)) / "disambiguated"
+    titles = dict(zip(items["source_id"].astype(str), items["title"].fillna(""))) if "title" in items else {}
+    path = index_paths(folder, cfg.name)[0]
+    try:
+        current = read_index(path).tokens if path.is_file() else None
+    except DataError:  # a torn or foreign file there: written anew
+        current = None
+    try:
+        if current != out.tokens:  # trials of a sweep find it written already
+            write_index(out, folder, cfg.name, titles)
+        report["written"] = str(path)
+    except OSError as e:  # a read-only dataset folder: the checkpoints still carry the index they trained on
+        path = None
+        log.warning("cannot write the disambiguated index under %s (%s); each checkpoint keeps it as %s",
+                    folder, e, "sids.index.json")
+    log.info("%s: %d SID(s) were shared by %d items; those items got one extra level token "
+             "(sids.shared=disambiguate)%s", index.source, counts["shared_sids"], counts["items_sharing"],
+             f", written to {path}" if path else "")
+    return out, report
+
+
+def canonical_items(item_sids: dict[int, tuple[str, ...]]) -> dict[int, int]:
+    """item -> the first item (smallest id) with the same SID: what a decoded shared SID names."""
+    first: dict[tuple[str, ...], int] = {}
+    for item in sorted(item_sids):
+        first.setdefault(item_sids[item], item)
+    return {item: first[seq] for item, seq in item_sids.items()}
 
 
 # ----------------------------------------------------------------------------- embeddings
@@ -527,10 +603,13 @@ def build_index(items: pd.DataFrame, cfg, seed: int = 0, embeddings: np.ndarray 
 def load_or_build(cfg, items: pd.DataFrame, seed: int = 0) -> tuple[SidIndex, dict | None]:
     """The index the job names: read it (file/data methods, or already built), else build and write it."""
     if cfg.method == "data":
-        return index_from_items(items), None
+        index, shared = apply_shared(index_from_items(items), cfg, items)
+        return index, {"shared": shared}
     index_path, _ = index_paths(cfg.dir, cfg.name)
     if cfg.method == "file" or index_path.is_file():
-        return read_index(cfg.dir if cfg.method == "file" else index_path, cfg.name), None
+        read = read_index(cfg.dir if cfg.method == "file" else index_path, cfg.name)
+        index, shared = apply_shared(read, cfg, items)
+        return index, {"shared": shared}
     if not cfg.build_if_missing:
         raise ConfigError(f"sids.dir {cfg.dir} has no index/{cfg.name}.index.json and sids.build_if_missing is "
                           "false; run `rayrec genrec sids JOB.yaml` first")

@@ -15,6 +15,7 @@ outcome: the checkpoint best by ``cfg.selection_metric``; its ``checkpoint/`` fo
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,14 @@ from typing import Any
 from rayrec.console import send_to_driver
 from rayrec.errors import ConfigError
 from rayrec.genrec.config import GRPOJobConfig
-from rayrec.genrec.inputs import SFTInputs, log_inputs, prepare_inputs
+from rayrec.genrec.inputs import (
+    SFTInputs,
+    canonical_targets,
+    fit_inputs,
+    log_inputs,
+    prepare_inputs,
+    prompt_tokenizer,
+)
 from rayrec.recipes import sft as S
 from rayrec.runs import Outcome, Recipe, Run, TrainerParts, run_checkpoint
 from rayrec.workers import quiet_worker_logs, rank_and_world, worker_tracker
@@ -31,6 +39,8 @@ from rayrec.workers import quiet_worker_logs, rank_and_world, worker_tracker
 #: GRPO log keys kept under train/ (besides loss, lr, grad norm)
 GRPO_KEYS = ("reward", "reward_std", "frac_reward_zero_std", "kl", "entropy", "step_time", "num_tokens")
 GRPO_PREFIXES = ("rewards/", "completions/", "rollout/", "clip_ratio/")
+
+log = logging.getLogger(__name__)
 
 
 def renamed(logs: dict[str, Any]) -> dict[str, float]:
@@ -76,9 +86,14 @@ def prepare(cfg: GRPOJobConfig, run: Run) -> Inputs:
     base = G.check_base(cfg.model.base, adapter)
     G.lora_settings(cfg.train.lora, adapter, base)
     data = prepare_inputs(cfg, index=read_index(Path(adapter["path"]) / SID_FILE))
-    if cfg.grpo.rollout == "beam" and cfg.grpo.num_generations > len(data.item_sids):
+    if canonical_targets(data):
+        log.info("sids.shared=share: targets of shared SIDs are scored as the item their SID names")
+    tokenizer = prompt_tokenizer(cfg, data, base=adapter["path"])  # the adapter's, SID tokens included
+    fit_inputs(cfg, data, tokenizer, answer_tokens=max(len(s) for s in data.item_sids.values()) + 1)
+    distinct = len(set(data.item_sids.values()))  # items a decoded SID can name
+    if cfg.grpo.rollout == "beam" and cfg.grpo.num_generations > distinct:
         raise ConfigError(f"grpo.num_generations={cfg.grpo.num_generations} with rollout beam needs that many "
-                          f"distinct items, but the index has {len(data.item_sids)}; lower grpo.num_generations")
+                          f"distinct items, but the index has {distinct} distinct SIDs; lower grpo.num_generations")
     weights = cfg.grpo.rewards.weights()
     embeddings = G.item_embeddings(data.ds.table("items"), cfg.sids) if "semantic" in weights else None
     if "collaborative" in weights:

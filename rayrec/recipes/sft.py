@@ -22,8 +22,17 @@ from pathlib import Path
 from typing import Any
 
 from rayrec.console import Progress, emit, report_end, report_epoch, send_to_driver
+from rayrec.errors import ConfigError
 from rayrec.genrec.config import GenRecJobConfig
-from rayrec.genrec.inputs import SFTInputs, check_targets, log_inputs, materialize_base, prepare_inputs
+from rayrec.genrec.inputs import (
+    SFTInputs,
+    check_targets,
+    fit_inputs,
+    log_inputs,
+    materialize_base,
+    prepare_inputs,
+    prompt_tokenizer,
+)
 from rayrec.runs import Outcome, Recipe, Run, TrainerParts
 from rayrec.workers import quiet_worker_logs, rank_and_world, resume_checkpoint, worker_tracker
 
@@ -52,8 +61,13 @@ def prepare(cfg: GenRecJobConfig, run: Run) -> Inputs:
 
     deepspeed = resolve_deepspeed(cfg.train.deepspeed)
     data = prepare_inputs(cfg)
+    distinct = len(set(data.item_sids.values()))  # shared SIDs (sids.shared=share) name one item each
+    if cfg.train.val_rows and cfg.eval.num_beams > distinct:
+        raise ConfigError(f"eval.num_beams={cfg.eval.num_beams} exceeds the {distinct} distinct SIDs that validation "
+                          "can decode; lower eval.num_beams")
     run.dir.mkdir(parents=True, exist_ok=True)
     base = materialize_base(cfg, run.dir, data)
+    fit_inputs(cfg, data, prompt_tokenizer(cfg, data, base))  # the answer and its EOS always survive
     check_targets(base, cfg.train.lora.target_modules)
     return Inputs(data, base, deepspeed)
 
@@ -65,8 +79,8 @@ def share(cfg: GenRecJobConfig) -> None:
     from rayrec.genrec.semantic_ids import load_or_build
 
     items = ensure_prepared(cfg.data).table("items")
-    index, _ = load_or_build(cfg.sids, items, seed=cfg.run.seed)
-    index.for_items(items)  # unknown, missing or duplicate SIDs fail here, not in every trial
+    index, _ = load_or_build(cfg.sids, items, seed=cfg.run.seed)  # and the shared-SID policy applied (written) once
+    index.for_items(items)  # unknown or missing SIDs fail here, not in every trial
 
 
 # ----------------------------------------------------------------------------- callbacks
