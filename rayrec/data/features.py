@@ -28,7 +28,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ import numpy as np
 import pandas as pd
 
 from rayrec.config.joint import FeaturesConfig
+from rayrec.data.atomic import check_target, output_lock, replace_folder, temp_folder
 from rayrec.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -385,6 +385,16 @@ def compute_features(fc: FeaturesConfig, data_path: Path, num_users: int, *, pre
     if old and old.get("fingerprint") == fp and not force:
         log.info("features in %s are up to date (nothing to compute)", out)
         return old
+    check_target(out, overwrite=True, marker=FEATURES_FILE, protect=[data_path])
+    with output_lock(out, wait=True):  # concurrent runs: one computes, the others find it done
+        old = read_manifest(out)
+        if old and old.get("fingerprint") == fp and not force:
+            return old
+        return _compute(fc, inputs, text, image, out, fp, use_ray=use_ray, use_gpu=use_gpu)
+
+
+def _compute(fc: FeaturesConfig, inputs, text, image, out: Path, fp: str, *, use_ray: bool, use_gpu: bool
+             ) -> dict[str, Any]:
     kw = {"batch_size": fc.batch_size, "use_ray": use_ray, "use_gpu": use_gpu}
     text_cache, image_cache = EmbeddingCache(fc.cache_dir, text.cache_key), EmbeddingCache(fc.cache_dir, image.cache_key)
     hint = text.dim or None
@@ -408,16 +418,14 @@ def compute_features(fc: FeaturesConfig, data_path: Path, num_users: int, *, pre
 
 
 def _write(out: Path, tables: dict[str, tuple], manifest: dict[str, Any]) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    """The feature tables into ``out`` through a temporary folder swapped in whole (under the lock)."""
+    tmp = temp_folder(out)
     try:
         for name, (table, ok, _) in tables.items():
             np.save(tmp / f"{name}.npy", table)
             np.save(tmp / f"{name}_ok.npy", ok)
         (tmp / FEATURES_FILE).write_text(json.dumps(manifest, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        replace_folder(tmp, out, overwrite=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

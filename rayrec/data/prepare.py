@@ -11,9 +11,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
-import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ import pyarrow.parquet as pq
 
 import rayrec
 from rayrec.config.schema import FilterConfig, SplitProtocol
+from rayrec.data.atomic import check_target, output_lock, replace_folder, temp_folder
 from rayrec.data.sources.base import PreSplit, RawData
 from rayrec.errors import DataError
 
@@ -234,33 +233,34 @@ def prepare(
 ) -> dict[str, Any]:
     """Read, filter, split and write a dataset to ``out`` atomically; return the manifest.
 
+    ``out`` must not be the input (nor hold it); an existing ``out`` is replaced only with
+    ``overwrite`` and only when it is a prepared dataset (``rayrec.data.atomic``).
+
     ``read(workdir)`` is called with the temporary dataset folder so sources that
     produce files (synthetic images) write them inside the dataset.
     """
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise DataError(f"{out} already exists; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        raw = read(tmp)
-        tables = build(raw, filters, split)
-        items = items_table(tables["item_map"], raw.items)
-        pq.write_table(pa.Table.from_pandas(items, preserve_index=False), tmp / "items.parquet")
-        _write_table(tables["train"], tmp / "train.parquet", TRAIN_SCHEMA)
-        _write_table(tables["valid"], tmp / "valid.parquet", EVAL_SCHEMA)
-        _write_table(tables["test"], tmp / "test.parquet", EVAL_SCHEMA)
-        if raw.users is not None and "pref_text" in raw.users:
-            _write_users(raw.users, tables["user_map"], tmp / "users.parquet")
-        manifest = _manifest(raw, tables, source=source, params=params, filters=filters, split=split)
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-        return manifest
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    inputs = [Path(params["input"])] if params.get("input") else []
+    check_target(out, overwrite=overwrite, marker="manifest.json", protect=inputs)
+    with output_lock(out):  # one writer per output; a second one fails here with a clear message
+        tmp = temp_folder(out)
+        try:
+            raw = read(tmp)
+            tables = build(raw, filters, split)
+            items = items_table(tables["item_map"], raw.items)
+            pq.write_table(pa.Table.from_pandas(items, preserve_index=False), tmp / "items.parquet")
+            _write_table(tables["train"], tmp / "train.parquet", TRAIN_SCHEMA)
+            _write_table(tables["valid"], tmp / "valid.parquet", EVAL_SCHEMA)
+            _write_table(tables["test"], tmp / "test.parquet", EVAL_SCHEMA)
+            if raw.users is not None and "pref_text" in raw.users:
+                _write_users(raw.users, tables["user_map"], tmp / "users.parquet")
+            manifest = _manifest(raw, tables, source=source, params=params, filters=filters, split=split)
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+            replace_folder(tmp, out, overwrite=overwrite)  # the old output stays whole until the new one is in
+            return manifest
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _write_users(users: pd.DataFrame, user_map: dict[str, int], path: Path) -> None:

@@ -1,0 +1,197 @@
+"""Faults and hostile inputs: nothing lost, nothing half-written, clear errors.
+
+Each case is a way a user lost data or got a wrong record before (issue 16): prepare's
+``--overwrite`` and concurrent prepares, interrupted writes, a torn newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rayrec.cli import main
+from rayrec.data.dataset import open_prepared
+from rayrec.errors import DataError
+
+SYNTH = ["--users", "60", "--items", "40", "--no-images", "--seed", "3"]
+
+
+def synth(out: Path, *extra: str) -> int:
+    return main(["data", "synth", "--out", str(out), *SYNTH, *extra])
+
+
+def fails(capsys, argv: list[str], pattern: str) -> None:
+    """The command exits 2 with ``pattern`` in its error message (what a user sees)."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert re.search(pattern, err), err
+
+
+def write_ml100k(folder: Path) -> Path:
+    """A raw MovieLens-100K folder (u.data) with 30 users of 6 events."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [f"{u}\t{(u * 7 + k) % 50 + 1}\t4\t{1000 + k}" for u in range(1, 31) for k in range(6)]
+    (folder / "u.data").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    """Every file's bytes; a manifest without its creation time (the same data, prepared again)."""
+    import re
+
+    files = {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    if "manifest.json" in files:
+        files["manifest.json"] = re.sub(rb'"created_at": "[^"]*"', b"", files["manifest.json"])
+    return files
+
+
+# ----------------------------------------------------------------------------- prepare --overwrite
+
+
+def test_overwrite_refuses_the_input_folder_and_its_ancestors(tmp_path, capsys):
+    raw = write_ml100k(tmp_path / "raw" / "ml-100k")
+    (tmp_path / "raw" / "notes.txt").write_text("mine")
+    before = tree(tmp_path)
+    for out in (raw, raw.parent, tmp_path):
+        fails(capsys, ["data", "prepare", "movielens-100k", "--input", str(raw), "--out", str(out), "--overwrite"],
+              "is the input folder or holds it")
+    assert tree(tmp_path) == before
+
+
+def test_overwrite_replaces_only_a_prepared_dataset(tmp_path, capsys):
+    raw = write_ml100k(tmp_path / "ml-100k")
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "cat.jpg").write_bytes(b"\xff\xd8 not a dataset")
+    fails(capsys, ["data", "prepare", "movielens-100k", "--input", str(raw), "--out", str(other), "--overwrite"],
+          r"photos holds no manifest.json.*cat.jpg")
+    assert (other / "cat.jpg").read_bytes() == b"\xff\xd8 not a dataset"
+    a_file = tmp_path / "out.parquet"
+    a_file.write_text("x")
+    fails(capsys, ["data", "prepare", "movielens-100k", "--input", str(raw), "--out", str(a_file), "--overwrite"],
+          "out.parquet is a file")
+    out = tmp_path / "prepared"
+    assert synth(out) == 0
+    first = open_prepared(out).manifest
+    assert synth(out, "--overwrite", "--min-seq-len", "4") == 0  # a dataset is replaced
+    assert open_prepared(out).manifest["filters"] != first["filters"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ml-100k", "out.parquet", "photos", "prepared"]
+
+
+def _slow_synth(out: str, started, ready) -> None:
+    """A prepare that holds its output lock until told to finish (run in a child process)."""
+    from rayrec.data import prepare as prep
+
+    real = prep.build
+
+    def build(*args, **kwargs):
+        started.set()
+        ready.wait(60)
+        return real(*args, **kwargs)
+
+    prep.build = build
+    sys.exit(synth(Path(out)))
+
+
+def test_a_second_writer_of_the_same_output_fails_clearly(tmp_path, capsys):
+    out = tmp_path / "prepared"
+    ctx = mp.get_context("fork")
+    started, ready = ctx.Event(), ctx.Event()
+    child = ctx.Process(target=_slow_synth, args=(str(out), started, ready))
+    child.start()
+    try:
+        assert started.wait(60)
+        fails(capsys, ["data", "synth", "--out", str(out), *SYNTH, "--overwrite"], "another process is writing .*prepared")
+    finally:
+        ready.set()
+        child.join(60)
+    assert child.exitcode == 0 and open_prepared(out).manifest["source"] == "synthetic"
+
+
+def test_a_prepare_killed_mid_write_leaves_the_old_output_and_a_rerun_recovers(tmp_path):
+    out = tmp_path / "prepared"
+    assert synth(out) == 0
+    before = tree(out)
+    code = ("import sys, time\nfrom rayrec.data import prepare as prep\nfrom rayrec.cli import main\n"
+            "real = prep._write_table\n"
+            "def slow(*a, **k):\n    real(*a, **k)\n    print('writing', flush=True)\n    time.sleep(60)\n"
+            "prep._write_table = slow\n"
+            f"main(['data', 'synth', '--out', {str(out)!r}, {', '.join(map(repr, SYNTH))}, '--overwrite'])\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "writing"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(30)
+    assert tree(out) == before  # the old output is whole
+    assert synth(out, "--overwrite") == 0  # the lock of the dead writer is free, its leftovers go
+    assert tree(out) == before  # same seed, same dataset
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared"]
+
+
+def test_the_swap_keeps_the_old_output_until_the_new_one_is_in(tmp_path, monkeypatch):
+    from rayrec.data import atomic
+
+    out = tmp_path / "prepared"
+    assert synth(out) == 0
+    before = tree(out)
+    real = atomic._rename
+    calls = []
+
+    def failing(src, dst):
+        calls.append((Path(src).name, Path(dst).name))
+        if len(calls) == 2:  # the new output's rename fails: the old one must come back
+            raise OSError(28, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(atomic, "_rename", failing)
+    with pytest.raises(OSError, match="No space left"):
+        synth(out, "--overwrite", "--min-seq-len", "4")
+    assert tree(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["prepared"]
+    assert calls[0][0] == "prepared" and calls[0][1].startswith(".prepared.old-")
+
+
+def test_a_dataset_that_appears_meanwhile_is_not_replaced_without_overwrite(tmp_path, monkeypatch, capsys):
+    """Checked again under the lock, at the swap: a folder written meanwhile (by hand, or a tool
+    that takes no lock) is kept."""
+    import shutil
+
+    from rayrec.data import prepare as prep
+
+    ref, out = tmp_path / "ref", tmp_path / "prepared"
+    assert synth(ref) == 0
+    real = prep.build
+
+    def build(*args, **kwargs):
+        shutil.copytree(ref, out)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(prep, "build", build)
+    fails(capsys, ["data", "synth", "--out", str(out), *SYNTH[:-2], "--seed", "4"], "prepared already exists")
+    assert tree(out) == tree(ref) and sorted(p.name for p in tmp_path.iterdir()) == ["prepared", "ref"]
+
+
+def test_the_feature_cache_replaces_only_a_feature_folder(tiny_mm_dataset, tmp_path):
+    from rayrec.config.joint import FeaturesConfig
+    from rayrec.data.features import compute_features
+
+    out = tmp_path / "features"
+    out.mkdir()
+    (out / "thesis.pdf").write_bytes(b"%PDF")
+    cfg = FeaturesConfig(text_model="hash:16", dir=out, cache_dir=tmp_path / "cache")
+    with pytest.raises(DataError, match=r"features holds no features.json.*thesis.pdf"):
+        compute_features(cfg, tiny_mm_dataset, 300)
+    assert [p.name for p in out.iterdir()] == ["thesis.pdf"]
+    (out / "thesis.pdf").unlink()
+    out.rmdir()
+    first = compute_features(cfg, tiny_mm_dataset, 300)
+    again = compute_features(cfg.model_copy(update={"text_model": "hash:8"}), tiny_mm_dataset, 300)
+    assert first["dims"]["item_text"] == 16 and again["dims"]["item_text"] == 8  # ours: replaced whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "features"]
