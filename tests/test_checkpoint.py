@@ -10,6 +10,7 @@ import torch
 from rayrec.config import dump_job
 from rayrec.config.schema import JobConfig
 from rayrec.train.checkpoint import (
+    CheckpointError,
     checkpoint_name,
     config_diff,
     load_state,
@@ -26,7 +27,7 @@ def test_save_load_round_trip_leaves_no_temp_files(tmp_path):
     assert [p.name for p in (tmp_path / "c").iterdir()] == ["state.pt"]
     back = load_state(tmp_path / "c")
     assert torch.equal(back["model"]["w"], state["model"]["w"]) and back["epoch"] == 3
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(CheckpointError, match="missing/state.pt: no rayrec checkpoint here"):
         load_state(tmp_path / "missing")
 
 

@@ -195,3 +195,51 @@ def test_the_feature_cache_replaces_only_a_feature_folder(tiny_mm_dataset, tmp_p
     again = compute_features(cfg.model_copy(update={"text_model": "hash:8"}), tiny_mm_dataset, 300)
     assert first["dims"]["item_text"] == 16 and again["dims"]["item_text"] == 8  # ours: replaced whole
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "features"]
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def test_a_crash_in_the_first_epoch_with_step_checkpoints_resumes(tiny_job, tmp_path, monkeypatch):
+    """Before any validation the early-stopping state is empty: resuming from such a checkpoint
+    failed with KeyError: 'best'."""
+    from test_fault_tolerance import Crash, crash_after, local
+
+    from rayrec.train.checkpoint import latest_checkpoint
+    from rayrec.train.local import LocalReporter
+
+    cfg = tiny_job.model_copy(deep=True)
+    cfg.train.epochs = 2
+    cfg.run.checkpoint.every_n_steps = 4
+    full, _ = local(cfg, tmp_path / "full")
+    orig, crashing = crash_after(lambda m, s: m.get("mid_epoch_step") == 4)
+    monkeypatch.setattr(LocalReporter, "report", crashing)
+    with pytest.raises(Crash):
+        local(cfg, tmp_path / "cut")
+    monkeypatch.setattr(LocalReporter, "report", orig)
+    ckpt = latest_checkpoint(tmp_path / "cut")
+    assert ckpt.name == "epoch_0001_step_0000004"
+    resumed, _ = local(cfg, tmp_path / "cut", resume_from=ckpt)
+    assert resumed["test/ndcg@10"] == pytest.approx(full["test/ndcg@10"], rel=1e-6)
+
+
+def test_a_torn_newest_checkpoint_is_skipped_with_a_warning(tiny_job, tmp_path, caplog, capsys):
+    from test_fault_tolerance import local
+
+    from rayrec.train.checkpoint import CheckpointError, load_state, newest_readable
+
+    cfg = tiny_job.model_copy(deep=True)
+    cfg.train.epochs = 2
+    full, _ = local(cfg, tmp_path / "run")
+    run = tmp_path / "run"
+    for name in ("final", "epoch_0002"):  # killed while the file system lost the end of the newest one
+        state = run / name / "state.pt"
+        state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"epoch_0002/state.pt: unreadable checkpoint"):
+        load_state(run / "epoch_0002")
+    assert newest_readable(run) == run / "epoch_0001"
+    assert "final/state.pt: unreadable checkpoint" in caplog.text and "epoch_0002/state.pt" in caplog.text
+    resumed, _ = local(cfg, run, resume_from=newest_readable(run))
+    assert resumed["test/ndcg@10"] == pytest.approx(full["test/ndcg@10"], rel=1e-6)
+    assert main(["eval", "jobs/quickstart.yaml", "--checkpoint", str(tmp_path / "nope")]) == 2
+    assert "nope/state.pt: no rayrec checkpoint here" in capsys.readouterr().err

@@ -18,7 +18,7 @@ from rayrec.data.streaming import ray_dataset
 from rayrec.models import PARAMETER_FREE
 from rayrec.runs import Outcome, Recipe, Run, TrainerParts
 from rayrec.tracking.mlflow_tracking import Tracker
-from rayrec.train.checkpoint import latest_checkpoint, resume_metrics, seed_everything
+from rayrec.train.checkpoint import newest_readable, resume_metrics, seed_everything
 from rayrec.train.worker import DataInfo, build, data_info, micro_batches_per_epoch, steps_per_epoch
 from rayrec.workers import (
     RayReporter,
@@ -59,7 +59,7 @@ def local(cfg: JobConfig, inputs: Inputs, run: Run, loop=None) -> Outcome:
     """The loop in this process; a re-run after a crash continues from the run's newest checkpoint."""
     from rayrec.train.local import run_local, sequential_loop
 
-    resume_from = run.resume_from or latest_checkpoint(run.dir)
+    resume_from = run.resume_from or newest_readable(run.dir)  # a torn newest one is skipped, with a warning
     final, rep = run_local(cfg, inputs.ds, inputs.info, run_dir=run.dir, tracker=run.tracker, resume_from=resume_from,
                            loop=loop or sequential_loop, show=run.console)
     return Outcome(final, run.dir, str(rep.last_checkpoint) if rep.last_checkpoint else None,

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import random
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,14 @@ import numpy as np
 import torch
 import yaml
 
+from rayrec.errors import RayrecError
+
 log = logging.getLogger(__name__)
+
+
+class CheckpointError(RayrecError):
+    """A checkpoint that is missing or cannot be read."""
+
 
 STATE_FILE = "state.pt"
 #: Key of a mid-epoch report (``run.checkpoint.every_n_steps``): the optimizer step it was taken at.
@@ -52,16 +61,21 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     Only folders holding ``state.pt`` count: ``save_state`` renames that file into place as its
     last act, so a checkpoint cut off while being written is never picked.
     """
+    found = _newest_first(run_dir)
+    return found[0] if found else None
+
+
+def _newest_first(run_dir: str | Path) -> list[Path]:
+    """A run's complete checkpoint folders, newest first (see ``latest_checkpoint``)."""
     run_dir = Path(run_dir)
-    if (run_dir / "final" / STATE_FILE).is_file():
-        return run_dir / "final"
     found = []
     for d in run_dir.glob("epoch_*"):
         m = _NAME.match(d.name)
         if m and (d / STATE_FILE).is_file():
             step = int(m.group(2)) if m.group(2) else float("inf")  # a finished epoch beats its own steps
             found.append((int(m.group(1)), step, d))
-    return max(found)[2] if found else None
+    folders = [d for *_, d in sorted(found, reverse=True)]
+    return ([run_dir / "final"] if (run_dir / "final" / STATE_FILE).is_file() else []) + folders
 
 
 def rng_state() -> dict[str, Any]:
@@ -109,11 +123,29 @@ def save_state(state: dict[str, Any], folder: str | Path) -> Path:
 
 
 def load_state(folder: str | Path) -> dict[str, Any]:
-    """Read a checkpoint written by ``save_state`` (tensors and plain values only)."""
+    """Read a checkpoint written by ``save_state`` (tensors and plain values only); a torn or corrupt
+    file is a ``CheckpointError`` naming it."""
     path = Path(folder) / STATE_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no rayrec checkpoint here")
-    return torch.load(path, map_location="cpu", weights_only=True)
+        raise CheckpointError(f"{path}: no rayrec checkpoint here (no {STATE_FILE})")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+        raise CheckpointError(f"{path}: unreadable checkpoint, truncated or corrupt ({type(e).__name__}: "
+                              f"{str(e)[:200]})") from None
+
+
+def newest_readable(run_dir: str | Path) -> Path | None:
+    """The newest checkpoint of a run that loads; a newer one that does not (a disk filled up, a copy cut
+    short) is skipped with a warning naming it, so a re-run resumes from the one before."""
+    for folder in _newest_first(run_dir):
+        try:
+            load_state(folder)
+        except CheckpointError as e:
+            log.warning("%s; resuming from the checkpoint before it", e)
+            continue
+        return folder
+    return None
 
 
 def config_diff(old_yaml: str, new_yaml: str) -> dict[str, tuple[Any, Any]]:
