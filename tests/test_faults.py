@@ -243,3 +243,37 @@ def test_a_torn_newest_checkpoint_is_skipped_with_a_warning(tiny_job, tmp_path, 
     assert resumed["test/ndcg@10"] == pytest.approx(full["test/ndcg@10"], rel=1e-6)
     assert main(["eval", "jobs/quickstart.yaml", "--checkpoint", str(tmp_path / "nope")]) == 2
     assert "nope/state.pt: no rayrec checkpoint here" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- bad configs
+
+
+@pytest.mark.parametrize("metric, hint", [("val/hr@15", "add 15 to train.eval.ks"), ("val/ndcg10", "val/ndcg@10"),
+                                          ("val/recall@10", "val/hr@10")])
+def test_an_early_stopping_metric_validation_never_produces_fails_at_load(metric, hint):
+    from rayrec.config.loader import load_model
+    from rayrec.config.schema import JobConfig
+    from rayrec.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"train.early_stopping.metric.*{re.escape(metric)}.*{re.escape(hint)}"):
+        load_model(JobConfig, Path("jobs/quickstart.yaml"), [f"train.early_stopping.metric={metric}"])
+    load_model(JobConfig, Path("jobs/quickstart.yaml"), ["train.early_stopping.metric=val/mean_rank",
+                                                         "train.early_stopping.mode=min"])
+
+
+# ----------------------------------------------------------------------------- prompt cache
+
+
+def test_an_append_after_a_torn_cache_line_is_kept(tmp_path, caplog):
+    from rayrec.prefs.cache import PromptCache
+
+    path = tmp_path / "prefs.jsonl"
+    cache = PromptCache(path)
+    cache.put("a", {"text": "likes noir"})
+    with path.open("a") as f:
+        f.write('{"key": "b", "text": "likes sp')  # killed mid-append
+    again = PromptCache(path)
+    assert set(again.entries) == {"a"} and "prefs.jsonl:2: unreadable cache line" in caplog.text
+    again.put("c", {"text": "likes jazz"})
+    assert set(PromptCache(path).entries) == {"a", "c"}  # the request after the crash is not paid twice
+    assert path.read_text().splitlines()[-1] == '{"key": "c", "text": "likes jazz"}'

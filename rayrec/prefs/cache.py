@@ -2,7 +2,7 @@
 
 Each successful completion is appended (and flushed) as soon as it arrives, so an
 interrupted run resumes without paying twice. A torn last line from a killed process
-is skipped on load. Only prompt hashes, texts and token counts are stored: no keys.
+is skipped on load, and the next append starts on a fresh line, so it is never glued to it. Only prompt hashes, texts and token counts are stored: no keys.
 """
 
 from __future__ import annotations
@@ -35,6 +35,11 @@ class PromptCache:
         head = json.dumps({"backend": backend, "model": model, **settings}, sort_keys=True)
         return hashlib.sha256(f"{head}\n{payload}".encode()).hexdigest()
 
+    def _ends_with_newline(self) -> bool:
+        with self.path.open("rb") as f:
+            f.seek(-1, 2)
+            return f.read(1) == b"\n"
+
     def get(self, key: str) -> dict[str, Any] | None:
         return self.entries.get(key)
 
@@ -42,7 +47,9 @@ class PromptCache:
         row = {"key": key, **row}
         with self._lock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self.path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
+            with self.path.open("ab") as f:
+                if f.tell() and not self._ends_with_newline():  # a torn line of a killed writer stays alone
+                    f.write(b"\n")
+                f.write((json.dumps(row) + "\n").encode("utf-8"))
                 f.flush()
             self.entries[key] = row
