@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from rayrec.errors import RayrecError
+from rayrec.secrets import mask_text
 
 SOURCES_HELP = "synthetic, movielens-100k, movielens-1m, movielens-multimodal, recbole, minionerec, amazon, csv"
 
@@ -170,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except RayrecError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {mask_text(str(e))}", file=sys.stderr)  # a URI's credentials never reach the screen
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

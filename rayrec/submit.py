@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rayrec.errors import SubmitError
+from rayrec.secrets import looks_like_key, mask_text, redact_uri, secret_name, split_credentials
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,6 @@ LOCK_FILE = Path("cluster/requirements.txt")
 JOB_COMMANDS = ("train", "eval", "tune", "sft", "grpo")
 #: Never uploaded with the working dir (.gitignore'd paths are skipped by Ray already).
 UPLOAD_EXCLUDES = [".git", "**/__pycache__", "mlflow.db"]
-_SECRET_LIKE = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|(^|_)KEY(_|$)|ACCESS_KEY", re.I)
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
@@ -53,11 +53,12 @@ class Submission:
     warnings: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
-        env = {k: ("<secret>" if k in self.secrets else v) for k, v in self.runtime_env.get("env_vars", {}).items()}
+        env = {k: ("<secret>" if k in self.secrets else redact_uri(v))
+               for k, v in self.runtime_env.get("env_vars", {}).items()}
         pip = self.runtime_env.get("pip", {}).get("packages", [])
         return "\n".join([
             f"submission id: {self.submission_id}",
-            f"entrypoint:    {self.entrypoint}",
+            f"entrypoint:    {mask_text(self.entrypoint)}",
             f"working dir:   {self.runtime_env['working_dir']}",
             f"pip:           {len(pip)} pinned requirements" if pip else "pip:           (none: the cluster image provides them)",
             "env vars:      " + (", ".join(f"{k}={v}" for k, v in env.items()) or "-"),
@@ -135,9 +136,10 @@ def env_vars(plain: list[str], secrets: list[str], mlflow_uri: str | None) -> di
         name, sep, value = item.partition("=")
         if not sep or not name:
             raise SubmitError(f"--env '{item}' is not NAME=VALUE")
-        if _SECRET_LIKE.search(name):
-            raise SubmitError(f"--env {name}=... looks like a secret; pass it by name with --secret-env {name} "
-                              "so its value stays out of command lines, shell history and logs")
+        if secret_name(name) or looks_like_key(value) or redact_uri(value) != value:
+            raise SubmitError(f"--env {name}=... looks like a secret (its value is not shown); export it and pass it "
+                              f"by name with --secret-env {name}, so its value stays out of command lines, shell "
+                              "history and logs")
         out[name] = value
     for name in secrets:
         if name not in os.environ:
@@ -172,9 +174,19 @@ def build_submission(args: argparse.Namespace) -> Submission:
     mlflow_uri = args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if mlflow_uri and not any(o.startswith("tracking.uri=") for o in overrides):
         overrides.append(f"tracking.uri={mlflow_uri}")
+    # a user and password in a tracking URI travel as MLflow's own variables, sent as secrets, never in
+    # the entrypoint that `ray job list` and the dashboard show
+    credentials: dict[str, str] = {}
+    for i, o in enumerate(overrides):
+        if o.startswith("tracking.uri="):
+            uri, found = split_credentials(o.partition("=")[2])
+            overrides[i], credentials = f"tracking.uri={uri}", {**credentials, **found}
+    if mlflow_uri:
+        mlflow_uri, found = split_credentials(mlflow_uri)
+        credentials = {**found, **credentials}
     warnings = validate_job(command, args.job, overrides)
-    runtime_env = {"working_dir": str(working_dir.resolve()), "excludes": UPLOAD_EXCLUDES,
-                   "env_vars": env_vars(args.env, args.secret_env, mlflow_uri)}
+    env = {**env_vars(args.env, args.secret_env, mlflow_uri), **credentials}
+    runtime_env = {"working_dir": str(working_dir.resolve()), "excludes": UPLOAD_EXCLUDES, "env_vars": env}
     if not args.no_pip:
         lock = args.requirements or working_dir / LOCK_FILE
         runtime_env["pip"] = {"packages": pinned_requirements(lock), "pip_check": False}
@@ -182,7 +194,7 @@ def build_submission(args: argparse.Namespace) -> Submission:
     entrypoint = shlex.join(["python", "-m", "rayrec", command, rel, *overrides, *flags])
     meta = {"rayrec.job": rel, "rayrec.command": args.command, "rayrec.user": getpass.getuser()}
     return Submission(entrypoint, runtime_env, args.submission_id or submission_id(args.job), meta,
-                      list(args.secret_env), warnings)
+                      list(args.secret_env) + sorted(credentials), warnings)
 
 
 def send(sub: Submission, address: str, headers: dict[str, str]):

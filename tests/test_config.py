@@ -43,7 +43,7 @@ def test_defaults_and_values_from_file(job):
 
 def test_overrides_are_typed_by_schema(job):
     cfg = load_job(job, ["train.optim.lr=3e-4", "scaling.num_workers=4", "scaling.use_gpu=true",
-                         "train.eval.ks=[20, 5]", "model.loss.name=gbce", "data.filters.max_seq_len=null"])
+                         "train.eval.ks=[20, 5]", "train.early_stopping.metric=val/ndcg@5", "model.loss.name=gbce", "data.filters.max_seq_len=null"])
     assert cfg.train.optim.lr == pytest.approx(3e-4)
     assert cfg.scaling.num_workers == 4 and cfg.scaling.use_gpu is True
     assert cfg.train.eval.ks == [5, 20]

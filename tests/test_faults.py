@@ -277,3 +277,59 @@ def test_an_append_after_a_torn_cache_line_is_kept(tmp_path, caplog):
     again.put("c", {"text": "likes jazz"})
     assert set(PromptCache(path).entries) == {"a", "c"}  # the request after the crash is not paid twice
     assert path.read_text().splitlines()[-1] == '{"key": "c", "text": "likes jazz"}'
+
+
+# ----------------------------------------------------------------------------- secrets
+
+PASSWORD = "hunter2-never-shown"
+
+
+def test_credentials_in_the_tracking_uri_are_never_shown_or_stored(capsys):
+    from rayrec.config import dump_job
+    from rayrec.config.loader import flatten, load_model
+    from rayrec.config.schema import JobConfig
+    from rayrec.tracking.mlflow_tracking import resolve_uri
+
+    uri = f"http://bob:{PASSWORD}@127.0.0.1:1/?token=t0k3n-x&region=eu"
+    cfg = load_model(JobConfig, Path("jobs/quickstart.yaml"), [f"tracking.uri={uri}"])
+    assert cfg.tracking.uri == uri  # used as given
+    stored = dump_job(cfg) + repr(flatten(cfg))  # resolved.yaml, checkpoints, MLflow params
+    assert PASSWORD not in stored and "t0k3n-x" not in stored and "http://bob:***@127.0.0.1:1/?token=***&region=eu" in stored
+    assert resolve_uri("http://bob:***@mlflow:5000") == "http://mlflow:5000"  # a stored one: MLflow's env vars
+    assert main(["train", "jobs/quickstart.yaml", f"tracking.uri={uri}", "--local"]) == 2
+    out = capsys.readouterr()
+    assert "unreachable" in out.err and PASSWORD not in out.err + out.out and "bob:***@" in out.err
+    assert main(["train", "jobs/quickstart.yaml", f"tracking.uri={uri}", "train.epochs=x"]) == 2
+    assert PASSWORD not in capsys.readouterr().err
+
+
+def test_submit_sends_uri_credentials_as_secrets_and_refuses_secret_looking_env(capsys, monkeypatch):
+    from rayrec.cli import build_parser
+    from rayrec.submit import build_submission
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    args = build_parser().parse_args(["submit", "jobs/quickstart.yaml", "--mlflow-uri",
+                                      f"http://bob:{PASSWORD}@mlflow:5000", "--no-pip"])
+    sub = build_submission(args)
+    env = sub.runtime_env["env_vars"]
+    assert "tracking.uri=http://mlflow:5000" in sub.entrypoint and PASSWORD not in sub.entrypoint
+    assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000" and env["MLFLOW_TRACKING_PASSWORD"] == PASSWORD
+    assert env["MLFLOW_TRACKING_USERNAME"] == "bob"
+    assert PASSWORD not in sub.describe() and "MLFLOW_TRACKING_PASSWORD=<secret>" in sub.describe()
+    for pair in ("OPENAI_APIKEY=abc", "DB_PASS=abc", "MY_PWD=abc", "GH_CREDENTIALS=abc",
+                 f"HELPER=sk-{PASSWORD}0123456789", f"STORE=s3://u:{PASSWORD}@b/x"):
+        assert main(["submit", "jobs/quickstart.yaml", "--env", pair, "--dry-run", "--no-pip"]) == 2
+        err = capsys.readouterr().err
+        assert "looks like a secret" in err and "abc" not in err and PASSWORD not in err, pair
+    assert main(["submit", "jobs/quickstart.yaml", "--env", "HF_HOME=/mnt/hf", "--dry-run", "--no-pip"]) == 0
+
+
+def test_a_key_pasted_as_api_key_env_is_not_echoed():
+    from rayrec.config.loader import load_model
+    from rayrec.config.schema import JobConfig
+    from rayrec.errors import ConfigError
+
+    key = "sk-proj-0123456789abcdefABCDEF0123"
+    with pytest.raises(ConfigError) as e:
+        load_model(JobConfig, Path("jobs/ur4rec_ml100k.yaml"), [f"model.prefs.api_key_env={key}"])
+    assert key not in str(e.value) and "not hold the key itself" in str(e.value)

@@ -11,6 +11,7 @@ adds it to the job's ``model`` union.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -123,13 +124,21 @@ class PrefsConfig(Strict):
     backend: Literal["template", "openai"] = "template"
     base_url: str = Field("http://127.0.0.1:8000/v1", description="OpenAI-compatible API root (ends in /v1)")
     model: str = Field("qwen2.5-7b-instruct", description="chat model name at base_url")
-    api_key_env: str = Field("OPENAI_API_KEY", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="env var holding the key")
+    api_key_env: str = Field("OPENAI_API_KEY", description="the NAME of the env var holding the key (never the key)")
     out_dir: Path | None = Field(None, description="default <data.path>/prefs")
     max_concurrency: int = Field(4, ge=1, le=256, description="requests in flight")
     max_retries: int = Field(5, ge=0, description="retries on 429/5xx/timeouts (exponential backoff)")
     backoff_s: float = Field(1.0, ge=0.0, description="first backoff; doubles per retry (Retry-After wins)")
     timeout_s: float = Field(60.0, gt=0.0)
     temperature: float = Field(0.3, ge=0.0, le=2.0)
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _a_variable_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v):
+            raise ValueError("must name the environment variable that holds the key (e.g. OPENAI_API_KEY), not "
+                             "hold the key itself: export the key and put the variable's name here")
+        return v
     max_tokens: int = Field(160, ge=16)
     history_items: int = Field(20, ge=1, description="most recent training items shown per user")
     price_per_1k_prompt: float = Field(0.0, ge=0.0, description="for the cost summary")

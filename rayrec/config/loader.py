@@ -18,6 +18,7 @@ from pydantic import BaseModel, ValidationError
 
 from rayrec.config.schema import JobConfig
 from rayrec.errors import ConfigError
+from rayrec.secrets import mask, shown
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -65,11 +66,11 @@ def parse_override(item: str) -> tuple[str, Any]:
     key, sep, value = item.partition("=")
     key = key.strip()
     if not sep or not key:
-        raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.optim.lr=3e-4)")
+        raise ConfigError(f"override '{shown(item)}' is not of the form key=value (e.g. train.optim.lr=3e-4)")
     try:
         parsed = yaml.safe_load(value) if value.strip() else ""
     except yaml.YAMLError as e:
-        raise ConfigError(f"override '{item}': value is not valid YAML: {e}") from None
+        raise ConfigError(f"override '{_shown_override(item)}': value is not valid YAML: {e}") from None
     return key, parsed
 
 
@@ -159,17 +160,24 @@ def explain(
             out.append(f"{where}: unknown key '{dotted}'{_suggest(dotted, model)}")
         else:
             msg = e["msg"].removeprefix("Value error, ")
-            out.append(f"{where}: {dotted or '(top level)'}: {msg} (given: {given!r})")
+            echo = "" if isinstance(given, dict | list) else f" (given: {shown(given)!r})"  # not a whole section
+            out.append(f"{where}: {dotted or '(top level)'}: {msg}{echo}")
     return "\n".join(out)
 
 
 def _where(dotted: str, source: str, lines: dict[str, int], overridden: dict[str, str]) -> str:
     for key in _prefixes(dotted):
         if key in overridden:
-            return f"{source}: override '{overridden[key]}'"
+            return f"{source}: override '{_shown_override(overridden[key])}'"
         if key in lines:
             return f"{source}:{lines[key]}"
     return source
+
+
+def _shown_override(item: str) -> str:
+    """``key=value`` as echoed in an error: a key-like or credential-bearing value masked."""
+    key, sep, value = item.partition("=")
+    return f"{key}{sep}{shown(value)}" if sep else item
 
 
 def _prefixes(dotted: str) -> list[str]:
@@ -283,8 +291,9 @@ def _all_models(model: type[BaseModel]) -> list[type[BaseModel]]:
 
 
 def dump_job(cfg: BaseModel) -> str:
-    """The resolved config as YAML (paths as strings), for MLflow and checkpoints."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    """The resolved config as YAML (paths as strings), for MLflow and checkpoints; credentials in URIs
+    and values of secret-named keys are masked (``rayrec.secrets.mask``)."""
+    return yaml.safe_dump(mask(cfg.model_dump(mode="json")), sort_keys=False)
 
 
 def flatten(cfg: BaseModel) -> dict[str, Any]:
@@ -298,5 +307,5 @@ def flatten(cfg: BaseModel) -> dict[str, Any]:
         else:
             out[prefix[:-1]] = node
 
-    walk(cfg.model_dump(mode="json"), "")
+    walk(mask(cfg.model_dump(mode="json")), "")
     return out

@@ -146,6 +146,23 @@ class TrainConfig(ProgressiveMixin):
     amp: bool = Field(True, description="bf16/fp16 autocast when on GPU (ignored on CPU)")
     shuffle_buffer: int = Field(1024, ge=0, description="local shuffle buffer (rows); 0 = off")
 
+    @model_validator(mode="after")
+    def _stopping_metric(self) -> TrainConfig:
+        """The early-stopping metric must be one the validation reports (else a whole epoch trains first)."""
+        metric, ks = self.early_stopping.metric, self.eval.ks
+        known = ["val/mrr", "val/mean_rank", *(f"val/{m}@{k}" for m in ("hr", "ndcg") for k in ks)]
+        if metric in known:
+            return self
+        base, _, k = metric.removeprefix("val/").partition("@")
+        if base in ("hr", "ndcg") and k.isdigit():
+            hint = f"add {k} to train.eval.ks (now {ks}) or pick one of {', '.join(known)}"
+        else:
+            close = [m for m in known if m.replace("@", "").replace("_", "") == metric.replace("@", "").replace("_", "")]
+            hint = f"did you mean {close[0]}?" if close else f"validation reports {', '.join(known)}"
+            if base in ("recall", "hit", "hit_rate"):
+                hint = f"rayrec calls it hr: val/hr@{k or 10}"
+        raise ValueError(f"train.early_stopping.metric '{metric}' is not a metric the validation reports; {hint}")
+
 
 class ScalingConfig(Strict):
     num_workers: int = Field(1, ge=1)
@@ -210,23 +227,6 @@ class JobConfig(Strict):
                              f"({self.model.total_epochs}); for ur4rec set epochs per stage and drop train.epochs")
         self.train.epochs = self.model.total_epochs
         return self
-
-    @model_validator(mode="after")
-    def _stopping_metric(self) -> JobConfig:
-        """The early-stopping metric must be one the validation reports (else a whole epoch trains first)."""
-        metric, ks = self.train.early_stopping.metric, self.train.eval.ks
-        known = ["val/mrr", "val/mean_rank", *(f"val/{m}@{k}" for m in ("hr", "ndcg") for k in ks)]
-        if metric in known:
-            return self
-        base, _, k = metric.removeprefix("val/").partition("@")
-        if base in ("hr", "ndcg") and k.isdigit():
-            hint = f"add {k} to train.eval.ks (now {ks}) or pick one of {', '.join(known)}"
-        else:
-            close = [m for m in known if m.replace("@", "").replace("_", "") == metric.replace("@", "").replace("_", "")]
-            hint = f"did you mean {close[0]}?" if close else f"validation reports {', '.join(known)}"
-            if base in ("recall", "hit", "hit_rate"):
-                hint = f"rayrec calls it hr: val/hr@{k or 10}"
-        raise ValueError(f"train.early_stopping.metric '{metric}' is not a metric the validation reports; {hint}")
 
     @model_validator(mode="after")
     def _phases_fit(self) -> JobConfig:

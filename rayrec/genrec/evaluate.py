@@ -230,6 +230,7 @@ def evaluate_adapter(cfg: GenRecJobConfig, adapter: str | Path, *, split: str | 
 
 def _log_eval(cfg: GenRecJobConfig, adapter: Path, metrics: dict[str, float], results: Path) -> None:
     """Into the training run recorded in the checkpoint, else into a new run of the experiment."""
+    from rayrec.secrets import redact_uri
     from rayrec.tracking.mlflow_tracking import Tracker, check_reachable, open_run, resolve_uri
 
     if not cfg.tracking.enabled:
@@ -237,7 +238,7 @@ def _log_eval(cfg: GenRecJobConfig, adapter: Path, metrics: dict[str, float], re
     meta = json.loads((adapter / META_FILE).read_text())
     uri = resolve_uri(cfg.tracking.uri)
     check_reachable(uri)
-    if meta.get("mlflow_run_id") and meta.get("tracking_uri") == uri:
+    if meta.get("mlflow_run_id") and meta.get("tracking_uri") in (uri, redact_uri(uri)):  # stored redacted
         tracker = Tracker(uri, meta["mlflow_run_id"])
     else:
         tracker = open_run(uri, cfg.tracking.experiment, f"{adapter}:eval", f"eval-{cfg.run.name}",

@@ -34,6 +34,7 @@ from rayrec.genrec.inputs import (
 )
 from rayrec.recipes import sft as S
 from rayrec.runs import Outcome, Recipe, Run, TrainerParts, run_checkpoint
+from rayrec.secrets import redact_uri
 from rayrec.workers import quiet_worker_logs, rank_and_world, worker_tracker
 
 #: GRPO log keys kept under train/ (besides loss, lr, grad norm)
@@ -73,7 +74,7 @@ class Inputs:
                 "item_sids": self.data.item_sids, "run_name": run.dir.name, "num_items": self.data.ds.num_items,
                 "meta": {"base": self.base, "data": str(self.data.ds.path.resolve()), "stage": "grpo",
                          "sft_adapter": self.adapter["path"], "sids_source": self.data.index.source,
-                         "mlflow_run_id": tracker.run_id, "tracking_uri": tracker.uri}}
+                         "mlflow_run_id": tracker.run_id, "tracking_uri": redact_uri(tracker.uri)}}
 
 
 def prepare(cfg: GRPOJobConfig, run: Run) -> Inputs:

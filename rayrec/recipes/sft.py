@@ -34,6 +34,7 @@ from rayrec.genrec.inputs import (
     prompt_tokenizer,
 )
 from rayrec.runs import Outcome, Recipe, Run, TrainerParts
+from rayrec.secrets import redact_uri
 from rayrec.workers import quiet_worker_logs, rank_and_world, resume_checkpoint, worker_tracker
 
 TRAIN_KEY, VALID_KEY = "sft_train", "sft_valid"
@@ -53,7 +54,7 @@ class Inputs:
                 "item_sids": self.data.item_sids, "run_name": run.dir.name,
                 "meta": {"base": self.base, "data": str(self.data.ds.path.resolve()),
                          "sids_source": self.data.index.source, "mlflow_run_id": tracker.run_id,
-                         "tracking_uri": tracker.uri}}
+                         "tracking_uri": redact_uri(tracker.uri)}}
 
 
 def prepare(cfg: GenRecJobConfig, run: Run) -> Inputs:

@@ -24,6 +24,7 @@ from typing import Any
 
 from rayrec.errors import RayrecError
 from rayrec.eval.metrics import metric_mode
+from rayrec.secrets import redact_uri
 from rayrec.tracking.mlflow_tracking import rayrec_name
 
 History = list[tuple[int, float]]
@@ -80,7 +81,7 @@ def find_run(uri: str, run_id: str):
     if len(hits) == 1:
         return hits[0]
     if not hits:
-        raise RayrecError(f"no MLflow run with id {run_id} at {uri} (set --tracking-uri if it is elsewhere)")
+        raise RayrecError(f"no MLflow run with id {run_id} at {redact_uri(uri)} (set --tracking-uri if it is elsewhere)")
     raise RayrecError(f"run id prefix {run_id} matches {len(hits)} runs ({', '.join(h.info.run_id[:12] for h in hits[:5])}"
                       "...); give more characters")
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from rayrec.errors import RayrecError
+from rayrec.secrets import MASK, mask_text, redact_uri, split_credentials
 
 log = logging.getLogger(__name__)
 
@@ -22,8 +23,15 @@ MAX_PARAM_LEN = 6000
 
 
 def resolve_uri(uri: str, base: Path | None = None) -> str:
-    """Make a relative ``sqlite:///x.db`` or plain path absolute (workers have other cwds)."""
+    """Make a relative ``sqlite:///x.db`` or plain path absolute (workers have other cwds).
+
+    A URI whose password was masked when stored (``http://bob:***@host``, from a resolved.yaml)
+    loses its user and password: MLflow then takes them from ``MLFLOW_TRACKING_USERNAME`` and
+    ``MLFLOW_TRACKING_PASSWORD``.
+    """
     base = Path(base or Path.cwd())
+    if f":{MASK}@" in uri:
+        uri = split_credentials(uri)[0]
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         return f"sqlite:///{(base / uri[len('sqlite:///'):]).resolve()}"
     if "://" not in uri:
@@ -39,12 +47,13 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         try:
             requests.get(uri.rstrip("/") + "/health", timeout=timeout).raise_for_status()
         except Exception as e:
-            raise RayrecError(f"MLflow tracking URI {uri} is unreachable ({type(e).__name__}: {e}); "
+            raise RayrecError(f"MLflow tracking URI {redact_uri(uri)} is unreachable ({type(e).__name__}: "
+                              f"{mask_text(str(e))}); "
                               "start the server or set tracking.uri (tracking.enabled=false to run without MLflow)") from None
     elif uri.startswith("sqlite:///"):
         folder = Path(uri[len("sqlite:///"):]).parent
         if not os.access(folder if folder.exists() else folder.parent, os.W_OK):
-            raise RayrecError(f"MLflow tracking URI {uri}: folder {folder} is not writable")
+            raise RayrecError(f"MLflow tracking URI {redact_uri(uri)}: folder {folder} is not writable")
 
 
 def _client(uri: str):
@@ -163,5 +172,5 @@ def open_run(uri: str, experiment: str, run_dir: str, run_name: str, tags: dict[
         log.info("continuing MLflow run %s of %s", run_id, run_dir)
     else:
         run_id = c.create_run(exp_id, run_name=run_name, tags={RUN_KEY_TAG: run_dir, **(tags or {})}).info.run_id
-        log.info("MLflow run %s in experiment '%s' (%s)", run_id, experiment, uri)
+        log.info("MLflow run %s in experiment '%s' (%s)", run_id, experiment, redact_uri(uri))
     return Tracker(uri, run_id)
