@@ -333,3 +333,33 @@ def test_a_key_pasted_as_api_key_env_is_not_echoed():
     with pytest.raises(ConfigError) as e:
         load_model(JobConfig, Path("jobs/ur4rec_ml100k.yaml"), [f"model.prefs.api_key_env={key}"])
     assert key not in str(e.value) and "not hold the key itself" in str(e.value)
+
+
+# ----------------------------------------------------------------------------- sweeps
+
+
+def test_tune_refuses_an_override_of_a_searched_param(capsys):
+    assert main(["tune", "search_spaces/sasrec_quick.yaml", "model.hidden=64", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "model.hidden is searched by this space" in err and "ignored by every trial" in err
+    assert main(["tune", "search_spaces/sasrec_quick.yaml", "model.dropout=0.1", "model.num_blocks=1",
+                 "--dry-run"]) == 2
+    assert "model.dropout is searched" in capsys.readouterr().err
+    assert main(["tune", "search_spaces/sasrec_quick.yaml", "model.num_blocks=1", "--dry-run"]) == 0
+
+
+def test_tune_dry_run_validates_sampled_configs_across_fields(tmp_path, capsys):
+    """Each value alone fits the base job (hidden 48 heads 2, or hidden 48 heads 3), but hidden 32
+    with 3 heads does not: only whole sampled configs show it."""
+    root = Path(__file__).resolve().parents[1]
+    space = tmp_path / "heads.yaml"
+    space.write_text(f"job: {root}/jobs/quickstart.yaml\noverrides: [model.hidden=48, model.num_heads=2]\n"
+                     "metric: val/ndcg@10\nparams:\n  model.hidden: {dist: choice, values: [32, 48]}\n"
+                     "  model.num_heads: {dist: choice, values: [2, 3]}\nnum_samples: 4\n"
+                     "searcher: {name: random, seed: 0}\nscheduler: {name: none}\n")
+    assert main(["tune", str(space), "--dry-run"]) == 2
+    out = capsys.readouterr().out
+    assert "sampled configs are invalid jobs" in out and "must be divisible by num_heads (3)" in out
+    space.write_text(space.read_text().replace("values: [2, 3]", "values: [2, 4]"))
+    assert main(["tune", str(space), "--dry-run"]) == 0
+    assert "all valid" in capsys.readouterr().out

@@ -351,7 +351,7 @@ def test_grpo_space_parses_with_a_report_clock():
     ({}, ["train.max_steps=null"], "a GRPO trial reports at each checkpoint .* set train.max_steps"),
     ({"train.save_steps": {"dist": "choice", "values": [10, 20]}}, [],
      "'train.save_steps' cannot be searched: with train.max_steps it sets the trial's report count"),
-    ({"train.batch_size": {"dist": "choice", "values": [64, 12]}}, ["grpo.num_generations=4"],  # each fits alone
+    ({"train.batch_size": {"dist": "choice", "values": [64, 12]}}, ["space:grpo.num_generations=4"],  # each fits alone
      r"the job schema rejects train.batch_size=12, grpo.num_generations=8: .*whole groups"),
     ({"train.batch_size": {"dist": "int", "low": 32, "high": 64}}, [],
      "'train.batch_size' is searched with train.batch_size, grpo.num_generations, which must fit together"),
@@ -363,6 +363,8 @@ def test_bad_grpo_space_says_why(params, overrides, message):
     space = yaml.safe_load((ROOT / "search_spaces" / "grpo.yaml").read_text())
     space["job"] = str(ROOT / "jobs" / "genrec_tiny_grpo.yaml")
     space["params"].update(params)
+    space["overrides"] = space.get("overrides", []) + [o.removeprefix("space:") for o in overrides if o.startswith("space:")]
+    overrides = [o for o in overrides if not o.startswith("space:")]  # a searched param's base value: in the space
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "space.yaml"
         path.write_text(yaml.safe_dump(space))

@@ -51,8 +51,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     sweep = load_space(args.space, args.overrides)
     print_plan(sweep)
     if args.dry_run:
-        print_samples(sweep)
-        return 0
+        return 2 if print_samples(sweep) else 0
     from rayrec.tune.runner import run_sweep
 
     out = run_sweep(sweep, resume=args.resume, export=args.export, verbose=args.verbose)
@@ -81,19 +80,42 @@ def print_plan(sweep) -> None:
         print(f"  {path:<40} {p.dist:<12} {spec}{cond}")
 
 
-def print_samples(sweep, n: int = 5) -> None:
-    """Configs the searcher's sampler would propose first (Optuna alone, no Ray)."""
+def print_samples(sweep, n: int = 5, checked: int = 50) -> int:
+    """Configs the searcher's sampler would propose first (Optuna alone, no Ray), and ``checked`` draws
+    validated as whole trial jobs, so a constraint across fields (hidden divisible by num_heads) that
+    sampled values break shows here, not at trial start. Returns the number of invalid draws."""
     import optuna
 
+    from rayrec.config.loader import validate
+    from rayrec.errors import ConfigError
+    from rayrec.tune.kinds import kind_of
+    from rayrec.tune.paths import set_paths
     from rayrec.tune.space import OptunaSpace
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=sweep.space.searcher.seed))
     space = OptunaSpace(sweep.space.params, sweep.order)
+    base, schema = sweep.job.model_dump(mode="json"), kind_of(sweep.job).schema
     print(f"\nfirst {n} random draws:")
-    for _ in range(n):
-        trial = study.ask()
-        print("  " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in space(trial).items()))
+    bad: list[tuple[dict, str]] = []
+    for i in range(max(n, checked)):
+        params = space(study.ask())
+        try:
+            validate(schema, set_paths(base, params), source="sampled config")
+            verdict = ""
+        except ConfigError as e:
+            verdict = str(e).partition(": ")[2] or str(e)
+            bad.append((params, verdict))
+        if i < n:
+            shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+            print(f"  {shown}" + (f"   INVALID: {verdict}" if verdict else ""))
+    if bad:
+        params, verdict = bad[0]
+        print(f"\n{len(bad)} of {max(n, checked)} sampled configs are invalid jobs (each such trial fails at its "
+              f"start), e.g. {params}: {verdict}")
+    else:
+        print(f"  ({max(n, checked)} draws checked against the job schema: all valid)")
+    return len(bad)
 
 
 def print_outcome(sweep, out) -> None:

@@ -290,6 +290,11 @@ def load_space(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     job_over = [o for o in overrides if _section(o) in JOB_SECTIONS]
     applied = apply_overrides(raw, space_over, SearchSpace)
     space = _validate_space(raw, str(path), lines, applied)
+    searched = [o.partition("=")[0].strip() for o in job_over if o.partition("=")[0].strip() in space.params]
+    if searched:
+        raise ConfigError(f"{path}: {', '.join(searched)} {'is' if len(searched) == 1 else 'are'} searched by this space "
+                          f"(params.{searched[0]}), so an override would be ignored by every trial; drop the override, "
+                          f"or narrow the search (e.g. params.{searched[0]}.values=[...])")
     job_path = _job_path(space.job, path, lines)
     job = load_base_job(job_path, [*space.overrides, *job_over])
     order = check_against_job(space, job, str(path), lines)
