@@ -57,14 +57,17 @@ def _add_prepare_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-seq-len", type=int, default=3, help="drop users with fewer events")
     p.add_argument("--max-seq-len", type=int, default=None, help="keep the last N events per user")
     p.add_argument("--on-bad-line", choices=["error", "skip"], default="error")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--drop-duplicates", action="store_true",
+                   help="drop repeated (user, item, timestamp) events (counted in the manifest either way)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (a prepared dataset only)")
 
 
 def _filters(args: argparse.Namespace):
     from rayrec.config.schema import FilterConfig
 
     return FilterConfig(min_rating=args.min_rating, user_core=args.user_core, item_core=args.item_core,
-                        min_seq_len=args.min_seq_len, max_seq_len=args.max_seq_len)
+                        min_seq_len=args.min_seq_len, max_seq_len=args.max_seq_len,
+                        drop_duplicates=args.drop_duplicates)
 
 
 def _parse_options(items: list[str]) -> dict[str, object]:

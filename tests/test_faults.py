@@ -363,3 +363,57 @@ def test_tune_dry_run_validates_sampled_configs_across_fields(tmp_path, capsys):
     space.write_text(space.read_text().replace("values: [2, 3]", "values: [2, 4]"))
     assert main(["tune", str(space), "--dry-run"]) == 0
     assert "all valid" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- bad input files
+
+
+def test_repeated_events_are_counted_and_optionally_dropped(tmp_path, capsys):
+    raw = write_ml100k(tmp_path / "ml-100k")
+    with (raw / "u.data").open("a") as f:
+        f.write("1\t8\t4\t1000\n1\t8\t4\t1000\n")  # user 1's first event, twice more
+    assert main(["data", "prepare", "movielens-100k", "--input", str(raw), "--out", str(tmp_path / "kept")]) == 0
+    assert open_prepared(tmp_path / "kept").manifest["duplicates"] == {"found": 2, "dropped": 0}
+    assert main(["data", "prepare", "movielens-100k", "--input", str(raw), "--out", str(tmp_path / "dropped"),
+                 "--drop-duplicates"]) == 0
+    dropped = open_prepared(tmp_path / "dropped")
+    assert dropped.manifest["duplicates"] == {"found": 2, "dropped": 2}
+    assert dropped.manifest["counts"]["interactions"] == open_prepared(tmp_path / "kept").manifest["counts"][
+        "interactions"] - 2
+
+
+def test_an_absurd_timestamp_is_a_bad_line_and_an_empty_file_says_so(tmp_path, capsys):
+    raw = write_ml100k(tmp_path / "ml-100k")
+    with (raw / "u.data").open("a") as f:
+        f.write("1\t9\t4\t1e30\n")
+    fails(capsys, ["data", "prepare", "movielens-100k", "--input", str(raw), "--out", str(tmp_path / "o")],
+          r"u.data:181: bad timestamp '1e30'")
+    (raw / "u.data").write_text("")
+    fails(capsys, ["data", "prepare", "movielens-100k", "--input", str(raw), "--out", str(tmp_path / "o")],
+          r"no interactions in .*u.data: the file is empty")
+    assert "relax" not in capsys.readouterr().err
+
+
+def test_one_stray_byte_is_a_bad_line_not_a_latin1_file(tmp_path, capsys):
+    raw = write_ml100k(tmp_path / "ml-100k")
+    items = [f"{i}|Caf\u00e9 {i} (1995)|01-Jan-1995||http://x|" + "|".join("0" * 19) for i in range(1, 51)]
+    data = ("\n".join(items) + "\n").encode("utf-8").replace(b"Caf\xc3\xa9 7 ", b"Caf\xe9 7 ")  # line 7: latin-1
+    (raw / "u.item").write_bytes(data)
+    fails(capsys, ["data", "prepare", "movielens-100k", "--input", str(raw), "--out", str(tmp_path / "o")],
+          r"u.item:7: not UTF-8 \(byte 0xe9 at column 6\)")
+    assert main(["data", "prepare", "movielens-100k", "--input", str(raw), "--out", str(tmp_path / "o"),
+                 "--on-bad-line", "skip"]) == 0
+    titles = open_prepared(tmp_path / "o").table("items")["title"].tolist()
+    assert "Caf\u00e9 8 (1995)" in titles and not any("\u00c3" in str(t) for t in titles)  # no mojibake
+
+
+def test_a_minionerec_csv_with_a_latin1_byte_names_the_line(tmp_path, capsys):
+    from minionerec_fixture import CSV_NAME, write_fixture
+
+    root = write_fixture(tmp_path / "Amazon")
+    path = root / "train" / f"{CSV_NAME}.csv"
+    lines = path.read_bytes().split(b"\n")
+    lines[3] = lines[3].replace(b"Loctite", b"Loct\xefte", 1).replace(b"3D Solutech", b"3D Sol\xefutech", 1)
+    path.write_bytes(b"\n".join(lines))
+    fails(capsys, ["data", "prepare", "minionerec", "--input", str(root), "--out", str(tmp_path / "o")],
+          rf"{CSV_NAME}.csv:4: not UTF-8")

@@ -108,7 +108,7 @@ def test_csv_bad_timestamp_line_and_skip(tmp_path):
     text = 'user,item,timestamp\na,b,1\n"c\nd",e,2\nf,g,soon\nh,i\n'
     path = write(tmp_path, {"log.tsv": text}) / "log.tsv"
     with pytest.raises(
-        DataError, match=r"log.tsv:5: bad timestamp 'soon' \(expected a number or an ISO date\)"
+        DataError, match=r"log.tsv:5: bad timestamp 'soon' \(expected a number or an ISO date"
     ):
         read_interactions_table(path)
     raw = read_interactions_table(path, on_bad_line="skip")

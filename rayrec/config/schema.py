@@ -53,6 +53,8 @@ class FilterConfig(Strict):
     item_core: int = Field(0, ge=0, description="items need at least this many events (k-core)")
     min_seq_len: int = Field(3, ge=1, description="drop users with fewer events after k-core")
     max_seq_len: int | None = Field(None, ge=1, description="keep only the last N events per user")
+    drop_duplicates: bool = Field(False, description="drop repeated (user, item, timestamp) events, keeping the "
+                                  "first; the manifest counts them either way")
 
 
 class DataConfig(Strict):

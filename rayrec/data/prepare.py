@@ -196,14 +196,25 @@ def build(raw: RawData, filters: FilterConfig, split: SplitProtocol) -> dict[str
         return _build_presplit(raw)
     df = raw.interactions.assign(user=lambda d: d["user"].astype(str), item=lambda d: d["item"].astype(str))
     df = df.assign(_order=np.arange(len(df)))
-    _nonempty(df, "reading the source")
+    if df.empty:
+        files = ", ".join(map(str, raw.input_files)) or "the source"
+        raise DataError(f"no interactions in {files}: the file is empty, or every line was bad and skipped "
+                        f"({raw.skipped_lines} skipped); check the input folder")
+    repeated = df.duplicated(["user", "item", "timestamp"])
+    duplicates = {"found": int(repeated.sum()), "dropped": int(repeated.sum()) if filters.drop_duplicates else 0}
+    if duplicates["found"]:
+        log.warning("%d repeated (user, item, timestamp) events %s", duplicates["found"],
+                    "dropped (filters.drop_duplicates)" if filters.drop_duplicates
+                    else "kept; --drop-duplicates (filters.drop_duplicates) drops them")
+    if filters.drop_duplicates:
+        df = df[~repeated]
     df, removed = apply_filters(df, filters)
     item_map, user_map = index_ids(df["item"]), index_ids(df["user"])
     df = df.assign(item_idx=df["item"].map(item_map).astype(np.int32), user_idx=df["user"].map(user_map).astype(np.int32))
     users = user_sequences(df, filters.max_seq_len)
     train, valid, test = SPLITS[split](users)
     return {"item_map": item_map, "user_map": user_map, "train": train, "valid": valid, "test": test,
-            "removed": removed, "events": int(users["seq"].map(len).sum())}
+            "removed": removed, "events": int(users["seq"].map(len).sum()), "duplicates": duplicates}
 
 
 def _build_presplit(raw: RawData) -> dict[str, Any]:
@@ -288,6 +299,7 @@ def _manifest(raw: RawData, tables: dict[str, Any], *, source: str, params: dict
             "test_rows": len(tables["test"]),
         },
         "removed_by_filter": tables["removed"],
+        "duplicates": tables.get("duplicates", {"found": 0, "dropped": 0}),
         "skipped_lines": raw.skipped_lines,
         "missing": raw.missing,
         "input_files": [str(p) for p in raw.input_files],

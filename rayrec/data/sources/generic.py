@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,11 @@ from rayrec.data.sources.base import (
     require_file,
 )
 from rayrec.errors import DataError
+
+log = logging.getLogger(__name__)
+
+#: Larger timestamps are not times (1e16 microseconds is the year 2286): a bad line, not a sort key.
+MAX_TIMESTAMP = 1e16
 
 
 def read_interactions_table(
@@ -82,7 +88,7 @@ def _parquet_table(path: Path, wanted: dict[str, str]) -> pd.DataFrame:
 
 def _csv_table(path: Path, wanted: dict[str, str], sep: str, bad: BadLines) -> pd.DataFrame:
     """The wanted CSV columns as raw strings, with the line each record starts on as ``lineno``."""
-    records = _csv_records(read_text_lines(path), sep)
+    records = _csv_records(read_text_lines(path, bad), sep)
     header = next(records, (1, []))[1]
     header = [name.strip() for name in header]
     _check_columns(path, header, wanted)
@@ -139,22 +145,57 @@ class SortedBadLines(BadLines):
                 super().report(lineno, reason)
 
 
-def read_text_lines(path: Path) -> list[str]:
-    """The lines of a text file, decoded as UTF-8 (BOM dropped) or, failing that, latin-1.
+def read_text_lines(path: Path, bad: BadLines | None = None) -> list[str]:
+    """The lines of a text file, decoded as UTF-8 (BOM dropped), line by line.
 
-    Official MovieLens files are latin-1, re-saved copies are often UTF-8; a
-    latin-1 file with accents is practically never valid UTF-8, so trying
-    UTF-8 first reads both right. Lines are split on "\\n" only: latin-1 text
-    can hold U+0085, which ``str.splitlines`` would treat as a line break.
+    Official MovieLens files are latin-1, re-saved copies are often UTF-8. A file in which
+    no line holds UTF-8 beyond ASCII while some line is not UTF-8 is a latin-1 file, read as
+    such. Otherwise a line that is not UTF-8 is a bad line (``bad``, reported ``file:line``
+    with the byte; without ``bad`` an error), so one stray byte no longer turns a UTF-8
+    file's titles into mojibake. Lines are split on "\\n" only: latin-1 text can hold
+    U+0085, which ``str.splitlines`` would treat as a line break.
     """
     data = Path(path).read_bytes()
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    if data.endswith(b"\n"):
+        data = data[:-1]
+    if not data:
+        return []
+    raw = data.split(b"\n")
+    lines: list[str | None] = []
+    wide_utf8 = False
+    for line in raw:
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            lines.append(None)
+            continue
+        wide_utf8 = wide_utf8 or not text.isascii()
+        lines.append(text)
+    failed = [i for i, line in enumerate(lines) if line is None]
+    if failed and not wide_utf8:
+        log.info("%s: not UTF-8, read as latin-1", path)
+        return [line.decode("latin-1").rstrip("\r") for line in raw]
+    out = []
+    for i, line in enumerate(lines):
+        if line is None:
+            e = _utf8_error(raw[i])
+            reason = f"not UTF-8 (byte 0x{e[0]:02x} at column {e[1] + 1}) in a UTF-8 file"
+            if bad is None:
+                raise DataError(f"{path}:{i + 1}: {reason}")
+            bad.report(i + 1, reason)
+            line = ""  # a blank line: skipped by the readers
+        out.append(line.rstrip("\r"))
+    return out
+
+
+def _utf8_error(line: bytes) -> tuple[int, int]:
     try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        text = data.decode("latin-1")
-    if text.endswith("\n"):
-        text = text[:-1]
-    return [line.rstrip("\r") for line in text.split("\n")] if text else []
+        line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return line[e.start], e.start
+    return 0, 0
 
 
 def split_fields(
@@ -278,10 +319,11 @@ def _times(series: pd.Series, dates: bool) -> _Checked:
             parsed = pd.to_datetime(text[undated], errors="coerce", utc=True, format="ISO8601")
             seconds[undated] = _date_seconds(parsed)
     seconds = seconds.to_numpy(dtype="float64", na_value=np.nan)
-    ok = np.isfinite(seconds)
+    ok = np.isfinite(seconds) & (np.abs(np.nan_to_num(seconds)) < MAX_TIMESTAMP)
     values = np.floor(np.where(ok, seconds, 0.0)).astype("int64")
     expected = "a number or an ISO date" if dates else "a number"
-    return _Checked(values, ok, text, f"bad timestamp {{!r}} (expected {expected})")
+    return _Checked(values, ok, text, f"bad timestamp {{!r}} (expected {expected} below 1e16 in size: seconds, "
+                                      "milliseconds or microseconds since 1970)")
 
 
 def _date_seconds(dates: pd.Series) -> pd.Series:

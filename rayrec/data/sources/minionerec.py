@@ -96,7 +96,7 @@ def _read_csv(path: Path, on_bad_line: OnBadLine) -> tuple[list[Row], int]:
     """
     bad = BadLines(path, on_bad_line)
     rows: list[Row] = []
-    with path.open(newline="", encoding="utf-8-sig") as f:  # tolerate a BOM
+    with path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as f:  # a BOM; bad bytes kept
         reader = csv.reader(f)
         header = [h.strip() for h in next(reader, [])]
         lacking = [c for c in REQUIRED_COLUMNS if c not in header]
@@ -107,6 +107,9 @@ def _read_csv(path: Path, on_bad_line: OnBadLine) -> tuple[list[Row], int]:
         for record in _records(reader, path):
             lineno, start = start, reader.line_num + 1
             if not record:
+                continue
+            if any(_undecodable(cell) for cell in record):
+                bad.report(lineno, "not UTF-8 (a byte of another encoding, e.g. latin-1)")
                 continue
             if len(record) != len(header):
                 bad.report(lineno, f"expected {len(header)} fields, got {len(record)}")
@@ -122,6 +125,11 @@ def _read_csv(path: Path, on_bad_line: OnBadLine) -> tuple[list[Row], int]:
                 continue
             rows.append((user, history, target))
     return rows, bad.count
+
+
+def _undecodable(text: str) -> bool:
+    """Whether ``text`` holds a byte that was not UTF-8 (read with ``errors="surrogateescape"``)."""
+    return any("\udc80" <= ch <= "\udcff" for ch in text)
 
 
 def _chain(rows: list[Row]) -> list[str] | None:

@@ -47,7 +47,7 @@ def read_movielens_100k(input: Path, *, on_bad_line: OnBadLine = "error") -> Raw
         raw.missing["u.item"] = "absent"
         return raw
     with SortedBadLines(movies, on_bad_line) as bad:
-        rows, linenos = split_fields(read_text_lines(movies), "|", 5 + len(GENRES_100K), bad)
+        rows, linenos = split_fields(read_text_lines(movies, bad), "|", 5 + len(GENRES_100K), bad)
         items = [_u_item_row(row, lineno, bad) for row, lineno in zip(rows, linenos, strict=True)]
     items = [item for item in items if item is not None]
     raw.items = pd.DataFrame(items, columns=["item", "title", "text", "genres"])
@@ -93,7 +93,7 @@ def read_movielens_1m(input: Path, *, on_bad_line: OnBadLine = "error") -> RawDa
 def read_ratings(path: Path, sep: str, on_bad_line: OnBadLine) -> RawData:
     """A RawData holding the interactions of a headerless user, item, rating, timestamp file."""
     with SortedBadLines(path, on_bad_line) as bad:
-        table = split_table(read_text_lines(path), sep, ["user", "item", "rating", "timestamp"], bad)
+        table = split_table(read_text_lines(path, bad), sep, ["user", "item", "rating", "timestamp"], bad)
         interactions = to_interactions(table, bad, numeric_ids=True)
     return RawData(interactions, input_files=[path], skipped_lines=bad.count)
 
@@ -102,7 +102,7 @@ def add_movies_dat(raw: RawData, path: Path, on_bad_line: OnBadLine) -> None:
     """Set ``raw.items`` from a ``MovieID::Title::Genres`` file (genres ``|``-separated)."""
     require_file(path, "movies (MovieID::Title::Genres)")
     with SortedBadLines(path, on_bad_line) as bad:
-        rows, linenos = split_fields(read_text_lines(path), "::", 3, bad)
+        rows, linenos = split_fields(read_text_lines(path, bad), "::", 3, bad)
         items = [_movies_dat_row(row, lineno, bad) for row, lineno in zip(rows, linenos, strict=True)]
     items = [item for item in items if item is not None]
     raw.items = pd.DataFrame(items, columns=["item", "title", "text", "genres"])
@@ -127,7 +127,7 @@ def add_users_dat(raw: RawData, path: Path, on_bad_line: OnBadLine) -> None:
         raw.missing[path.name] = "absent"
         return
     with SortedBadLines(path, on_bad_line) as bad:
-        rows, linenos = split_fields(read_text_lines(path), "::", 5, bad)
+        rows, linenos = split_fields(read_text_lines(path, bad), "::", 5, bad)
         users = [[field.strip() for field in row] for row in rows]
         for user, lineno in zip(users, linenos, strict=True):
             if not user[0].isdigit():

@@ -138,7 +138,7 @@ def _cell_text(value: object) -> str:
 
 def _csv_records(path: Path, bad: BadLines) -> list[tuple[int, str, str]]:
     """(first line number, movie id, review) of each record; reviews may span quoted lines."""
-    reader = csv.reader(io.StringIO("\n".join(read_text_lines(path))))
+    reader = csv.reader(io.StringIO("\n".join(read_text_lines(path, bad))))
     header = [name.strip() for name in next(reader, [])]
     id_col, review_col = _description_columns(path, header)
     id_at, review_at = header.index(id_col), header.index(review_col)

@@ -82,7 +82,7 @@ def _header(path: Path, lines: list[str], required: tuple[str, ...]) -> list[str
 
 def _read_inter(path: Path, bad: BadLines) -> pd.DataFrame:
     """Typed interactions of one ``.inter`` file."""
-    lines = read_text_lines(path)
+    lines = read_text_lines(path, bad)
     fields = _header(path, lines, ("user_id", "item_id"))
     table = split_table(lines[1:], "\t", fields, bad, first_lineno=2)
     table = table[[field for field in _INTER_FIELDS if field in fields] + ["lineno"]]
@@ -92,7 +92,7 @@ def _read_inter(path: Path, bad: BadLines) -> pd.DataFrame:
 
 def _read_item(path: Path, bad: BadLines) -> pd.DataFrame:
     """Items of one ``.item`` file: columns item, title, text, and genres when a genre field exists."""
-    lines = read_text_lines(path)
+    lines = read_text_lines(path, bad)
     fields = _header(path, lines, ("item_id",))
     title_field = next((field for field in TITLE_FIELDS if field in fields), None)
     genre_field = next((field for field in GENRE_FIELDS if field in fields), None)
