@@ -169,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     if extra and hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
         args.overrides = list(args.overrides) + extra
     elif extra:
+        loose = [x for x in extra if "=" not in x and not x.startswith("-")]
+        if hasattr(args, "overrides") and loose:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}; overrides are key=value with no spaces "
+                         f"(e.g. {loose[0]}=VALUE, or train.epochs=5)")
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

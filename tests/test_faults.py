@@ -417,3 +417,26 @@ def test_a_minionerec_csv_with_a_latin1_byte_names_the_line(tmp_path, capsys):
     path.write_bytes(b"\n".join(lines))
     fails(capsys, ["data", "prepare", "minionerec", "--input", str(root), "--out", str(tmp_path / "o")],
           rf"{CSV_NAME}.csv:4: not UTF-8")
+
+
+def test_an_override_without_a_value_after_an_option_says_key_value(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "jobs/quickstart.yaml", "--local", "train.epochs", "2"])
+    assert "overrides are key=value with no spaces (e.g. train.epochs=VALUE" in capsys.readouterr().err
+
+
+def test_a_torn_embedding_cache_shard_is_recomputed_with_a_warning(tmp_path, caplog):
+    import numpy as np
+
+    from rayrec.data.features import EmbeddingCache
+
+    cache = EmbeddingCache(tmp_path, "hash:4")
+    cache.put(["a", "b"], np.ones((2, 4)))
+    first = set(cache.dir.glob("part-*.npz"))
+    EmbeddingCache(tmp_path, "hash:4").put(["c"], np.zeros((1, 4)))
+    (torn,) = set(cache.dir.glob("part-*.npz")) - first
+    torn.write_bytes(torn.read_bytes()[:40])  # killed mid-write by an older version, or a bad disk
+    (cache.dir / "part-empty.npz").write_bytes(b"")
+    got = EmbeddingCache(tmp_path, "hash:4").get(["a", "b", "c"])
+    assert set(got) == {"a", "b"} and "unreadable embedding-cache shard" in caplog.text
+    assert len(list(cache.dir.glob("part-*.npz"))) == 1  # the torn shards are gone, the good one stays

@@ -29,6 +29,7 @@ import os
 import re
 import shutil
 import uuid
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -192,8 +193,13 @@ class EmbeddingCache:
         if self._store is None:
             self._store = {}
             for shard in sorted(self.dir.glob("part-*.npz")) if self.dir.is_dir() else []:
-                with np.load(shard) as z:
-                    self._store.update(zip(z["keys"].tolist(), z["vectors"], strict=True))
+                try:
+                    with np.load(shard) as z:
+                        self._store.update(zip(z["keys"].tolist(), z["vectors"], strict=True))
+                except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+                    log.warning("%s: unreadable embedding-cache shard (%s: %s); removed, its vectors are computed "
+                                "again", shard, type(e).__name__, str(e)[:120])
+                    shard.unlink(missing_ok=True)
         return self._store
 
     def get(self, keys: list[str]) -> dict[str, np.ndarray]:
