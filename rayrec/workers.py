@@ -139,8 +139,8 @@ class RayReporter:
     """Every worker reports (Train V2 requires it); rank 0 adds the checkpoint, logs to MLflow and
     sends the epoch's line to the console."""
 
-    def __init__(self, rank: int, tracker: Tracker, show: bool = True) -> None:
-        self.rank, self.tracker, self.show = rank, tracker, show and rank == 0
+    def __init__(self, rank: int, tracker: Tracker, show: bool = True, score: str | None = None) -> None:
+        self.rank, self.tracker, self.show, self.score = rank, tracker, show and rank == 0, score
 
     def log_step(self, metrics: dict[str, float], step: int) -> None:
         """Metrics on the optimizer-step axis (gradient health); rank 0's tracker logs, others' are null."""
@@ -154,6 +154,10 @@ class RayReporter:
             self.tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
             if self.show:
                 console.report_epoch(metrics)
+        if MID_EPOCH_STEP in metrics and self.score and self.score not in metrics:
+            # unscored: NaN ranks last in Ray's checkpoint manager in either mode (a missing key would count
+            # as -inf, the best under mode min), so a mid-epoch checkpoint is kept only while it is the newest
+            metrics = {**metrics, self.score: float("nan")}
         if state is None or self.rank != 0:
             ray.train.report(metrics, checkpoint=None)
             return

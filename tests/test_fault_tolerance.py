@@ -60,6 +60,7 @@ def test_mid_epoch_checkpoints_resume_exactly(tiny_job, tmp_path, monkeypatch):
     cfg.train.epochs = 2
     plain, _ = local(cfg, tmp_path / "plain")
     cfg.run.checkpoint.every_n_steps = 4  # 10 batches per epoch: steps 4, 8 | 12, 16, 20
+    cfg.run.checkpoint.num_to_keep = None  # keep them all, to list them
     full, _ = local(cfg, tmp_path / "full")
     assert full["test/ndcg@10"] == plain["test/ndcg@10"]  # checkpointing does not disturb training
     names = sorted(p.name for p in (tmp_path / "full").iterdir())

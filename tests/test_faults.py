@@ -440,3 +440,21 @@ def test_a_torn_embedding_cache_shard_is_recomputed_with_a_warning(tmp_path, cap
     got = EmbeddingCache(tmp_path, "hash:4").get(["a", "b", "c"])
     assert set(got) == {"a", "b"} and "unreadable embedding-cache shard" in caplog.text
     assert len(list(cache.dir.glob("part-*.npz"))) == 1  # the torn shards are gone, the good one stays
+
+
+def test_local_runs_keep_the_best_checkpoints_and_the_newest(tiny_job, tmp_path):
+    import json
+
+    from test_fault_tolerance import local
+
+    cfg = tiny_job.model_copy(deep=True)
+    cfg.train.epochs, cfg.run.checkpoint.every_n_steps, cfg.run.checkpoint.num_to_keep = 4, 4, 2
+    cfg.train.early_stopping.patience = 10
+    _, rep = local(cfg, tmp_path / "run")
+    kept = sorted(p.name for p in (tmp_path / "run").iterdir())
+    scores = {int(m["epoch"]): m["val/ndcg@10"] for m in rep.metrics[:-1]}
+    best = sorted(scores, key=lambda e: -scores[e])[:2]
+    assert kept == sorted([*(f"epoch_{e:04d}" for e in best), "final"]), (kept, scores)
+    for name in kept:
+        if name != "final":
+            assert json.loads((tmp_path / "run" / name / "score.json").read_text())["value"] == scores[int(name[-4:])]

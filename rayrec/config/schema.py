@@ -191,7 +191,8 @@ class TrackingConfig(Strict):
 
 
 class CheckpointConfig(Strict):
-    num_to_keep: int | None = Field(2, ge=1, description="checkpoints kept (best by metric)")
+    num_to_keep: int | None = Field(2, ge=1, description="checkpoints kept: the best N by train.early_stopping.metric, "
+                                    "plus the newest (to resume from); null keeps all. Same locally and on Ray")
     every_n_steps: int | None = Field(
         None, ge=1,
         description="also checkpoint every N optimizer steps inside an epoch (long epochs); a resume "

@@ -117,7 +117,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     progress = progress_for(config, w.rank, epochs=epochs, steps=micro_batches_per_epoch(w.cfg, w.info),
                             initial_epochs=int(w.resume["epoch"]) if w.resume else 0)
     fit(module, w.model, ShardBatches(w.cfg, w.info, w.rank, w.world), w.cfg, num_items=w.info.num_items,
-        device=w.device, reporter=RayReporter(w.rank, w.tracker), resume=w.resume, reduce=all_reduce_sum,
+        device=w.device, reporter=RayReporter(w.rank, w.tracker, score=w.cfg.train.early_stopping.metric), resume=w.resume, reduce=all_reduce_sum,
         world_size=w.world, progress=progress, steps_per_epoch=steps_per_epoch(w.cfg, w.info))
     if progress is not None:
         report_end()

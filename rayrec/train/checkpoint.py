@@ -7,6 +7,7 @@ so a resumed run continues exactly and can say how its config differs.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pickle
@@ -76,6 +77,35 @@ def _newest_first(run_dir: str | Path) -> list[Path]:
             found.append((int(m.group(1)), step, d))
     folders = [d for *_, d in sorted(found, reverse=True)]
     return ([run_dir / "final"] if (run_dir / "final" / STATE_FILE).is_file() else []) + folders
+
+
+SCORE_FILE = "score.json"
+
+
+def write_score(folder: Path, metric: str, value: float) -> None:
+    """The checkpoint's value of the selection metric, beside its state (what ``prune_checkpoints`` ranks)."""
+    (Path(folder) / SCORE_FILE).write_text(json.dumps({"metric": metric, "value": value}))
+
+
+def prune_checkpoints(run_dir: Path, newest: Path, num_to_keep: int, metric: str, mode: str) -> list[Path]:
+    """Keep the best ``num_to_keep`` checkpoints of a run by ``metric`` plus ``newest``; remove the other
+    checkpoint folders (only folders named as rayrec names checkpoints). Returns those removed."""
+    import shutil
+
+    scored, unscored = [], []
+    for folder in _newest_first(run_dir):
+        try:
+            score = json.loads((folder / SCORE_FILE).read_text())
+            value = float(score["value"]) if score.get("metric") == metric else None
+        except (OSError, ValueError, KeyError, TypeError):
+            value = None
+        (unscored if value is None or value != value else scored).append((value, folder))
+    scored.sort(key=lambda p: p[0], reverse=mode == "max")
+    keep = {folder for _, folder in scored[:num_to_keep]} | {Path(newest)}
+    removed = [folder for _, folder in scored + unscored if folder not in keep]
+    for folder in removed:
+        shutil.rmtree(folder, ignore_errors=True)
+    return removed
 
 
 def rng_state() -> dict[str, Any]:

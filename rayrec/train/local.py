@@ -18,9 +18,11 @@ from rayrec.train.checkpoint import (
     MID_EPOCH_STEP,
     checkpoint_name,
     load_state,
+    prune_checkpoints,
     resume_metrics,
     save_state,
     seed_everything,
+    write_score,
 )
 from rayrec.train.loop import LossModule, evaluate, fit
 from rayrec.train.worker import DataInfo, build, collate_for, has_parameters
@@ -58,10 +60,12 @@ class PlainBatches:
 
 class LocalReporter:
     """Logs metrics to MLflow (and, ``show``, the console) and writes a checkpoint folder per
-    epoch under ``run_dir``."""
+    epoch under ``run_dir``, keeping ``keep``: (N, metric, mode) = the best N by the metric plus
+    the newest (for a resume), as Ray Train's checkpoint manager does on the Ray path."""
 
-    def __init__(self, run_dir: Path | None, tracker: Tracker, show: bool = False) -> None:
-        self.run_dir, self.tracker, self.show = run_dir, tracker, show
+    def __init__(self, run_dir: Path | None, tracker: Tracker, show: bool = False,
+                 keep: tuple[int | None, str, str] | None = None) -> None:
+        self.run_dir, self.tracker, self.show, self.keep = run_dir, tracker, show, keep
         self.metrics: list[dict[str, float]] = []
         self.last_checkpoint: Path | None = None
 
@@ -79,6 +83,11 @@ class LocalReporter:
         if state is not None and self.run_dir is not None:
             self.last_checkpoint = self.run_dir / checkpoint_name(metrics)
             save_state(state, self.last_checkpoint)
+            metric = self.keep[1] if self.keep else None
+            if metric in metrics:
+                write_score(self.last_checkpoint, metric, float(metrics[metric]))
+            if self.keep and self.keep[0] is not None:
+                prune_checkpoints(self.run_dir, self.last_checkpoint, *self.keep)
 
 
 def sequential_loop(model: torch.nn.Module, batches: PlainBatches, cfg: JobConfig, **kw) -> dict[str, float]:
@@ -98,7 +107,8 @@ def run_local(cfg: JobConfig, ds: Prepared, info: DataInfo, *, run_dir: Path | N
     device = torch.device("cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu")
     model = build(cfg, info).to(device)
     batches = PlainBatches(cfg, ds, info)
-    reporter = LocalReporter(run_dir, tracker, show=show)
+    es = cfg.train.early_stopping
+    reporter = LocalReporter(run_dir, tracker, show=show, keep=(cfg.run.checkpoint.num_to_keep, es.metric, es.mode))
     if not has_parameters(model):
         model.fit(batches.train_df["seq"])
         final = evaluate(model, batches.valid(), cfg, info.num_items, device, prefix="val/")
