@@ -204,8 +204,18 @@ def default_tracking(recipe: Recipe, source: str | None) -> Tracking:
         tags = {"rayrec.recipe": recipe.name, **recipe.tags(cfg), "rayrec.job_file": source or ""}
         tracker = open_run(resolve_uri(cfg.tracking.uri), cfg.tracking.experiment, str(run_dir), run_dir.name,
                            tags=tags)
-        tracker.log_params(flatten(cfg))
-        tracker.log_text(dump_job(cfg), "config/resolved.yaml")
+        changed = tracker.log_params(flatten(cfg))
+        if not changed:
+            tracker.log_text(dump_job(cfg), "config/resolved.yaml")
+            return tracker
+        # a resume with another config: recorded, not refused (more epochs, other workers are common)
+        version = int(tracker.tag("rayrec.config_version") or 1) + 1
+        tracker.log_text(dump_job(cfg), f"config/resolved.v{version}.yaml")
+        tracker.set_tags({"rayrec.config_version": version})
+        log.warning("this run resumes with a changed config (%s); MLflow keeps the first values as params, the "
+                    "changes as tags rayrec.changed.*, the new config as config/resolved.v%d.yaml. For a separate "
+                    "record, start a new run instead (another run.name)",
+                    "; ".join(f"{k}: {a} -> {b}" for k, (a, b) in sorted(changed.items())), version)
         return tracker
 
     return open_tracking

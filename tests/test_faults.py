@@ -458,3 +458,29 @@ def test_local_runs_keep_the_best_checkpoints_and_the_newest(tiny_job, tmp_path)
     for name in kept:
         if name != "final":
             assert json.loads((tmp_path / "run" / name / "score.json").read_text())["value"] == scores[int(name[-4:])]
+
+
+def test_a_resume_with_a_changed_config_is_recorded(tiny_job, tmp_path, monkeypatch, caplog):
+    from mlflow.tracking import MlflowClient
+    from test_fault_tolerance import Crash, crash_after
+
+    from rayrec import recipes
+    from rayrec.train.local import LocalReporter
+
+    cfg = tiny_job.model_copy(deep=True)
+    orig, crashing = crash_after(lambda m, s: m.get("epoch") == 1)
+    monkeypatch.setattr(LocalReporter, "report", crashing)
+    with pytest.raises(Crash):
+        recipes.run(cfg, local=True)
+    monkeypatch.setattr(LocalReporter, "report", orig)
+    cfg.train.epochs, cfg.train.optim.lr = 4, 0.004  # the re-run continues the same run with other values
+    out = recipes.run(cfg, local=True)
+    client = MlflowClient(cfg.tracking.uri)
+    run = client.get_run(out.mlflow_run_id)
+    assert run.data.params["train.epochs"] == "3" and run.data.params["train.optim.lr"] == "0.005"
+    assert run.data.tags["rayrec.changed.train.epochs"] == "3 -> 4"
+    assert run.data.tags["rayrec.changed.train.optim.lr"] == "0.005 -> 0.004"
+    assert run.data.tags["rayrec.config_version"] == "2" and "resumes with a changed config" in caplog.text
+    files = {f.path for f in client.list_artifacts(out.mlflow_run_id, "config")}
+    assert files == {"config/resolved.yaml", "config/resolved.v2.yaml"}
+    assert run.info.status == "FINISHED" and len(client.get_metric_history(out.mlflow_run_id, "val/ndcg_at_10")) == 4

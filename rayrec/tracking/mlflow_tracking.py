@@ -91,20 +91,31 @@ class Tracker:
         for i in range(0, len(batch), 900):
             self._c.log_batch(self.run_id, metrics=batch[i : i + 900])
 
-    def log_params(self, params: dict[str, Any]) -> None:
+    def log_params(self, params: dict[str, Any]) -> dict[str, tuple[str, str]]:
+        """Log new params; MLflow params cannot change, so for a re-opened run (a resume) a param whose
+        value differs is recorded as the tag ``rayrec.changed.<key>`` = ``"old -> new"`` instead.
+        Returns those changes."""
         if not self.active:
-            return
+            return {}
         from mlflow.entities import Param
 
         existing = self._c.get_run(self.run_id).data.params
         items = [Param(_key(k), str(v)[:MAX_PARAM_LEN]) for k, v in params.items() if _key(k) not in existing]
         for i in range(0, len(items), 90):
             self._c.log_batch(self.run_id, params=items[i : i + 90])
+        changed = {k: (existing[_key(k)], str(v)[:MAX_PARAM_LEN]) for k, v in params.items()
+                   if _key(k) in existing and existing[_key(k)] != str(v)[:MAX_PARAM_LEN]}
+        self.set_tags({f"rayrec.changed.{_key(k)}"[:250]: f"{old} -> {new}"[:5000] for k, (old, new) in changed.items()})
+        return changed
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         if self.active:
             for k, v in tags.items():
                 self._c.set_tag(self.run_id, k, str(v))
+
+    def tag(self, key: str) -> str | None:
+        """A tag of the run (None when unset or tracking is off)."""
+        return self._c.get_run(self.run_id).data.tags.get(key) if self.active else None
 
     def log_text(self, text: str, name: str) -> None:
         if self.active:
