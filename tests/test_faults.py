@@ -484,3 +484,148 @@ def test_a_resume_with_a_changed_config_is_recorded(tiny_job, tmp_path, monkeypa
     files = {f.path for f in client.list_artifacts(out.mlflow_run_id, "config")}
     assert files == {"config/resolved.yaml", "config/resolved.v2.yaml"}
     assert run.info.status == "FINISHED" and len(client.get_metric_history(out.mlflow_run_id, "val/ndcg_at_10")) == 4
+
+
+# ----------------------------------------------------------------------------- kill -9, then re-run
+
+
+def killed_at(code: str) -> None:
+    """Run ``code`` in a fresh Python; SIGKILL it once it reaches the fault (``HANG`` in its code: it
+    touches the file named by $RAYREC_FAULT, the console may own its stdout, then hangs)."""
+    import tempfile
+    import time
+
+    marker = Path(tempfile.mkdtemp()) / "reached"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).parent), "RAYREC_FAULT": str(marker)})
+    try:
+        while not marker.exists():
+            if proc.poll() is not None:
+                raise AssertionError(f"the child exited ({proc.returncode}) before reaching the fault")
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(60)
+    assert proc.returncode == -signal.SIGKILL
+
+
+HANG = "import os as _o, pathlib as _p, time as _t; _p.Path(_o.environ['RAYREC_FAULT']).touch(); _t.sleep(120)"
+
+
+@pytest.fixture
+def job_file(tiny_job, tmp_path):
+    from rayrec.config import dump_job
+
+    cfg = tiny_job.model_copy(deep=True)
+    cfg.train.epochs = 3
+    path = tmp_path / "job.yaml"
+    path.write_text(dump_job(cfg))
+    return path, cfg
+
+
+def _finish_and_compare(cfg, job_path):
+    """The re-run of the killed job continues its run and ends where an uninterrupted run ends."""
+    from mlflow.tracking import MlflowClient
+
+    from rayrec import recipes
+
+    again = recipes.run(cfg, local=True)
+    clean = recipes.run(cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": "clean"})}), local=True)
+    assert again.metrics["test/ndcg@10"] == pytest.approx(clean.metrics["test/ndcg@10"], rel=1e-6)
+    client = MlflowClient(cfg.tracking.uri)
+    assert client.get_run(again.mlflow_run_id).info.status == "FINISHED"
+    return again
+
+
+def test_killed_while_writing_a_checkpoint(job_file):
+    path, cfg = job_file
+    killed_at(f"""
+from pathlib import Path
+import os
+from rayrec.train import local
+real = local.save_state
+def save(state, folder):
+    if int(state["epoch"]) == 2:  # the epoch-2 checkpoint: half a file under its temporary name
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / f".state.pt.tmp-{{os.getpid()}}").write_bytes(b"PK\\x03\\x04 half")
+        {HANG}
+    return real(state, folder)
+local.save_state = save
+from rayrec.cli import main
+main(["train", {str(path)!r}, "--local"])
+""")
+    again = _finish_and_compare(cfg, path)
+    assert [m["epoch"] for m in again.history] == [2, 3]  # resumed after epoch 1
+
+
+def test_killed_while_writing_to_mlflow(job_file):
+    path, cfg = job_file
+    killed_at(f"""
+from rayrec.tracking import mlflow_tracking as T
+real = T.Tracker.log_metrics
+def log_metrics(self, metrics, step=None):
+    if step == 2 and "val/ndcg@10" in metrics:
+        {HANG}
+    return real(self, metrics, step)
+T.Tracker.log_metrics = log_metrics
+from rayrec.cli import main
+main(["train", {str(path)!r}, "--local"])
+""")
+    _finish_and_compare(cfg, path)
+
+
+def test_killed_while_writing_the_feature_cache(tiny_mm_dataset, tmp_path):
+    from rayrec.config.joint import FeaturesConfig
+    from rayrec.data.features import compute_features
+
+    cfg = FeaturesConfig(text_model="hash:16", dir=tmp_path / "features", cache_dir=tmp_path / "cache")
+    killed_at(f"""
+import numpy as np
+from pathlib import Path
+from rayrec.config.joint import FeaturesConfig
+from rayrec.data import features as F
+real = np.save
+def save(path, array):
+    real(path, array)
+    if str(path).endswith("item_image.npy"):
+        {HANG}
+F.np.save = save
+F.compute_features(FeaturesConfig(text_model="hash:16", dir=Path({str(cfg.dir)!r}), cache_dir=Path({str(cfg.cache_dir)!r})),
+                   Path({str(tiny_mm_dataset)!r}), 300)
+""")
+    assert not cfg.dir.exists()  # nothing half-written under the real name
+    done = compute_features(cfg, tiny_mm_dataset, 300)
+    assert done["rows"]["item_text"] == 121 and sorted(p.name for p in tmp_path.iterdir()) == ["cache", "features"]
+
+
+def test_killed_while_appending_to_the_prompt_cache(tmp_path):
+    from rayrec.prefs.cache import PromptCache
+
+    path = tmp_path / "prefs.jsonl"
+    PromptCache(path).put("a", {"text": "likes noir"})
+    killed_at(f"""
+from rayrec.prefs import cache as C
+class Torn:
+    def __init__(self, f): self.f = f
+    def write(self, data):
+        self.f.write(data[: len(data) // 2]); self.f.flush()
+        {HANG}
+    def flush(self): pass
+    def tell(self): return self.f.tell()
+real_open = C.Path.open
+def opened(self, mode="r", *a, **k):
+    f = real_open(self, mode, *a, **k)
+    if "a" in mode:
+        class Ctx:
+            def __enter__(s): return Torn(f)
+            def __exit__(s, *e): f.close()
+        return Ctx()
+    return f
+C.Path.open = opened
+cache = C.PromptCache({str(path)!r})
+cache.put("b", {{"text": "likes space"}})
+""")
+    cache = PromptCache(path)
+    assert set(cache.entries) == {"a"}  # the torn "b" is skipped: asked again
+    cache.put("b", {"text": "likes space"})
+    assert set(PromptCache(path).entries) == {"a", "b"}
