@@ -16,6 +16,8 @@ from rayrec.train.worker import data_info
 
 
 def local(cfg: JobConfig, run_dir=None, resume_from=None):
+    cfg = cfg.model_copy(deep=True)
+    cfg.run.checkpoint.num_to_keep = None  # the tests read every epoch's checkpoint
     ds = open_prepared(cfg.data.path)
     return run_local(cfg, ds, data_info(ds), run_dir=run_dir, tracker=Tracker.null(), resume_from=resume_from)
 

@@ -53,6 +53,8 @@ def mm_data(tiny_mm_dataset, tmp_path_factory):
 
 
 def local(cfg, run_dir=None, resume_from=None):
+    cfg = cfg.model_copy(deep=True)
+    cfg.run.checkpoint.num_to_keep = None  # the tests read every epoch's checkpoint
     ds = open_prepared(cfg.data.path)
     return run_local(cfg, ds, data_info(ds), run_dir=run_dir, tracker=Tracker.null(), resume_from=resume_from,
                      loop=fit_joint)
