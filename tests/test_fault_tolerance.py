@@ -45,6 +45,15 @@ def crash_after(match):
     return orig, report
 
 
+def crash_in(monkeypatch, match, run) -> None:
+    """``run()`` with the local reporter raising ``Crash`` right after a report that ``match`` accepts."""
+    orig, crashing = crash_after(match)
+    monkeypatch.setattr(LocalReporter, "report", crashing)
+    with pytest.raises(Crash):
+        run()
+    monkeypatch.setattr(LocalReporter, "report", orig)
+
+
 def local(cfg, run_dir, resume_from=None):
     ds = open_prepared(cfg.data.path)
     return run_local(cfg, ds, data_info(ds), run_dir=run_dir, tracker=Tracker.null(), resume_from=resume_from)
@@ -67,11 +76,7 @@ def test_mid_epoch_checkpoints_resume_exactly(tiny_job, tmp_path, monkeypatch):
     assert names == ["epoch_0001", "epoch_0001_step_0000004", "epoch_0001_step_0000008", "epoch_0002",
                      "epoch_0002_step_0000012", "epoch_0002_step_0000016", "epoch_0002_step_0000020", "final"]
 
-    orig, crashing = crash_after(lambda m, s: m.get("mid_epoch_step") == 12)
-    monkeypatch.setattr(LocalReporter, "report", crashing)
-    with pytest.raises(Crash):
-        local(cfg, tmp_path / "cut")
-    monkeypatch.setattr(LocalReporter, "report", orig)
+    crash_in(monkeypatch, lambda m, s: m.get("mid_epoch_step") == 12, lambda: local(cfg, tmp_path / "cut"))
     ckpt = latest_checkpoint(tmp_path / "cut")
     state = load_state(ckpt)
     assert ckpt.name == "epoch_0002_step_0000012" and (state["epoch"], state["step"], state["epoch_batch"]) == (1, 12, 2)
@@ -112,11 +117,8 @@ def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypat
 def test_rerun_after_a_crash_continues_the_same_run_and_mlflow_run(tiny_job, monkeypatch):
     """`rayrec train --local` again after a crash: same run folder, same MLflow run, epochs go on."""
     cfg = tiny_job.model_copy(deep=True)
-    orig, crashing = crash_after(lambda m, s: m.get("epoch") == 2 and s is not None and "test/hr@10" not in m)
-    monkeypatch.setattr(LocalReporter, "report", crashing)
-    with pytest.raises(Crash):
-        recipes.run(cfg, local=True)
-    monkeypatch.setattr(LocalReporter, "report", orig)
+    crash_in(monkeypatch, lambda m, s: m.get("epoch") == 2 and s is not None and "test/hr@10" not in m,
+             lambda: recipes.run(cfg, local=True))
     out = recipes.run(cfg, local=True)
     assert out.run_dir.name == "t" and out.metrics["epoch"] == 3
     c = MlflowClient(cfg.tracking.uri)

@@ -203,20 +203,15 @@ def test_the_feature_cache_replaces_only_a_feature_folder(tiny_mm_dataset, tmp_p
 def test_a_crash_in_the_first_epoch_with_step_checkpoints_resumes(tiny_job, tmp_path, monkeypatch):
     """Before any validation the early-stopping state is empty: resuming from such a checkpoint
     failed with KeyError: 'best'."""
-    from test_fault_tolerance import Crash, crash_after, local
+    from test_fault_tolerance import crash_in, local
 
     from rayrec.train.checkpoint import latest_checkpoint
-    from rayrec.train.local import LocalReporter
 
     cfg = tiny_job.model_copy(deep=True)
     cfg.train.epochs = 2
     cfg.run.checkpoint.every_n_steps = 4
     full, _ = local(cfg, tmp_path / "full")
-    orig, crashing = crash_after(lambda m, s: m.get("mid_epoch_step") == 4)
-    monkeypatch.setattr(LocalReporter, "report", crashing)
-    with pytest.raises(Crash):
-        local(cfg, tmp_path / "cut")
-    monkeypatch.setattr(LocalReporter, "report", orig)
+    crash_in(monkeypatch, lambda m, s: m.get("mid_epoch_step") == 4, lambda: local(cfg, tmp_path / "cut"))
     ckpt = latest_checkpoint(tmp_path / "cut")
     assert ckpt.name == "epoch_0001_step_0000004"
     resumed, _ = local(cfg, tmp_path / "cut", resume_from=ckpt)
@@ -462,17 +457,12 @@ def test_local_runs_keep_the_best_checkpoints_and_the_newest(tiny_job, tmp_path)
 
 def test_a_resume_with_a_changed_config_is_recorded(tiny_job, tmp_path, monkeypatch, caplog):
     from mlflow.tracking import MlflowClient
-    from test_fault_tolerance import Crash, crash_after
+    from test_fault_tolerance import crash_in
 
     from rayrec import recipes
-    from rayrec.train.local import LocalReporter
 
     cfg = tiny_job.model_copy(deep=True)
-    orig, crashing = crash_after(lambda m, s: m.get("epoch") == 1)
-    monkeypatch.setattr(LocalReporter, "report", crashing)
-    with pytest.raises(Crash):
-        recipes.run(cfg, local=True)
-    monkeypatch.setattr(LocalReporter, "report", orig)
+    crash_in(monkeypatch, lambda m, s: m.get("epoch") == 1, lambda: recipes.run(cfg, local=True))
     cfg.train.epochs, cfg.train.optim.lr = 4, 0.004  # the re-run continues the same run with other values
     out = recipes.run(cfg, local=True)
     client = MlflowClient(cfg.tracking.uri)

@@ -79,8 +79,7 @@ def prompt_tokenizer(cfg: GenRecJobConfig, inputs: SFTInputs, base: str | None =
     if base == "tiny":
         from rayrec.genrec.tiny import tiny_tokenizer
 
-        test = P.eval_prompts(inputs.ds, "test", inputs.item_sids, cfg.prompts)
-        tokenizer = tiny_tokenizer(P.tokenizer_corpus(inputs.train, inputs.valid, test, titles=P.titles_of(inputs.ds)))
+        tokenizer = tiny_tokenizer(tiny_corpus(cfg, inputs))
     else:
         from rayrec.genrec.sft import load_tokenizer
 
@@ -130,6 +129,12 @@ def fit_inputs(cfg: GenRecJobConfig, inputs: SFTInputs, tokenizer, answer_tokens
     return inputs.fit
 
 
+def tiny_corpus(cfg: GenRecJobConfig, inputs: SFTInputs) -> list[str]:
+    """The texts whose words make the tiny tokenizer: the prompt tables, the test prompts and titles."""
+    test = P.eval_prompts(inputs.ds, "test", inputs.item_sids, cfg.prompts)
+    return P.tokenizer_corpus(inputs.train, inputs.valid, test, titles=P.titles_of(inputs.ds))
+
+
 def materialize_base(cfg: GenRecJobConfig, run_dir: Path, inputs: SFTInputs) -> str:
     """The base model folder: ``model.base`` as given, or a tiny model written under the run."""
     if cfg.model.base != "tiny":
@@ -138,8 +143,7 @@ def materialize_base(cfg: GenRecJobConfig, run_dir: Path, inputs: SFTInputs) -> 
 
     out = run_dir / "base"
     if not (out / "config.json").is_file():
-        test = P.eval_prompts(inputs.ds, "test", inputs.item_sids, cfg.prompts)
-        corpus = P.tokenizer_corpus(inputs.train, inputs.valid, test, titles=P.titles_of(inputs.ds))
+        corpus = tiny_corpus(cfg, inputs)
         t = cfg.model.tiny
         save_tiny_base(out, corpus, hidden=t.hidden, layers=t.layers, heads=t.heads, kv_heads=t.kv_heads,
                        tie_embeddings=t.tie_embeddings, seed=cfg.run.seed)
