@@ -52,7 +52,7 @@ def run(cfg, run_dir: Path | None = None) -> tuple[dict, list[dict], dict]:
     loop = fit_joint if cfg.model.name == "ur4rec" else sequential_loop
     if cfg.model.name == "ur4rec":
         prepare_features(cfg, ds.path, use_ray=False)
-    final, rep = run_local(cfg, ds, data_info(ds), run_dir=run_dir, tracker=Tracker.null(), loop=loop)
+    final, rep = run_local(cfg, ds, data_info(ds, cfg), run_dir=run_dir, tracker=Tracker.null(), loop=loop)
     state = load_state(rep.last_checkpoint) if rep.last_checkpoint else {}
     return final, rep.metrics[:-1], state
 

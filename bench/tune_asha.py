@@ -30,11 +30,25 @@ from rayrec.tune.runner import run_sweep  # noqa: E402
 from rayrec.tune.space import load_space  # noqa: E402
 
 
-def overrides(work: Path, name: str, samples: int) -> list[str]:
+def overrides(work: Path, name: str, samples: int, windows: str) -> list[str]:
     """Keep the benchmark's data, runs and MLflow store in its own folder."""
     return [f"name={name}", f"num_samples={samples}", f"storage_path={work / 'tune'}",
-            f"data.path={work / 'data'}", "data.synth.images=false",
+            f"data.path={work / 'data'}", "data.synth.images=false", f"train.windows={windows}",
             f"tracking.uri=sqlite:///{work / 'mlflow.db'}", "tracking.experiment=bench_tune_asha"]
+
+
+def same_decisions(asha, previous: Path) -> dict[str, object]:
+    """ASHA's decisions (status and epochs per config) against an earlier result file's."""
+    if not previous.is_file():
+        return {}
+    before = {json.dumps(t["params"], sort_keys=True): t for t in json.loads(previous.read_text()).get("trials", [])}
+    rows = []
+    for r in asha.rows:
+        b = before.get(json.dumps(r.params, sort_keys=True))
+        rows.append({"params": r.params, "now": [r.status, r.epochs], "before": [b["asha_status"], b["asha_epochs"]] if b else None})
+    matched = [x for x in rows if x["before"] is not None]
+    return {"compared": len(matched), "same_status": sum(x["now"][0] == x["before"][0] for x in matched),
+            "same_epochs": sum(x["now"] == x["before"] for x in matched), "rows": rows}
 
 
 def sweep(space: Path, extra: list[str]) -> tuple[object, float]:
@@ -75,16 +89,46 @@ def main() -> int:
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--work", type=Path, default=None, help="work folder (default: a new temp folder)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "tune_asha.json")
+    p.add_argument("--windows", default="last", help="train.windows of every trial (last: as the earlier results)")
+    p.add_argument("--asha-only", action="store_true", help="skip the full runs; compare ASHA's decisions with "
+                   "the results file's (the same configs: TPE's first trials are its seeded random start)")
     args = p.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     work = args.work or Path(tempfile.mkdtemp(prefix="rayrec-bench-tune-"))
 
-    asha, asha_s = sweep(args.space, overrides(work, "asha", args.samples))
+    previous = args.out.with_suffix(".previous.json")
+    if args.out.is_file():
+        previous.write_text(args.out.read_text())
+    asha, asha_s = sweep(args.space, overrides(work, "asha", args.samples, args.windows))
     if asha.interrupted:
         return 130
+    decisions = same_decisions(asha, previous)
+    trial_epochs = sum(r.epochs for r in asha.rows)
+    print(f"\nASHA sweep: {len(asha.rows)} trials, {trial_epochs} trial-epochs in {asha_s / 60:.1f} min "
+          f"({asha_s / max(1, trial_epochs):.1f} s per trial-epoch)")
+    if decisions:
+        print(f"decisions vs the earlier result: {decisions['same_status']}/{decisions['compared']} same status, "
+              f"{decisions['same_epochs']}/{decisions['compared']} same status and epochs")
+    if args.asha_only:
+        old = json.loads(previous.read_text()) if previous.is_file() else {}
+        result = {"space": str(args.space.relative_to(ROOT)) if args.space.is_relative_to(ROOT) else str(args.space),
+                  "windows": args.windows, "asha_minutes": asha_s / 60, "asha_epochs": trial_epochs,
+                  "seconds_per_trial_epoch": asha_s / max(1, trial_epochs),
+                  "before": {k: old.get(k) for k in ("asha_minutes", "asha_epochs", "full_minutes", "full_epochs")},
+                  "decisions": decisions,
+                  "trials": [{"params": r.params, "asha_status": r.status, "asha_epochs": r.epochs, "asha_best": r.value}
+                             for r in asha.rows],
+                  "host": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                           "load_avg_1m_at_end": os.getloadavg()[0]}}
+        tmp = args.out.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(result, indent=2))
+        tmp.replace(args.out)
+        previous.unlink(missing_ok=True)
+        print(f"wrote {args.out}")
+        return 0
     configs = [r.params for r in asha.rows]
     points = json.dumps(configs)  # JSON is a YAML flow list: one override
-    full, full_s = sweep(args.space, [*overrides(work, "full", len(configs)), "scheduler.name=none",
+    full, full_s = sweep(args.space, [*overrides(work, "full", len(configs), args.windows), "scheduler.name=none",
                                       "searcher.name=random", f"searcher.points_to_evaluate={points}"])
     if full.interrupted:
         return 130
@@ -103,7 +147,8 @@ def main() -> int:
         print(f"  {'PASS' if ok else 'FAIL'}  {name}")
 
     result = {"space": str(args.space.relative_to(ROOT)) if args.space.is_relative_to(ROOT) else str(args.space),
-              "metric": metric, **f, "asha_minutes": asha_s / 60, "full_minutes": full_s / 60,
+              "metric": metric, **f, "asha_minutes": asha_s / 60, "full_minutes": full_s / 60, "windows": args.windows,
+              "seconds_per_trial_epoch": asha_s / max(1, trial_epochs), "decisions": decisions,
               "targets": targets, "trials": [{"params": r.params, "asha_status": r.status, "asha_epochs": r.epochs,
                                               "asha_best": r.value} for r in asha.rows],
               "full": [{"params": r.params, "epochs": r.epochs, "best": r.value} for r in full.rows],
@@ -114,6 +159,7 @@ def main() -> int:
     tmp = args.out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=2))
     tmp.replace(args.out)
+    previous.unlink(missing_ok=True)
     print(f"wrote {args.out}")
     return 0 if all(targets.values()) else 1
 

@@ -58,7 +58,7 @@ def target_groups(cfg: JobConfig, sparse: int) -> tuple[torch.Tensor, dict[str, 
     """Item -> 0 (sparse: fewer than ``sparse`` training events) or 1 (frequent), and each group's
     share of the test rows."""
     ds = open_prepared(cfg.data.path)
-    counts = np.bincount(np.concatenate(ds.table("train")["seq"].to_numpy()), minlength=data_info(ds).num_items + 1)
+    counts = np.bincount(np.concatenate(ds.table("train")["seq"].to_numpy()), minlength=data_info(ds, cfg).num_items + 1)
     group = torch.as_tensor((counts >= sparse).astype(np.int64))
     test_group = group[torch.as_tensor(ds.table("test")["target"].to_numpy(np.int64))]
     return group, {g: float((test_group == i).float().mean()) for i, g in enumerate(GROUPS)}
@@ -79,7 +79,7 @@ def measure(model, batches, cfg: JobConfig, group: torch.Tensor) -> dict[str, fl
 
 def load_model(cfg: JobConfig, checkpoint: str):
     ds = open_prepared(cfg.data.path)
-    info = data_info(ds)
+    info = data_info(ds, cfg)
     model = build(cfg, info)
     state = load_state(checkpoint)
     model.load_state_dict(state["best_model"] or state["model"])

@@ -61,6 +61,7 @@ class Run:
     callbacks: list = field(default_factory=list)  # Ray Train callbacks (a sweep's report callback)
     console: bool = True  # the driver shows a console: workers send it progress events
     tracker: Tracker = field(default_factory=Tracker.null)
+    shared: Any = None  # a sweep trial: what the sweep's driver made once for every trial (the recipe's ``share``)
 
 
 @dataclass
@@ -86,7 +87,8 @@ class Recipe:
     trainer: Callable[[Any, Any, Run], TrainerParts]  # (cfg, inputs, run): the Ray Train worker loop
     outcome: Callable[[Any, Any, Run], Outcome]  # (cfg, ray result, run)
     console_keys: Callable[[Any], list[str]]  # metrics of the console's epoch line
-    share: Callable[[Any], None]  # a sweep: what all trials read, made once on its driver (no trial builds it)
+    share: Callable[[Any], Any]  # a sweep: what all trials read, made once on its driver; returns what
+    # trials get as ``Run.shared`` (e.g. object refs of the row tables), or None
     curves: tuple[str, ...] = ("train/loss", "val/ndcg@10", "val/hr@10", "train/grad_norm")
     tags: Callable[[Any], dict[str, str]] = lambda cfg: {}
     in_process: Callable[[Any], bool] = lambda cfg: False  # e.g. a parameter-free baseline
@@ -98,7 +100,7 @@ Tracking = Callable[[Any, Path], Tracker]  # (cfg, run folder) -> the run's MLfl
 
 def run_job(recipe: Recipe, cfg: Any, *, local: bool = False, source: str | None = None,
             resume_from: str | None = None, callbacks: list | None = None, tracking: Tracking | None = None,
-            console: bool = True, verbose: bool = False) -> Outcome:
+            console: bool = True, verbose: bool = False, shared: Any = None) -> Outcome:
     """Run ``cfg`` with ``recipe`` end to end and return its outcome (see the module docstring).
 
     ``tracking`` opens the run's MLflow run (default: a run of ``cfg.tracking.experiment``;
@@ -118,7 +120,7 @@ def run_job(recipe: Recipe, cfg: Any, *, local: bool = False, source: str | None
     run_dir.mkdir(parents=True, exist_ok=True)
     with job_console(run_dir, recipe.console_keys(cfg), verbose=verbose, enabled=console) as con:
         run = Run(run_dir, local=in_process, resume_from=resume_from, callbacks=list(callbacks or []),
-                  console=con is not None)
+                  console=con is not None, shared=shared)
         if not run.local:
             start_ray(cfg, attach=con.attach_ray if con else None)
         inputs = recipe.prepare(cfg, run)

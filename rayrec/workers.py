@@ -19,7 +19,7 @@ from rayrec.config.schema import JobConfig
 from rayrec.data.streaming import iter_shard
 from rayrec.tracking.mlflow_tracking import Tracker
 from rayrec.train.checkpoint import MID_EPOCH_STEP, checkpoint_name, load_state, save_state
-from rayrec.train.worker import DataInfo, collate_for
+from rayrec.train.worker import DataInfo, TableBatches, collate_for
 
 
 def quiet_worker_logs() -> None:
@@ -99,19 +99,18 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-class ShardBatches:
-    """``Batches`` for this worker: its split of train, every world-th row of valid/test.
+class StreamBatches:
+    """``Batches`` for this worker from its Ray Data shards (the streaming path).
 
-    Train is split equally by Ray (DDP needs the same number of steps on every rank).
-    Evaluation must see every row exactly once, and an equal split may drop up to
-    world-1 rows, so each worker reads all of valid/test and keeps rows i with
-    i % world == rank; metric sums are then all-reduced.
+    Train is split equally by Ray (DDP needs the same number of steps on every rank); valid and
+    test are split with ``equal=False`` (``SplitEvalConfig``), so the workers together read every
+    evaluation row once and their metric sums are all-reduced.
     """
 
-    def __init__(self, cfg: JobConfig, info: DataInfo, rank: int = 0, world: int = 1) -> None:
+    def __init__(self, cfg: JobConfig, info: DataInfo) -> None:
         import ray.train
 
-        self.cfg, self.info, self.rank, self.world = cfg, info, rank, world
+        self.cfg, self.info = cfg, info
         self.shards = {s: ray.train.get_dataset_shard(s) for s in ("train", "valid", "test")}
 
     def train(self, epoch: int):
@@ -119,20 +118,22 @@ class ShardBatches:
                           collate=collate_for(self.cfg, self.info, epoch), shuffle_buffer=self.cfg.train.shuffle_buffer)
 
     def valid(self):
-        return self._strided("valid")
+        return iter_shard(self.shards["valid"], batch_size=self.cfg.train.eval.batch_size, collate=collate_for(self.cfg, self.info))
 
     def test(self):
-        return self._strided("test")
+        return iter_shard(self.shards["test"], batch_size=self.cfg.train.eval.batch_size, collate=collate_for(self.cfg, self.info))
 
-    def _strided(self, split: str):
-        batches = iter_shard(self.shards[split], batch_size=self.cfg.train.eval.batch_size, collate=collate_for(self.cfg, self.info))
-        offset = 0
-        for batch in batches:
-            n = next(iter(batch.values())).shape[0]
-            keep = (torch.arange(offset, offset + n) % self.world) == self.rank
-            offset += n
-            if keep.any():
-                yield {k: v[keep] for k, v in batch.items()}
+
+def worker_batches(config: dict[str, Any], cfg: JobConfig, info: DataInfo, rank: int, world: int):
+    """This worker's ``Batches``: the run's row tables from the object store when the driver put
+    them there (``config["tables"]``), else its Ray Data shards."""
+    refs = config.get("tables")
+    if not refs:
+        return StreamBatches(cfg, info)
+    import ray
+
+    tables = dict(zip(refs, ray.get(list(refs.values()))))  # numpy arrays read in place, not copied
+    return TableBatches(cfg, info, tables, rank, world)
 
 
 class RayReporter:

@@ -84,13 +84,17 @@ def tiny_mm_dataset(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def tiny_job(tiny_dataset, tmp_path):
-    """A small SASRec job on ``tiny_dataset`` writing runs and MLflow under ``tmp_path``."""
+    """A small SASRec job on ``tiny_dataset`` writing runs and MLflow under ``tmp_path``.
+
+    One training row per user (``windows: last``): tests count steps as users / batch size;
+    the tests of sliding windows set them.
+    """
     from rayrec.config.schema import JobConfig
 
     return JobConfig.model_validate({
         "data": {"path": str(tiny_dataset), "prepare_if_missing": False},
         "model": {"name": "sasrec", "hidden": 16, "num_blocks": 1, "dropout": 0.1, "max_len": 20},
-        "train": {"epochs": 3, "batch_size": 32, "optim": {"lr": 0.005}, "shuffle_buffer": 0,
+        "train": {"epochs": 3, "batch_size": 32, "optim": {"lr": 0.005}, "shuffle_buffer": 0, "windows": "last",
                   "early_stopping": {"patience": 5}, "eval": {"ks": [10], "batch_size": 64}},
         "scaling": {"num_workers": 1, "resources_per_worker": {"CPU": 0.5}},
         "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "tests"},

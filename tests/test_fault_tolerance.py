@@ -56,7 +56,7 @@ def crash_in(monkeypatch, match, run) -> None:
 
 def local(cfg, run_dir, resume_from=None):
     ds = open_prepared(cfg.data.path)
-    return run_local(cfg, ds, data_info(ds), run_dir=run_dir, tracker=Tracker.null(), resume_from=resume_from)
+    return run_local(cfg, ds, data_info(ds, cfg), run_dir=run_dir, tracker=Tracker.null(), resume_from=resume_from)
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -55,7 +55,7 @@ def _idle_worker(rank: int, port: int, job: dict, out: str) -> None:
     _init(rank, port)
     cfg = JobConfig.model_validate(job)
     ds = open_prepared(cfg.data.path)
-    info = data_info(ds)
+    info = data_info(ds, cfg)
     torch.manual_seed(0)
     model = build_joint(cfg, info.num_items, info.path)
     runner = StageRunner(plan_stages(cfg.model.stages)[0], model, cfg, torch.device("cpu"), 10, all_reduce_grads,

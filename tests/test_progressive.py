@@ -34,12 +34,12 @@ def local(cfg: JobConfig, run_dir=None, resume_from=None):
     cfg = cfg.model_copy(deep=True)
     cfg.run.checkpoint.num_to_keep = None  # the tests read every epoch's checkpoint
     ds = open_prepared(cfg.data.path)
-    return run_local(cfg, ds, data_info(ds), run_dir=run_dir, tracker=Tracker.null(), resume_from=resume_from)
+    return run_local(cfg, ds, data_info(ds, cfg), run_dir=run_dir, tracker=Tracker.null(), resume_from=resume_from)
 
 
 def model_of(cfg: JobConfig) -> SASRec:
     torch.manual_seed(0)
-    return build(cfg, data_info(open_prepared(cfg.data.path)))
+    return build(cfg, data_info(open_prepared(cfg.data.path), cfg))
 
 
 def one_step(runner: PhaseRunner, model, batch) -> None:
@@ -58,7 +58,7 @@ def a_batch(cfg: JobConfig):
     from rayrec.train.local import PlainBatches
 
     ds = open_prepared(cfg.data.path)
-    return next(iter(PlainBatches(cfg, ds, data_info(ds)).train(1)))
+    return next(iter(PlainBatches(cfg, ds, data_info(ds, cfg)).train(1)))
 
 
 # ----------------------------------------------------------------------------- param groups

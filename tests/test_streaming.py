@@ -1,10 +1,16 @@
-"""The Ray Data path yields exactly the plain loader's batches for the same rows and seed."""
+"""The data paths: training windows, evaluation rows, and the same batches from memory and from Ray Data."""
 
 import numpy as np
+import pytest
 import torch
 
+from rayrec.data import rows as R
 from rayrec.data.dataset import open_prepared
-from rayrec.data.streaming import Collate, PlainLoader, eval_rows, iter_shard, ray_dataset, train_rows
+from rayrec.data.streaming import Collate, TableLoader, eval_rows, iter_shard, ray_dataset, train_rows
+
+
+def _seqs(*seqs):
+    return {"user_idx": np.arange(len(seqs)), "seq": np.array([np.asarray(s) for s in seqs] + [None], dtype=object)[:-1]}
 
 
 def test_train_rows_shift_and_left_pad():
@@ -13,6 +19,27 @@ def test_train_rows_shift_and_left_pad():
     assert out["targets"].tolist() == [[0, 0, 5, 6, 8]]
     cut = train_rows({"user_idx": np.array([7]), "seq": np.array([np.arange(1, 11)], dtype=object)}, max_len=3)
     assert cut["input_ids"].tolist() == [[7, 8, 9]] and cut["targets"].tolist() == [[8, 9, 10]]
+
+
+def test_sliding_windows_make_every_training_event_a_target_once():
+    out = train_rows(_seqs(np.arange(1, 11), [4, 5]), max_len=4, windows="sliding")
+    # user 0: 9 positions -> windows ending at 9, 5, 1 (oldest first); user 1: one window
+    assert out["user_idx"].tolist() == [0, 0, 0, 1]
+    assert out["input_ids"].tolist() == [[0, 0, 0, 1], [2, 3, 4, 5], [6, 7, 8, 9], [0, 0, 0, 4]]
+    assert out["targets"].tolist() == [[0, 0, 0, 2], [3, 4, 5, 6], [7, 8, 9, 10], [0, 0, 0, 5]]
+    assert out["window_end"].tolist() == [1, 5, 9, 1]
+    targets = out["targets"][:3][out["targets"][:3] > 0]
+    assert sorted(targets.tolist()) == list(range(2, 11))  # each of items 2..10 exactly once
+    last = train_rows(_seqs(np.arange(1, 11), [4, 5]), max_len=4, windows="last")
+    assert last["input_ids"].tolist() == [[6, 7, 8, 9], [0, 0, 0, 4]]
+    assert R.count_windows(np.array([10, 2]), 4, "sliding", 4) == 4
+
+
+def test_overlapping_windows_with_a_stride():
+    out = train_rows(_seqs(np.arange(1, 9)), max_len=4, windows="sliding", stride=2)
+    # 7 positions: windows end at 7, 5, 3; the oldest one is left-padded
+    assert out["input_ids"].tolist() == [[0, 1, 2, 3], [2, 3, 4, 5], [4, 5, 6, 7]]
+    assert set(out["targets"][out["targets"] > 0].tolist()) == set(range(2, 9))
 
 
 def test_eval_rows_keep_full_history_for_masking():
@@ -24,43 +51,72 @@ def test_eval_rows_keep_full_history_for_masking():
 
 
 def test_negatives_are_seeded_by_rows_not_call_order():
-    batch = {"user_idx": np.array([3, 4]), "targets": np.ones((2, 5), dtype=np.int64)}
+    batch = {"user_idx": np.array([3, 4]), "window_end": np.array([9, 9]), "targets": np.ones((2, 5), dtype=np.int64)}
     a = Collate(num_items=50, num_negatives=4, seed=1, epoch=2)(batch)["negatives"]
     b = Collate(num_items=50, num_negatives=4, seed=1, epoch=2)(batch)["negatives"]
     c = Collate(num_items=50, num_negatives=4, seed=1, epoch=3)(batch)["negatives"]
+    d = Collate(num_items=50, num_negatives=4, seed=1, epoch=2)({**batch, "window_end": np.array([5, 9])})["negatives"]
     assert a.shape == (2, 5, 4) and torch.equal(a, b) and not torch.equal(a, c)
+    assert not torch.equal(a, d)  # another window of the same user draws other negatives
     assert int(a.min()) >= 1 and int(a.max()) <= 50
 
 
-def _plain(ds, split, collate, **kw):
-    return list(PlainLoader(ds.table(split), split, batch_size=32, collate=collate, **kw))
+def test_epoch_order_permutes_chunks_and_is_seeded():
+    a = R.epoch_order(100, seed=1, epoch=2, buffer=32)
+    assert sorted(a.tolist()) == list(range(100)) and a.tolist() != list(range(100))
+    assert all(set(a[lo:lo + 32].tolist()) == set(range(lo, min(lo + 32, 100))) for lo in range(0, 100, 32))
+    assert np.array_equal(a, R.epoch_order(100, seed=1, epoch=2, buffer=32))
+    assert not np.array_equal(a, R.epoch_order(100, seed=1, epoch=3, buffer=32))
+    assert R.epoch_order(5, seed=1, epoch=1, buffer=0).tolist() == [0, 1, 2, 3, 4]
 
 
-def test_ray_shard_batches_equal_plain_batches(ray_session, tiny_dataset):
+def test_worker_shares_cover_every_row():
+    order = np.arange(11)
+    shares = [R.rank_share(order, r, 3) for r in range(3)]
+    assert {len(s) for s in shares} == {4}  # equal steps on every rank
+    assert set(np.concatenate(shares).tolist()) == set(range(11))
+    ev = [R.eval_share(11, r, 3) for r in range(3)]
+    assert sorted(np.concatenate(ev).tolist()) == list(range(11))  # every evaluation row exactly once
+
+
+def _memory(ds, split, collate, *, max_len=20, windows="last", shuffle_buffer=0, seen_len=0):
+    if split == "train":
+        table = R.train_table(str(ds.path), max_len=max_len, windows=windows, stride=None)
+    else:
+        table = R.split_table(str(ds.path), split, max_len=max_len, seen_len=seen_len)
+    return list(TableLoader(table, batch_size=32, collate=collate, shuffle_buffer=shuffle_buffer))
+
+
+def _assert_same(a, b):
+    assert len(a) == len(b) > 3
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in y:
+            assert torch.equal(x[k], y[k]), k
+
+
+@pytest.mark.parametrize("windows", ["last", "sliding"])
+def test_streamed_batches_equal_in_memory_batches_for_the_same_seed(ray_session, tiny_dataset, windows):
     ds = open_prepared(tiny_dataset)
     collate = Collate(num_items=ds.num_items, num_negatives=2, seed=5, epoch=1)
-    ray_train = ray_dataset(str(tiny_dataset), "train", max_len=20)
-    ray_batches = list(iter_shard(ray_train.iterator(), batch_size=32, collate=collate))
-    plain = _plain(ds, "train", collate, max_len=20)
-    assert len(ray_batches) == len(plain) > 3
-    for r, p in zip(ray_batches, plain):
-        assert r.keys() == p.keys()
-        for k in p:
-            assert torch.equal(r[k], p[k]), k
+    stream = ray_dataset(str(tiny_dataset), "train", max_len=8, windows=windows, override_num_blocks=3)
+    streamed = list(iter_shard(stream.iterator(), batch_size=32, collate=collate, shuffle_buffer=48))
+    memory = _memory(ds, "train", collate, max_len=8, windows=windows, shuffle_buffer=48)
+    _assert_same(streamed, memory)
+    users = torch.cat([b["user_idx"] for b in memory])
+    assert users.tolist() != sorted(users.tolist())  # it did shuffle
 
     seen_len = ds.max_history("valid")
     ray_valid = ray_dataset(str(tiny_dataset), "valid", max_len=20, seen_len=seen_len)
-    rv = list(iter_shard(ray_valid.iterator(), batch_size=32, collate=Collate()))
-    pv = _plain(ds, "valid", Collate(), max_len=20, seen_len=seen_len)
-    assert all(torch.equal(r[k], p[k]) for r, p in zip(rv, pv) for k in p)
+    _assert_same(list(iter_shard(ray_valid.iterator(), batch_size=32, collate=Collate())),
+                 _memory(ds, "valid", Collate(), seen_len=seen_len))
 
 
-def test_shuffled_epoch_covers_every_row_once(ray_session, tiny_dataset):
+def test_sliding_windows_train_on_every_event(tiny_dataset):
     ds = open_prepared(tiny_dataset)
-    collate = Collate(seed=3, epoch=1)
-    ray_train = ray_dataset(str(tiny_dataset), "train", max_len=20)
-    ray_users = torch.cat([b["user_idx"] for b in iter_shard(ray_train.iterator(), batch_size=32, collate=collate, shuffle_buffer=64)])
-    plain_users = torch.cat([b["user_idx"] for b in _plain(ds, "train", collate, max_len=20, shuffle=True)])
-    expected = sorted(ds.table("train")["user_idx"].tolist())
-    assert sorted(ray_users.tolist()) == expected == sorted(plain_users.tolist())
-    assert plain_users.tolist() != expected  # it did shuffle
+    batches = _memory(ds, "train", Collate(seed=3, epoch=1), max_len=8, windows="sliding", shuffle_buffer=64)
+    targets = torch.cat([b["targets"][b["targets"] > 0] for b in batches])
+    seqs = ds.table("train")["seq"]
+    assert len(targets) == sum(len(s) - 1 for s in seqs)  # every next-item event, once
+    last = _memory(ds, "train", Collate(), max_len=8)
+    assert sum(int((b["targets"] > 0).sum()) for b in last) < len(targets)

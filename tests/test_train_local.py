@@ -19,7 +19,7 @@ def local(cfg: JobConfig, run_dir=None, resume_from=None):
     cfg = cfg.model_copy(deep=True)
     cfg.run.checkpoint.num_to_keep = None  # the tests read every epoch's checkpoint
     ds = open_prepared(cfg.data.path)
-    return run_local(cfg, ds, data_info(ds), run_dir=run_dir, tracker=Tracker.null(), resume_from=resume_from)
+    return run_local(cfg, ds, data_info(ds, cfg), run_dir=run_dir, tracker=Tracker.null(), resume_from=resume_from)
 
 
 def test_sasrec_learns_structure_above_chance(tiny_job):
@@ -133,7 +133,7 @@ def test_evaluate_hands_every_batchs_target_ranks_to_on_ranks(tiny_job):
     from rayrec.train.worker import build
 
     ds = open_prepared(tiny_job.data.path)
-    info = data_info(ds)
+    info = data_info(ds, tiny_job)
     model = build(tiny_job.model_copy(update={"model": JobConfig.model_validate({"model": {"name": "popularity"}}).model}),
                   info)
     seen, sums = [], MetricSums([10])

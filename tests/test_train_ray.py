@@ -72,7 +72,7 @@ def test_two_workers_ddp(ray_session, tiny_job):
     e1, e2 = (load_state(out.run_dir / f"epoch_000{e}")["model"] for e in (1, 2))
     blocks = [k for k in e1 if k.startswith("blocks")]
     seed_everything(cfg.run.seed)  # the workers' initial weights
-    init = build(cfg, data_info(open_prepared(cfg.data.path))).state_dict()
+    init = build(cfg, data_info(open_prepared(cfg.data.path), cfg)).state_dict()
     assert all(e1[k].equal(init[k]) for k in blocks) and not e1["item_emb.weight"].equal(init["item_emb.weight"])
     c = MlflowClient(cfg.tracking.uri)
     assert [m.value for m in sorted(c.get_metric_history(out.mlflow_run_id, "phase"), key=lambda m: m.step)] == [1, 2, 2]

@@ -56,7 +56,7 @@ def local(cfg, run_dir=None, resume_from=None):
     cfg = cfg.model_copy(deep=True)
     cfg.run.checkpoint.num_to_keep = None  # the tests read every epoch's checkpoint
     ds = open_prepared(cfg.data.path)
-    return run_local(cfg, ds, data_info(ds), run_dir=run_dir, tracker=Tracker.null(), resume_from=resume_from,
+    return run_local(cfg, ds, data_info(ds, cfg), run_dir=run_dir, tracker=Tracker.null(), resume_from=resume_from,
                      loop=fit_joint)
 
 
@@ -94,7 +94,7 @@ def test_schedules_advance_with_their_module_and_every_grad_is_zeroed(mm_data, t
     stages = [{"name": "joint_finetune", "epochs": 1, "strategies": [{"name": "fixed_alternating", "every": 2}]}]
     cfg = joint_job(mm_data, tmp_path, stages=stages)
     ds = open_prepared(mm_data)
-    info = data_info(ds)
+    info = data_info(ds, cfg)
     torch.manual_seed(0)
     model = build_joint(cfg, info.num_items, info.path)
     runner = StageRunner(plan_stages(cfg.model.stages)[0], model, cfg, torch.device("cpu"), 10, no_sync,
@@ -160,7 +160,7 @@ def test_grad_accum_accumulates_and_the_schedule_follows_optimizer_steps(mm_data
     cfg.train.grad_accum = 2
     cfg.train.optim.schedule = "cosine"
     _, rep = local(cfg)
-    micro = len(PlainBatches(cfg, open_prepared(mm_data), data_info(open_prepared(mm_data))).train(1))
+    micro = len(PlainBatches(cfg, open_prepared(mm_data), data_info(open_prepared(mm_data), cfg)).train(1))
     assert micro >= 6 and rep.metrics[0]["train/steps"] == -(-micro // 2)
     assert rep.metrics[0]["train/lr_sasrec"] == pytest.approx(0.0, abs=1e-12)  # the cosine ended on its last step
 
@@ -218,7 +218,7 @@ def test_warmup_continues_across_stages_unless_a_stage_has_its_own(mm_data, tmp_
     cfg = joint_job(mm_data, tmp_path, stages=stages)
     cfg.train.optim.warmup_steps = 15
     ds = open_prepared(mm_data)
-    info = data_info(ds)
+    info = data_info(ds, cfg)
     model = build_joint(cfg, info.num_items, info.path)
     plans = plan_stages(cfg.model.stages)
     runner = StageRunner(plans[0], model, cfg, torch.device("cpu"), 10, no_sync, lambda t: t, 1,
@@ -236,7 +236,7 @@ def test_optim_groups_apply_inside_each_modules_optimizer(mm_data, tmp_path, cap
     cfg = joint_job(mm_data, tmp_path, stages=[{"name": "end_to_end", "epochs": 1, "lr": {"retriever": 0.001}}])
     cfg.train.optim.groups = [{"pattern": "sasrec.item_emb*", "lr_mult": 2.0}]
     ds = open_prepared(mm_data)
-    info = data_info(ds)
+    info = data_info(ds, cfg)
     model = build_joint(cfg, info.num_items, info.path)
     runner = StageRunner(plan_stages(cfg.model.stages)[0], model, cfg, torch.device("cpu"), 10, no_sync,
                          lambda t: t, 1)
@@ -250,7 +250,7 @@ def test_optim_groups_apply_inside_each_modules_optimizer(mm_data, tmp_path, cap
 
 def test_a_short_last_accumulation_step_is_a_mean_over_its_own_batches(mm_data, tmp_path):
     ds = open_prepared(mm_data)
-    info = data_info(ds)
+    info = data_info(ds, joint_job(mm_data, tmp_path, stages=[{"name": "pretrain_sasrec", "epochs": 1}]))
     grads = {}
     for accum in (1, 2):
         cfg = joint_job(mm_data, tmp_path, stages=[{"name": "pretrain_sasrec", "epochs": 1}])

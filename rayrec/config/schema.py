@@ -72,6 +72,13 @@ class DataConfig(Strict):
     source_options: dict[str, str | int | float | bool] = Field(
         default_factory=dict, description="extra keyword options of the source reader"
     )
+    ingest: Literal["auto", "memory", "stream"] = Field(
+        "auto", description="how Ray workers read the rows: 'memory' = transformed once per run into numpy "
+        "tables in the object store (no per-epoch data work); 'stream' = Ray Data reads and transforms every "
+        "epoch (data larger than the object store); 'auto' = memory when the tables take at most "
+        "memory_fraction of the cluster's object store. The run's log says which path it took")
+    memory_fraction: float = Field(0.3, gt=0.0, le=1.0, description="ingest auto: share of the object store "
+                                   "the in-memory tables may take")
 
 
 class PopularityConfig(Strict):
@@ -118,7 +125,7 @@ class EvalConfig(Strict):
     ks: list[int] = Field(default_factory=lambda: [5, 10, 20])
     mode: str = Field("full", description="'full' ranking or 'sampled:N' negatives")
     mask_seen: bool = Field(True, description="exclude items already in the history")
-    batch_size: int = Field(256, ge=1)
+    batch_size: int = Field(1024, ge=1, description="rows per evaluation batch (scores are [batch, items])")
 
     @field_validator("mode")
     @classmethod
@@ -146,7 +153,14 @@ class TrainConfig(ProgressiveMixin):
     early_stopping: EarlyStopConfig = EarlyStopConfig()
     eval: EvalConfig = EvalConfig()
     amp: bool = Field(True, description="bf16/fp16 autocast when on GPU (ignored on CPU)")
-    shuffle_buffer: int = Field(1024, ge=0, description="local shuffle buffer (rows); 0 = off")
+    shuffle_buffer: int = Field(1024, ge=0, description="shuffle: each chunk of this many rows (file order) is "
+                                "permuted per epoch, identically on every data path; 0 = off")
+    windows: Literal["last", "sliding"] = Field(
+        "sliding", description="training rows per user: 'sliding' = windows of model.max_len positions every "
+        "window_stride positions back from the newest, so every training event is a target; 'last' = the newest "
+        "window only (older events are never trained on)")
+    window_stride: int | None = Field(None, ge=1, description="positions between sliding windows; null = "
+                                      "model.max_len (no overlap: each event is a target once)")
 
     @model_validator(mode="after")
     def _stopping_metric(self) -> TrainConfig:
@@ -229,6 +243,14 @@ class JobConfig(Strict):
             raise ValueError(f"train.epochs ({self.train.epochs}) != the sum of model.stages[*].epochs "
                              f"({self.model.total_epochs}); for ur4rec set epochs per stage and drop train.epochs")
         self.train.epochs = self.model.total_epochs
+        return self
+
+    @model_validator(mode="after")
+    def _window_stride(self) -> JobConfig:
+        stride = self.train.window_stride
+        if stride is not None and stride > self.model.max_len:
+            raise ValueError(f"train.window_stride ({stride}) > model.max_len ({self.model.max_len}): the "
+                             "positions between windows would never be trained on; use at most max_len")
         return self
 
     @model_validator(mode="after")

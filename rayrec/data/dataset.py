@@ -43,8 +43,12 @@ class Prepared:
 
     def max_history(self, split: str) -> int:
         """Longest history of an evaluation split (fixed width for masking seen items)."""
-        lengths = self.table(split)["history"].map(len)
-        return int(lengths.max()) if len(lengths) else 1
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        lengths = pc.list_value_length(pq.read_table(self.file(split), columns=["history"]).column("history"))
+        longest = pc.max(lengths).as_py() if len(lengths) else None
+        return int(longest) if longest else 1
 
 
 def open_prepared(path: str | Path) -> Prepared:

@@ -1,10 +1,10 @@
-"""Batches for training and evaluation, from Ray Data or from plain pandas.
+"""Batches for training and evaluation: from in-memory row tables, or streamed by Ray Data.
 
-The row transforms (``train_rows``/``eval_rows``) and the collate function are
-shared by both paths, so a Ray Train worker reading its shard sees exactly the
-batches the plain loader yields for the same rows, order and seed (tests check).
+Both paths use the transforms of ``rayrec.data.rows`` and the same seeded chunk shuffle, so a
+worker reading a Ray Data shard sees exactly the batches the in-memory path yields for the same
+rows, order and seed (tests check).
 
-Layout: histories are LEFT-padded to ``max_len`` with 0 (most recent item last).
+Layout: histories are LEFT-padded with 0 (most recent item last).
 """
 
 from __future__ import annotations
@@ -15,51 +15,34 @@ from functools import partial
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 
-
-def _left_pad(seqs: list[np.ndarray] | np.ndarray, width: int) -> np.ndarray:
-    """Keep the last ``width`` items of each sequence, padded on the left with 0."""
-    out = np.zeros((len(seqs), width), dtype=np.int64)
-    for i, s in enumerate(seqs):
-        s = np.asarray(s, dtype=np.int64)[-width:]
-        if len(s):
-            out[i, width - len(s) :] = s
-    return out
+from rayrec.data import rows as R
 
 
-def train_rows(batch: dict[str, Any], max_len: int) -> dict[str, np.ndarray]:
-    """User sequences -> next-item training pairs.
+def train_rows(batch: dict[str, Any], max_len: int, windows: R.Windows = "last", stride: int | None = None) -> dict[str, np.ndarray]:
+    """User sequences -> next-item training windows (``rows.train_windows``).
 
-    input_ids = seq[:-1], targets = seq[1:], both the last ``max_len`` steps.
-    Returns ``input_ids [B, L]``, ``targets [B, L]`` (0 = no target), ``user_idx [B]``.
+    Returns ``user_idx [W]``, ``window_end [W]``, ``input_ids [W, L]``, ``targets [W, L]`` (0 = no target).
     """
-    seqs = batch["seq"]
-    return {
-        "user_idx": np.asarray(batch["user_idx"], dtype=np.int64),
-        "input_ids": _left_pad([np.asarray(s)[:-1] for s in seqs], max_len),
-        "targets": _left_pad([np.asarray(s)[1:] for s in seqs], max_len),
-    }
+    values, offsets = R.ragged(batch["seq"])
+    return R.train_windows(values, offsets, np.asarray(batch["user_idx"]), max_len=max_len, windows=windows, stride=stride)
 
 
 def eval_rows(batch: dict[str, Any], max_len: int, seen_len: int) -> dict[str, np.ndarray]:
     """Prediction rows -> ``history [B, L]`` (model input), ``seen [B, S]`` (to mask), ``target [B]``."""
-    hist = batch["history"]
-    return {
-        "user_idx": np.asarray(batch["user_idx"], dtype=np.int64),
-        "history": _left_pad(hist, max_len),
-        "seen": _left_pad(hist, seen_len),
-        "target": np.asarray(batch["target"], dtype=np.int64),
-    }
+    values, offsets = R.ragged(batch["history"])
+    table = R.eval_table(values, offsets, np.asarray(batch["user_idx"]), np.asarray(batch["target"]),
+                         max_len=max_len, seen_len=seen_len)
+    return table.take(np.arange(len(table)))
 
 
 @dataclass
 class Collate:
     """numpy batch -> torch tensors, drawing ``num_negatives`` per position if asked.
 
-    Negatives are uniform over 1..num_items and seeded by (seed, epoch, first
-    user in the batch), so the same rows give the same negatives on any path.
+    Negatives are uniform over 1..num_items and seeded by (seed, epoch, the batch's first window:
+    user and end), so the same rows give the same negatives on any path.
     """
 
     num_items: int = 0
@@ -70,74 +53,75 @@ class Collate:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         out = {k: torch.from_numpy(np.array(v, copy=True)) for k, v in batch.items()}
         if self.num_negatives and "targets" in out:
-            first = int(batch["user_idx"][0]) if len(batch["user_idx"]) else 0
-            rng = np.random.default_rng([self.seed, self.epoch, first])
+            n = len(batch["user_idx"])
+            first = [int(batch["user_idx"][0]), int(batch["window_end"][0]) if "window_end" in batch else 0] if n else [0, 0]
+            rng = np.random.default_rng([self.seed, self.epoch, *first])
             shape = (*batch["targets"].shape, self.num_negatives)
             out["negatives"] = torch.as_tensor(rng.integers(1, self.num_items + 1, size=shape))
         return out
 
 
+# ----------------------------------------------------------------------------- in memory
+
+
+class TableLoader:
+    """Batches of a ``RowTable``: the rows ``share(order)`` picks, in the epoch's seeded order.
+
+    ``shuffle_buffer`` > 0 permutes chunks of that many rows (``rows.epoch_order``); ``share``
+    maps the epoch's order to this worker's rows (``rows.rank_share``; all of them by default).
+    """
+
+    def __init__(self, table: R.RowTable, *, batch_size: int, collate: Collate, shuffle_buffer: int = 0,
+                 share=lambda order: order, drop_last: bool = False) -> None:
+        self.table, self.batch_size, self.collate = table, batch_size, collate
+        self.shuffle_buffer, self.share, self.drop_last = shuffle_buffer, share, drop_last
+
+    def order(self) -> np.ndarray:
+        c = self.collate
+        return self.share(R.epoch_order(len(self.table), seed=c.seed, epoch=c.epoch, buffer=self.shuffle_buffer))
+
+    def __len__(self) -> int:
+        return R.num_batches(len(self.share(np.arange(len(self.table)))), self.batch_size, self.drop_last)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for batch in R.batches(self.table, self.order(), self.batch_size, drop_last=self.drop_last):
+            yield self.collate(batch)
+
+
 # ----------------------------------------------------------------------------- Ray Data
 
 
-def ray_dataset(path: str, split: str, *, max_len: int, seen_len: int = 0, override_num_blocks: int | None = None):
+def ray_dataset(path: str, split: str, *, max_len: int, seen_len: int = 0, windows: R.Windows = "last",
+                stride: int | None = None, override_num_blocks: int | None = None):
     """A lazy ``ray.data`` dataset of transformed rows for ``split`` of a prepared dir."""
     import ray.data
 
     ds = ray.data.read_parquet(f"{path}/{split}.parquet", override_num_blocks=override_num_blocks)
-    # rows in file order, so a seed fixes the batches (shuffling is our local, seeded buffer)
+    # rows in file order, so a seed fixes the batches (shuffling is our seeded chunk shuffle)
     ds.context.execution_options.preserve_order = True
     if split == "train":
-        fn = partial(train_rows, max_len=max_len)
+        fn = partial(train_rows, max_len=max_len, windows=windows, stride=stride)
     else:
         fn = partial(eval_rows, max_len=max_len, seen_len=seen_len)
-    return ds.map_batches(fn, batch_format="numpy", zero_copy_batch=True)
+    return ds.map_batches(fn, batch_format="pyarrow", zero_copy_batch=True)
 
 
 def iter_shard(shard, *, batch_size: int, collate: Collate, shuffle_buffer: int = 0, drop_last: bool = False) -> Iterator[dict[str, torch.Tensor]]:
-    """Batches of a worker's shard (``ray.train.get_dataset_shard(name)``)."""
-    from ray.data.collate_fn import NumpyBatchCollateFn
-
-    class RayCollate(NumpyBatchCollateFn):
-        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-            return collate(batch)
-
-    shuffle = shuffle_buffer > 0
-    return shard.iter_torch_batches(
-        batch_size=batch_size,
-        collate_fn=RayCollate(),
-        drop_last=drop_last,
-        local_shuffle_buffer_size=shuffle_buffer if shuffle else None,
-        local_shuffle_seed=(collate.seed * 1000 + collate.epoch) if shuffle else None,
-        prefetch_batches=2,
-    )
-
-
-# ----------------------------------------------------------------------------- plain
-
-
-class PlainLoader:
-    """The same batches without Ray: rows from a DataFrame, transformed once, in memory.
-
-    ``shuffle`` permutes rows each epoch with ``np.random.default_rng([seed, epoch])``.
-    """
-
-    def __init__(self, df: pd.DataFrame, split: str, *, max_len: int, batch_size: int, collate: Collate, seen_len: int = 0, shuffle: bool = False, drop_last: bool = False):
-        cols = {c: df[c].to_numpy() for c in df.columns}
-        self.rows = train_rows(cols, max_len) if split == "train" else eval_rows(cols, max_len, seen_len)
-        self.n = len(df)
-        self.batch_size, self.collate, self.shuffle, self.drop_last = batch_size, collate, shuffle, drop_last
-
-    def __len__(self) -> int:
-        full, rest = divmod(self.n, self.batch_size)
-        return full + (0 if self.drop_last or not rest else 1)
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        order = np.arange(self.n)
-        if self.shuffle:
-            order = np.random.default_rng([self.collate.seed, self.collate.epoch]).permutation(self.n)
-        for start in range(0, self.n, self.batch_size):
-            idx = order[start : start + self.batch_size]
-            if self.drop_last and len(idx) < self.batch_size:
-                break
-            yield self.collate({k: v[idx] for k, v in self.rows.items()})
+    """Batches of a worker's shard (``ray.train.get_dataset_shard(name)``), shuffled as ``TableLoader``
+    shuffles: chunks of ``shuffle_buffer`` rows in stream order, each permuted by the same seed."""
+    if shuffle_buffer <= 0:
+        for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=drop_last, prefetch_batches=2):
+            yield collate(batch)
+        return
+    pending: dict[str, np.ndarray] | None = None
+    chunks = shard.iter_batches(batch_size=shuffle_buffer, batch_format="numpy", prefetch_batches=1)
+    for index, chunk in enumerate(chunks):
+        n = len(next(iter(chunk.values())))
+        perm = R.chunk_permutation(n, seed=collate.seed, epoch=collate.epoch, chunk=shuffle_buffer, index=index)
+        chunk = {k: v[perm] for k, v in chunk.items()}
+        pending = chunk if pending is None else {k: np.concatenate([pending[k], chunk[k]]) for k in chunk}
+        while len(pending["user_idx"]) >= batch_size:
+            yield collate({k: v[:batch_size] for k, v in pending.items()})
+            pending = {k: v[batch_size:] for k, v in pending.items()}
+    if pending is not None and len(pending["user_idx"]) and not drop_last:
+        yield collate(pending)

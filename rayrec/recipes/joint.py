@@ -26,26 +26,28 @@ from rayrec.recipes import sequential
 from rayrec.runs import Outcome, Run, TrainerParts
 from rayrec.tracking.mlflow_tracking import Tracker
 from rayrec.train.worker import micro_batches_per_epoch, steps_per_epoch
-from rayrec.workers import RayReporter, ShardBatches, all_reduce_sum, comm_device, progress_for
+from rayrec.workers import RayReporter, all_reduce_sum, comm_device, progress_for
 
 
 @dataclass
 class Inputs(sequential.Inputs):
-    features: dict[str, Any]  # the feature manifest (what was encoded, with which model)
+    features: dict[str, Any] = dataclasses.field(default_factory=dict)  # the feature manifest (what was encoded, with which model)
 
 
 def prepare(cfg: JobConfig, run: Run) -> Inputs:
     from rayrec.train.joint import prepare_features
 
     base = sequential.prepare(cfg, run)
-    return Inputs(base.ds, base.info, prepare_features(cfg, base.ds.path, use_ray=not run.local))
+    return Inputs(base.ds, base.info, base.tables, features=prepare_features(cfg, base.ds.path, use_ray=not run.local))
 
 
-def share(cfg: JobConfig) -> None:
-    """A sweep: the dataset and the features, computed once (with Ray Data) before any trial."""
+def share(cfg: JobConfig) -> sequential.Shared:
+    """A sweep: the dataset, its row tables and the features, computed once (features with Ray
+    Data) before any trial."""
     from rayrec.train.joint import prepare_features
 
     prepare_features(cfg, ensure_prepared(cfg.data).path, use_ray=True)
+    return sequential.share(cfg)
 
 
 def record(tracker: Tracker, inputs: Inputs) -> None:
@@ -69,7 +71,7 @@ def joint_worker(config: dict[str, Any]) -> None:
     epochs = w.cfg.model.total_epochs
     progress = progress_for(config, w.rank, epochs=epochs, steps=micro_batches_per_epoch(w.cfg, w.info),
                             initial_epochs=int(w.resume["epoch"]) if w.resume else 0)
-    fit_joint(w.model, ShardBatches(w.cfg, w.info, w.rank, w.world), w.cfg, num_items=w.info.num_items,
+    fit_joint(w.model, w.batches, w.cfg, num_items=w.info.num_items,
               device=w.device, reporter=RayReporter(w.rank, w.tracker, score=w.cfg.train.early_stopping.metric), resume=w.resume, reduce=all_reduce_sum,
               sync_grads=all_reduce_grads if w.world > 1 else no_sync, world_size=w.world, progress=progress,
               steps_per_epoch=steps_per_epoch(w.cfg, w.info))

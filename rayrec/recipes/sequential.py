@@ -8,6 +8,7 @@ local:   the same ``fit`` in this process (a parameter-free baseline always runs
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,33 +20,97 @@ from rayrec.models import PARAMETER_FREE
 from rayrec.runs import Outcome, Recipe, Run, TrainerParts
 from rayrec.tracking.mlflow_tracking import Tracker
 from rayrec.train.checkpoint import newest_readable, resume_metrics, seed_everything
-from rayrec.train.worker import DataInfo, build, data_info, micro_batches_per_epoch, steps_per_epoch
+from rayrec.train.worker import (
+    DataInfo,
+    TableBatches,
+    build,
+    data_info,
+    micro_batches_per_epoch,
+    row_tables,
+    steps_per_epoch,
+    window_stride,
+)
 from rayrec.workers import (
     RayReporter,
-    ShardBatches,
     all_reduce_sum,
     progress_for,
     quiet_worker_logs,
     rank_and_world,
     resume_state,
+    worker_batches,
     worker_tracker,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class Inputs:
     ds: Prepared
     info: DataInfo
+    tables: dict[str, Any] | None = None  # object refs of the in-memory row tables (the Ray path)
+
+
+@dataclass(frozen=True)
+class Shared:
+    """What a sweep's driver made once for all trials: the data's sizes and its row tables in
+    the object store, for the jobs whose rows are the same (``key``)."""
+
+    key: tuple
+    info: DataInfo
+    tables: dict[str, Any] | None
+
+
+def rows_key(cfg: JobConfig, ds: Prepared) -> tuple:
+    """Jobs with equal keys train and evaluate on the same rows."""
+    return (str(ds.path.resolve()), ds.manifest.get("created_at"), cfg.model.max_len, cfg.train.windows,
+            window_stride(cfg))
 
 
 def prepare(cfg: JobConfig, run: Run) -> Inputs:
     ds = ensure_prepared(cfg.data)
-    return Inputs(ds, data_info(ds))
+    shared = run.shared if isinstance(run.shared, Shared) and run.shared.key == rows_key(cfg, ds) else None
+    if shared is not None:
+        return Inputs(ds, shared.info, shared.tables)
+    return Inputs(ds, data_info(ds, cfg))
 
 
-def share(cfg: JobConfig) -> None:
-    """A sweep's trials all read the prepared dataset: prepare it once, before any trial."""
-    ensure_prepared(cfg.data)
+def share(cfg: JobConfig) -> Shared:
+    """A sweep's trials all read the prepared dataset: prepare it once, before any trial, and
+    (when they fit) put its row tables in the object store for every trial whose rows are these."""
+    ds = ensure_prepared(cfg.data)
+    info = data_info(ds, cfg)
+    return Shared(rows_key(cfg, ds), info, put_tables(cfg, info) if choose_ingest(cfg, info) == "memory" else None)
+
+
+# ----------------------------------------------------------------------------- the data path
+
+
+def table_bytes(cfg: JobConfig, info: DataInfo, ds: Prepared | None = None) -> int:
+    """About what the in-memory row tables of the three splits take."""
+    width = cfg.model.max_len
+    events = int(ds.manifest["counts"].get("interactions", 0)) if ds is not None else 0
+    return 8 * (info.train_rows * (2 * width + 2) + info.eval_rows * (width + 3) + 2 * events)
+
+
+def choose_ingest(cfg: JobConfig, info: DataInfo) -> str:
+    """``data.ingest``, with ``auto`` resolved by the tables' size against the object store."""
+    if cfg.data.ingest != "auto":
+        return cfg.data.ingest
+    import ray
+
+    store = ray.cluster_resources().get("object_store_memory", 0)
+    return "memory" if table_bytes(cfg, info) <= cfg.data.memory_fraction * store else "stream"
+
+
+def put_tables(cfg: JobConfig, info: DataInfo) -> dict[str, Any]:
+    """The row tables, built here once, in the object store (workers read them without a copy)."""
+    import ray
+
+    tables = row_tables(cfg, info)
+    refs = {k: ray.put(v) for k, v in tables.items()}
+    log.info("data: %s put in the object store", TableBatches(cfg, info, tables).describe())
+    return refs
 
 
 def record(tracker: Tracker, inputs: Inputs) -> None:
@@ -81,6 +146,7 @@ class WorkerSetup:
     model: Any
     tracker: Tracker
     resume: dict[str, Any] | None
+    batches: Any  # this worker's ``Batches`` (in-memory tables or Ray Data shards)
 
 
 def setup_worker(config: dict[str, Any]) -> WorkerSetup:
@@ -98,7 +164,8 @@ def setup_worker(config: dict[str, Any]) -> WorkerSetup:
     resume = resume_state(config.get("resume_from"))
     if resume is not None:
         tracker.log_metrics(resume_metrics(resume), step=int(resume["epoch"]))
-    return WorkerSetup(cfg, info, rank, world, ray.train.torch.get_device(), model, tracker, resume)
+    return WorkerSetup(cfg, info, rank, world, ray.train.torch.get_device(), model, tracker, resume,
+                       worker_batches(config, cfg, info, rank, world))
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -116,7 +183,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     epochs = w.cfg.train.epochs
     progress = progress_for(config, w.rank, epochs=epochs, steps=micro_batches_per_epoch(w.cfg, w.info),
                             initial_epochs=int(w.resume["epoch"]) if w.resume else 0)
-    fit(module, w.model, ShardBatches(w.cfg, w.info, w.rank, w.world), w.cfg, num_items=w.info.num_items,
+    fit(module, w.model, w.batches, w.cfg, num_items=w.info.num_items,
         device=w.device, reporter=RayReporter(w.rank, w.tracker, score=w.cfg.train.early_stopping.metric), resume=w.resume, reduce=all_reduce_sum,
         world_size=w.world, progress=progress, steps_per_epoch=steps_per_epoch(w.cfg, w.info))
     if progress is not None:
@@ -124,23 +191,34 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 def ray_datasets(cfg: JobConfig, info: DataInfo) -> dict[str, Any]:
-    """Lazy Ray Data pipelines for the three splits (read parquet -> pad/truncate)."""
+    """Lazy Ray Data pipelines for the three splits (read parquet -> windows / pad)."""
     max_len = cfg.model.max_len
     return {
-        "train": ray_dataset(info.path, "train", max_len=max_len),
+        "train": ray_dataset(info.path, "train", max_len=max_len, windows=cfg.train.windows, stride=window_stride(cfg)),
         "valid": ray_dataset(info.path, "valid", max_len=max_len, seen_len=info.seen_len),
         "test": ray_dataset(info.path, "test", max_len=max_len, seen_len=info.seen_len),
     }
 
 
 def trainer_parts(cfg: JobConfig, inputs: Inputs, run: Run, loop=train_loop_per_worker) -> TrainerParts:
-    """The worker loop over the three splits; train split across workers, rows kept in file order."""
-    import ray.train
+    """The worker loop over the three splits: in-memory row tables (read and transformed once,
+    here) or Ray Data streams (every epoch), by ``data.ingest``; the log says which."""
+    from rayrec.data.ray_ingest import SplitEvalConfig
 
-    opts = ray.train.DataConfig.default_ingest_options()
+    info = inputs.info
+    ingest = "memory" if inputs.tables else choose_ingest(cfg, info)
+    if ingest == "memory":
+        if inputs.tables:
+            log.info("data: in memory, the sweep's row tables (made once on its driver)")
+        else:
+            inputs.tables = put_tables(cfg, info)  # held by inputs (the driver) while the trainer runs
+        return TrainerParts(loop=loop, config={"data": info.__dict__, "tables": inputs.tables}, datasets={})
+    log.info("data: streaming from Ray Data every epoch (data.ingest=%s; the row tables would take about %.1f GiB)",
+             cfg.data.ingest, table_bytes(cfg, info, inputs.ds) / 2**30)
+    opts = SplitEvalConfig.default_ingest_options()
     opts.preserve_order = True  # seeded batches
-    return TrainerParts(loop=loop, config={"data": inputs.info.__dict__}, datasets=ray_datasets(cfg, inputs.info),
-                        dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=opts))
+    return TrainerParts(loop=loop, config={"data": info.__dict__}, datasets=ray_datasets(cfg, info),
+                        dataset_config=SplitEvalConfig(datasets_to_split=["train"], execution_options=opts))
 
 
 def outcome(cfg: JobConfig, result, run: Run) -> Outcome:

@@ -55,7 +55,7 @@ def print_groups(cfg) -> None:
     from rayrec.train.worker import build, data_info, has_parameters
 
     cfg = shared_paths(cfg)
-    info = data_info(ensure_prepared(cfg.data))
+    info = data_info(ensure_prepared(cfg.data), cfg)
     model = build(cfg, info)
     if not has_parameters(model):
         print(f"model {cfg.model.name} has no trainable parameters")
@@ -117,7 +117,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     cfg = shared_paths(load_job(args.job, args.overrides))
     ds = ensure_prepared(cfg.data)
-    info = data_info(ds)
+    info = data_info(ds, cfg)
     state = load_state(args.checkpoint)
     model = build(cfg, info)
     weights = state["best_model"] if args.weights == "best" and state.get("best_model") else state["model"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +13,6 @@ import torch
 from rayrec.config.schema import JobConfig
 from rayrec.console import Progress, report_epoch
 from rayrec.data.dataset import Prepared
-from rayrec.data.streaming import PlainLoader
 from rayrec.tracking.mlflow_tracking import Tracker
 from rayrec.train.checkpoint import (
     MID_EPOCH_STEP,
@@ -25,37 +25,21 @@ from rayrec.train.checkpoint import (
     write_score,
 )
 from rayrec.train.loop import LossModule, evaluate, fit
-from rayrec.train.worker import DataInfo, build, collate_for, has_parameters
+from rayrec.train.worker import DataInfo, TableBatches, build, has_parameters, row_tables
+
+log = logging.getLogger(__name__)
 
 #: A training loop run in this process: ``loop(model, batches, cfg, num_items=, device=, reporter=,
 #: resume=, steps_per_epoch=, progress=)`` -> final metrics.
 Loop = Callable[..., dict[str, float]]
 
 
-class PlainBatches:
-    """``Batches`` from in-memory tables; the same rows, order and seeds as the Ray path."""
+class PlainBatches(TableBatches):
+    """``Batches`` of this process: the row tables built here, all rows (rank 0 of 1). The Ray
+    workers' in-memory path is the same class over tables from the object store."""
 
     def __init__(self, cfg: JobConfig, ds: Prepared, info: DataInfo) -> None:
-        self.cfg, self.info = cfg, info
-        max_len = cfg.model.max_len
-        self.train_df = ds.table("train")
-        self._eval = {
-            s: PlainLoader(ds.table(s), s, max_len=max_len, batch_size=cfg.train.eval.batch_size,
-                           collate=collate_for(cfg, info), seen_len=info.seen_len)
-            for s in ("valid", "test")
-        }
-        self._train = PlainLoader(self.train_df, "train", max_len=max_len, batch_size=cfg.train.batch_size,
-                                  collate=collate_for(cfg, info), shuffle=cfg.train.shuffle_buffer > 0)
-
-    def train(self, epoch: int):
-        self._train.collate = collate_for(self.cfg, self.info, epoch)
-        return self._train
-
-    def valid(self):
-        return self._eval["valid"]
-
-    def test(self):
-        return self._eval["test"]
+        super().__init__(cfg, info, row_tables(cfg, info))
 
 
 class LocalReporter:
@@ -107,10 +91,11 @@ def run_local(cfg: JobConfig, ds: Prepared, info: DataInfo, *, run_dir: Path | N
     device = torch.device("cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu")
     model = build(cfg, info).to(device)
     batches = PlainBatches(cfg, ds, info)
+    log.info("data: in memory, %s", batches.describe())
     es = cfg.train.early_stopping
     reporter = LocalReporter(run_dir, tracker, show=show, keep=(cfg.run.checkpoint.num_to_keep, es.metric, es.mode))
     if not has_parameters(model):
-        model.fit(batches.train_df["seq"])
+        model.fit(ds.table("train")["seq"])
         final = evaluate(model, batches.valid(), cfg, info.num_items, device, prefix="val/")
         final.update(evaluate(model, batches.test(), cfg, info.num_items, device, prefix="test/"))
         reporter.report({"epoch": 0, **final}, None)

@@ -232,7 +232,7 @@ def eval_candidates(batch: Batch, seen: torch.Tensor | None, cfg: JobConfig, num
     return torch.cat([batch["target"][:, None], neg.to(batch["target"].device)], dim=1)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def evaluate(
     model: nn.Module, batches: Iterable[Batch], cfg: JobConfig, num_items: int, device: torch.device,
     *, prefix: str, reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,

@@ -5,12 +5,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 from torch import nn
 
 from rayrec.config.schema import JobConfig
 from rayrec.data.dataset import Prepared
-from rayrec.data.streaming import Collate
+from rayrec.data.rows import RowTable, count_windows, eval_share, rank_share, split_table, train_lengths
+from rayrec.data.rows import train_table as rows_train_table
+from rayrec.data.streaming import Collate, TableLoader
 from rayrec.models import build_model
 
 
@@ -20,14 +23,35 @@ class DataInfo:
 
     path: str
     num_items: int
-    train_rows: int
+    train_rows: int  # training windows (``train.windows``), all workers together
     seen_len: int
+    eval_rows: int = 0  # rows of valid + test
 
 
-def data_info(ds: Prepared) -> DataInfo:
+def data_info(ds: Prepared, cfg: JobConfig) -> DataInfo:
+    """Sizes read from the prepared files (sequence lengths only: no Python object per user)."""
+    lengths = train_lengths(str(ds.path))
     return DataInfo(path=str(ds.path.resolve()), num_items=ds.num_items,
-                    train_rows=int(ds.manifest["counts"]["train_users"]),
-                    seen_len=max(ds.max_history("valid"), ds.max_history("test")))
+                    train_rows=count_windows(lengths, cfg.model.max_len, cfg.train.windows, window_stride(cfg)),
+                    seen_len=max(ds.max_history("valid"), ds.max_history("test")),
+                    eval_rows=int(ds.manifest["counts"].get("valid_rows", 0)) + int(ds.manifest["counts"].get("test_rows", 0)))
+
+
+def window_stride(cfg: JobConfig) -> int:
+    return cfg.train.window_stride or cfg.model.max_len
+
+
+def train_table(cfg: JobConfig, info: DataInfo) -> RowTable:
+    return rows_train_table(info.path, max_len=cfg.model.max_len, windows=cfg.train.windows, stride=window_stride(cfg))
+
+
+def eval_table(cfg: JobConfig, info: DataInfo, split: str) -> RowTable:
+    return split_table(info.path, split, max_len=cfg.model.max_len, seen_len=info.seen_len)
+
+
+def row_tables(cfg: JobConfig, info: DataInfo) -> dict[str, RowTable]:
+    """The three splits as in-memory row tables (read and transformed once)."""
+    return {"train": train_table(cfg, info), "valid": eval_table(cfg, info, "valid"), "test": eval_table(cfg, info, "test")}
 
 
 def _joint(cfg: JobConfig, info: DataInfo) -> nn.Module:
@@ -69,3 +93,38 @@ def steps_per_epoch(cfg: JobConfig, info: DataInfo) -> int:
 
 def has_parameters(model: nn.Module) -> bool:
     return any(p.requires_grad for p in model.parameters())
+
+
+class TableBatches:
+    """``Batches`` over in-memory row tables: this worker's share of every split.
+
+    Train: the epoch's seeded order (``rows.epoch_order``), every ``world``-th row from ``rank``
+    (wrapped to a multiple of ``world``, so ranks take equal steps). Valid/test: a contiguous
+    share, so the workers together evaluate every row once (their metric sums are all-reduced).
+    """
+
+    def __init__(self, cfg: JobConfig, info: DataInfo, tables: dict[str, RowTable], rank: int = 0, world: int = 1) -> None:
+        self.cfg, self.info, self.tables, self.rank, self.world = cfg, info, tables, rank, world
+        self._train = TableLoader(tables["train"], batch_size=cfg.train.batch_size, collate=collate_for(cfg, info),
+                                  shuffle_buffer=cfg.train.shuffle_buffer, share=partial(rank_share, rank=rank, world=world))
+
+    def train(self, epoch: int) -> TableLoader:
+        self._train.collate = collate_for(self.cfg, self.info, epoch)
+        return self._train
+
+    def valid(self) -> TableLoader:
+        return self._eval("valid")
+
+    def test(self) -> TableLoader:
+        return self._eval("test")
+
+    def _eval(self, split: str) -> TableLoader:
+        share = eval_share(len(self.tables[split]), self.rank, self.world)
+        return TableLoader(self.tables[split], batch_size=self.cfg.train.eval.batch_size,
+                           collate=collate_for(self.cfg, self.info), share=lambda order: order[share])
+
+    def describe(self) -> str:
+        t = self.tables
+        mb = sum(x.nbytes for x in t.values()) / 2**20
+        return (f"{len(t['train']):,} training windows ({self.cfg.train.windows}), {len(t['valid']):,} valid and "
+                f"{len(t['test']):,} test rows, {mb:,.1f} MiB")

@@ -80,11 +80,12 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, export: Path | None = None,
         #    then what every trial reads (data, features, SID index), made once here
         ensure_ray()
         console.attach_ray()
-        prepare_shared(sweep, job)
+        shared = prepare_shared(sweep, job)
         logging.getLogger("tensorboardX").setLevel(logging.WARNING)  # it renames every metric with '@'
         concurrency = fit_concurrency(sweep)
         parent = _open_parent(sweep, job, uri, sweep_dir, resume)
         plan = _plan(sweep, job, sweep_dir, uri, parent.run_id)
+        plan.shared = shared
         # 3. tune: a new Tuner, or the saved one (finished trials are kept, unfinished ones continue)
         tuner = _tuner(sweep, plan, sweep_dir, concurrency, resume, verbose)
         start = time.monotonic()
@@ -130,10 +131,11 @@ def _absolutize(model: BaseModel) -> None:
                     _absolutize(item)
 
 
-def prepare_shared(sweep: Sweep, job: BaseModel) -> None:
+def prepare_shared(sweep: Sweep, job: BaseModel) -> Any:
     """What every trial reads, made once before any starts (the recipe's ``share``: the prepared
-    dataset; a joint job's features; a generative job's semantic-ID index)."""
-    sweep.kind.recipe(job).share(job)
+    dataset and its row tables in the object store; a joint job's features; a generative job's
+    semantic-ID index). Returns what the trials get (``TrialPlan.shared``)."""
+    return sweep.kind.recipe(job).share(job)
 
 
 def pick_sweep_dir(storage: Path, name: str, resume: bool) -> Path:

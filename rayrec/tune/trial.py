@@ -44,6 +44,7 @@ class TrialPlan:
     parent_run_id: str | None
     searched: list[str] = field(default_factory=list)
     kind: str = SEQUENTIAL.name  # the base job's kind (``rayrec.tune.kinds``)
+    shared: Any = None  # what the recipe's ``share`` made once on the sweep driver (object refs travel with the plan)
 
 
 def trial_job(plan: TrialPlan, params: dict[str, Any], *, name: str) -> BaseModel:
@@ -82,7 +83,7 @@ def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
     report = SweepReportCallback(plan.metric, plan.mode, last_epoch=None if kind.test_report else job_epochs(cfg),
                                  steps_per_report=cfg.train.save_steps if reports_clock(cfg) else None)
     run_job(kind.recipe(cfg), cfg, callbacks=[report], tracking=partial(open_child, plan, trial_id, params),
-            console=False)
+            console=False, shared=plan.shared)
 
 
 def trial_dirname_of(trial_id: str) -> str:
