@@ -42,6 +42,11 @@ SIZES = {  # users, items, mean sequence length (events ~ users x mean_len)
 SETUPS = {"plain": (0, 1.0), "ray1": (1, 1.0), "ray2": (2, 0.5)}  # workers (0 = in process), CPU each
 
 
+def synth_of(size: str) -> dict:
+    users, items, mean_len = SIZES[size]
+    return {"users": users, "items": items, "topics": 20, "mean_len": mean_len, "seed": 0, "images": False}
+
+
 def maxrss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -54,8 +59,7 @@ def child_prepare(size: str, out: Path) -> dict:
     from rayrec.data.dataset import source_reader
     from rayrec.data.prepare import prepare
 
-    users, items, mean_len = SIZES[size]
-    synth = {"users": users, "items": items, "topics": 20, "mean_len": mean_len, "seed": 0, "images": False}
+    synth = synth_of(size)
     start = time.perf_counter()
     prepare(source_reader("synthetic", None, on_bad_line="error", synth=synth), out, source="synthetic",
             params={"synth": synth}, filters=FilterConfig(), split="leave_one_out")
@@ -64,12 +68,12 @@ def child_prepare(size: str, out: Path) -> dict:
             "events": manifest["counts"]["interactions"], "users": manifest["counts"]["users"]}
 
 
-def job(data: Path, work: Path, setup: str):
+def job(data: Path, work: Path, setup: str, size: str):
     from rayrec.config.schema import JobConfig
 
     workers, cpu = SETUPS[setup]
     return JobConfig.model_validate({
-        "data": {"path": str(data), "prepare_if_missing": False},
+        "data": {"path": str(data), "prepare_if_missing": False, "synth": synth_of(size)},
         "model": {"name": "sasrec", "hidden": 32, "num_blocks": 1, "num_heads": 1, "dropout": 0.2, "max_len": 50},
         "train": {"epochs": 1, "batch_size": 256, "windows": "last", "eval": {"ks": [10], "batch_size": 1024}},
         "scaling": {"num_workers": max(1, workers), "resources_per_worker": {"CPU": cpu}},
@@ -78,7 +82,7 @@ def job(data: Path, work: Path, setup: str):
     })
 
 
-def child_train(setup: str, data: Path, work: Path) -> dict:
+def child_train(setup: str, size: str, data: Path, work: Path) -> dict:
     import torch
 
     from rayrec import recipes
@@ -86,7 +90,7 @@ def child_train(setup: str, data: Path, work: Path) -> dict:
     from rayrec.recipes.sequential import table_bytes
     from rayrec.train.worker import data_info
 
-    cfg = job(data, work, setup)
+    cfg = job(data, work, setup, size)
     ds = open_prepared(data)
     info = data_info(ds, cfg)
     sliding = data_info(ds, cfg.model_copy(update={"train": cfg.train.model_copy(update={"windows": "sliding"})}))
@@ -170,7 +174,7 @@ def main() -> int:
     args = p.parse_args()
     if args.child:
         kind, *rest = args.child
-        out = child_prepare(rest[0], Path(rest[1])) if kind == "prepare" else child_train(rest[0], Path(rest[1]), Path(rest[2]))
+        out = child_prepare(rest[0], Path(rest[1])) if kind == "prepare" else child_train(rest[0], rest[1], Path(rest[2]), Path(rest[3]))
         args.result.write_text(json.dumps(out))
         return 0
 
@@ -182,7 +186,7 @@ def main() -> int:
         print(f"[{size}] prepared {prep['events']:,} events in {prep['seconds']:.1f} s "
               f"(peak RSS {prep['driver_peak_rss_mib']:,.0f} MiB)", flush=True)
         for setup in args.setups.split(","):
-            res, workers = run_child(["train", setup, str(data), str(work / f"{size}_{setup}")])
+            res, workers = run_child(["train", setup, size, str(data), str(work / f"{size}_{setup}")])
             row = {"size": size, "setup": setup, "events": prep["events"], "users": prep["users"],
                    "prepare_s": prep["seconds"], "prepare_peak_rss_mib": prep["driver_peak_rss_mib"],
                    "epoch_job_s": res["seconds"], "ray_start_s": res["ray_start_s"],

@@ -1,6 +1,6 @@
 """SASRec training speed: plain loop vs Ray Train, end to end and per epoch, at two data sizes.
 
-Usage:  python bench/train_throughput.py [--sizes 100k,1m --epochs 5,3 --max-len 50]
+Usage:  python bench/train_throughput.py [--sizes 100k,1m --epochs 8,2 --max-len 50]
 
 Data: the synthetic source at MovieLens-100K size (943 users, 1,682 items, ~100k events) and
 MovieLens-1M size (6,040 users, 3,706 items, ~1M events). The same job runs in five setups:
@@ -13,7 +13,7 @@ Figures per setup: end-to-end wall time of the job (every epoch with its validat
 MLflow; Ray is started once before, and its start is reported on its own line); the median epoch
 time (between consecutive epoch reports in MLflow, validation included); the per-epoch overhead
 (median epoch minus the plain 1-thread median); training sequences per second of the last epoch.
-Rows: one per user (``windows: last``, as the earlier figures).
+Rows: every sliding window of each history (``windows: sliding``, a job's default).
 """
 
 from __future__ import annotations
@@ -42,11 +42,15 @@ from rayrec.tracking.mlflow_tracking import Tracker  # noqa: E402
 SIZES = {"100k": (943, 1682, 106), "1m": (6040, 3706, 165)}  # users, items, mean sequence length
 
 
-def make_data(root: Path, size: str) -> Path:
+def synth_of(size: str) -> dict:
     users, items, mean_len = SIZES[size]
+    return {"users": users, "items": items, "topics": 20, "mean_len": mean_len, "seed": 0, "images": False}
+
+
+def make_data(root: Path, size: str) -> Path:
     out = root / f"synth_{size}"
     if not out.exists():
-        synth = {"users": users, "items": items, "topics": 20, "mean_len": mean_len, "seed": 0, "images": False}
+        synth = synth_of(size)
         prepare(source_reader("synthetic", None, on_bad_line="error", synth=synth), out, source="synthetic",
                 params={"synth": synth}, filters=FilterConfig(), split="leave_one_out")
     return out
@@ -54,9 +58,10 @@ def make_data(root: Path, size: str) -> Path:
 
 def job(data: Path, work: Path, args, name: str, epochs: int, workers: int, cpu: float, ingest: str) -> JobConfig:
     return JobConfig.model_validate({
-        "data": {"path": str(data), "prepare_if_missing": False, "ingest": ingest},
+        "data": {"path": str(data), "prepare_if_missing": False, "ingest": ingest,
+                 "synth": synth_of(data.name.removeprefix("synth_"))},
         "model": {"name": "sasrec", "hidden": 64, "num_blocks": 2, "dropout": 0.2, "max_len": args.max_len},
-        "train": {"epochs": epochs, "batch_size": args.batch_size, "shuffle_buffer": 1024, "windows": "last",
+        "train": {"epochs": epochs, "batch_size": args.batch_size, "shuffle_buffer": 1024, "windows": args.windows,
                   "early_stopping": {"patience": 100}, "eval": {"ks": [10], "batch_size": 1024}},
         "scaling": {"num_workers": workers, "resources_per_worker": {"CPU": cpu}},
         "tracking": {"uri": f"sqlite:///{work}/mlflow.db", "experiment": "bench"},
@@ -82,7 +87,9 @@ def measure(cfg: JobConfig, *, local: bool) -> dict[str, float]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="100k,1m")
-    p.add_argument("--epochs", default="5,3", help="epochs per size")
+    p.add_argument("--epochs", default="8,2", help="epochs per size")
+    p.add_argument("--windows", default="sliding", help="train.windows (sliding: the default of a job)")
+    p.add_argument("--stream-sizes", default="100k", help="sizes that also run Ray with data.ingest=stream")
     p.add_argument("--max-len", type=int, default=50)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "train_throughput.json")
@@ -105,7 +112,8 @@ def main() -> int:
         t0 = time.perf_counter()
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING")
         ray_start = time.perf_counter() - t0
-        for workers, cpu, ingest in ((1, 1.0, "memory"), (1, 1.0, "stream"), (2, 0.5, "memory")):
+        setups = [(1, 1.0, "memory"), (1, 1.0, "stream"), (2, 0.5, "memory")]
+        for workers, cpu, ingest in [s for s in setups if s[2] == "memory" or size in args.stream_sizes.split(",")]:
             m = measure(job(data, work, args, f"{size}_ray_w{workers}_{ingest}", n_epochs, workers, cpu, ingest), local=False)
             rows.append({"size": size, "setup": f"Ray Train {workers} x {cpu:g} CPU, {ingest}", **m, "ray_start_s": ray_start})
         ray.shutdown()
@@ -116,7 +124,7 @@ def main() -> int:
                 r["epoch_overhead_s"] = r["epoch_s"] - base["epoch_s"]
                 r["throughput_vs_plain_1t"] = r["seqs_per_s"] / base["seqs_per_s"]
 
-    print(f"\nSASRec end to end (hidden 64, 2 blocks, max_len {args.max_len}, batch {args.batch_size}, windows last)")
+    print(f"\nSASRec end to end (hidden 64, 2 blocks, max_len {args.max_len}, batch {args.batch_size}, windows {args.windows})")
     print(f"{'size':>5} {'setup':<30} {'wall s':>7} {'plain1t/this':>12} {'epoch s':>8} {'overhead s':>10} "
           f"{'seqs/s':>7} {'test ndcg@10':>12}")
     for r in rows:

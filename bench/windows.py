@@ -42,11 +42,15 @@ from rayrec.train.worker import data_info  # noqa: E402
 WORLDS = {"synthetic": (943, 1682, 60), "ml1m": (6040, 3706, 165)}  # users, items, mean length
 
 
-def make_data(root: Path, world: str) -> Path:
+def synth_of(world: str) -> dict:
     users, items, mean_len = WORLDS[world]
+    return {"users": users, "items": items, "topics": 12 if world == "synthetic" else 20, "mean_len": mean_len,
+            "seed": 0, "images": False}
+
+
+def make_data(root: Path, world: str) -> Path:
     out = root / world
-    synth = {"users": users, "items": items, "topics": 12 if world == "synthetic" else 20, "mean_len": mean_len,
-             "seed": 0, "images": False}
+    synth = synth_of(world)
     prepare(source_reader("synthetic", None, on_bad_line="error", synth=synth), out, source="synthetic",
             params={"synth": synth}, filters=FilterConfig(), split="leave_one_out")
     return out
@@ -54,7 +58,7 @@ def make_data(root: Path, world: str) -> Path:
 
 def job(data: Path, work: Path, windows: str, epochs: int) -> JobConfig:
     return JobConfig.model_validate({
-        "data": {"path": str(data), "prepare_if_missing": False},
+        "data": {"path": str(data), "prepare_if_missing": False, "synth": synth_of(data.name)},
         "model": {"name": "sasrec", "hidden": 64, "num_blocks": 2, "dropout": 0.2, "max_len": 50},
         "train": {"epochs": epochs, "batch_size": 128, "windows": windows, "optim": {"lr": 0.002, "warmup_steps": 20},
                   "early_stopping": {"patience": 100}, "eval": {"ks": [10]}},

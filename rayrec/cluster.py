@@ -20,6 +20,7 @@ DATA_CPU_RESERVE = 1.0
 STATE_API_ENV = "RAY_API_SERVER_ADDRESS"
 #: Ray Train's worker-group start timeout (seconds), read by its controller.
 START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+POLL_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 #: Shared folder under which a job's relative data and run paths live on a cluster.
 STORAGE_ROOT_ENV = "RAYREC_STORAGE_ROOT"
 #: Resources an autoscaling cluster can grow to, declared by the cluster itself (JSON).
@@ -180,21 +181,26 @@ def preflight(cfg: JobConfig) -> None:
 
 
 @contextmanager
-def worker_start_timeout(cfg: JobConfig) -> Iterator[None]:
-    """Set Ray Train's worker-group start timeout to ``scaling.start_timeout_s`` for one run.
+def ray_train_env(cfg: JobConfig) -> Iterator[None]:
+    """Set Ray Train's worker-group start timeout (``scaling.start_timeout_s``) and its
+    controller's poll interval (``scaling.poll_interval_s``) for one run.
 
-    Ray Train 2.x reads it only from the environment variable below, which the driver hands
-    to its controller when ``fit()`` starts; the previous value is restored afterwards.
+    Ray Train 2.x reads both only from the environment variables above, which the driver hands
+    to its controller when ``fit()`` starts; the previous values are restored afterwards. A poll
+    interval already set in the environment wins over the job's.
     """
-    old = os.environ.get(START_TIMEOUT_ENV)
-    os.environ[START_TIMEOUT_ENV] = f"{cfg.scaling.start_timeout_s:g}"
+    values = {START_TIMEOUT_ENV: f"{cfg.scaling.start_timeout_s:g}",
+              POLL_INTERVAL_ENV: os.environ.get(POLL_INTERVAL_ENV) or f"{cfg.scaling.poll_interval_s:g}"}
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop(START_TIMEOUT_ENV, None)
-        else:
-            os.environ[START_TIMEOUT_ENV] = old
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def placement_error(err: BaseException, cfg: JobConfig) -> ClusterError | None:

@@ -289,10 +289,10 @@ def fit_on_ray(recipe: Recipe, cfg: Any, inputs: Any, run: Run) -> Outcome:
 def fit(trainer, cfg: Any):
     """``trainer.fit()`` with the start timeout, a placement error that names the shortfall,
     and a failed run as a ``RayrecError``."""
-    from rayrec.cluster import placement_error, worker_start_timeout
+    from rayrec.cluster import placement_error, ray_train_env
 
     try:
-        with worker_start_timeout(cfg):
+        with ray_train_env(cfg):
             result = trainer.fit()
     except Exception as e:
         friendly = placement_error(e, cfg)

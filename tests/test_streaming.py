@@ -120,3 +120,41 @@ def test_sliding_windows_train_on_every_event(tiny_dataset):
     assert len(targets) == sum(len(s) - 1 for s in seqs)  # every next-item event, once
     last = _memory(ds, "train", Collate(), max_len=8)
     assert sum(int((b["targets"] > 0).sum()) for b in last) < len(targets)
+
+
+def test_ingest_auto_picks_memory_when_the_tables_fit_and_streams_otherwise(ray_session, tiny_job):
+    from rayrec.recipes.sequential import choose_ingest
+    from rayrec.train.worker import data_info
+
+    info = data_info(open_prepared(tiny_job.data.path), tiny_job)
+    assert choose_ingest(tiny_job, info) == "memory"
+    tiny = tiny_job.model_copy(deep=True)
+    tiny.data.memory_fraction = 1e-9  # the object store "cannot hold" 600 KB
+    assert choose_ingest(tiny, info) == "stream"
+    tiny.data.ingest = "memory"
+    assert choose_ingest(tiny, info) == "memory"  # the config's choice wins
+
+
+def test_a_sweeps_trials_reuse_the_row_tables_its_driver_made(ray_session, tiny_job, tmp_path, monkeypatch):
+    import ray
+
+    from rayrec.recipes import sequential
+    from rayrec.runs import Run
+
+    shared = sequential.share(tiny_job)  # on the sweep driver, once
+    assert shared.tables and len(ray.get(shared.tables["train"])) == shared.info.train_rows
+
+    def built_again(*a, **k):
+        raise AssertionError("a trial rebuilt what the sweep's driver made")
+
+    monkeypatch.setattr(sequential, "put_tables", built_again)
+    monkeypatch.setattr(sequential, "data_info", built_again)
+    run = Run(tmp_path, local=False, shared=shared)
+    inputs = sequential.prepare(tiny_job, run)
+    parts = sequential.trainer_parts(tiny_job, inputs, run)
+    assert parts.config["tables"] is shared.tables and not parts.datasets
+
+    other = tiny_job.model_copy(deep=True)
+    other.model.max_len = 10  # other rows: this trial makes its own
+    with pytest.raises(AssertionError, match="rebuilt"):
+        sequential.prepare(other, run)

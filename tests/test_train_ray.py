@@ -37,6 +37,39 @@ def test_one_worker_run_logs_everything(ray_session, tiny_job):
     assert again.run_dir.name == "t_v2" and again.mlflow_run_id != out.mlflow_run_id
 
 
+def _variant(cfg, name: str, **data):
+    cfg = cfg.model_copy(deep=True)
+    cfg.run.name = name
+    for k, v in data.items():
+        setattr(cfg.data, k, v)
+    return cfg
+
+
+@pytest.mark.slow
+def test_sliding_windows_give_the_same_run_in_this_process_in_memory_on_ray_and_streamed(ray_session, tiny_job, caplog):
+    """The plain loop, Ray with the row tables in the object store and Ray streaming from Ray Data
+    train on the same windows in the same shuffled order: the same losses and test metrics."""
+    cfg = tiny_job.model_copy(deep=True)
+    cfg.train.windows, cfg.train.shuffle_buffer, cfg.train.epochs = "sliding", 64, 2
+    cfg.model.loss.name, cfg.model.loss.num_negatives = "bce", 2  # negatives drawn on the data path too
+    with caplog.at_level("INFO", logger="rayrec.recipes.sequential"):
+        runs = {"local": recipes.run(_variant(cfg, "local"), local=True, console=False),
+                "memory": recipes.run(_variant(cfg, "memory", ingest="memory"), console=False),
+                "stream": recipes.run(_variant(cfg, "stream", ingest="stream"), console=False)}
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "windows (sliding)" in said and "put in the object store" in said and "streaming from Ray Data" in said
+    c = MlflowClient(cfg.tracking.uri)
+    losses = {k: [m.value for m in sorted(c.get_metric_history(o.mlflow_run_id, "train/loss"), key=lambda m: m.step)]
+              for k, o in runs.items()}
+    windows = data_info(open_prepared(cfg.data.path), cfg).train_rows
+    assert windows > 300  # more rows than users
+    for k in ("memory", "stream"):
+        assert losses[k] == pytest.approx(losses["local"], rel=1e-4), k
+        for m in ("test/ndcg@10", "test/hr@10", "test/rows"):
+            assert runs[k].metrics[m] == pytest.approx(runs["local"].metrics[m], rel=1e-4), (k, m)
+    assert runs["stream"].metrics["test/rows"] == 300  # every row once, split across the stream
+
+
 def test_too_many_workers_fail_fast(ray_session, tiny_job):
     cfg = tiny_job.model_copy(deep=True)
     cfg.scaling.num_workers = 4

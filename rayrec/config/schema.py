@@ -192,6 +192,11 @@ class ScalingConfig(Strict):
         description="seconds one attempt waits for the worker group to be placed (Ray Train's "
         "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S); raise it where GPU nodes take minutes to boot",
     )
+    poll_interval_s: float = Field(
+        0.5, gt=0,
+        description="seconds between the Ray Train controller's polls of its workers "
+        "(RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, Ray's default 2): starting the workers and noticing that "
+        "they finished each wait for a poll, about 6 s of a short run at 2 s")
     start_attempts: int = Field(
         2, ge=1,
         description="attempts to place the worker group before the run fails (Ray would retry forever)",
