@@ -87,7 +87,10 @@ def test_asha_sweep_records_trials_and_exports_a_runnable_best_job(ray_session, 
     assert [m.step for m in c.get_metric_history(done.info.run_id, "val/ndcg_at_10")] == [1, 2, 3]
     assert "test/ndcg_at_10" in done.data.metrics and done.data.tags["rayrec.checkpoint"].endswith("final")
     for run in by_status.get("stopped_early", []):
-        assert run.info.status == "KILLED" and len(c.get_metric_history(run.info.run_id, "val/ndcg_at_10")) < 3
+        assert run.info.status == "KILLED"
+    # ASHA stopped them at a rung (the epochs Tune saw); a worker may have trained on for the second
+    # the stop takes to arrive (with in-memory data a tiny epoch takes well under a second)
+    assert all(r.epochs < 3 for r in out.rows if r.status == "stopped_early")
 
     # the best trial's config is a job file that `rayrec train` accepts, with the best values
     best = load_job(out.best_job)
