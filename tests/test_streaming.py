@@ -158,3 +158,22 @@ def test_a_sweeps_trials_reuse_the_row_tables_its_driver_made(ray_session, tiny_
     other.model.max_len = 10  # other rows: this trial makes its own
     with pytest.raises(AssertionError, match="rebuilt"):
         sequential.prepare(other, run)
+
+
+def test_a_worker_reads_the_row_tables_in_place_not_as_a_copy(ray_session, tiny_job):
+    """Numpy arrays from the object store are read-only views of its shared memory: a worker holds
+    no copy of the tables, and no Python object per row."""
+    import ray
+
+    from rayrec.train.worker import data_info, row_tables
+
+    tables = row_tables(tiny_job, data_info(open_prepared(tiny_job.data.path), tiny_job))
+    ref = ray.put(tables["train"])
+
+    @ray.remote(num_cpus=0)
+    def inspect(table):
+        arrays = list(table.dense.values())
+        return [a.dtype != object and not a.flags.writeable and not a.flags.owndata for a in arrays], len(table)
+
+    in_place, rows = ray.get(inspect.remote(ref))
+    assert rows == len(tables["train"]) and in_place and all(in_place)

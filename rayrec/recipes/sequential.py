@@ -86,11 +86,11 @@ def share(cfg: JobConfig) -> Shared:
 # ----------------------------------------------------------------------------- the data path
 
 
-def table_bytes(cfg: JobConfig, info: DataInfo, ds: Prepared | None = None) -> int:
-    """About what the in-memory row tables of the three splits take."""
+def table_bytes(cfg: JobConfig, info: DataInfo) -> int:
+    """About what the in-memory row tables of the three splits take (int64: windows of inputs and
+    targets, evaluation histories, and the evaluation rows' whole histories to mask seen items)."""
     width = cfg.model.max_len
-    events = int(ds.manifest["counts"].get("interactions", 0)) if ds is not None else 0
-    return 8 * (info.train_rows * (2 * width + 2) + info.eval_rows * (width + 3) + 2 * events)
+    return 8 * (info.train_rows * (2 * width + 2) + info.eval_rows * (width + 3) + 2 * info.events)
 
 
 def choose_ingest(cfg: JobConfig, info: DataInfo) -> str:
@@ -214,7 +214,7 @@ def trainer_parts(cfg: JobConfig, inputs: Inputs, run: Run, loop=train_loop_per_
             inputs.tables = put_tables(cfg, info)  # held by inputs (the driver) while the trainer runs
         return TrainerParts(loop=loop, config={"data": info.__dict__, "tables": inputs.tables}, datasets={})
     log.info("data: streaming from Ray Data every epoch (data.ingest=%s; the row tables would take about %.1f GiB)",
-             cfg.data.ingest, table_bytes(cfg, info, inputs.ds) / 2**30)
+             cfg.data.ingest, table_bytes(cfg, info) / 2**30)
     opts = SplitEvalConfig.default_ingest_options()
     opts.preserve_order = True  # seeded batches
     return TrainerParts(loop=loop, config={"data": info.__dict__}, datasets=ray_datasets(cfg, info),

@@ -26,6 +26,7 @@ class DataInfo:
     train_rows: int  # training windows (``train.windows``), all workers together
     seen_len: int
     eval_rows: int = 0  # rows of valid + test
+    events: int = 0  # interactions of the prepared dataset
 
 
 def data_info(ds: Prepared, cfg: JobConfig) -> DataInfo:
@@ -34,7 +35,8 @@ def data_info(ds: Prepared, cfg: JobConfig) -> DataInfo:
     return DataInfo(path=str(ds.path.resolve()), num_items=ds.num_items,
                     train_rows=count_windows(lengths, cfg.model.max_len, cfg.train.windows, window_stride(cfg)),
                     seen_len=max(ds.max_history("valid"), ds.max_history("test")),
-                    eval_rows=int(ds.manifest["counts"].get("valid_rows", 0)) + int(ds.manifest["counts"].get("test_rows", 0)))
+                    eval_rows=int(ds.manifest["counts"].get("valid_rows", 0)) + int(ds.manifest["counts"].get("test_rows", 0)),
+                    events=int(ds.manifest["counts"].get("interactions", 0)))
 
 
 def window_stride(cfg: JobConfig) -> int:
