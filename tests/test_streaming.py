@@ -177,3 +177,11 @@ def test_a_worker_reads_the_row_tables_in_place_not_as_a_copy(ray_session, tiny_
 
     in_place, rows = ray.get(inspect.remote(ref))
     assert rows == len(tables["train"]) and in_place and all(in_place)
+
+
+def test_a_window_stride_beyond_max_len_is_refused_naming_both():
+    from rayrec.config.schema import JobConfig
+
+    with pytest.raises(ValueError, match=r"window_stride \(60\) > model.max_len \(50\)"):
+        JobConfig.model_validate({"model": {"name": "sasrec", "max_len": 50}, "train": {"window_stride": 60}})
+    assert JobConfig.model_validate({"train": {"window_stride": 25}}).train.windows == "sliding"
