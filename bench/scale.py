@@ -230,13 +230,13 @@ def main() -> int:
                   f"driver RSS x{g['driver_rss_x']:.1f}")
     import torch
 
+    from rayrec.runs import write_atomic
+
     result = {"benchmark": "scale", "args": {k: str(v) for k, v in vars(args).items() if k not in ("child", "result")},
               "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__},
               "rows": rows, "growth": growth}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, args.out)
+    write_atomic(args.out, json.dumps(result, indent=2))
     print(f"\nwrote {args.out}")
     return 0
 
