@@ -161,7 +161,7 @@ def train_lengths(path: str) -> np.ndarray:
 # ----------------------------------------------------------------------------- order and shares
 
 
-def chunk_permutation(n: int, *, seed: int, epoch: int, chunk: int, index: int) -> np.ndarray:
+def chunk_permutation(n: int, *, seed: int, epoch: int, index: int) -> np.ndarray:
     """The permutation of the ``index``-th chunk (``n`` rows) of an epoch."""
     return np.random.default_rng([seed, epoch, index]).permutation(n)
 
@@ -173,7 +173,7 @@ def epoch_order(n: int, *, seed: int, epoch: int, buffer: int) -> np.ndarray:
         return order
     for index, lo in enumerate(range(0, n, buffer)):
         size = min(buffer, n - lo)
-        order[lo : lo + size] = lo + chunk_permutation(size, seed=seed, epoch=epoch, chunk=buffer, index=index)
+        order[lo : lo + size] = lo + chunk_permutation(size, seed=seed, epoch=epoch, index=index)
     return order
 
 

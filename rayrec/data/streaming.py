@@ -117,7 +117,7 @@ def iter_shard(shard, *, batch_size: int, collate: Collate, shuffle_buffer: int 
     chunks = shard.iter_batches(batch_size=shuffle_buffer, batch_format="numpy", prefetch_batches=1)
     for index, chunk in enumerate(chunks):
         n = len(next(iter(chunk.values())))
-        perm = R.chunk_permutation(n, seed=collate.seed, epoch=collate.epoch, chunk=shuffle_buffer, index=index)
+        perm = R.chunk_permutation(n, seed=collate.seed, epoch=collate.epoch, index=index)
         chunk = {k: v[perm] for k, v in chunk.items()}
         pending = chunk if pending is None else {k: np.concatenate([pending[k], chunk[k]]) for k in chunk}
         while len(pending["user_idx"]) >= batch_size:
