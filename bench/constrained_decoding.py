@@ -29,9 +29,9 @@ import numpy as np
 import torch
 
 from rayrec.genrec import constrained as C
+from rayrec.genrec.lm import extend_tokenizer
 from rayrec.genrec.prompts import INSTRUCTIONS, render
 from rayrec.genrec.semantic_ids import sid_token
-from rayrec.genrec.sft import extend_tokenizer
 from rayrec.genrec.tiny import tiny_qwen2, tiny_tokenizer
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -114,8 +114,8 @@ def bench_decoding(args) -> dict:
 def bench_sft(job: str) -> dict:
     """The tiny job end to end in this process; test metrics of SFT and of popularity."""
     from rayrec import recipes
+    from rayrec.config.genrec import GenRecJobConfig
     from rayrec.config.loader import load_model
-    from rayrec.genrec.config import GenRecJobConfig
     from rayrec.genrec.evaluate import evaluate_adapter
 
     cfg = load_model(GenRecJobConfig, job, ["tracking.enabled=false", "run.name=bench_genrec_tiny"])

@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 from rayrec import recipes
+from rayrec.config.genrec import GenRecJobConfig, GRPOJobConfig
 from rayrec.config.loader import load_model
-from rayrec.genrec.config import GenRecJobConfig, GRPOJobConfig
 from rayrec.genrec.evaluate import evaluate_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,9 +61,9 @@ def rollout_cost(adapter: str, cfg: GenRecJobConfig, size: int = 8, prompts: int
     from rayrec.data.dataset import ensure_prepared
     from rayrec.genrec import prompts as P
     from rayrec.genrec.constrained import build_trie
+    from rayrec.genrec.lm import SID_FILE, load_for_eval
     from rayrec.genrec.rollouts import generate_groups
     from rayrec.genrec.semantic_ids import read_index
-    from rayrec.genrec.sft import SID_FILE, load_for_eval
 
     model, tokenizer, _ = load_for_eval(adapter)
     ds = ensure_prepared(cfg.data)

@@ -91,7 +91,7 @@ def child_train(setup: str, size: str, data: Path, work: Path) -> dict:
     from rayrec import recipes
     from rayrec.data.dataset import open_prepared
     from rayrec.recipes.sequential import table_bytes
-    from rayrec.train.worker import data_info
+    from rayrec.train.inputs import data_info
 
     cfg = job(data, work, setup, size)
     ds = open_prepared(data)
@@ -230,13 +230,13 @@ def main() -> int:
                   f"driver RSS x{g['driver_rss_x']:.1f}")
     import torch
 
-    from rayrec.runs import write_atomic
+    from rayrec.data.atomic import atomic_write
 
     result = {"benchmark": "scale", "args": {k: str(v) for k, v in vars(args).items() if k not in ("child", "result")},
               "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__},
               "rows": rows, "growth": growth}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(args.out, json.dumps(result, indent=2))
+    atomic_write(args.out, json.dumps(result, indent=2))
     print(f"\nwrote {args.out}")
     return 0
 

@@ -35,9 +35,9 @@ sys.path.insert(0, str(ROOT))
 
 from rayrec import recipes  # noqa: E402
 from rayrec.config.schema import FilterConfig, JobConfig  # noqa: E402
+from rayrec.data.atomic import atomic_write  # noqa: E402
 from rayrec.data.dataset import source_reader  # noqa: E402
 from rayrec.data.prepare import prepare  # noqa: E402
-from rayrec.runs import write_atomic  # noqa: E402
 from rayrec.tracking.mlflow_tracking import Tracker  # noqa: E402
 
 SIZES = {"100k": (943, 1682, 106), "1m": (6040, 3706, 165)}  # users, items, mean sequence length
@@ -137,7 +137,7 @@ def main() -> int:
               "machine": {"cpus": os.cpu_count(), "torch_threads": threads, "python": platform.python_version(),
                           "torch": torch.__version__}, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(args.out, json.dumps(result, indent=2))
+    atomic_write(args.out, json.dumps(result, indent=2))
     print(f"\nwrote {args.out}")
     return 0
 

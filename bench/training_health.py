@@ -34,9 +34,9 @@ from rayrec.models.joint import UR4Rec
 from rayrec.models.sasrec import SASRec
 from rayrec.tracking.mlflow_tracking import Tracker
 from rayrec.train.checkpoint import load_state
+from rayrec.train.inputs import data_info
 from rayrec.train.joint import fit_joint, prepare_features
 from rayrec.train.local import run_local, sequential_loop
-from rayrec.train.worker import data_info
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"

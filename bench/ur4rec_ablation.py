@@ -32,9 +32,10 @@ from rayrec.config.schema import JobConfig  # noqa: E402
 from rayrec.data.dataset import open_prepared  # noqa: E402
 from rayrec.eval.metrics import MetricSums  # noqa: E402
 from rayrec.train.checkpoint import load_state  # noqa: E402
+from rayrec.train.evaluation import evaluate  # noqa: E402
+from rayrec.train.inputs import data_info  # noqa: E402
 from rayrec.train.local import PlainBatches  # noqa: E402
-from rayrec.train.loop import evaluate  # noqa: E402
-from rayrec.train.worker import build, data_info  # noqa: E402
+from rayrec.train.specs import build  # noqa: E402
 
 KEYS = ["test/ndcg@10", "test/hr@10", "test/mrr"]
 GROUPS = ("sparse", "frequent")  # test targets by how often they occur in training

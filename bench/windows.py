@@ -34,11 +34,11 @@ sys.path.insert(0, str(ROOT))
 
 from rayrec import recipes  # noqa: E402
 from rayrec.config.schema import FilterConfig, JobConfig  # noqa: E402
+from rayrec.data.atomic import atomic_write  # noqa: E402
 from rayrec.data.dataset import open_prepared, source_reader  # noqa: E402
 from rayrec.data.prepare import prepare  # noqa: E402
 from rayrec.data.rows import train_lengths  # noqa: E402
-from rayrec.runs import write_atomic  # noqa: E402
-from rayrec.train.worker import data_info  # noqa: E402
+from rayrec.train.inputs import data_info  # noqa: E402
 
 WORLDS = {"synthetic": (943, 1682, 60), "ml1m": (6040, 3706, 165)}  # users, items, mean length
 
@@ -108,7 +108,7 @@ def main() -> int:
               "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                           "python": platform.python_version(), "torch": torch.__version__}, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(args.out, json.dumps(result, indent=2))
+    atomic_write(args.out, json.dumps(result, indent=2))
     print(f"\nwrote {args.out}")
     return 0
 

@@ -29,6 +29,7 @@ from typing import Any
 
 from rayrec.config.loader import dump_job, flatten
 from rayrec.console import job_console
+from rayrec.data.atomic import atomic_write
 from rayrec.errors import ConfigError, RayrecError
 from rayrec.tracking.mlflow_tracking import Tracker, check_reachable, open_run, resolve_uri
 
@@ -135,7 +136,7 @@ def run_job(recipe: Recipe, cfg: Any, *, local: bool = False, source: str | None
             con.wait_end()
         finish(run.tracker, recipe, outcome)
         if outcome.checkpoint:  # what a later stage reads from the run folder (GRPO: the SFT adapter)
-            write_atomic(run_dir / BEST_CHECKPOINT, str(outcome.checkpoint))
+            atomic_write(run_dir / BEST_CHECKPOINT, str(outcome.checkpoint))
         (run_dir / COMPLETE_MARKER).write_text(outcome.mlflow_run_id or "")
         outcome.log_path = con.log_path if con else None
     return outcome
@@ -176,12 +177,6 @@ def run_checkpoint(path: Path | None) -> Path | None:
         log.info("%s is a finished run: using its checkpoint %s", path, found)
         return found
     return path
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def pick_run_dir(storage: Path, name: str) -> Path:

@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 LOCK_FILE = Path("cluster/requirements.txt")
 #: Commands that take a job (or search-space) file as their first argument.
 JOB_COMMANDS = ("train", "eval", "tune", "sft", "grpo")
+#: The kind of job file (``rayrec.config.kinds``) each job command runs.
+JOB_KINDS = {"train": "sequential", "eval": "sequential", "sft": "genrec", "grpo": "grpo"}
 #: Never uploaded with the working dir (.gitignore'd paths are skipped by Ray already).
 UPLOAD_EXCLUDES = [".git", "**/__pycache__", "mlflow.db"]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
@@ -111,15 +113,15 @@ def job_path(job: Path, working_dir: Path) -> str:
 
 
 def validate_job(command: str, job: Path, overrides: list[str]) -> list[str]:
-    """Load ``train``/``eval`` jobs here, so a bad key fails before the upload, not on the cluster.
+    """Load the job here, so a bad key (or a job of another kind) fails before the upload, not on the cluster.
 
     Returns warnings about settings that work locally but not on a cluster.
     """
-    if command not in ("train", "eval"):
+    if command not in JOB_KINDS:
         return []
-    from rayrec.config import load_job
+    from rayrec.config.kinds import kind_named, load_job_file
 
-    cfg = load_job(job, overrides)
+    cfg = load_job_file(job, overrides, expect=(kind_named(JOB_KINDS[command]),))
     uri = cfg.tracking.uri
     if cfg.tracking.enabled and not uri.startswith(("http://", "https://", "databricks")):
         return [f"tracking.uri is {uri}, a local store: on the cluster it lands in the job's temporary working "
@@ -234,62 +236,12 @@ def wait_status(client, sid: str, poll_s: float = 1.0) -> str:
         time.sleep(poll_s)
 
 
-def cmd_submit(args: argparse.Namespace) -> int:
-    """Check everything, submit, and with ``--follow`` stream the logs and return the job's status."""
-    _check_command(args.command.split()[0] if args.command.strip() else "", args.commands)
-    sub = build_submission(args)
-    if args.dry_run:
-        print(sub.describe())
-        return 0
-    address = normalize_address(args.address)
-    headers = auth_headers(args.auth_token_env)
-    check_address(address, headers)
-    for warning in sub.warnings:
-        log.warning(warning)
-    client = send(sub, address, headers)
-    print(sub.describe())
-    sid = sub.submission_id
-    print(f"\nfollow:  ray job logs {sid} --address {address} --follow\nstop:    ray job stop {sid} --address {address}")
-    if not args.follow:
-        return 0
-    try:
-        status = follow(client, sid)
-    except KeyboardInterrupt:
-        print(f"\nstopped following; job {sid} keeps running (ray job stop {sid} --address {address})")
-        return 130
-    print(f"\njob {sid}: {status}")
-    return 0 if status == "SUCCEEDED" else 1
-
-
-def _check_command(command: str, commands: dict) -> None:
+def check_command(command: str, commands: dict) -> None:
     """``--command`` must be a job command this rayrec has (the cluster runs the same code).
 
     ``commands``: the ``rayrec`` parser's subcommands (set by ``add_commands``), so this module
-    needs no import of the CLI that imports it.
+    needs no import of the CLI.
     """
     if command not in commands:
         have = ", ".join(c for c in JOB_COMMANDS if c in commands)
         raise SubmitError(f"--command {command}: rayrec has no such command here (job commands: {have})")
-
-
-def add_commands(sub: argparse._SubParsersAction) -> None:
-    s = sub.add_parser("submit", help="run a job on a Ray cluster (Ray Job Submission SDK)",
-                       description=__doc__.split("\n\n")[0])
-    s.add_argument("job", type=Path, help="job YAML inside the working dir, e.g. jobs/quickstart.yaml")
-    s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. scaling.num_workers=8 scaling.use_gpu=true")
-    s.add_argument("--address", help="the cluster's dashboard, http://HEAD:8265 (default: $RAY_ADDRESS)")
-    s.add_argument("--follow", action="store_true", help="stream the job's logs and exit with its status")
-    s.add_argument("--command", default="train",
-                   help='rayrec command run on the cluster, with its flags: "train" (default), "sft --eval"')
-    s.add_argument("--mlflow-uri", help="team MLflow server for the run (default: $MLFLOW_TRACKING_URI)")
-    s.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="job env var (repeatable)")
-    s.add_argument("--secret-env", action="append", default=[], metavar="NAME",
-                   help="copy $NAME from this shell into the job's env, never printed (repeatable)")
-    s.add_argument("--requirements", type=Path, help=f"pinned pip requirements (default: WORKING_DIR/{LOCK_FILE})")
-    s.add_argument("--no-pip", action="store_true", help="no pip runtime env: the cluster image has the deps")
-    s.add_argument("--working-dir", default=".", help="folder uploaded as the job's working dir (default: .)")
-    s.add_argument("--submission-id", help="job id (default: rayrec-<job>-<UTC time>)")
-    s.add_argument("--auth-token-env", default="RAY_AUTH_TOKEN", metavar="NAME",
-                   help="env var holding the cluster's auth token (default: RAY_AUTH_TOKEN)")
-    s.add_argument("--dry-run", action="store_true", help="print what would be submitted and stop")
-    s.set_defaults(func=cmd_submit, commands=sub.choices)  # filled as the other commands are added

@@ -89,6 +89,20 @@ def test_cross_field_rule_explains_fix(job):
     assert "divisible by num_heads (3)" in msg
 
 
+def test_mid_epoch_checkpoints_are_refused_for_the_joint_model_at_load(tmp_path):
+    """The staged joint loop resumes from epoch ends only: a job asking for mid-epoch checkpoints is
+    refused when it is loaded (it used to warn at run time and checkpoint per epoch anyway)."""
+    from rayrec.config.loader import load_model
+
+    job = tmp_path / "ur4rec.yaml"
+    job.write_text("model:\n  name: ur4rec\nrun:\n  checkpoint:\n    every_n_steps: 50\n")
+    with pytest.raises(ConfigError) as e:
+        load_model(JobConfig, job)
+    assert "run.checkpoint.every_n_steps" in str(e.value) and "end of every epoch" in str(e.value)
+    job.write_text("model:\n  name: sasrec\nrun:\n  checkpoint:\n    every_n_steps: 50\n")
+    assert load_model(JobConfig, job).run.checkpoint.every_n_steps == 50
+
+
 def test_test_metric_refused_for_early_stopping(job):
     msg = error_of(job, ["train.early_stopping.metric=test/ndcg@10"])
     assert "validation metric" in msg
@@ -129,8 +143,8 @@ def test_every_shipped_job_file_loads():
     files = sorted(root.glob("*.yaml"))
     assert files, "no job files shipped"
     from rayrec.config import load_model
+    from rayrec.config.kinds import kind_of_file
     from rayrec.config.loader import read_yaml
-    from rayrec.tune.kinds import kind_of_file
 
     for f in files:  # each by the schema of its kind (the rule sweeps use: a grpo, sids or prompts section)
         load_model(kind_of_file(read_yaml(f)[0]).schema, f)
@@ -154,3 +168,80 @@ def test_a_bad_value_picked_by_name_is_blamed_on_the_override():
         load_job(job, ["train.phases.all.lr_mult=-1"])
     with pytest.raises(ConfigError, match=r"'train.eval.ks.0' is a value, not a section"):
         load_job(job, ["train.eval.ks.0.x=1"])
+
+
+# --- every field documented -------------------------------------------------------------------
+
+
+def _models_below(annotation) -> list[type]:
+    """Models in a field's type at any depth: Optional, list, dict, Union, Annotated, tagged unions."""
+    import typing
+
+    from pydantic import BaseModel
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models_below(arg)]
+
+
+def undocumented(*roots: type) -> list[str]:
+    """``Model.field`` of every field without a description in the models reachable from ``roots``."""
+    seen, missing = list(roots), []
+    for model in seen:  # grows while walking
+        for name, field in model.model_fields.items():
+            if not (field.description or "").strip():
+                missing.append(f"{model.__name__}.{name}")
+            seen.extend(m for m in _models_below(field.annotation) if m not in seen)
+    return missing
+
+
+def test_the_description_check_walks_nested_and_tagged_models():
+    from typing import Annotated, Literal
+
+    from pydantic import BaseModel, Field
+
+    class Leaf(BaseModel):
+        x: int = 0
+
+    class A(BaseModel):
+        name: Literal["a"] = Field("a", description="tag")
+
+    class B(BaseModel):
+        name: Literal["b"] = Field("b", description="tag")
+        z: int = Field(0, description=" ")
+
+    class Root(BaseModel):
+        opt: Leaf | None = Field(None, description="an optional section")
+        items: list[Annotated[A | B, Field(discriminator="name")]] = Field(default_factory=list, description="tagged")
+        named: dict[str, list[Leaf]] = Field(default_factory=dict, description="a mapping")
+
+    assert undocumented(Root) == ["Leaf.x", "B.z"]
+
+
+def test_every_field_of_every_config_model_has_a_description():
+    """RecBole/TRL style: each field of a job or search-space file says once what it is and its unit or
+    meaning (``Field(description=...)``)."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    from pydantic import BaseModel
+
+    import rayrec.config
+    from rayrec.config.genrec import GenRecJobConfig, GRPOJobConfig
+
+    from rayrec.tune.space import SearchSpace
+
+    roots = [JobConfig, GenRecJobConfig, GRPOJobConfig, SearchSpace]
+    for info in pkgutil.iter_modules(rayrec.config.__path__):  # and any other model defined in rayrec/config
+        module = importlib.import_module(f"rayrec.config.{info.name}")
+        roots += [c for _, c in inspect.getmembers(module, inspect.isclass)
+                  if issubclass(c, BaseModel) and c.__module__ == module.__name__ and c not in roots]
+    missing = sorted(set(undocumented(*roots)))
+    assert not missing, f"fields without a description: {', '.join(missing)}"
+
+
+def test_a_secret_in_a_bad_job_override_is_masked(job):
+    msg = error_of(job, ["tracking.password=hunter2", "tracking.enabled=http://bob:hunter2@mlflow.example"])
+    assert "hunter2" not in msg
+    assert "override 'tracking.password=***'" in msg and "(given: 'http://bob:***@mlflow.example')" in msg

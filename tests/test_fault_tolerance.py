@@ -25,8 +25,8 @@ from rayrec.data.dataset import open_prepared
 from rayrec.errors import ClusterError
 from rayrec.tracking.mlflow_tracking import RUN_KEY_TAG, Tracker
 from rayrec.train.checkpoint import STATE_FILE, latest_checkpoint, load_state, save_state
+from rayrec.train.inputs import data_info
 from rayrec.train.local import LocalReporter, run_local
-from rayrec.train.worker import data_info
 
 
 class Crash(Exception):

@@ -8,7 +8,7 @@ from transformers import GenerationConfig
 
 from rayrec.errors import ConfigError
 from rayrec.genrec import constrained as C
-from rayrec.genrec.sft import extend_tokenizer
+from rayrec.genrec.lm import extend_tokenizer
 from rayrec.genrec.tiny import tiny_qwen2, tiny_tokenizer
 
 #: 60 items, 3 levels; unique because (i % 5, i // 5 % 7, i // 35) determines i below 70.

@@ -10,9 +10,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from rayrec.cli import main
+from rayrec.config.genrec import GenRecJobConfig
 from rayrec.data.dataset import open_prepared
 from rayrec.genrec import evaluate as E
-from rayrec.genrec.config import GenRecJobConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

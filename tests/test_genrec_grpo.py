@@ -14,10 +14,10 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
+from rayrec.config.genrec import GenRecJobConfig, GRPOJobConfig
 from rayrec.data.dataset import open_prepared
 from rayrec.errors import ConfigError
 from rayrec.genrec import rewards as R
-from rayrec.genrec.config import GenRecJobConfig, GRPOJobConfig
 from rayrec.genrec.rollouts import Group, inject_target, pick_dynamic
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -236,7 +236,7 @@ def test_group_advantages_of_a_real_batch(sft, tmp_path):
 def test_grpo_trains_the_adapter_keeps_the_base_and_evaluates_valid_items(sft):
     from rayrec import recipes
     from rayrec.genrec.evaluate import evaluate_adapter
-    from rayrec.genrec.sft import load_for_eval
+    from rayrec.genrec.lm import load_for_eval
 
     _, adapter, _ = sft
     cfg = grpo_job(sft, "train")
@@ -303,8 +303,8 @@ def test_the_best_checkpoint_survives_rotation(sft, tmp_path):
     from transformers.trainer_utils import rotate_checkpoints
 
     from rayrec.genrec.evaluate import val_ranking_callback
+    from rayrec.genrec.lm import SID_FILE, load_tokenizer
     from rayrec.genrec.semantic_ids import read_index
-    from rayrec.genrec.sft import SID_FILE, load_tokenizer
     from rayrec.recipes.sft import best_local
 
     _, adapter, _ = sft
@@ -350,9 +350,9 @@ def test_beam_groups_ignore_the_checkpoints_sampling_settings(sft):
     """Beam rollouts are a pure function of the weights: a checkpoint shipping do_sample/top-k/temperature
     (as Instruct models do) changes nothing; a second call shares no state with the first."""
     from rayrec.genrec.constrained import build_trie
+    from rayrec.genrec.lm import SID_FILE, load_for_eval
     from rayrec.genrec.rollouts import generate_groups
     from rayrec.genrec.semantic_ids import read_index
-    from rayrec.genrec.sft import SID_FILE, load_for_eval
 
     _, adapter, _ = sft
     model, tok, _ = load_for_eval(adapter)

@@ -13,11 +13,11 @@ import pytest
 import yaml
 from minionerec_fixture import CHECKED_IN, NAME, SHARED, write_fixture
 
+from rayrec.config.genrec import GenRecJobConfig
 from rayrec.config.loader import load_model
 from rayrec.data.dataset import open_prepared
 from rayrec.data.sources.minionerec import read_minionerec
 from rayrec.genrec import prompts as P
-from rayrec.genrec.config import GenRecJobConfig
 from rayrec.genrec.constrained import Ranked, build_title_trie, build_trie
 from rayrec.genrec.evaluate import metrics_from_results, result_rows
 from rayrec.genrec.inputs import fit_inputs, prepare_inputs, prompt_tokenizer, token_counter
@@ -134,7 +134,7 @@ def test_a_prompt_longer_than_max_length_loses_its_oldest_history_not_its_answer
 
 def test_trl_sees_the_whole_answer_and_eos_after_fitting(raw, tmp_path):
     """TRL's own tokenization of the fitted rows: nothing is cut, every answer ends with EOS."""
-    from rayrec.genrec.sft import build_trainer, extend_tokenizer
+    from rayrec.genrec.lm import build_trainer, extend_tokenizer
     from rayrec.genrec.tiny import tiny_qwen2
 
     cfg = job(raw, tmp_path, **{"model.max_length": 160, "prompts.max_examples": 300})
@@ -195,7 +195,7 @@ def test_title_tasks_answer_with_the_next_title_and_never_leak_it(raw, tmp_path,
 
 def test_the_title_trie_decodes_only_real_titles_and_merges_identical_ones(raw, tmp_path):
     from rayrec.genrec.constrained import beam_rank
-    from rayrec.genrec.sft import extend_tokenizer
+    from rayrec.genrec.lm import extend_tokenizer
     from rayrec.genrec.tiny import tiny_qwen2
 
     cfg = job(raw, tmp_path)

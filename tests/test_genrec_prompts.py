@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from rayrec.config.genrec import PromptConfig
 from rayrec.data.dataset import open_prepared
 from rayrec.genrec import prompts as P
-from rayrec.genrec.config import PromptConfig
 from rayrec.genrec.semantic_ids import sid_token
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from rayrec.config.genrec import GenRecJobConfig
 from rayrec.data.dataset import open_prepared
-from rayrec.genrec.config import GenRecJobConfig
 from rayrec.genrec.semantic_ids import write_index
 from rayrec.genrec.tiny import grid_index
 

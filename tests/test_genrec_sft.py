@@ -8,10 +8,10 @@ import re
 import pytest
 import torch
 
+from rayrec.config.genrec import GenRecJobConfig
 from rayrec.config.loader import validate
 from rayrec.errors import ConfigError
-from rayrec.genrec import sft
-from rayrec.genrec.config import GenRecJobConfig
+from rayrec.genrec import lm as sft
 from rayrec.genrec.tiny import save_tiny_base, tiny_qwen2, tiny_tokenizer
 
 SIDS = [f"<{lvl}_{c}>" for lvl in "abc" for c in range(4)]

@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 import torch
 
+from rayrec.config.genrec import SidConfig
 from rayrec.errors import ConfigError, DataError
 from rayrec.genrec import semantic_ids as S
-from rayrec.genrec.config import SidConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -166,7 +166,7 @@ def minionerec_folder(root, name: str = "Toys"):
 
 @pytest.mark.parametrize("method", ["file", "data"])
 def test_minionerec_dataset_with_its_own_index_feeds_the_prompts(tmp_path, method):
-    from rayrec.genrec.config import GenRecJobConfig
+    from rayrec.config.genrec import GenRecJobConfig
     from rayrec.genrec.inputs import prepare_inputs
 
     raw, index = minionerec_folder(tmp_path / "raw")

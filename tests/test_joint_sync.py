@@ -22,7 +22,7 @@ def _init(rank: int, port: int) -> None:
 
 
 def _grads_worker(rank: int, port: int, out: str) -> None:
-    from rayrec.recipes.joint import all_reduce_grads
+    from rayrec.workers.torch import all_reduce_grads
 
     _init(rank, port)
     a, b, c = (torch.nn.Parameter(torch.zeros(3)) for _ in range(3))
@@ -46,11 +46,10 @@ def test_a_parameter_without_gradient_on_every_worker_keeps_none(tmp_path):
 def _idle_worker(rank: int, port: int, job: dict, out: str) -> None:
     from rayrec.config.schema import JobConfig
     from rayrec.data.dataset import open_prepared
-    from rayrec.recipes.joint import all_reduce_grads
+    from rayrec.train.inputs import data_info
     from rayrec.train.joint import StageRunner, build_joint, plan_stages
     from rayrec.train.local import PlainBatches
-    from rayrec.train.worker import data_info
-    from rayrec.workers import all_reduce_sum
+    from rayrec.workers.torch import all_reduce_grads, all_reduce_sum
 
     _init(rank, port)
     cfg = JobConfig.model_validate(job)

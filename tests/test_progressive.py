@@ -17,9 +17,10 @@ from rayrec.models.sasrec import SASRec
 from rayrec.tracking.mlflow_tracking import Tracker
 from rayrec.train.checkpoint import load_state
 from rayrec.train.health import SKIPPED, TrainingHealthError
+from rayrec.train.inputs import data_info
 from rayrec.train.local import run_local
 from rayrec.train.phases import PhaseRunner, kl_factor, lr_factor
-from rayrec.train.worker import build, data_info
+from rayrec.train.specs import build
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

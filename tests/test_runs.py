@@ -13,9 +13,9 @@ import pytest
 from test_genrec_ray import job_dict
 
 from rayrec import recipes
+from rayrec.config.genrec import GenRecJobConfig
 from rayrec.console import MAGIC, Console, job_console
 from rayrec.errors import ClusterError
-from rayrec.genrec.config import GenRecJobConfig
 from rayrec.runs import COMPLETE_MARKER
 
 

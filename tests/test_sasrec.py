@@ -7,8 +7,9 @@ import torch.nn.functional as F
 
 from rayrec.config.schema import LossConfig, PopularityConfig, SASRecConfig
 from rayrec.eval.metrics import full_ranks
-from rayrec.models import MODELS, Popularity, SASRec, build_model
+from rayrec.models import Popularity, SASRec
 from rayrec.models.sasrec import binary_loss, build_sasrec, gbce_beta, uniform_negatives
+from rayrec.train.specs import MODEL_SPECS, build_model
 
 N = 30  # items 1..30
 L = 8  # max_len
@@ -148,5 +149,5 @@ def test_popularity_ranks_items_by_count():
 
 
 def test_registry_builds_each_model_from_its_config():
-    assert {"sasrec", "popularity", "ur4rec"} <= set(MODELS)
+    assert {"sasrec", "popularity", "ur4rec"} <= set(MODEL_SPECS)
     assert isinstance(build_model(SASRecConfig(hidden=16, num_blocks=1), num_items=N), SASRec)

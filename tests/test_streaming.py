@@ -124,7 +124,7 @@ def test_sliding_windows_train_on_every_event(tiny_dataset):
 
 def test_ingest_auto_picks_memory_when_the_tables_fit_and_streams_otherwise(ray_session, tiny_job):
     from rayrec.recipes.sequential import choose_ingest
-    from rayrec.train.worker import data_info
+    from rayrec.train.inputs import data_info
 
     info = data_info(open_prepared(tiny_job.data.path), tiny_job)
     assert choose_ingest(tiny_job, info) == "memory"
@@ -165,7 +165,7 @@ def test_a_worker_reads_the_row_tables_in_place_not_as_a_copy(ray_session, tiny_
     no copy of the tables, and no Python object per row."""
     import ray
 
-    from rayrec.train.worker import data_info, row_tables
+    from rayrec.train.inputs import data_info, row_tables
 
     tables = row_tables(tiny_job, data_info(open_prepared(tiny_job.data.path), tiny_job))
     ref = ray.put(tables["train"])

@@ -11,8 +11,8 @@ from rayrec.data.dataset import open_prepared
 from rayrec.errors import RayrecError
 from rayrec.tracking.mlflow_tracking import Tracker
 from rayrec.train.checkpoint import load_state
+from rayrec.train.inputs import data_info
 from rayrec.train.local import run_local
-from rayrec.train.worker import data_info
 
 
 def local(cfg: JobConfig, run_dir=None, resume_from=None):
@@ -128,9 +128,9 @@ def test_storage_path_that_is_a_file(tiny_job, tmp_path):
 
 def test_evaluate_hands_every_batchs_target_ranks_to_on_ranks(tiny_job):
     from rayrec.eval.metrics import MetricSums
+    from rayrec.train.evaluation import evaluate
     from rayrec.train.local import PlainBatches
-    from rayrec.train.loop import evaluate
-    from rayrec.train.worker import build
+    from rayrec.train.specs import build
 
     ds = open_prepared(tiny_job.data.path)
     info = data_info(ds, tiny_job)

@@ -10,7 +10,8 @@ from rayrec.data.dataset import open_prepared
 from rayrec.errors import RayrecError
 from rayrec.runs import COMPLETE_MARKER
 from rayrec.train.checkpoint import load_state, seed_everything
-from rayrec.train.worker import build, data_info
+from rayrec.train.inputs import data_info
+from rayrec.train.specs import build
 
 
 def test_one_worker_run_logs_everything(ray_session, tiny_job):

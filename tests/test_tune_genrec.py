@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from test_genrec_ray import job_dict
 
 from rayrec.config import load_model
-from rayrec.genrec.config import GenRecJobConfig
+from rayrec.config.genrec import GenRecJobConfig
 from rayrec.tune.reports import LAST_EPOCH_KEY, Objective, is_final
 from rayrec.tune.runner import COMPLETE_MARKER, run_sweep
 from rayrec.tune.space import load_space

@@ -11,9 +11,9 @@ import pytest
 import yaml
 
 from rayrec.config import dump_job, load_job, load_model
+from rayrec.config.genrec import GenRecJobConfig
+from rayrec.config.kinds import GENREC, SEQUENTIAL, kind_of_file
 from rayrec.errors import ConfigError
-from rayrec.genrec.config import GenRecJobConfig
-from rayrec.tune.kinds import GENREC, SEQUENTIAL, kind_of_file
 from rayrec.tune.paths import PathError, get_path, locate, set_paths
 from rayrec.tune.reports import objective_key
 from rayrec.tune.space import OptunaSpace, load_space, to_optuna
@@ -214,6 +214,20 @@ def test_bad_job_override_names_the_job_file(tmp_path, job_file):
         load_space(write_space(tmp_path, job_file), ["train.epoch=3"])
 
 
+@pytest.mark.parametrize("override, secret, masked", [
+    ("mode=http://bob:hunter2@mlflow.example/x", "hunter2", "mode=http://bob:***@mlflow.example/x"),
+    ("num_samples=sk-live0123456789abcdefABCDEF", "sk-live0123456789abcdefABCDEF", "num_samples=<hidden"),
+    ("trial.password=hunter2", "hunter2", "trial.password=***"),
+    ("searcher.openai_api_key=hunter2", "hunter2", "searcher.openai_api_key=***"),
+])
+def test_a_bad_space_override_that_looks_like_a_secret_is_masked(tmp_path, job_file, override, secret, masked):
+    """The space's errors come from the loader's explainer, which masks what it echoes (rayrec.secrets)."""
+    with pytest.raises(ConfigError) as e:
+        load_space(write_space(tmp_path, job_file), [override])
+    assert secret not in str(e.value) and masked in str(e.value)
+    assert str(e.value).startswith(f"{tmp_path / 'space.yaml'}: override '")
+
+
 def test_shipped_job_loads(job_file):
     assert load_job(job_file).model.hidden == 16
 
@@ -332,8 +346,8 @@ def test_a_generative_job_without_its_sections_gets_a_hint(tmp_path, genrec_job_
 
 
 def test_grpo_space_parses_with_a_report_clock():
-    from rayrec.genrec.config import GRPOJobConfig
-    from rayrec.tune.kinds import GRPO
+    from rayrec.config.genrec import GRPOJobConfig
+    from rayrec.config.kinds import GRPO
 
     sweep = load_space(ROOT / "search_spaces" / "grpo.yaml")
     assert sweep.kind is GRPO and isinstance(sweep.job, GRPOJobConfig)

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from rayrec.config.joint import FusionConfig, JointConfig
-from rayrec.models import build_model
 from rayrec.models.joint import BELOW, fuse, last_positions, ranks, zscore
 from rayrec.models.retriever import JointFeatures
+from rayrec.train.specs import build_model
 
 N, U, L = 40, 10, 8
 

@@ -15,9 +15,9 @@ from rayrec.data.dataset import open_prepared
 from rayrec.errors import DataError
 from rayrec.tracking.mlflow_tracking import Tracker
 from rayrec.train.checkpoint import load_state
+from rayrec.train.inputs import data_info
 from rayrec.train.joint import StageRunner, build_joint, fit_joint, no_sync, plan_stages, prepare_features
 from rayrec.train.local import PlainBatches, run_local
-from rayrec.train.worker import data_info
 
 STAGES = [
     {"name": "pretrain_sasrec", "epochs": 1},
@@ -82,6 +82,7 @@ def test_four_stages_train_what_they_say(mm_data, tmp_path, caplog, capsys):
     assert epochs[3]["train/loss_sasrec"] < epochs[0]["train/loss_sasrec"]  # both modules' losses fall
     assert epochs[3]["train/loss_retriever"] < epochs[1]["train/loss_retriever"]
     assert final["test/hr@10"] > 3 * 10 / 120 and final["best_epoch"] in (3, 4, 5)  # best of the fused stages
+    assert final["health/skipped_steps_total"] == 0  # the summary both loops report (train.evaluation.final_test)
     state = load_state(tmp_path / "run" / "epoch_0003")
     assert state["stage"] == 2 and state["stage_state"]["strategy"]
     job = tmp_path / "job.yaml"  # `rayrec eval` rebuilds the model with its features and gets the same numbers
@@ -267,3 +268,59 @@ def test_a_short_last_accumulation_step_is_a_mean_over_its_own_batches(mm_data, 
         torch.manual_seed(1)
         runner.step([next(iter(PlainBatches(cfg, ds, info).train(1)))])
     assert len(grads[1]) > 5 and all(torch.allclose(a, b, atol=1e-7) for a, b in zip(grads[1], grads[2], strict=True))
+
+
+def test_both_loops_step_through_the_one_schedule(mm_data, tiny_job, tmp_path):
+    """``phases.py``'s scheduler semantics hold in both loops: a SASRec phase and a joint stage that
+    trains SASRec alone, over the same steps, step through the same LR factors -- from the run's
+    start, and continuing the run's warmup after steps done before them."""
+    from rayrec.train.phases import PhaseRunner
+    from rayrec.train.specs import build
+
+    def factors(opt, sched, n):
+        out = []
+        for _ in range(n):
+            out.append(opt.param_groups[0]["lr"] / opt.param_groups[0]["initial_lr"])
+            opt.step()  # no gradients: moves nothing
+            sched.step()
+        return out
+
+    spe, epochs = 5, 2
+    seq = tiny_job.model_copy(deep=True)
+    seq.train.epochs, seq.train.optim.warmup_steps, seq.train.optim.schedule = epochs, 7, "cosine"
+    joint = joint_job(mm_data, tmp_path, stages=[{"name": "pretrain_sasrec", "epochs": epochs}])
+    joint.train.optim.warmup_steps, joint.train.optim.schedule = 7, "cosine"
+    seq_model = build(seq, data_info(open_prepared(seq.data.path), seq))
+    joint_model = build_joint(joint, data_info(open_prepared(mm_data), joint).num_items, mm_data)
+    for done in (0, 4):  # a phase / stage that starts 4 steps into the run's 7-step warmup
+        phases = PhaseRunner(seq_model, seq, spe)
+        phases.enter(phases.plans[0], done)
+        stage = StageRunner(plan_stages(joint.model.stages)[0], joint_model, joint, torch.device("cpu"), spe,
+                            no_sync, lambda t: t, 1, module_steps={"sasrec": done, "retriever": 0})
+        got_seq = factors(phases.opt, phases.sched, spe * epochs + 1)
+        got_joint = factors(stage.optims["sasrec"], stage.scheds["sasrec"], spe * epochs + 1)
+        assert got_seq == pytest.approx(got_joint), done
+        assert got_seq[0] == pytest.approx((done + 1) / 7) and got_seq[-1] == pytest.approx(0.0)
+
+
+def test_fp16_loss_scaling_in_the_joint_loop_skips_an_overflow_and_counts_it(mm_data, tmp_path):
+    """The joint loop scales fp16 losses as the sequential loop does: an overflowing step lowers the
+    scale, is counted as skipped, and moves no weight and no schedule; the next step trains."""
+    cfg = joint_job(mm_data, tmp_path, stages=[{"name": "pretrain_sasrec", "epochs": 1}])
+    ds = open_prepared(mm_data)
+    info = data_info(ds, cfg)
+    torch.manual_seed(0)
+    model = build_joint(cfg, info.num_items, info.path)
+    runner = StageRunner(plan_stages(cfg.model.stages)[0], model, cfg, torch.device("cpu"), 10, no_sync,
+                         lambda t: t, 1)
+    runner.scaler = torch.amp.GradScaler("cpu", init_scale=4.0)  # what fp16 autocast on a GPU gets
+    batches = iter(PlainBatches(cfg, ds, info).train(1))
+    before = {n: p.detach().clone() for n, p in model.sasrec.named_parameters()}
+    runner._micro(next(batches))
+    next(p for p in model.sasrec.parameters() if p.grad is not None).grad.fill_(float("inf"))
+    assert runner._finish() is None
+    assert runner.scaler.get_scale() == 2.0 and runner.health.skipped_total == 1
+    assert runner.scheds["sasrec"].last_epoch == 0
+    assert all(torch.equal(p, before[n]) for n, p in model.sasrec.named_parameters())
+    assert runner.step([next(batches)]) is not None and runner.scheds["sasrec"].last_epoch == 1
+    assert any(not torch.equal(p, before[n]) for n, p in model.sasrec.named_parameters())

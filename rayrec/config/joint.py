@@ -41,7 +41,7 @@ class RetrieverConfig(Strict):
 
     hidden: int = Field(64, ge=8, description="width of the experts, router and refinement")
     num_heads: int = Field(2, ge=1, description="attention heads per expert")
-    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="dropout probability inside the experts and router, in [0, 1)")
     pref_tokens: int = Field(4, ge=1, description="tokens the user-preference vector is expanded into")
     experts: list[ExpertName] = Field(
         default_factory=lambda: ["user_pref", "item_text", "item_image"], description="enabled experts"
@@ -60,15 +60,12 @@ class RetrieverConfig(Strict):
 
 
 class FusionConfig(Strict):
-    """How SASRec's and the retriever's scores combine at ranking time.
+    """How SASRec's and the retriever's scores combine at ranking time."""
 
-    weighted: both score sets z-scored over the candidates, then ``weight`` x SASRec +
-      (1 - weight) x retriever (raw logits and cosines never mix unscaled).
-    rank: reciprocal-rank fusion, ``weight / (rank_k + r_sas) + (1 - weight) / (rank_k + r_ret)``.
-    cascade: the retriever re-ranks SASRec's top ``top_n``.
-    """
-
-    method: Literal["weighted", "rank", "cascade"] = "weighted"
+    method: Literal["weighted", "rank", "cascade"] = Field(
+        "weighted", description="weighted: both score sets z-scored over the candidates, then weight x SASRec + "
+        "(1 - weight) x retriever (raw logits and cosines never mix unscaled); rank: reciprocal-rank fusion, "
+        "weight / (rank_k + r_sas) + (1 - weight) / (rank_k + r_ret); cascade: the retriever re-ranks SASRec's top_n")
     weight: float = Field(0.5, ge=0.0, le=1.0, description="SASRec's share (weighted, rank)")
     top_n: int = Field(200, ge=0, description="SASRec candidates the retriever scores in full ranking; 0 = all items")
     rank_k: float = Field(60.0, gt=0.0, description="reciprocal-rank constant of method=rank")
@@ -121,7 +118,9 @@ class PrefsConfig(Strict):
     logged or cached.
     """
 
-    backend: Literal["template", "openai"] = "template"
+    backend: Literal["template", "openai"] = Field("template", description="template: offline summaries from the "
+                                                   "genres and words of the items, no model; openai: an "
+                                                   "OpenAI-compatible chat endpoint (base_url)")
     base_url: str = Field("http://127.0.0.1:8000/v1", description="OpenAI-compatible API root (ends in /v1)")
     model: str = Field("qwen2.5-7b-instruct", description="chat model name at base_url")
     api_key_env: str = Field("OPENAI_API_KEY", description="the NAME of the env var holding the key (never the key)")
@@ -129,8 +128,8 @@ class PrefsConfig(Strict):
     max_concurrency: int = Field(4, ge=1, le=256, description="requests in flight")
     max_retries: int = Field(5, ge=0, description="retries on 429/5xx/timeouts (exponential backoff)")
     backoff_s: float = Field(1.0, ge=0.0, description="first backoff; doubles per retry (Retry-After wins)")
-    timeout_s: float = Field(60.0, gt=0.0)
-    temperature: float = Field(0.3, ge=0.0, le=2.0)
+    timeout_s: float = Field(60.0, gt=0.0, description="seconds one request may take before it is retried")
+    temperature: float = Field(0.3, ge=0.0, le=2.0, description="sampling temperature of the chat model")
 
     @field_validator("api_key_env")
     @classmethod
@@ -139,10 +138,11 @@ class PrefsConfig(Strict):
             raise ValueError("must name the environment variable that holds the key (e.g. OPENAI_API_KEY), not "
                              "hold the key itself: export the key and put the variable's name here")
         return v
-    max_tokens: int = Field(160, ge=16)
+    max_tokens: int = Field(160, ge=16, description="most tokens the model may write per answer")
     history_items: int = Field(20, ge=1, description="most recent training items shown per user")
     price_per_1k_prompt: float = Field(0.0, ge=0.0, description="for the cost summary")
-    price_per_1k_completion: float = Field(0.0, ge=0.0)
+    price_per_1k_completion: float = Field(0.0, ge=0.0, description="price per 1000 completion tokens, for the cost "
+                                           "summary")
 
 
 # ----------------------------------------------------------------------------- strategies
@@ -151,9 +151,10 @@ class PrefsConfig(Strict):
 class FixedAlternatingConfig(Strict):
     """Train one module at a time, switching every ``every`` steps."""
 
-    name: Literal["fixed_alternating"] = "fixed_alternating"
-    every: int = Field(50, ge=1)
-    order: list[ModuleName] = Field(default_factory=lambda: list(MODULES))
+    name: Literal["fixed_alternating"] = Field("fixed_alternating", description="strategy (the tag of a list item)")
+    every: int = Field(50, ge=1, description="optimizer steps per turn of a module")
+    order: list[ModuleName] = Field(default_factory=lambda: list(MODULES), description="modules in the order they "
+                                    "take turns")
 
 
 class AdaptiveAlternatingConfig(Strict):
@@ -164,12 +165,14 @@ class AdaptiveAlternatingConfig(Strict):
     never exceeds ``max_steps``, so no module starves.
     """
 
-    name: Literal["adaptive_alternating"] = "adaptive_alternating"
-    window: int = Field(10, ge=1)
+    name: Literal["adaptive_alternating"] = Field("adaptive_alternating", description="strategy (the tag of a "
+                                                  "list item)")
+    window: int = Field(10, ge=1, description="steps per smoothing window of the plateau test")
     threshold: float = Field(0.01, ge=0.0, description="relative improvement below which the loss has plateaued")
-    min_steps: int = Field(20, ge=1)
-    max_steps: int = Field(200, ge=1)
-    order: list[ModuleName] = Field(default_factory=lambda: list(MODULES))
+    min_steps: int = Field(20, ge=1, description="steps of a turn before its plateau is tested")
+    max_steps: int = Field(200, ge=1, description="longest turn in steps (>= min_steps)")
+    order: list[ModuleName] = Field(default_factory=lambda: list(MODULES), description="modules in the order they "
+                                    "take turns")
 
     @model_validator(mode="after")
     def _bounds(self) -> AdaptiveAlternatingConfig:
@@ -181,28 +184,29 @@ class AdaptiveAlternatingConfig(Strict):
 class UncertaintyConfig(Strict):
     """Kendall et al. 2018: exp(-s_k) L_k + s_k / 2 with learnable log-variances s_k."""
 
-    name: Literal["uncertainty"] = "uncertainty"
-    init_log_var: float = 0.0
+    name: Literal["uncertainty"] = Field("uncertainty", description="strategy (the tag of a list item)")
+    init_log_var: float = Field(0.0, description="initial log-variance s_k of every loss (0: weight 1)")
     lr: float | None = Field(None, gt=0.0, description="log-variance learning rate; default train.optim.lr")
 
 
 class DWAConfig(Strict):
     """Dynamic weight averaging (Liu et al. 2019) from epoch-averaged loss ratios."""
 
-    name: Literal["dwa"] = "dwa"
-    temperature: float = Field(2.0, gt=0.0)
+    name: Literal["dwa"] = Field("dwa", description="strategy (the tag of a list item)")
+    temperature: float = Field(2.0, gt=0.0, description="T of w_k = K softmax_k(r_k / T), r_k the ratio of a loss's "
+                               "last two epoch means; larger = more even weights")
 
 
 class CurriculumPhase(Strict):
     until_epoch: int = Field(ge=1, description="last epoch (within the stage) of this phase")
-    weights: dict[LossKey, float]
+    weights: dict[LossKey, float] = Field(description="weight per main loss (sasrec, retriever, fused) in this phase")
 
 
 class CurriculumConfig(Strict):
     """Loss weights per phase of epochs (the last phase holds after its end)."""
 
-    name: Literal["curriculum"] = "curriculum"
-    phases: list[CurriculumPhase] = Field(min_length=1)
+    name: Literal["curriculum"] = Field("curriculum", description="strategy (the tag of a list item)")
+    phases: list[CurriculumPhase] = Field(min_length=1, description="phases with strictly increasing until_epoch")
 
     @field_validator("phases")
     @classmethod
@@ -216,20 +220,22 @@ class CurriculumConfig(Strict):
 class MemoryBankConfig(Strict):
     """MoCo-style contrastive loss between SASRec's user state and the retriever's item vector."""
 
-    name: Literal["memory_bank"] = "memory_bank"
-    weight: float = Field(0.1, ge=0.0)
-    queue_size: int = Field(4096, ge=1, le=65536)
-    temperature: float = Field(0.07, gt=0.0)
+    name: Literal["memory_bank"] = Field("memory_bank", description="strategy (the tag of a list item)")
+    weight: float = Field(0.1, ge=0.0, description="weight of the contrastive loss added to the step's loss")
+    queue_size: int = Field(4096, ge=1, le=65536, description="past keys kept as negatives (FIFO queue)")
+    temperature: float = Field(0.07, gt=0.0, description="softmax temperature of the contrastive (InfoNCE) loss")
     dim: int = Field(64, ge=4, description="projection width of both sides")
 
 
 class DistillationConfig(Strict):
     """Two-way knowledge distillation between the two modules' candidate score distributions."""
 
-    name: Literal["distillation"] = "distillation"
-    weight: float = Field(0.5, ge=0.0)
-    temperature: float = Field(2.0, gt=0.0)
-    direction: Literal["both", "to_retriever", "to_sasrec"] = "both"
+    name: Literal["distillation"] = Field("distillation", description="strategy (the tag of a list item)")
+    weight: float = Field(0.5, ge=0.0, description="weight of the distillation loss added to the step's loss")
+    temperature: float = Field(2.0, gt=0.0, description="T that softens both score distributions (the loss is "
+                               "scaled by T^2)")
+    direction: Literal["both", "to_retriever", "to_sasrec"] = Field(
+        "both", description="which module learns from the other: both, to_retriever (SASRec teaches) or to_sasrec")
 
 
 StrategyConfig = Annotated[
@@ -244,11 +250,13 @@ WEIGHTINGS = ("uncertainty", "dwa", "curriculum")
 class StageConfig(Strict):
     """One training stage: epochs, per-module learning rates, trainable flags, strategies."""
 
-    name: StageName
-    epochs: int = Field(ge=1)
+    name: StageName = Field(description="stage: pretrain_sasrec, pretrain_retriever, joint_finetune or end_to_end "
+                            "(sets the default trainable modules)")
+    epochs: int = Field(ge=1, description="epochs of this stage")
     lr: dict[ModuleName, float] = Field(default_factory=dict, description="per module; default train.optim.lr")
     trainable: dict[ModuleName, bool] = Field(default_factory=dict, description="overrides the stage's defaults")
-    strategies: list[StrategyConfig] = Field(default_factory=list)
+    strategies: list[StrategyConfig] = Field(default_factory=list, description="training strategies, each picked "
+                                             "by name: at most one schedule (alternation) and one weighting")
     warmup_steps: int | None = Field(
         None, ge=0, description="this stage's own warmup (per module); null = the run's warmup continues where it is")
 
@@ -291,13 +299,14 @@ def _default_stages() -> list[StageConfig]:
 class JointConfig(Strict):
     """UR4Rec-style joint model: SASRec plus a multimodal MoE retriever, trained in stages."""
 
-    name: Literal["ur4rec"] = "ur4rec"
-    sasrec: SASRecConfig = SASRecConfig()
-    retriever: RetrieverConfig = RetrieverConfig()
-    fusion: FusionConfig = FusionConfig()
-    features: FeaturesConfig = FeaturesConfig()
-    prefs: PrefsConfig = PrefsConfig()
-    stages: list[StageConfig] = Field(default_factory=_default_stages, min_length=1)
+    name: Literal["ur4rec"] = Field("ur4rec", description="model variant (the tag of the job's `model` section)")
+    sasrec: SASRecConfig = Field(SASRecConfig(), description="the sequential model")
+    retriever: RetrieverConfig = Field(RetrieverConfig(), description="the multimodal mixture-of-experts retriever")
+    fusion: FusionConfig = Field(FusionConfig(), description="how the two score sets combine at ranking")
+    features: FeaturesConfig = Field(FeaturesConfig(), description="text and image embeddings of items and users")
+    prefs: PrefsConfig = Field(PrefsConfig(), description="generated user preferences and item descriptions")
+    stages: list[StageConfig] = Field(default_factory=_default_stages, min_length=1, description="training stages, "
+                                      "in order; their epochs sum to train.epochs")
 
     @property
     def max_len(self) -> int:

@@ -36,8 +36,9 @@ def load_model(model: type[M], path: str | Path, overrides: list[str] | tuple[st
     return validate(model, raw, source=str(path), lines=lines, overridden=applied)
 
 
-def read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
+def read_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
     """Parse a YAML mapping and remember the line of every dotted key (for messages)."""
+    path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such job file")
     text = path.read_text(encoding="utf-8")
@@ -149,23 +150,36 @@ def explain(
     lines: dict[str, int],
     overridden: dict[str, str],
 ) -> str:
-    """One message: where (file:line or the override), the dotted key, given vs. allowed."""
+    """One message, a line per error: where (file:line or the override), the dotted key, given vs. allowed.
+
+    The one explainer of every strict schema (job files here, sweep files in ``rayrec.tune.space``):
+    what it echoes of the input (override values, given values) is masked (``rayrec.secrets``).
+    """
     out = []
     for e in err.errors():
-        loc = _strip_variant_tags(e["loc"], model)
+        loc, parent, at = _resolve(e["loc"], model)
         dotted = ".".join(loc)
-        where = _where(dotted, source, lines, overridden)
         given = e.get("input")
         if e["type"] == "extra_forbidden":
-            out.append(f"{where}: unknown key '{dotted}'{_suggest(dotted, model)}")
+            out.append(f"{where(dotted, source, lines, overridden)}: unknown key '{dotted}'"
+                       f"{_suggest(loc, model, parent)}")
+        elif e["type"] in ("union_tag_invalid", "union_tag_not_found"):  # a variant's tag (name, dist) is off
+            ctx, models = e.get("ctx", {}), _models(at)
+            key = next(iter(_tag_keys(models)), str(ctx.get("discriminator", "")).strip("'"))
+            allowed = ", ".join(_variant_tags(models)) or str(ctx.get("expected_tags", "")).replace("'", "")
+            echo = f"(given: {_shown_at(key, ctx['tag'])!r})" if "tag" in ctx else "(missing)"
+            out.append(f"{where(f'{dotted}.{key}', source, lines, overridden)}: {dotted or '(top level)'}: "
+                       f"`{key}` must be one of {allowed} {echo}")
         else:
             msg = e["msg"].removeprefix("Value error, ")
-            echo = "" if isinstance(given, dict | list) else f" (given: {shown(given)!r})"  # not a whole section
-            out.append(f"{where}: {dotted or '(top level)'}: {msg}{echo}")
+            echo = "" if isinstance(given, dict | list) else f" (given: {_shown_at(dotted, given)!r})"  # not a section
+            out.append(f"{where(dotted, source, lines, overridden)}: {dotted or '(top level)'}: {msg}{echo}")
     return "\n".join(out)
 
 
-def _where(dotted: str, source: str, lines: dict[str, int], overridden: dict[str, str]) -> str:
+def where(dotted: str, source: str, lines: dict[str, int], overridden: dict[str, str]) -> str:
+    """Where the value at ``dotted`` (or the nearest section above it) was set: ``source: override 'k=v'``
+    (the value masked), ``source:LINE`` (``lines``: line of each dotted key of the file), else ``source``."""
     for key in _prefixes(dotted):
         if key in overridden:
             return f"{source}: override '{_shown_override(overridden[key])}'"
@@ -175,9 +189,16 @@ def _where(dotted: str, source: str, lines: dict[str, int], overridden: dict[str
 
 
 def _shown_override(item: str) -> str:
-    """``key=value`` as echoed in an error: a key-like or credential-bearing value masked."""
+    """``key=value`` as echoed in an error: a key-like, credential-bearing or secret-named value masked."""
     key, sep, value = item.partition("=")
-    return f"{key}{sep}{shown(value)}" if sep else item
+    return f"{key}{sep}{_shown_at(key.strip(), value)}" if sep else item
+
+
+def _shown_at(dotted: str, value: Any) -> Any:
+    """``value`` of the key ``dotted`` as echoed in an error: ``shown``, and masked where the key's name says
+    it holds a secret (``password``, ``*_api_key``; as ``rayrec.secrets.mask`` does in stored configs)."""
+    leaf = dotted.rsplit(".", 1)[-1]
+    return mask({leaf: shown(value)})[leaf]
 
 
 def _prefixes(dotted: str) -> list[str]:
@@ -185,72 +206,109 @@ def _prefixes(dotted: str) -> list[str]:
     return [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
 
 
-def _is_variant_tag(part: Any, model: type[BaseModel]) -> bool:
-    """pydantic puts the discriminator value (e.g. 'sasrec') into error locations."""
-    return isinstance(part, str) and part in _variant_tags(model)
+def _resolve(loc: tuple[Any, ...], model: type[BaseModel]) -> tuple[list[str], list[Any], list[Any]]:
+    """An error location as the file spells it, and the types found on the way.
 
-
-def _strip_variant_tags(loc: tuple[Any, ...], model: type[BaseModel]) -> list[str]:
-    """Drop the discriminator values pydantic inserts after a tagged-union field
-    (``model.sasrec.hidden`` -> ``model.hidden``) but keep real keys that equal a tag
-    (the ur4rec variant's ``model.sasrec.hidden``). Unknown paths fall back to dropping all tags."""
+    Drops the tags pydantic inserts after a tagged-union value (``model.sasrec.hidden`` -> ``model.hidden``,
+    a sweep's ``params.lr.loguniform.low`` -> ``params.lr.low``) but keeps real keys that equal a tag (the
+    ur4rec variant's ``model.sasrec.hidden``) and mapping keys (``params.<path>``). Returns the path, the
+    types of the value its last key is in, and the types of the value it names ([] when not known).
+    Unknown paths fall back to dropping every tag of the schema.
+    """
     out: list[str] = []
-    models: list[type[BaseModel]] | None = [model]
+    parent: list[Any] = []
+    types_: list[Any] | None = [model]
     for part in loc:
-        if models is None:
-            if not _is_variant_tag(part, model):
+        if types_ is None:
+            if not (isinstance(part, str) and part in _schema_tags(model)):
                 out.append(str(part))
             continue
-        tagged = {t: m for m in models for t in _variant_tags_of(m)} if len(models) > 1 else {}
+        tagged = _variant_tags(_models(types_))
         if isinstance(part, str) and part in tagged:
-            models = [tagged[part]]
+            types_ = [tagged[part]]
             continue
         out.append(str(part))
-        if not isinstance(part, int):
-            field = next((m.model_fields[part] for m in models if part in m.model_fields), None)
-            models = _element_models(field.annotation) if field is not None else None
-    return out
+        parent, types_ = types_, [c for t in types_ for c in _children(t, part)] or None
+    return out, parent, types_ or []
 
 
-def _variant_tags_of(model: type[BaseModel]) -> tuple[str, ...]:
-    field = model.model_fields.get("name")
-    if field is not None and typing.get_origin(field.annotation) is typing.Literal:
-        return typing.get_args(field.annotation)
-    return ()
+def _children(annotation: Any, part: Any) -> list[Any]:
+    """Types of the value at key or index ``part`` of a value of type ``annotation``."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:
+        return _children(args[0], part)
+    if origin in (typing.Union, types.UnionType):
+        return [c for a in args for c in _children(a, part)]
+    if origin in (list, tuple, set, frozenset):
+        return list(args[:1]) if isinstance(part, int) else []
+    if origin is dict:
+        return list(args[1:])
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel) and part in annotation.model_fields:
+        return [annotation.model_fields[part].annotation]
+    return []
 
 
-def _element_models(annotation: Any) -> list[type[BaseModel]]:
-    """Models a value of ``annotation`` can be (through lists and dicts); [] for leaves."""
-    origin = typing.get_origin(annotation)
-    if origin in (list, tuple, set, dict):
-        args = typing.get_args(annotation)
-        return _element_models(args[-1]) if args else []
-    return _models_in(annotation)
+def _models(annotations: list[Any]) -> list[type[BaseModel]]:
+    return list(dict.fromkeys(m for a in annotations for m in _models_in(a)))
 
 
-def _variant_tags(model: type[BaseModel]) -> set[str]:
+def _tag_keys(models: list[type[BaseModel]]) -> list[str]:
+    """The tag field of a union of models (``name``, a sweep param's ``dist``): a Literal field they all have."""
+    if len(models) < 2:
+        return []
+    literal = [[k for k, f in m.model_fields.items() if typing.get_origin(f.annotation) is typing.Literal]
+               for m in models]
+    return [k for k in literal[0] if all(k in other for other in literal[1:])]
+
+
+def _variant_tags(models: list[type[BaseModel]]) -> dict[str, type[BaseModel]]:
+    """``{tag: model}`` of a tagged union of models ({} for one model)."""
+    return {t: m for k in _tag_keys(models) for m in models for t in typing.get_args(m.model_fields[k].annotation)}
+
+
+def _schema_tags(model: type[BaseModel]) -> set[str]:
+    """Every tag of every tagged union in ``model``'s schema (also in lists and mappings)."""
     tags: set[str] = set()
-    for cls in _all_models(model):
-        field = cls.model_fields.get("name")
-        if field is not None and typing.get_origin(field.annotation) is typing.Literal:
-            tags.update(typing.get_args(field.annotation))
+    seen = [model]
+    for m in seen:
+        for field in m.model_fields.values():
+            nested = _nested_models(field.annotation)
+            tags.update(_variant_tags(nested))
+            seen.extend(n for n in nested if n not in seen)
     return tags
 
 
-def _suggest(dotted: str, model: type[BaseModel]) -> str:
+def _nested_models(annotation: Any) -> list[type[BaseModel]]:
+    """Models in ``annotation`` at any depth (unions, Annotated, lists, mappings)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return list(dict.fromkeys(m for a in typing.get_args(annotation) for m in _nested_models(a)))
+
+
+def _suggest(loc: list[str], model: type[BaseModel], parent: list[Any]) -> str:
+    """'; did you mean a.b?' and the valid keys next to the unknown key ``loc``."""
     paths = config_paths(model)
-    dotted = ".".join(p for p in dotted.split(".") if not p.isdigit())  # list items: model.stages.0.x -> model.stages.x
+    dotted = ".".join(p for p in loc if not p.isdigit())  # list items: model.stages.0.x -> model.stages.x
     leaf = dotted.rsplit(".", 1)[-1]
-    parent = dotted.rsplit(".", 1)[0] if "." in dotted else ""
+    parent_path = dotted.rsplit(".", 1)[0] if "." in dotted else ""
+    if parent_path and not any(p.startswith(parent_path + ".") for p in paths):  # in a mapping (a sweep's params)
+        keys = list(dict.fromkeys(k for m in _models(parent) for k in m.model_fields))
+        if not keys:
+            return ""
+        near = difflib.get_close_matches(leaf, keys, n=2, cutoff=0.6)
+        inside = ".".join(loc[:-1])
+        hint = f"; did you mean {' or '.join(f'{inside}.{k}' for k in near)}?" if near else ""
+        return f"{hint} (valid keys in {inside}: {', '.join(keys)})"
     same_leaf = sorted((p for p in paths if p.rsplit(".", 1)[-1] == leaf),
                        key=lambda p: -difflib.SequenceMatcher(None, dotted, p).ratio())
     near = difflib.get_close_matches(dotted, paths, n=6, cutoff=0.75)
     close = (same_leaf + [p for p in near if p not in same_leaf and not dotted.startswith(p + ".")])[:3]
-    siblings = sorted({p[len(parent) + 1 :].split(".")[0] for p in paths if parent and p.startswith(parent + ".")})
-    if not parent:
+    siblings = sorted({p[len(parent_path) + 1 :].split(".")[0] for p in paths
+                       if parent_path and p.startswith(parent_path + ".")})
+    if not parent_path:
         siblings = sorted({p.split(".")[0] for p in paths})
     hint = f"; did you mean {' or '.join(close)}?" if close else ""
-    return f"{hint} (valid keys{' in ' + parent if parent else ''}: {', '.join(siblings)})"
+    return f"{hint} (valid keys{' in ' + parent_path if parent_path else ''}: {', '.join(siblings)})"
 
 
 def config_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
@@ -280,14 +338,6 @@ def _list_item_models(annotation: Any) -> list[type[BaseModel]]:
     if typing.get_origin(annotation) is list:
         return [m for a in typing.get_args(annotation) for m in _models_in(a)]
     return []
-
-
-def _all_models(model: type[BaseModel]) -> list[type[BaseModel]]:
-    seen = [model]
-    for m in seen:
-        for field in m.model_fields.values():
-            seen.extend(s for s in _models_in(field.annotation) if s not in seen)
-    return seen
 
 
 def dump_job(cfg: BaseModel) -> str:

@@ -24,7 +24,7 @@ MULTI_INTEREST_LOSSES = ("rec", "kl", "recon", "orthogonality", "diversity", "ca
 class VAEConfig(Strict):
     """A VAE over each interest vector: mean/log-variance, a reparameterised sample, a reconstruction."""
 
-    enabled: bool = True
+    enabled: bool = Field(True, description="model each interest with the VAE (adds the kl and recon losses)")
     latent: int = Field(32, ge=2, description="latent width per interest")
     shape_interests: bool = Field(
         True, description="the recon and kl gradients reach the interests (they are pulled towards what the "
@@ -32,29 +32,26 @@ class VAEConfig(Strict):
 
 
 class CausalConfig(Strict):
-    """Popularity deconfounding.
+    """Popularity deconfounding (the ``causal`` loss)."""
 
-    pop_head: a learned per-item popularity logit is added to the training logits (the
-      confounded path) and trained alone on the ``causal`` loss; at ranking it is removed
-      (kept with ``inference_weight``), so the user-item part ranks without the popularity bias.
-    ips: the ``causal`` loss is the recommendation loss weighted by inverse propensity,
-      ``(count(target) + 1) ** -ips_power`` normalised to mean 1 and clipped at ``ips_clip``;
-      counts are the targets seen in training so far (a buffer, so checkpoints carry them).
-      This variant has no parameters: do not freeze ``causal`` with it.
-    """
-
-    enabled: bool = True
-    method: Literal["pop_head", "ips"] = "pop_head"
+    enabled: bool = Field(True, description="the causal branch and its causal loss")
+    method: Literal["pop_head", "ips"] = Field(
+        "pop_head", description="pop_head: a learned per-item popularity logit is added to the training logits (the "
+        "confounded path) and trained alone on the causal loss; at ranking it is removed (kept with "
+        "inference_weight), so the user-item part ranks without the popularity bias. ips: the causal loss is the "
+        "recommendation loss weighted by inverse propensity (see ips_power, ips_clip) over the targets counted in "
+        "training so far (a buffer, so checkpoints carry it); it has no parameters: do not freeze causal with it")
     inference_weight: float = Field(0.0, ge=0.0, le=1.0, description="pop_head: share of the popularity logit kept at ranking")
-    ips_power: float = Field(0.5, ge=0.0, le=1.0)
-    ips_clip: float = Field(10.0, gt=1.0)
+    ips_power: float = Field(0.5, ge=0.0, le=1.0, description="ips: a target's weight is (count(target) + 1) ** "
+                             "-ips_power, normalised to mean 1 over the batch")
+    ips_clip: float = Field(10.0, gt=1.0, description="ips: largest weight after normalising")
 
 
 class ComplexConfig(Strict):
     """Quantum-inspired encoder: items as amplitude x phase, the history as their decaying superposition,
     scores from the interference term Re<psi_user, phi_item> of unit-normalised states."""
 
-    enabled: bool = True
+    enabled: bool = Field(True, description="add the complex encoder's interference scores to the ranking")
     dim: int = Field(32, ge=2, description="complex dimensions (amplitude and phase embeddings each)")
     decay: float = Field(0.8, gt=0.0, le=1.0, description="weight of an item s steps back: decay ** s")
 
@@ -62,7 +59,8 @@ class ComplexConfig(Strict):
 class MultiInterestConfig(EncoderConfig):
     """Disentangled multi-interest model (its encoder's fields from ``EncoderConfig``); see the module docstring."""
 
-    name: Literal["multi_interest"] = "multi_interest"
+    name: Literal["multi_interest"] = Field("multi_interest", description="model variant (the tag of the job's "
+                                           "`model` section)")
     num_interests: int = Field(4, ge=1, description="K interest vectors per user (1 = single-interest)")
     label_power: float = Field(2.0, gt=0.0, description="training: interest weights softmax(p * <interest, target>) "
                                "(MIND's label-aware attention; larger = harder)")
@@ -72,6 +70,6 @@ class MultiInterestConfig(EncoderConfig):
                                  "(max_len or more: every position, as SASRec)")
     orthogonality: bool = Field(True, description="the orthogonality loss between interests (K > 1)")
     diversity: bool = Field(True, description="the diversity loss: interests used evenly over a batch (K > 1)")
-    vae: VAEConfig = VAEConfig()
-    causal: CausalConfig = CausalConfig()
-    complex: ComplexConfig = ComplexConfig()
+    vae: VAEConfig = Field(VAEConfig(), description="the VAE over each interest vector")
+    causal: CausalConfig = Field(CausalConfig(), description="popularity deconfounding")
+    complex: ComplexConfig = Field(ComplexConfig(), description="the quantum-inspired complex-valued encoder")

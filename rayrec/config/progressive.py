@@ -60,7 +60,8 @@ class KLAnnealConfig(Strict):
 class PhaseConfig(Strict):
     """One phase of a progressive schedule: epochs ``previous until_epoch + 1 .. until_epoch``."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$", description="phase name (unique; in logs and overrides: "
+                      "train.phases.NAME.lr_mult)")
     until_epoch: int | None = Field(None, ge=1, description="last epoch of the phase; null = to the end (last phase)")
     loss_weights: dict[str, float] = Field(
         default_factory=dict, description="weight per loss name (the model's losses); a loss not named keeps 1.0")
@@ -102,8 +103,8 @@ class ProgressiveMixin(Strict):
 
     phases: list[PhaseConfig] = Field(
         default_factory=list, description="progressive phases (any model but ur4rec, whose stages are its phases)")
-    health: HealthConfig = HealthConfig()
-    kl_anneal: KLAnnealConfig = KLAnnealConfig()
+    health: HealthConfig = Field(HealthConfig(), description="gradient health checks of every optimizer step")
+    kl_anneal: KLAnnealConfig = Field(KLAnnealConfig(), description="the weight of a loss named kl over time")
 
     @model_validator(mode="after")
     def _phases(self) -> ProgressiveMixin:

@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from rayrec.config.base import LossConfig, SASRecConfig, Strict  # noqa: F401  (every section is found here)
+from rayrec.config.base import BatchArithmetic, Ks, LossConfig, SASRecConfig, Strict  # noqa: F401  (every section is found here)
 from rayrec.config.joint import JointConfig
 from rayrec.config.multi_interest import MultiInterestConfig
 from rayrec.config.progressive import GroupRule, ProgressiveMixin
@@ -65,10 +65,14 @@ class DataConfig(Strict):
     source: SourceName = Field("synthetic", description="raw source used when path is absent")
     input: Path | None = Field(None, description="raw input (file or folder) of the source")
     prepare_if_missing: bool = Field(True, description="prepare `path` from the source when absent")
-    split: SplitProtocol = "leave_one_out"
-    filters: FilterConfig = FilterConfig()
-    synth: SynthConfig = SynthConfig()
-    on_bad_line: Literal["skip", "error"] = "error"
+    split: SplitProtocol = Field(
+        "leave_one_out", description="how events split into train/valid/test: leave_one_out = each user's last event "
+        "is test, the one before valid; temporal = global time cuts at the 80th/90th percentile of event times; "
+        "user_prefix = each sequence cut at 80 % and 90 %")
+    filters: FilterConfig = Field(FilterConfig(), description="filters applied when the dataset is prepared")
+    synth: SynthConfig = Field(SynthConfig(), description="the synthetic dataset (source synthetic)")
+    on_bad_line: Literal["skip", "error"] = Field("error", description="a malformed raw line: skip it (counted) or "
+                                                  "fail the preparation")
     source_options: dict[str, str | int | float | bool] = Field(
         default_factory=dict, description="extra keyword options of the source reader"
     )
@@ -84,7 +88,7 @@ class DataConfig(Strict):
 class PopularityConfig(Strict):
     """Most-popular baseline: scores every item by its training frequency."""
 
-    name: Literal["popularity"] = "popularity"
+    name: Literal["popularity"] = Field("popularity", description="model variant (the tag of the job's `model` section)")
     max_len: int = Field(50, ge=1, description="history length (only used to mask seen items)")
 
 
@@ -93,11 +97,12 @@ ModelConfig = Annotated[SASRecConfig | PopularityConfig | JointConfig | MultiInt
 
 
 class OptimConfig(Strict):
-    lr: float = Field(1e-3, gt=0.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    betas: tuple[float, float] = (0.9, 0.98)
+    lr: float = Field(1e-3, gt=0.0, description="base learning rate (AdamW) after warmup")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW decoupled weight decay (on weights only, see decay_all)")
+    betas: tuple[float, float] = Field((0.9, 0.98), description="AdamW's (beta1, beta2) moment decay rates")
     warmup_steps: int = Field(0, ge=0, description="linear warmup steps before cosine decay")
-    schedule: Literal["cosine", "constant"] = "cosine"
+    schedule: Literal["cosine", "constant"] = Field("cosine", description="learning rate after warmup: cosine decay "
+                                                    "to 0 over the run's optimizer steps, or constant")
     grad_clip: float | None = Field(1.0, gt=0.0, description="max global grad norm; null = off")
     groups: list[GroupRule] = Field(
         default_factory=list, description="per-module multipliers: [{pattern: 'item_emb*', lr_mult: 2.0}, ...]; "
@@ -107,7 +112,7 @@ class OptimConfig(Strict):
 
 class EarlyStopConfig(Strict):
     metric: str = Field("val/ndcg@10", description="validation metric that picks the best epoch")
-    mode: Literal["max", "min"] = "max"
+    mode: Literal["max", "min"] = Field("max", description="whether a larger (max) or smaller (min) metric is better")
     patience: int = Field(5, ge=1, description="epochs without improvement before stopping")
 
     @field_validator("metric")
@@ -122,7 +127,7 @@ class EarlyStopConfig(Strict):
 
 
 class EvalConfig(Strict):
-    ks: list[int] = Field(default_factory=lambda: [5, 10, 20])
+    ks: Ks = Field(default_factory=lambda: [5, 10, 20], description="cut-offs K of the reported hr@K and ndcg@K")
     mode: str = Field("full", description="'full' ranking or 'sampled:N' negatives")
     mask_seen: bool = Field(True, description="exclude items already in the history")
     batch_size: int = Field(1024, ge=1, description="rows per evaluation batch (scores are [batch, items])")
@@ -137,21 +142,15 @@ class EvalConfig(Strict):
             raise ValueError(f"'{v}' is not 'full' or 'sampled:N' with N >= 1 (e.g. sampled:100)")
         return v
 
-    @field_validator("ks")
-    @classmethod
-    def _ks(cls, v: list[int]) -> list[int]:
-        if not v or any(k < 1 for k in v):
-            raise ValueError(f"ks must be a non-empty list of positive integers, got {v}")
-        return sorted(set(v))
-
 
 class TrainConfig(ProgressiveMixin):
-    epochs: int = Field(20, ge=1)
+    epochs: int = Field(20, ge=1, description="passes over the training rows (ur4rec: the sum of its stages' epochs)")
     batch_size: int = Field(128, ge=1, description="sequences per worker per step")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
-    optim: OptimConfig = OptimConfig()
-    early_stopping: EarlyStopConfig = EarlyStopConfig()
-    eval: EvalConfig = EvalConfig()
+    optim: OptimConfig = Field(OptimConfig(), description="optimizer and learning-rate schedule")
+    early_stopping: EarlyStopConfig = Field(EarlyStopConfig(), description="the metric that picks the best epoch, "
+                                            "and when to stop")
+    eval: EvalConfig = Field(EvalConfig(), description="validation and test ranking")
     amp: bool = Field(True, description="bf16/fp16 autocast when on GPU (ignored on CPU)")
     shuffle_buffer: int = Field(1024, ge=0, description="shuffle: each chunk of this many rows (file order) is "
                                 "permuted per epoch, identically on every data path; 0 = off")
@@ -181,8 +180,8 @@ class TrainConfig(ProgressiveMixin):
 
 
 class ScalingConfig(Strict):
-    num_workers: int = Field(1, ge=1)
-    use_gpu: bool = False
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel replicas)")
+    use_gpu: bool = Field(False, description="give each worker a GPU (training runs on CPU otherwise)")
     resources_per_worker: dict[str, float] = Field(
         default_factory=lambda: {"CPU": 1.0},
         description="Ray resources each worker reserves; leave CPU for Ray Data on small hosts",
@@ -204,9 +203,9 @@ class ScalingConfig(Strict):
 
 
 class TrackingConfig(Strict):
-    enabled: bool = True
+    enabled: bool = Field(True, description="log params, metrics and the resolved config to MLflow")
     uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI (sqlite, http, ...)")
-    experiment: str = "rayrec"
+    experiment: str = Field("rayrec", description="MLflow experiment the runs are logged into")
 
 
 class CheckpointConfig(Strict):
@@ -221,33 +220,45 @@ class CheckpointConfig(Strict):
 
 
 class RunConfig(Strict):
-    name: str = Field("quickstart", pattern=r"^[A-Za-z0-9_.\-]+$")
+    name: str = Field("quickstart", pattern=r"^[A-Za-z0-9_.\-]+$", description="run name (folder under storage_path, "
+                      "MLflow run name)")
     storage_path: Path = Field(Path("runs"), description="where Ray Train writes checkpoints; a relative "
                                 "path is under $RAYREC_STORAGE_ROOT when set (a cluster's shared storage)")
-    seed: int = 0
-    checkpoint: CheckpointConfig = CheckpointConfig()
+    seed: int = Field(0, description="seed of the run: initialisation, shuffling, negative sampling, index building")
+    checkpoint: CheckpointConfig = Field(CheckpointConfig(), description="which checkpoints are written and kept")
     max_failures: int = Field(0, ge=-1, description="worker failures tolerated (-1 = unlimited)")
 
 
-class JobConfig(Strict):
+class JobConfig(BatchArithmetic):
     """One runnable job: what `rayrec train JOB.yaml` reads."""
 
-    data: DataConfig = DataConfig()
-    model: ModelConfig = SASRecConfig()
-    train: TrainConfig = TrainConfig()
-    scaling: ScalingConfig = ScalingConfig()
-    tracking: TrackingConfig = TrackingConfig()
-    run: RunConfig = RunConfig()
+    data: DataConfig = Field(DataConfig(), description="the prepared dataset, and how to build it")
+    model: ModelConfig = Field(SASRecConfig(), description="the model; `name` picks the variant (sasrec, popularity, "
+                               "ur4rec, multi_interest)")
+    train: TrainConfig = Field(TrainConfig(), description="the training loop")
+    scaling: ScalingConfig = Field(ScalingConfig(), description="Ray Train workers and their resources")
+    tracking: TrackingConfig = Field(TrackingConfig(), description="MLflow tracking")
+    run: RunConfig = Field(RunConfig(), description="run name, storage, seed, checkpoints and fault tolerance")
 
     @model_validator(mode="after")
     def _joint_epochs(self) -> JobConfig:
         """ur4rec's stages set its epochs: train.epochs becomes their sum (a different explicit value is an error)."""
-        if self.model.name != "ur4rec" or self.train.epochs == self.model.total_epochs:
+        if not isinstance(self.model, JointConfig) or self.train.epochs == self.model.total_epochs:
             return self
         if "epochs" in self.train.model_fields_set:
             raise ValueError(f"train.epochs ({self.train.epochs}) != the sum of model.stages[*].epochs "
                              f"({self.model.total_epochs}); for ur4rec set epochs per stage and drop train.epochs")
         self.train.epochs = self.model.total_epochs
+        return self
+
+    @model_validator(mode="after")
+    def _staged_checkpoints(self) -> JobConfig:
+        """The joint model's stages change optimizers and schedules at epoch ends, and its loop resumes
+        from epoch ends only: a mid-epoch checkpoint would be one it cannot honour."""
+        if isinstance(self.model, JointConfig) and self.run.checkpoint.every_n_steps:
+            raise ValueError("run.checkpoint.every_n_steps: ur4rec's staged training checkpoints (and resumes) at "
+                             "the end of every epoch only; drop run.checkpoint.every_n_steps (shorter stages "
+                             "checkpoint more often)")
         return self
 
     @model_validator(mode="after")
@@ -263,7 +274,7 @@ class JobConfig(Strict):
         phases = self.train.phases
         if not phases:
             return self
-        if self.model.name == "ur4rec":
+        if isinstance(self.model, JointConfig):
             raise ValueError("train.phases: ur4rec trains in model.stages (its phases); drop train.phases")
         epochs = self.train.epochs
         for i, p in enumerate(phases):
@@ -278,7 +289,3 @@ class JobConfig(Strict):
                              f"({phases[-2].name}) already ends at train.epochs ({epochs})")
         return self
 
-    @property
-    def global_batch_size(self) -> int:
-        """Sequences per optimizer step over all workers."""
-        return self.train.batch_size * self.scaling.num_workers * self.train.grad_accum

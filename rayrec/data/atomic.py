@@ -9,6 +9,10 @@ one's result. Leftovers of a writer killed with -9 (its temporary folder, an old
 set aside) carry names only this module makes; the next writer, holding the lock, clears
 them, and puts a set-aside folder back when the output itself is missing.
 
+Single files (a checkpoint, an index, a result table) go through ``atomic_path`` /
+``atomic_write``: written under a temporary name beside the file, flushed to disk, then
+renamed over it, so a reader sees the old file or the new one, never half of one.
+
 ``check_target`` is what every writer asks first: is ``out`` a folder this tool may
 replace? Never the input it reads (or a folder holding it), never a file, and, with
 ``overwrite``, only a folder that carries the writer's marker file (its manifest).
@@ -28,6 +32,29 @@ from pathlib import Path
 from rayrec.errors import DataError
 
 log = logging.getLogger(__name__)
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary name beside ``path`` to write to; when the block ends without an error its bytes
+    are flushed to disk (fsync) and it is renamed over ``path``; on an error it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())  # the bytes are on disk before the name says the file is complete
+        _rename(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write(path: str | Path, data: str | bytes) -> Path:
+    """Write ``data`` (text as UTF-8) to ``path`` atomically (``atomic_path``); returns ``path``."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+    return Path(path)
 
 _rename = os.replace  # one name for the swap's renames, so tests can fail one
 

@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 
 from rayrec.config.joint import FeaturesConfig
-from rayrec.data.atomic import check_target, output_lock, replace_folder, temp_folder
+from rayrec.data.atomic import atomic_path, check_target, output_lock, replace_folder, temp_folder
 from rayrec.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -211,9 +211,8 @@ class EmbeddingCache:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
         name = f"part-{uuid.uuid4().hex[:12]}"
-        tmp = self.dir / f".{name}.tmp.npz"
-        np.savez(tmp, keys=np.array(keys), vectors=np.asarray(vectors, dtype=np.float32))
-        os.replace(tmp, self.dir / f"{name}.npz")
+        with atomic_path(self.dir / f"{name}.npz") as tmp, open(tmp, "wb") as f:  # a file: no .npz appended
+            np.savez(f, keys=np.array(keys), vectors=np.asarray(vectors, dtype=np.float32))
         self._load().update(zip(keys, np.asarray(vectors, dtype=np.float32), strict=True))
 
 

@@ -28,14 +28,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from rayrec.config.genrec import GenRecJobConfig
 from rayrec.config.schema import PopularityConfig
 from rayrec.data.dataset import Prepared, ensure_prepared
 from rayrec.errors import DataError
 from rayrec.eval.metrics import HR, NDCG, MetricSums, full_ranks, metric_key
 from rayrec.genrec import prompts as P
-from rayrec.genrec.config import GenRecJobConfig
+from rayrec.genrec.lm import META_FILE, SID_FILE, load_tokenizer
 from rayrec.genrec.semantic_ids import read_index
-from rayrec.genrec.sft import META_FILE, SID_FILE, load_tokenizer
 from rayrec.models.popularity import Popularity
 
 log = logging.getLogger(__name__)
@@ -130,7 +130,7 @@ def decode_shard(adapter: str, records: list[dict], item_sids: dict[int, tuple[s
                  device: str = "cpu") -> list[dict[str, Any]]:
     """Load the checkpoint, build the trie once, and rank items for ``records`` (one worker's shard)."""
     from rayrec.genrec.constrained import beam_rank
-    from rayrec.genrec.sft import load_for_eval
+    from rayrec.genrec.lm import load_for_eval
 
     if not records:
         return []

@@ -32,7 +32,7 @@ import torch
 
 from rayrec.errors import ConfigError, RayrecError
 from rayrec.genrec import rewards as R
-from rayrec.genrec.sft import META_FILE, SID_FILE, pick_dtype, resize_embeddings
+from rayrec.genrec.lm import META_FILE, SID_FILE, pick_dtype, resize_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def check_base(job_base: str, adapter: dict[str, Any]) -> str:
 
 def lora_settings(job_lora, adapter: dict[str, Any], base: str):
     """``train.lora`` checked against the adapter's (equal, field by field), or read from it."""
-    from rayrec.genrec.config import LoraSettings
+    from rayrec.config.genrec import LoraSettings
     from rayrec.genrec.inputs import check_targets
 
     cfg = adapter["lora"]
@@ -100,7 +100,7 @@ def load_policy(adapter_dir: str | Path, *, dtype: torch.dtype, trainable: bool 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from rayrec.genrec.sft import load_tokenizer
+    from rayrec.genrec.lm import load_tokenizer
 
     adapter_dir = Path(adapter_dir)
     meta = json.loads((adapter_dir / META_FILE).read_text())
@@ -321,8 +321,8 @@ def load_collaborative(path: Path | None, num_items: int):
     import yaml
 
     from rayrec.config.schema import JobConfig
-    from rayrec.models import build_model
     from rayrec.train.checkpoint import STATE_FILE, load_state
+    from rayrec.train.specs import build_model
 
     if path is None:
         raise ConfigError("grpo.rewards.collaborative > 0 needs grpo.collaborative_checkpoint: the folder of a "

@@ -13,19 +13,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rayrec.config.genrec import GenRecJobConfig
 from rayrec.data.dataset import Prepared, ensure_prepared
 from rayrec.errors import RayrecError
 from rayrec.genrec import prompts as P
-from rayrec.genrec.config import GenRecJobConfig
+from rayrec.genrec.lm import lora_targets
 from rayrec.genrec.semantic_ids import SidIndex, describe_index, load_or_build
-from rayrec.genrec.sft import lora_targets
 from rayrec.tracking.mlflow_tracking import Tracker
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class SFTInputs:
+class GenRecInputs:
     """What the driver prepares once and hands to the workers."""
 
     ds: Prepared
@@ -38,7 +38,7 @@ class SFTInputs:
     fit: dict[str, P.FitReport] = field(default_factory=dict)  # per table, set by ``fit_inputs``
 
 
-def prepare_inputs(cfg: GenRecJobConfig, index: SidIndex | None = None) -> SFTInputs:
+def prepare_inputs(cfg: GenRecJobConfig, index: SidIndex | None = None) -> GenRecInputs:
     """Dataset, SID index (read or built; or ``index``, e.g. an adapter's) checked against the items,
     and the prompt tables."""
     ds = ensure_prepared(cfg.data)
@@ -52,10 +52,10 @@ def prepare_inputs(cfg: GenRecJobConfig, index: SidIndex | None = None) -> SFTIn
     total = len(ds.table("valid"))
     log.info("validation uses the first %d of %d valid rows (train.val_rows=%d)", len(valid), total,
              cfg.train.val_rows)
-    return SFTInputs(ds, index, item_sids, train, valid, report, valid_total=total)
+    return GenRecInputs(ds, index, item_sids, train, valid, report, valid_total=total)
 
 
-def canonical_targets(inputs: SFTInputs) -> int:
+def canonical_targets(inputs: GenRecInputs) -> int:
     """With shared SIDs (``sids.shared: share``), targets become the item that a decoded SID names
     (``canonical_items``), so rewards and hits compare SIDs; returns the targets changed."""
     from rayrec.genrec.semantic_ids import canonical_items
@@ -70,10 +70,10 @@ def canonical_targets(inputs: SFTInputs) -> int:
     return changed
 
 
-def prompt_tokenizer(cfg: GenRecJobConfig, inputs: SFTInputs, base: str | None = None):
+def prompt_tokenizer(cfg: GenRecJobConfig, inputs: GenRecInputs, base: str | None = None):
     """The tokenizer training will use, with the SID tokens added: ``base``'s (a folder or hub id,
     default ``model.base``), or for ``tiny`` the word-level one built from the prompts."""
-    from rayrec.genrec.sft import extend_tokenizer
+    from rayrec.genrec.lm import extend_tokenizer
 
     base = base or cfg.model.base
     if base == "tiny":
@@ -81,7 +81,7 @@ def prompt_tokenizer(cfg: GenRecJobConfig, inputs: SFTInputs, base: str | None =
 
         tokenizer = tiny_tokenizer(tiny_corpus(cfg, inputs))
     else:
-        from rayrec.genrec.sft import load_tokenizer
+        from rayrec.genrec.lm import load_tokenizer
 
         try:
             tokenizer = load_tokenizer(base)
@@ -101,7 +101,7 @@ def token_counter(tokenizer, eos: bool):
     return count
 
 
-def fit_inputs(cfg: GenRecJobConfig, inputs: SFTInputs, tokenizer, answer_tokens: int | None = None
+def fit_inputs(cfg: GenRecJobConfig, inputs: GenRecInputs, tokenizer, answer_tokens: int | None = None
                ) -> dict[str, P.FitReport]:
     """Fit the prompt tables to ``model.max_length`` in place (``P.fit_lengths``) and log what it cut.
 
@@ -129,13 +129,13 @@ def fit_inputs(cfg: GenRecJobConfig, inputs: SFTInputs, tokenizer, answer_tokens
     return inputs.fit
 
 
-def tiny_corpus(cfg: GenRecJobConfig, inputs: SFTInputs) -> list[str]:
+def tiny_corpus(cfg: GenRecJobConfig, inputs: GenRecInputs) -> list[str]:
     """The texts whose words make the tiny tokenizer: the prompt tables, the test prompts and titles."""
     test = P.eval_prompts(inputs.ds, "test", inputs.item_sids, cfg.prompts)
     return P.tokenizer_corpus(inputs.train, inputs.valid, test, titles=P.titles_of(inputs.ds))
 
 
-def materialize_base(cfg: GenRecJobConfig, run_dir: Path, inputs: SFTInputs) -> str:
+def materialize_base(cfg: GenRecJobConfig, run_dir: Path, inputs: GenRecInputs) -> str:
     """The base model folder: ``model.base`` as given, or a tiny model written under the run."""
     if cfg.model.base != "tiny":
         return cfg.model.base
@@ -164,7 +164,7 @@ def check_targets(base: str, spec) -> list[str]:
     return lora_targets(model, spec)
 
 
-def log_inputs(tracker: Tracker, inputs: SFTInputs) -> None:
+def log_inputs(tracker: Tracker, inputs: GenRecInputs) -> None:
     """SID report and a sample of each prompt task, so a run says what it trained on."""
     d = describe_index(inputs.index)
     codes = {f"sids/codes_level_{i}": n for i, n in enumerate(d["distinct_codes"])}

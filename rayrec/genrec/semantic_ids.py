@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from collections import defaultdict
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from rayrec.data.atomic import atomic_write
 from rayrec.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -129,19 +129,9 @@ def write_index(index: SidIndex, folder: str | Path, name: str, titles: dict[str
     titles = titles or {}
     clean = {k: re.sub(r"[\t\r\n]+", " ", str(titles.get(k, ""))) for k in index.tokens}
     lines = [f"{''.join(seq)}\t{clean[k]}\t{k}\n" for k, seq in index.tokens.items()]
-    _write_atomic(info_path, "".join(lines))
-    _write_atomic(index_path, json.dumps({k: list(v) for k, v in index.tokens.items()}, indent=1))
+    atomic_write(info_path, "".join(lines))
+    atomic_write(index_path, json.dumps({k: list(v) for k, v in index.tokens.items()}, indent=1))
     return index_path
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """``text`` into ``path`` through a temporary file renamed into place (readers never see half)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def find_index_file(path: str | Path, name: str | None = None) -> Path:

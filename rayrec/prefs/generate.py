@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
@@ -20,6 +19,7 @@ import pandas as pd
 
 from rayrec.config.joint import PrefsConfig
 from rayrec.config.schema import JobConfig
+from rayrec.data.atomic import atomic_path
 from rayrec.prefs.backends import BackendError, make_backend
 from rayrec.prefs.cache import PromptCache
 from rayrec.prefs.prompts import Request, item_facts, item_request, user_request
@@ -138,6 +138,5 @@ def _write_outputs(out: Path, results: dict[tuple[str, int], str]) -> None:
             continue
         df = pd.DataFrame({idx_col: list(merged), text_col: list(merged.values())}).sort_values(idx_col)
         df[idx_col] = df[idx_col].astype("int32")
-        tmp = path.with_suffix(f".tmp-{os.getpid()}")
-        df.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            df.to_parquet(tmp, index=False)

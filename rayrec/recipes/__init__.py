@@ -8,9 +8,12 @@
 Each recipe module defines ``RECIPE``, a ``rayrec.runs.Recipe``. Modules are imported
 when first asked for, so ``rayrec train`` never imports the LLM stack.
 
+Which recipe runs a job: its kind (``rayrec.config.kinds``) names it (``sft``, ``grpo``); a
+sequential job's model spec (``rayrec.train.specs``) names it for its model.
+
 Adding a job kind: write ``rayrec/recipes/<name>.py`` with its ``RECIPE`` (schema,
 ``prepare``, ``record``, ``trainer`` with its worker loop, ``local``, ``outcome``) and
-add one line to ``RECIPES`` (and, for a new model of ``JobConfig``, one to ``MODEL_RECIPES``).
+add one line to ``RECIPES`` (a new model of ``JobConfig`` needs only its ``ModelSpec``).
 """
 
 from __future__ import annotations
@@ -29,11 +32,6 @@ RECIPES: dict[str, str] = {
     "grpo": "rayrec.recipes.grpo",
 }
 
-#: model name of a ``JobConfig`` (``model.name``) -> the recipe that trains it
-MODEL_RECIPES: dict[str, str] = {"sasrec": "sequential", "popularity": "sequential", "ur4rec": "joint",
-                                 "multi_interest": "sequential"}
-
-
 def recipe_named(name: str) -> Recipe:
     if name not in RECIPES:
         raise ConfigError(f"unknown recipe '{name}'; registered: {sorted(RECIPES)}")
@@ -41,17 +39,11 @@ def recipe_named(name: str) -> Recipe:
 
 
 def recipe_name_for(cfg: Any) -> str:
-    """The recipe of a validated job: by its schema, then (a ``JobConfig``) by its model."""
-    from rayrec.genrec.config import GenRecJobConfig, GRPOJobConfig
+    """The recipe of a validated job: named by its kind, or (a sequential job) by its model's spec."""
+    from rayrec.config.kinds import kind_of
+    from rayrec.train.specs import spec_of
 
-    if isinstance(cfg, GRPOJobConfig):
-        return "grpo"
-    if isinstance(cfg, GenRecJobConfig):
-        return "sft"
-    name = cfg.model.name
-    if name not in MODEL_RECIPES:
-        raise ConfigError(f"model '{name}' has no recipe; registered: {sorted(MODEL_RECIPES)}")
-    return MODEL_RECIPES[name]
+    return kind_of(cfg).recipe or spec_of(cfg.model.name).recipe
 
 
 def recipe_for(cfg: Any) -> Recipe:
@@ -63,4 +55,4 @@ def run(cfg: Any, **kwargs) -> Outcome:
     return run_job(recipe_for(cfg), cfg, **kwargs)
 
 
-__all__ = ["MODEL_RECIPES", "RECIPES", "recipe_for", "recipe_name_for", "recipe_named", "run"]
+__all__ = ["RECIPES", "recipe_for", "recipe_name_for", "recipe_named", "run"]

@@ -16,16 +16,14 @@ outcome: the checkpoint best by ``cfg.selection_metric``; its ``checkpoint/`` fo
 from __future__ import annotations
 
 import logging
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rayrec.console import send_to_driver
+from rayrec.config.genrec import GRPOJobConfig
 from rayrec.errors import ConfigError
-from rayrec.genrec.config import GRPOJobConfig
 from rayrec.genrec.inputs import (
-    SFTInputs,
+    GenRecInputs,
     canonical_targets,
     fit_inputs,
     log_inputs,
@@ -35,7 +33,7 @@ from rayrec.genrec.inputs import (
 from rayrec.recipes import sft as S
 from rayrec.runs import Outcome, Recipe, Run, TrainerParts, run_checkpoint
 from rayrec.secrets import redact_uri
-from rayrec.workers import quiet_worker_logs, rank_and_world, worker_tracker
+from rayrec.workers import hf as H
 
 #: GRPO log keys kept under train/ (besides loss, lr, grad norm)
 GRPO_KEYS = ("reward", "reward_std", "frac_reward_zero_std", "kl", "entropy", "step_time", "num_tokens")
@@ -46,7 +44,7 @@ log = logging.getLogger(__name__)
 
 def renamed(logs: dict[str, Any]) -> dict[str, float]:
     """TRL's GRPO log keys -> rayrec names (``kl`` -> ``train/kl``, ``rewards/rule/mean`` -> ``train/rewards/...``)."""
-    from rayrec.genrec.sft import METRIC_NAMES
+    from rayrec.genrec.lm import METRIC_NAMES
 
     out = {}
     for k, v in logs.items():
@@ -61,7 +59,7 @@ def renamed(logs: dict[str, Any]) -> dict[str, float]:
 
 @dataclass
 class Inputs:
-    data: SFTInputs
+    data: GenRecInputs
     adapter: dict[str, Any]  # read_adapter: genrec.json + path + LoRA config
     base: str
     deepspeed: dict | None
@@ -79,8 +77,8 @@ class Inputs:
 
 def prepare(cfg: GRPOJobConfig, run: Run) -> Inputs:
     from rayrec.genrec import grpo as G
+    from rayrec.genrec.lm import SID_FILE, resolve_deepspeed
     from rayrec.genrec.semantic_ids import read_index
-    from rayrec.genrec.sft import SID_FILE, resolve_deepspeed
 
     deepspeed = resolve_deepspeed(cfg.train.deepspeed)
     adapter = G.read_adapter(run_checkpoint(cfg.grpo.adapter))
@@ -139,7 +137,7 @@ def make_trainer(cfg: GRPOJobConfig, loop: dict[str, Any], tracker, train_rows, 
     from rayrec.genrec.constrained import build_trie
     from rayrec.genrec.evaluate import val_ranking_callback
     from rayrec.genrec.grpo import build_trainer, load_policy
-    from rayrec.genrec.sft import make_callbacks, pick_dtype
+    from rayrec.genrec.lm import make_callbacks, pick_dtype
 
     model, tokenizer, _ = load_policy(loop["adapter"], dtype=pick_dtype(cfg.model.dtype, use_gpu))
     item_sids = loop["item_sids"]
@@ -150,7 +148,7 @@ def make_trainer(cfg: GRPOJobConfig, loop: dict[str, Any], tracker, train_rows, 
         callbacks.append(val_ranking_callback(valid_rows[: cfg.train.val_rows], item_sids, tokenizer, cfg, tracker,
                                               on="save"))
     if show:
-        callbacks.append(S.console_callback(line_on="save"))
+        callbacks.append(H.console_callback(line_on="save"))
     return build_trainer(cfg, model, tokenizer, train_rows, output_dir, trie=trie, item_sids=item_sids,
                          ctx=reward_context(cfg, loop), use_gpu=use_gpu, deepspeed=loop.get("deepspeed"),
                          callbacks=callbacks + extra_callbacks, max_prompt_tokens=cfg.model.max_length - trie.max_len)
@@ -161,7 +159,7 @@ def local(cfg: GRPOJobConfig, inputs: Inputs, run: Run) -> Outcome:
 
     datasets.disable_progress_bars()
     if inputs.deepspeed is not None:
-        S.single_process_group()
+        H.single_process_group()
     loop = inputs.loop_config(run)
     trainer = make_trainer(cfg, loop, run.tracker, inputs.data.train.to_dict("records"),
                            inputs.data.valid.to_dict("records"), run.dir / "checkpoints", use_gpu=False,
@@ -170,27 +168,20 @@ def local(cfg: GRPOJobConfig, inputs: Inputs, run: Run) -> Outcome:
     history: dict[str, float] = {}
     for entry in trainer.state.log_history:
         history.update(renamed(entry) | {k: v for k, v in entry.items() if k.startswith(("val/", "test/"))})
-    adapter = S.best_local(trainer.state.log_history, run.dir / "checkpoints", *cfg.selection_metric)
+    adapter = H.best_local(trainer.state.log_history, run.dir / "checkpoints", *cfg.selection_metric)
     metrics = summary({k: float(v) for k, v in history.items() if "/" in k})
     return Outcome(metrics, run.dir, adapter, run.tracker.run_id)
 
 
 def grpo_worker(config: dict[str, Any]) -> None:
     """Entry point of each Ray Train worker."""
-    import datasets
     from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
 
-    quiet_worker_logs()
-    send_to_driver(bool(config.get("console")))
-    datasets.disable_progress_bars()
-    cfg = GRPOJobConfig.model_validate(config["job"])
-    rank, _ = rank_and_world()
-    tracker = worker_tracker(config, rank)
-    output_dir = Path(tempfile.gettempdir()) / "rayrec_grpo" / config["run_name"] / f"rank_{rank}"
-    trainer = make_trainer(cfg, config, tracker, S._rows(S.TRAIN_KEY), S._rows(S.VALID_KEY), output_dir,
-                           use_gpu=cfg.scaling.use_gpu, show=rank == 0 and bool(config.get("console")),
+    w = H.setup_hf_worker(config, GRPOJobConfig, "grpo")
+    trainer = make_trainer(w.cfg, config, w.tracker, H.dataset_rows(S.TRAIN_KEY), H.dataset_rows(S.VALID_KEY),
+                           w.output_dir, use_gpu=w.cfg.scaling.use_gpu, show=w.show,
                            extra_callbacks=[RayTrainReportCallback()])
-    S.train_resuming(prepare_trainer(trainer), config.get("resume_from"))
+    H.train_resuming(prepare_trainer(trainer), config.get("resume_from"))
 
 
 def trainer_parts(cfg: GRPOJobConfig, inputs: Inputs, run: Run) -> TrainerParts:
@@ -201,10 +192,10 @@ def trainer_parts(cfg: GRPOJobConfig, inputs: Inputs, run: Run) -> TrainerParts:
     import ray.train
 
     folder = run.dir / "prompts"
-    datasets = {S.TRAIN_KEY: ray.data.read_parquet(S.write_table(
+    datasets = {S.TRAIN_KEY: ray.data.read_parquet(H.write_table(
         inputs.data.train[["prompt", "target", "history"]], folder / "train.parquet"))}
     if cfg.train.val_rows:
-        datasets[S.VALID_KEY] = ray.data.read_parquet(S.write_table(
+        datasets[S.VALID_KEY] = ray.data.read_parquet(H.write_table(
             inputs.data.valid.head(cfg.train.val_rows)[["prompt", "completion", "target"]], folder / "valid.parquet"))
     metric, mode = cfg.selection_metric
     opts = ray.train.DataConfig.default_ingest_options()

@@ -17,16 +17,15 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from rayrec.config.schema import JobConfig
 from rayrec.console import report_end
 from rayrec.data.dataset import ensure_prepared
 from rayrec.recipes import sequential
 from rayrec.runs import Outcome, Run, TrainerParts
 from rayrec.tracking.mlflow_tracking import Tracker
-from rayrec.train.worker import micro_batches_per_epoch, steps_per_epoch
-from rayrec.workers import RayReporter, all_reduce_sum, comm_device, progress_for
+from rayrec.train.inputs import micro_batches_per_epoch, steps_per_epoch
+from rayrec.workers import progress_for
+from rayrec.workers.torch import RayReporter, all_reduce_grads, all_reduce_sum, broadcast_from_rank0
 
 
 @dataclass
@@ -77,43 +76,6 @@ def joint_worker(config: dict[str, Any]) -> None:
               steps_per_epoch=steps_per_epoch(w.cfg, w.info))
     if progress is not None:
         report_end()
-
-
-def all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
-    """Average the gradients of ``params`` over workers: one small all-reduce of which parameters
-    have a gradient anywhere, then one flat all-reduce of those gradients.
-
-    A parameter without a gradient on every worker keeps none (``None``), exactly as with one
-    worker, so its optimizer skips it and leaves its state alone. One with a gradient on only
-    some workers (unused by the others' batches) counts as zeros there.
-    """
-    import torch.distributed as dist
-
-    if not params:
-        return
-    world = dist.get_world_size()
-    has = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=comm_device())
-    dist.all_reduce(has, op=dist.ReduceOp.SUM)
-    chosen = [p for p, n in zip(params, has.tolist(), strict=True) if n > 0]
-    if not chosen:
-        return
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in chosen])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat /= world
-    offset = 0
-    for p in chosen:
-        n = p.numel()
-        p.grad = flat[offset : offset + n].view_as(p).clone()
-        offset += n
-
-
-def broadcast_from_rank0(model: torch.nn.Module) -> None:
-    """Start every worker from rank 0's weights (what DDP does at construction)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        for t in model.state_dict().values():
-            dist.broadcast(t, src=0)
 
 
 def trainer_parts(cfg: JobConfig, inputs: Inputs, run: Run) -> TrainerParts:

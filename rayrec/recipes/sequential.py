@@ -16,30 +16,21 @@ from rayrec.config.schema import JobConfig
 from rayrec.console import report_end, send_to_driver
 from rayrec.data.dataset import Prepared, ensure_prepared
 from rayrec.data.streaming import ray_dataset
-from rayrec.models import PARAMETER_FREE
 from rayrec.runs import Outcome, Recipe, Run, TrainerParts
 from rayrec.tracking.mlflow_tracking import Tracker
 from rayrec.train.checkpoint import newest_readable, resume_metrics, seed_everything
-from rayrec.train.worker import (
+from rayrec.train.inputs import (
     DataInfo,
     TableBatches,
-    build,
     data_info,
     micro_batches_per_epoch,
     row_tables,
     steps_per_epoch,
     window_stride,
 )
-from rayrec.workers import (
-    RayReporter,
-    all_reduce_sum,
-    progress_for,
-    quiet_worker_logs,
-    rank_and_world,
-    resume_state,
-    worker_batches,
-    worker_tracker,
-)
+from rayrec.train.specs import build, spec_of
+from rayrec.workers import progress_for, quiet_worker_logs, rank_and_world, worker_tracker
+from rayrec.workers.torch import RayReporter, all_reduce_sum, resume_state, worker_batches
 
 log = logging.getLogger(__name__)
 
@@ -238,5 +229,5 @@ RECIPE = Recipe(
     name="sequential", prepare=prepare, record=record, local=local,
     trainer=trainer_parts, outcome=outcome, console_keys=console_keys, share=share,
     tags=lambda cfg: {"rayrec.model": cfg.model.name},
-    in_process=lambda cfg: cfg.model.name in PARAMETER_FREE,
+    in_process=lambda cfg: spec_of(cfg.model.name).parameter_free,
 )

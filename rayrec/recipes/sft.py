@@ -15,17 +15,14 @@ outcome: the checkpoint best by ``cfg.selection_metric`` (its ``checkpoint/`` fo
 
 from __future__ import annotations
 
-import math
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rayrec.console import Progress, emit, report_end, report_epoch, send_to_driver
+from rayrec.config.genrec import GenRecJobConfig
 from rayrec.errors import ConfigError
-from rayrec.genrec.config import GenRecJobConfig
 from rayrec.genrec.inputs import (
-    SFTInputs,
+    GenRecInputs,
     check_targets,
     fit_inputs,
     log_inputs,
@@ -35,14 +32,22 @@ from rayrec.genrec.inputs import (
 )
 from rayrec.runs import Outcome, Recipe, Run, TrainerParts
 from rayrec.secrets import redact_uri
-from rayrec.workers import quiet_worker_logs, rank_and_world, resume_checkpoint, worker_tracker
+from rayrec.workers.hf import (
+    best_local,
+    console_callback,
+    dataset_rows,
+    setup_hf_worker,
+    single_process_group,
+    train_resuming,
+    write_table,
+)
 
 TRAIN_KEY, VALID_KEY = "sft_train", "sft_valid"
 
 
 @dataclass
 class Inputs:
-    data: SFTInputs
+    data: GenRecInputs
     base: str  # the base model folder (or hub id)
     deepspeed: dict | None
 
@@ -58,7 +63,7 @@ class Inputs:
 
 
 def prepare(cfg: GenRecJobConfig, run: Run) -> Inputs:
-    from rayrec.genrec.sft import resolve_deepspeed
+    from rayrec.genrec.lm import resolve_deepspeed
 
     deepspeed = resolve_deepspeed(cfg.train.deepspeed)
     data = prepare_inputs(cfg)
@@ -91,7 +96,7 @@ def sft_callbacks(cfg: GenRecJobConfig, loop: dict[str, Any], model, tokenizer, 
                   show: bool) -> list:
     """Metric names + MLflow, checkpoint metadata, (``train.val_rows`` > 0) validation ranking, console."""
     from rayrec.genrec.evaluate import val_ranking_callback
-    from rayrec.genrec.sft import make_callbacks
+    from rayrec.genrec.lm import make_callbacks
 
     meta = {**loop["meta"], "embedding_rows": int(model.get_input_embeddings().weight.shape[0])}
     callbacks = make_callbacks(tracker, meta, loop["sid_index"])
@@ -103,78 +108,13 @@ def sft_callbacks(cfg: GenRecJobConfig, loop: dict[str, Any], model, tokenizer, 
     return callbacks
 
 
-def console_callback(line_on: str = "epoch"):
-    """Rank 0's progress (optimizer steps) and one line per epoch, after its evaluation
-    (``line_on="save"``: one line per checkpoint, headed by the step, for step-based runs like GRPO)."""
-    from transformers import TrainerCallback
-
-    class Console(TrainerCallback):
-        progress: Progress | None = None
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            if state.is_world_process_zero:
-                epochs = max(1, math.ceil(state.num_train_epochs or args.num_train_epochs))
-                self.progress = Progress(state.max_steps, epochs, initial=state.global_step, send=emit)
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if self.progress is not None:
-                self.progress.update(state.global_step, _epoch(state))
-
-        def on_epoch_end(self, args, state, control, **kwargs):
-            if self.progress is not None and args.eval_strategy == "no" and line_on == "epoch":
-                self._line(state)
-
-        def on_evaluate(self, args, state, control, **kwargs):
-            if self.progress is not None and line_on == "epoch":
-                self._line(state)
-
-        def on_save(self, args, state, control, **kwargs):
-            if self.progress is not None and line_on == "save":
-                self._line(state, {"at_step": state.global_step, "max_steps": state.max_steps})
-
-        def on_train_end(self, args, state, control, **kwargs):
-            if self.progress is not None:
-                report_end()
-
-        def _line(self, state, extra: dict | None = None) -> None:
-            merged: dict[str, Any] = {}
-            for entry in state.log_history:
-                merged.update(entry)
-            report_epoch({**merged, "epoch": _epoch(state), **(extra or {})})
-
-    return Console()
-
-
-def _epoch(state) -> int:
-    """The epoch in progress (1-based); at an epoch's end HF's float epoch is that epoch."""
-    return max(1, round(state.epoch or 0))
-
-
 # ----------------------------------------------------------------------------- in this process
-
-
-def single_process_group() -> None:
-    """A one-process gloo group on this host, for DeepSpeed outside Ray (``--local``, tests)."""
-    import os
-    import socket
-
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return
-    with socket.socket() as s:  # a free port, so parallel runs on one host do not collide
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
-                 "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}.items():
-        os.environ.setdefault(k, v)
-    dist.init_process_group("gloo")
 
 
 def local(cfg: GenRecJobConfig, inputs: Inputs, run: Run) -> Outcome:
     import datasets
 
-    from rayrec.genrec.sft import build_trainer, pick_dtype, prepare_base
+    from rayrec.genrec.lm import build_trainer, pick_dtype, prepare_base
 
     datasets.disable_progress_bars()
     if inputs.deepspeed is not None:
@@ -193,77 +133,23 @@ def local(cfg: GenRecJobConfig, inputs: Inputs, run: Run) -> Outcome:
     return Outcome({k: float(v) for k, v in history.items() if "/" in k}, run.dir, adapter, run.tracker.run_id)
 
 
-def best_local(log_history: list[dict], folder: Path, metric: str, mode: str) -> str | None:
-    """The saved checkpoint best by ``metric`` (the last one when none was scored)."""
-    saved = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    values = {int(e["step"]): e[metric] for e in log_history if metric in e}
-    scored = [p for p in saved if int(p.name.split("-")[1]) in values]
-    if scored:
-        pick = max if mode == "max" else min
-        return str(pick(scored, key=lambda p: values[int(p.name.split("-")[1])]))
-    return str(saved[-1]) if saved else None
-
-
 # ----------------------------------------------------------------------------- on Ray Train
-
-
-def _rows(key: str) -> list[dict[str, Any]] | None:
-    """This worker's full copy of a prompt table (None when the job has no such table)."""
-    import ray.train
-
-    try:
-        shard = ray.train.get_dataset_shard(key)
-    except (KeyError, ValueError):
-        return None
-    return None if shard is None else list(shard.iter_rows())
 
 
 def sft_worker(config: dict[str, Any]) -> None:
     """Entry point of each Ray Train worker: build the PEFT model and run TRL's trainer."""
-    import datasets
     from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
 
-    from rayrec.genrec.sft import build_trainer, pick_dtype, prepare_base
+    from rayrec.genrec.lm import build_trainer, pick_dtype, prepare_base
 
-    quiet_worker_logs()
-    send_to_driver(bool(config.get("console")))
-    datasets.disable_progress_bars()
-    cfg = GenRecJobConfig.model_validate(config["job"])
-    rank, _ = rank_and_world()
-    use_gpu = cfg.scaling.use_gpu
+    w = setup_hf_worker(config, GenRecJobConfig, "sft")
+    cfg, use_gpu = w.cfg, w.cfg.scaling.use_gpu
     model, tokenizer, new_ids = prepare_base(config["base"], config["sid_vocab"], pick_dtype(cfg.model.dtype, use_gpu))
-    tracker = worker_tracker(config, rank)
-    train_rows, valid_rows = _rows(TRAIN_KEY), _rows(VALID_KEY)
-    callbacks = sft_callbacks(cfg, config, model, tokenizer, tracker, valid_rows,
-                              show=rank == 0 and bool(config.get("console"))) + [RayTrainReportCallback()]
-    output_dir = Path(tempfile.gettempdir()) / "rayrec_sft" / config["run_name"] / f"rank_{rank}"
-    trainer = build_trainer(cfg, model, tokenizer, new_ids, train_rows, valid_rows, output_dir,
+    train_rows, valid_rows = dataset_rows(TRAIN_KEY), dataset_rows(VALID_KEY)
+    callbacks = sft_callbacks(cfg, config, model, tokenizer, w.tracker, valid_rows, show=w.show) + [RayTrainReportCallback()]
+    trainer = build_trainer(cfg, model, tokenizer, new_ids, train_rows, valid_rows, w.output_dir,
                             use_gpu=use_gpu, deepspeed=config.get("deepspeed"), callbacks=callbacks)
     train_resuming(prepare_trainer(trainer), config.get("resume_from"))
-
-
-def train_resuming(trainer, resume_from: str | None) -> None:
-    """A Ray Train worker's HF trainer: ``train()``, from the run's checkpoint when resuming."""
-    from ray.train.huggingface.transformers import RayTrainReportCallback
-
-    checkpoint = resume_checkpoint(resume_from)
-    if checkpoint is None:
-        trainer.train()
-        return
-    with checkpoint.as_directory() as d:
-        inner = Path(d) / RayTrainReportCallback.CHECKPOINT_NAME  # Ray's layout; a bare HF folder works too
-        trainer.train(resume_from_checkpoint=str(inner if inner.is_dir() else d))
-
-
-def write_table(frame, path: Path) -> str:
-    """``frame`` as Parquet at ``path``, written under a temporary name and renamed into place."""
-    import os
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    frame.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
-    return str(path.resolve())
 
 
 def trainer_parts(cfg: GenRecJobConfig, inputs: Inputs, run: Run) -> TrainerParts:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import pickle
 import random
 import re
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 import yaml
 
+from rayrec.data.atomic import atomic_path
 from rayrec.errors import RayrecError
 
 log = logging.getLogger(__name__)
@@ -141,15 +141,9 @@ def seed_everything(seed: int) -> None:
 
 def save_state(state: dict[str, Any], folder: str | Path) -> Path:
     """Write ``state`` to ``folder/state.pt`` via a temporary file and an atomic rename."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{STATE_FILE}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
+    with atomic_path(Path(folder) / STATE_FILE) as tmp, open(tmp, "wb") as f:
         torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())  # the bytes are on disk before the name says the checkpoint is complete
-    os.replace(tmp, folder / STATE_FILE)
-    return folder / STATE_FILE
+    return Path(folder) / STATE_FILE
 
 
 def load_state(folder: str | Path) -> dict[str, Any]:

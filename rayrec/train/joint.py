@@ -34,7 +34,6 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -43,13 +42,13 @@ from typing import Any
 import torch
 
 from rayrec.config.joint import MODULES, StageConfig
-from rayrec.config.loader import dump_job
 from rayrec.config.schema import JobConfig
 from rayrec.eval.metrics import MetricSums, full_ranks, parse_eval_mode, sampled_ranks
 from rayrec.models.joint import UR4Rec
 from rayrec.models.retriever import JointFeatures
 from rayrec.strategies import AdaptiveAlternating, build_strategies
-from rayrec.train.checkpoint import rng_state, set_rng_state, warn_config_diff
+from rayrec.train.checkpoint import set_rng_state
+from rayrec.train.evaluation import EarlyStopping, eval_candidates, evaluate, final_test
 from rayrec.train.groups import (
     Group,
     build_groups,
@@ -60,21 +59,25 @@ from rayrec.train.groups import (
 )
 from rayrec.train.health import GradHealth
 from rayrec.train.loop import (
-    EPOCH,
     TRAIN_GRAD_NORM,
     TRAIN_LOSS,
     TRAIN_LR,
     TRAIN_THROUGHPUT,
     Batches,
-    EarlyStopping,
     Reporter,
-    _fmt,
-    _to,
-    eval_candidates,
-    evaluate,
     rescale_grads,
 )
 from rayrec.train.phases import lr_factor, warmup_of
+from rayrec.train.state import (
+    EPOCH,
+    TrainState,
+    autocast,
+    copy_weights,
+    fmt_metrics,
+    grad_scaler,
+    load_weights,
+    to_device,
+)
 
 log = logging.getLogger(__name__)
 
@@ -116,18 +119,14 @@ def set_trainable(model: UR4Rec, flags: dict[str, bool]) -> None:
 
 
 @dataclass
-class JointState:
-    """Everything a joint checkpoint restores besides the per-stage optimizers."""
+class JointState(TrainState):
+    """The shared progress (its ``stopper`` and ``best_model`` are over the fused stages, for the
+    final test), and the current stage's (the per-stage optimizers are the ``StageRunner``'s)."""
 
-    epoch: int = 0  # global epochs completed
-    step: int = 0
     stage: int = 0  # stage of the last completed epoch
     stage_done: bool = False
-    stopper: dict[str, Any] = field(default_factory=dict)  # run-level, over the fused stages
     stage_stopper: dict[str, Any] = field(default_factory=dict)
-    best_model: dict[str, torch.Tensor] | None = None  # best fused epoch (final test)
     stage_best: dict[str, torch.Tensor] | None = None  # best epoch of the current stage
-    history: list[dict[str, float]] = field(default_factory=list)
     module_steps: dict[str, int] = field(default_factory=lambda: dict.fromkeys(MODULES, 0))  # run-level, per module
 
 
@@ -143,6 +142,15 @@ def stage_groups(model: UR4Rec, cfg: JobConfig, plan: StagePlan) -> dict[str, li
         rules = [r for r in optim.groups if any(matches(n, r.pattern) for n, _ in named)]
         out[name] = build_groups(named, optim, rules=rules, base_lr=plan.cfg.lr.get(name, optim.lr), no_decay=no_decay)
     return out
+
+
+def group_plan(cfg: JobConfig, model: UR4Rec):
+    """(title, groups, frozen names) per stage and trained module (``rayrec train --print-groups``)."""
+    plans = plan_stages(cfg.model.stages)
+    for plan in plans:
+        for module, groups in stage_groups(model, cfg, plan).items():
+            yield (f"stage {plan.index + 1}/{len(plans)} {plan.cfg.name} (epochs {plan.first}-{plan.last}), "
+                   f"module {module}", groups, [])
 
 
 def planned_steps(plan: StagePlan, stage_steps: int) -> dict[str, int]:
@@ -189,6 +197,7 @@ class StageRunner:
         self.health = health or joint_health(model, cfg)
         self.health.set_module("strategies", list(self.strategies.parameters()))
         self.accum = cfg.train.grad_accum
+        self.scaler = grad_scaler(device, cfg.train.amp)  # fp16 only; a pass-through for bf16 and on CPU
         self._pending, self._active, self._sums = 0, (), {}
         log.info("stage %d/%s begins at epoch %d (%d epochs): trainable %s, lr %s, planned steps %s, warmup %s, "
                  "strategies %s", plan.index + 1, plan.cfg.name, plan.first, plan.cfg.epochs, self.flags,
@@ -208,7 +217,7 @@ class StageRunner:
         acc = _EpochAcc()
         start = time.perf_counter()
         for batch in progress(batches):
-            batch = _to(batch, self.device)
+            batch = to_device(batch, self.device)
             self._micro(batch)
             acc.seqs += batch["input_ids"].shape[0]
             if self._pending == self.accum:
@@ -249,10 +258,10 @@ class StageRunner:
             self._active = tuple(m for m in self.strategies.active_modules() if self.flags[m])
             set_trainable(self.model, {m: m in self._active for m in MODULES})
             self._sums = {}
-        with _autocast(self.device, self.cfg.train.amp):
+        with autocast(self.device, self.cfg.train.amp):
             out = self.model.outputs(batch, self.strategies.step_keys(self._active), self.strategies.needs())
             total, parts = self.strategies.total(out, self._active)
-        (total / self.accum).backward()
+        self.scaler.scale(total / self.accum).backward()
         for k, v in {"total": total, **parts}.items():
             self._sums[k] = self._sums.get(k, 0.0) + v.detach().float()
         self._pending += 1
@@ -262,19 +271,26 @@ class StageRunner:
         active, n = self._active, self._pending
         self._pending = 0
         params = [p for m in active for p in self.model.parts()[m].parameters()] + list(self.strategies.parameters())
+        opts = [self.optims[m] for m in active] + ([self.strategy_opt] if self.strategy_opt is not None else [])
+        for opt in opts:
+            self.scaler.unscale_(opt)
         rescale_grads(params, self.accum / n)  # a short last step: a mean over its own batches
         self.sync(params)
+        fp16 = self.scaler.is_enabled()
         ok = self.health.check(self.cfg.train.optim.grad_clip, modules=[*active, "strategies"], per_module_clip=True,
-                               unclipped=("strategies",))
+                               unclipped=("strategies",), tolerate=fp16)
         if not ok:
+            if fp16:  # an overflow: the scaler lowers its scale, the step is counted as skipped
+                self.scaler.update()
+                self.health.scaler_skipped()
             self._zero_all()
             self.strategies.observe_skipped()
             return None
+        for opt in opts:
+            self.scaler.step(opt)  # opt.step() unless fp16 found an overflow
         for m in active:
-            self.optims[m].step()
             self.scheds[m].step()  # a module's schedule advances only when it steps
-        if self.strategy_opt is not None:
-            self.strategy_opt.step()
+        self.scaler.update()
         self._zero_all()
         losses = self._reduced({k: v / n for k, v in self._sums.items()})
         self.strategies.observe({k: v for k, v in losses.items() if k != "total"})
@@ -349,13 +365,6 @@ def _strategy_optimizer(strategies, cfg: JobConfig) -> torch.optim.Optimizer | N
     return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 
 
-def _autocast(device: torch.device, enabled: bool):
-    """bf16 autocast on GPUs that support it; nothing otherwise (no fp16 loss scaling here)."""
-    if enabled and device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
-
-
 def no_sync(params: list[torch.nn.Parameter]) -> None:
     """One worker: nothing to average."""
 
@@ -371,9 +380,6 @@ def fit_joint(
     ``resume`` is a loaded joint checkpoint; ``sync_grads`` averages gradients over workers.
     """
     plans = plan_stages(cfg.model.stages)
-    if getattr(cfg.run.checkpoint, "every_n_steps", None):
-        log.warning("run.checkpoint.every_n_steps is not supported by ur4rec's staged training: "
-                    "it checkpoints at the end of every epoch")
     st = _restore_joint(resume, model, cfg) if resume is not None else JointState()
     stopper = EarlyStopping(cfg.train.early_stopping)
     if st.stopper:
@@ -398,7 +404,7 @@ def fit_joint(
         st.stage, st.stage_done = plan.index, False
         _run_stage(plan, runner, model, batches, cfg, st, stopper, num_items, device, reduce, reporter, progress)
         st.stage_done = True
-    return _final_joint(model, plans, st, stopper, batches, cfg, num_items, device, reduce, reporter)
+    return _final_joint(model, plans, st, stopper, batches, cfg, num_items, device, reduce, reporter, health)
 
 
 def _enter_stage(model: UR4Rec, st: JointState, plan: StagePlan) -> None:
@@ -430,9 +436,9 @@ def _run_stage(plan: StagePlan, runner: StageRunner, model: UR4Rec, batches: Bat
             metrics.update(evaluate(model, batches.valid(), cfg, num_items, device, prefix="val/", reduce=reduce))
         weights = None
         if stage_stopper.update(metrics, epoch):
-            weights = st.stage_best = _copy(model)
+            weights = st.stage_best = copy_weights(model)
         if plan.scorer == "joint" and stopper.update(metrics, epoch):
-            st.best_model = weights if weights is not None else _copy(model)
+            st.best_model = weights if weights is not None else copy_weights(model)
         st.epoch, st.step = epoch, st.step + int(metrics[TRAIN_STEPS])
         for m in MODULES:
             st.module_steps[m] += int(metrics[f"train/steps_{m}"])
@@ -440,8 +446,8 @@ def _run_stage(plan: StagePlan, runner: StageRunner, model: UR4Rec, batches: Bat
         best = stopper.best if stopper.best is not None else stage_stopper.best
         metrics[f"best/{cfg.train.early_stopping.metric}"] = float(best)
         st.history.append(metrics)
-        reporter.report(metrics, _joint_state(st, model, runner, cfg))
-        log.debug("epoch %d (%s): %s", epoch, plan.cfg.name, _fmt(metrics))  # the console shows rank 0's line
+        reporter.report(metrics, _joint_state(st, model, runner, cfg, runner.health))
+        log.debug("epoch %d (%s): %s", epoch, plan.cfg.name, fmt_metrics(metrics))  # the console shows rank 0's line
 
 
 @torch.no_grad()
@@ -459,7 +465,7 @@ def calibrate_fusion(model: UR4Rec, batches: Iterable, cfg: JobConfig, num_items
     sums = {w: MetricSums(ev.ks) for w in grid}
     model.eval()
     for batch in batches:
-        batch = _to(batch, device)
+        batch = to_device(batch, device)
         seen = batch["seen"] if ev.mask_seen else None
         cand = eval_candidates(batch, seen, cfg, num_items, n_neg) if n_neg is not None else None
         parts = model.components(batch["history"], batch["user_idx"], cand)
@@ -476,62 +482,41 @@ def calibrate_fusion(model: UR4Rec, batches: Iterable, cfg: JobConfig, num_items
     return {**means[best], "fusion/weight": best, **{f"fusion/{name}_w{w:.2f}": means[w][key] for w in grid}}
 
 
-def _copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-
-
 def _final_joint(model: UR4Rec, plans: list[StagePlan], st: JointState, stopper: EarlyStopping, batches: Batches,
-                 cfg: JobConfig, num_items: int, device, reduce, reporter: Reporter) -> dict[str, float]:
+                 cfg: JobConfig, num_items: int, device, reduce, reporter: Reporter,
+                 health: GradHealth) -> dict[str, float]:
     """Test the best fused epoch (or, without a fused stage, the last stage's best) once."""
     fused = any(p.scorer == "joint" for p in plans)
     weights = st.best_model if fused else st.stage_best
     if weights is not None:
         model.load_state_dict(weights)
     model.scorer = "joint" if fused else plans[-1].scorer
-    final = evaluate(model, batches.test(), cfg, num_items, device, prefix="test/", reduce=reduce)
     stop = stopper if fused else EarlyStopping(cfg.train.early_stopping)
     if not fused and st.stage_stopper:
         stop.load_state_dict(st.stage_stopper)
-    final.update({EPOCH: st.epoch, "best_epoch": stop.best_epoch,
-                  f"best/{cfg.train.early_stopping.metric}": float(stop.best) if stop.best is not None else float("nan"),
-                  "stopped_early": float(st.epoch < plans[-1].last)})
-    reporter.report(final, _joint_state(st, model, None, cfg))
-    log.debug("test (%s scorer, best epoch %d): %s", model.scorer, stop.best_epoch, _fmt(final))
+    final = final_test(model, batches.test(), cfg, num_items, device, reduce, epoch=st.epoch, stopper=stop,
+                       stopped_early=st.epoch < plans[-1].last, skipped_steps=health.skipped_total)
+    reporter.report(final, _joint_state(st, model, None, cfg, health))
+    log.debug("test (%s scorer, best epoch %d): %s", model.scorer, stop.best_epoch, fmt_metrics(final))
     return final
 
 
-def _joint_state(st: JointState, model: UR4Rec, runner: StageRunner | None, cfg: JobConfig) -> dict[str, Any]:
-    return {
-        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "best_model": st.best_model,
-        "stage_best": st.stage_best,
-        "stage_state": runner.state() if runner is not None else None,
-        "health": runner.health.state() if runner is not None else None,
-        "module_steps": dict(st.module_steps),
-        "rng": rng_state(),
-        "epoch": st.epoch,
-        "step": st.step,
-        "stage": st.stage,
-        "stage_done": st.stage_done,
-        "early_stopping": st.stopper,
-        "stage_stopping": st.stage_stopper,
-        "history": st.history,
-        "config": dump_job(cfg),
-    }
+def _joint_state(st: JointState, model: UR4Rec, runner: StageRunner | None, cfg: JobConfig,
+                 health: GradHealth) -> dict[str, Any]:
+    return st.checkpoint(model, cfg, stage_best=st.stage_best, stage_state=runner.state() if runner is not None else None,
+                         health=health.state(), module_steps=dict(st.module_steps), stage=st.stage,
+                         stage_done=st.stage_done, stage_stopping=st.stage_stopper)
 
 
 def _restore_joint(state: dict[str, Any], model: UR4Rec, cfg: JobConfig) -> JointState:
     if "stage" not in state:
         raise ValueError("this checkpoint was not written by ur4rec training (no stage state); "
                          "resume it with the job that wrote it")
-    warn_config_diff(state["config"], dump_job(cfg))
-    model.load_state_dict(state["model"])
+    load_weights(state, model, cfg)
     set_rng_state(state["rng"])
     log.info("resumed from epoch %d (stage %d, step %d)", state["epoch"], state["stage"] + 1, state["step"])
-    return JointState(epoch=state["epoch"], step=state["step"], stage=state["stage"], stage_done=state["stage_done"],
-                      stopper=state["early_stopping"], stage_stopper=state["stage_stopping"],
-                      best_model=state["best_model"], stage_best=state["stage_best"],
-                      history=list(state.get("history", [])),
+    return JointState(**TrainState.shared_fields(state), stage=state["stage"], stage_done=state["stage_done"],
+                      stage_stopper=state["stage_stopping"], stage_best=state["stage_best"],
                       module_steps={**dict.fromkeys(MODULES, 0), **state.get("module_steps", {})})
 
 
@@ -552,11 +537,11 @@ def prepare_features(cfg: JobConfig, data_path: str | Path, *, use_ray: bool) ->
 def build_joint(cfg: JobConfig, num_items: int, data_path: str | Path) -> UR4Rec:
     """The joint model with its frozen features loaded (and checked) from the feature folder."""
     from rayrec.data.features import feature_dir, load_feature_arrays, num_users_of
-    from rayrec.models import build_model
+    from rayrec.models import build_ur4rec
 
     arrays = load_feature_arrays(feature_dir(cfg.model.features, Path(data_path)), num_items=num_items,
                                  num_users=num_users_of(data_path))
     t = {k: torch.from_numpy(v) for k, v in arrays.items()}
     feats = JointFeatures(t["item_text"], t["item_text_ok"], t["item_image"], t["item_image_ok"],
                           t["user_text"], t["user_text_ok"])
-    return build_model(cfg.model, num_items, features=feats)
+    return build_ur4rec(num_items, cfg.model, features=feats)

@@ -24,8 +24,10 @@ from rayrec.train.checkpoint import (
     seed_everything,
     write_score,
 )
-from rayrec.train.loop import LossModule, evaluate, fit
-from rayrec.train.worker import DataInfo, TableBatches, build, has_parameters, row_tables
+from rayrec.train.evaluation import evaluate
+from rayrec.train.inputs import DataInfo, TableBatches, row_tables
+from rayrec.train.loop import LossModule, fit
+from rayrec.train.specs import build, has_parameters
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The framework-free training loop: fit, evaluate, early stopping, best weights.
+"""The framework-free training loop of one optimizer: fit by phases, early stopping, best weights.
 
 It runs in a plain Python process. Ray enters only through the arguments:
 ``Batches`` (where batches come from), ``reduce`` (how sums cross workers) and
@@ -12,7 +12,6 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable
-from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, Protocol
@@ -20,21 +19,28 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from rayrec.config.loader import dump_job
-from rayrec.config.schema import EarlyStopConfig, JobConfig, OptimConfig
+from rayrec.config.schema import JobConfig, OptimConfig
 from rayrec.errors import ConfigError
-from rayrec.eval.metrics import MetricSums, full_ranks, parse_eval_mode, sample_negatives, sampled_ranks
-from rayrec.train.checkpoint import MID_EPOCH_STEP, rng_state, set_rng_state, warn_config_diff
+from rayrec.train.checkpoint import MID_EPOCH_STEP, set_rng_state
+from rayrec.train.evaluation import EarlyStopping, evaluate, final_test
 from rayrec.train.health import GradHealth
 from rayrec.train.phases import PhaseRunner, loss_names, make_schedule, model_losses
+from rayrec.train.state import (
+    EPOCH,
+    Batch,
+    TrainState,
+    autocast,
+    copy_weights,
+    fmt_metrics,
+    grad_scaler,
+    load_weights,
+    to_device,
+)
 
 log = logging.getLogger(__name__)
 
-Batch = dict[str, torch.Tensor]
-
 # Metric names of the training loop (validation/test names come from rayrec.eval.metrics).
 TRAIN_LOSS, TRAIN_LR, TRAIN_GRAD_NORM, TRAIN_THROUGHPUT = "train/loss", "train/lr", "train/grad_norm", "train/seqs_per_s"
-EPOCH = "epoch"
 
 
 class Batches(Protocol):
@@ -68,36 +74,6 @@ class LossModule(nn.Module):
         return model_losses(self.model, batch)
 
 
-@dataclass
-class EarlyStopping:
-    """Tracks the best value of a validation metric and epochs without improvement."""
-
-    cfg: EarlyStopConfig
-    best: float | None = None
-    best_epoch: int = -1
-    bad_epochs: int = 0
-
-    def update(self, metrics: dict[str, float], epoch: int) -> bool:
-        """Record this epoch's metric; return True when it is a new best."""
-        value = metrics[self.cfg.metric]
-        better = self.best is None or (value > self.best if self.cfg.mode == "max" else value < self.best)
-        if better:
-            self.best, self.best_epoch, self.bad_epochs = value, epoch, 0
-        else:
-            self.bad_epochs += 1
-        return better
-
-    @property
-    def should_stop(self) -> bool:
-        return self.bad_epochs >= self.cfg.patience
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs}
-
-    def load_state_dict(self, s: dict[str, Any]) -> None:
-        self.best, self.best_epoch, self.bad_epochs = s["best"], s["best_epoch"], s["bad_epochs"]
-
-
 def make_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
@@ -106,18 +82,6 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, total_steps: in
                    warmup: int | None = None) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup (``warmup``, default ``warmup_steps``), then cosine decay to 0 at ``total_steps`` (or constant)."""
     return make_schedule(opt, cfg, total=total_steps, warmup=cfg.warmup_steps if warmup is None else warmup)
-
-
-def autocast(device: torch.device, enabled: bool):
-    """bf16 autocast on GPU when asked (and supported); a no-op on CPU."""
-    if enabled and device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    return nullcontext()
-
-
-def _to(batch: Batch, device: torch.device) -> Batch:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 @dataclass
@@ -148,7 +112,7 @@ def train_epoch(
     """
     module.train()
     accum, clip = cfg.train.grad_accum, cfg.train.optim.grad_clip
-    scaler = torch.amp.GradScaler(enabled=cfg.train.amp and device.type == "cuda" and not torch.cuda.is_bf16_supported())
+    scaler = grad_scaler(device, cfg.train.amp)
     total, count, seqs, steps, norm_sum, pending = 0.0, 0, 0, 0, 0.0, 0
     sums: dict[str, float] = {}
     start = time.perf_counter()
@@ -156,7 +120,7 @@ def train_epoch(
     for i, batch in enumerate(progress(batches), start=1):
         if i <= skip:
             continue
-        batch = _to(batch, device)
+        batch = to_device(batch, device)
         with autocast(device, cfg.train.amp):
             parts = module(batch)
             loss = run.total(parts, epoch=epoch, step=step + steps)
@@ -213,68 +177,11 @@ def rescale_grads(params: Iterable[nn.Parameter], factor: float) -> None:
                 p.grad.mul_(factor)
 
 
-def score_rows(model: nn.Module, batch: Batch, candidates: torch.Tensor | None = None) -> torch.Tensor:
-    """Scores of all items [B, N+1], or of ``candidates`` [B, C].
-
-    Models that read more than the history (the joint model needs ``user_idx``) or can score
-    candidates without scoring every item define ``score_batch(batch, candidates)``.
-    """
-    if hasattr(model, "score_batch"):
-        return model.score_batch(batch, candidates)
-    scores = model.score(batch["history"])
-    return scores if candidates is None else scores.gather(1, candidates)
-
-
-def eval_candidates(batch: Batch, seen: torch.Tensor | None, cfg: JobConfig, num_items: int, n_neg: int) -> torch.Tensor:
-    """[target, n sampled negatives] per row  # -> [B, 1 + n]; seeded by the run seed and the batch's first user."""
-    gen = torch.Generator(device="cpu").manual_seed(cfg.run.seed * 7919 + int(batch["user_idx"][0]))
-    neg = sample_negatives(batch["target"].cpu(), seen.cpu() if seen is not None else None, num_items, n_neg, gen)
-    return torch.cat([batch["target"][:, None], neg.to(batch["target"].device)], dim=1)
-
-
-@torch.inference_mode()
-def evaluate(
-    model: nn.Module, batches: Iterable[Batch], cfg: JobConfig, num_items: int, device: torch.device,
-    *, prefix: str, reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
-    on_ranks: Callable[[Batch, torch.Tensor], None] | None = None,
-) -> dict[str, float]:
-    """Rank each row's target (full ranking or sampled negatives); metrics averaged over all workers.
-
-    ``on_ranks(batch, ranks [B])`` sees every batch's 1-based target ranks (e.g. to break metrics down).
-    """
-    model.eval()
-    ev = cfg.train.eval
-    n_neg = parse_eval_mode(ev.mode)
-    sums = MetricSums(ev.ks)
-    for batch in batches:
-        batch = _to(batch, device)
-        seen = batch["seen"] if ev.mask_seen else None
-        if n_neg is None:
-            with autocast(device, cfg.train.amp):
-                scores = score_rows(model, batch).float()  # [B, N+1]
-            ranks = full_ranks(scores, batch["target"], seen)
-        else:
-            cand = eval_candidates(batch, seen, cfg, num_items, n_neg)  # [B, 1 + n], target first
-            with autocast(device, cfg.train.amp):
-                scores = score_rows(model, batch, cand).float()  # [B, 1 + n]
-            ranks = sampled_ranks(scores[:, 0], scores[:, 1:])
-        sums.update(ranks)
-        if on_ranks is not None:
-            on_ranks(batch, ranks)
-    total = MetricSums.from_tensor(reduce(sums.to_tensor()), ev.ks)
-    return {**total.means(prefix), f"{prefix}rows": float(total.count)}  # rows: all workers together
-
-
 @dataclass
-class FitState:
-    """Everything a checkpoint restores."""
+class FitState(TrainState):
+    """The shared progress, and how far into the next epoch a mid-epoch checkpoint is."""
 
-    epoch: int = 0  # epochs completed
-    step: int = 0  # optimizer steps completed
     batch: int = 0  # micro-batches of epoch + 1 already trained (a mid-epoch checkpoint)
-    stopper: dict[str, Any] = field(default_factory=dict)
-    best_model: dict[str, torch.Tensor] | None = None
-    history: list[dict[str, float]] = field(default_factory=list)
 
 
 def fit(
@@ -309,13 +216,13 @@ def fit(
         metrics.update(health.epoch_metrics())
         metrics.update(evaluate(model, batches.valid(), cfg, num_items, device, prefix="val/", reduce=reduce))
         if stopper.update(metrics, epoch):
-            st.best_model = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            st.best_model = copy_weights(model)
         st.epoch, st.step, st.batch = epoch, st.step + stats.steps, 0
         st.stopper = stopper.state_dict()
         metrics[f"best/{cfg.train.early_stopping.metric}"] = float(stopper.best)
         st.history.append(metrics)
         reporter.report(metrics, _state(st, model, run, health, cfg))
-        log.debug("epoch %d: %s", epoch, _fmt(metrics))  # the console shows rank 0's line (reporter)
+        log.debug("epoch %d: %s", epoch, fmt_metrics(metrics))  # the console shows rank 0's line (reporter)
     return _final_test(model, st, batches, cfg, num_items, device, reduce, stopper, reporter, run, health)
 
 
@@ -357,39 +264,24 @@ def _final_test(model, st: FitState, batches: Batches, cfg: JobConfig, num_items
     (its ``model`` and ``best_model`` are then both the best weights)."""
     if st.best_model is not None:
         model.load_state_dict(st.best_model)
-    final = evaluate(model, batches.test(), cfg, num_items, device, prefix="test/", reduce=reduce)
-    final.update({EPOCH: st.epoch, "best_epoch": stopper.best_epoch,
-                  f"best/{cfg.train.early_stopping.metric}": float(stopper.best) if stopper.best is not None else float("nan"),
-                  "stopped_early": float(stopper.should_stop and st.epoch < cfg.train.epochs),
-                  "health/skipped_steps_total": float(health.skipped_total)})
+    final = final_test(model, batches.test(), cfg, num_items, device, reduce, epoch=st.epoch, stopper=stopper,
+                       stopped_early=stopper.should_stop and st.epoch < cfg.train.epochs,
+                       skipped_steps=health.skipped_total)
     reporter.report(final, _state(st, model, run, health, cfg))
-    log.debug("test (best epoch %d): %s", stopper.best_epoch, _fmt(final))
+    log.debug("test (best epoch %d): %s", stopper.best_epoch, fmt_metrics(final))
     return final
 
 
 def _state(st: FitState, model: nn.Module, run: PhaseRunner, health: GradHealth, cfg: JobConfig) -> dict[str, Any]:
-    return {
-        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "best_model": st.best_model,
-        "optimizer": run.opt.state_dict() if run.opt is not None else None,
-        "scheduler": run.sched.state_dict() if run.sched is not None else None,
-        "phase": run.state(),
-        "health": health.state(),
-        "rng": rng_state(),
-        "epoch": st.epoch,
-        "step": st.step,
-        "epoch_batch": st.batch,
-        "early_stopping": st.stopper,
-        "history": st.history,
-        "config": dump_job(cfg),
-    }
+    return st.checkpoint(model, cfg, optimizer=run.opt.state_dict() if run.opt is not None else None,
+                         scheduler=run.sched.state_dict() if run.sched is not None else None,
+                         phase=run.state(), health=health.state(), epoch_batch=st.batch)
 
 
 def _restore(state: dict[str, Any], model: nn.Module, run: PhaseRunner, health: GradHealth, stopper: EarlyStopping,
              cfg: JobConfig) -> FitState:
     """Load a checkpoint: weights, the phase it was in (its param groups, optimizer and schedule), the rest."""
-    warn_config_diff(state["config"], dump_job(cfg))
-    model.load_state_dict(state["model"])
+    load_weights(state, model, cfg)
     phase = state.get("phase") or {"index": 0, "start_step": 0}
     run.enter(run.plans[phase["index"]], phase["start_step"], resumed=True)
     try:
@@ -406,10 +298,5 @@ def _restore(state: dict[str, Any], model: nn.Module, run: PhaseRunner, health: 
     batch = int(state.get("epoch_batch", 0))
     log.info("resumed after epoch %d (step %d%s, phase %s)", state["epoch"], state["step"],
              f", {batch} batches into epoch {state['epoch'] + 1}" if batch else "", run.phase.name)
-    return FitState(epoch=state["epoch"], step=state["step"], batch=batch, stopper=state["early_stopping"],
-                    best_model=state["best_model"], history=list(state.get("history", [])))
-
-
-def _fmt(metrics: dict[str, float]) -> str:
-    return " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != EPOCH)
+    return FitState(**TrainState.shared_fields(state), batch=batch)
 

@@ -246,3 +246,14 @@ class PhaseRunner:
         if KL in names:
             out[KL_FACTOR] = kl_factor(self.cfg.train.kl_anneal, epoch=epoch, step=step)
         return out
+
+
+def group_plan(cfg: JobConfig, model: nn.Module):
+    """(title, groups, frozen names) per phase of ``train.phases`` (one phase without any)."""
+    runner = PhaseRunner(model, cfg, 1)
+    for phase in runner.plans:
+        groups = runner.build_groups(phase)
+        title = f"phase {phase.index + 1}/{len(runner.plans)} {phase.name} (epochs {phase.first}-{phase.last})"
+        if phase.cfg is not None:
+            title += f", lr x{phase.cfg.lr_mult:g}, loss weights {phase.cfg.loss_weights or 'all 1'}"
+        yield title, groups, [n for n, p in model.named_parameters() if not p.requires_grad]

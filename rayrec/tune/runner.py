@@ -3,7 +3,7 @@
 Everything that can fail cheaply (space file, base job, storage, MLflow, whether a trial
 fits the cluster) fails before the first trial starts. Each trial is a full Ray Train
 run (see ``rayrec.tune.trial``) of a sequential-model or a generative job
-(``rayrec.tune.kinds``); Optuna proposes the values, ASHA stops weak trials at its
+(``rayrec.config.kinds``); Optuna proposes the values, ASHA stops weak trials at its
 rungs, and every trial is a child run of the sweep's MLflow parent run.
 """
 
@@ -21,11 +21,11 @@ import yaml
 from pydantic import BaseModel
 
 from rayrec.cluster import DATA_CPU_RESERVE, shared_paths
+from rayrec.config.kinds import GENREC
 from rayrec.config.loader import dump_job
 from rayrec.errors import RayrecError
 from rayrec.runs import check_storage
 from rayrec.tracking.mlflow_tracking import Tracker, check_reachable, resolve_uri
-from rayrec.tune.kinds import GENREC
 from rayrec.tune.space import OptunaSpace, Sweep
 
 log = logging.getLogger(__name__)
@@ -135,7 +135,9 @@ def prepare_shared(sweep: Sweep, job: BaseModel) -> Any:
     """What every trial reads, made once before any starts (the recipe's ``share``: the prepared
     dataset and its row tables in the object store; a joint job's features; a generative job's
     semantic-ID index). Returns what the trials get (``TrialPlan.shared``)."""
-    return sweep.kind.recipe(job).share(job)
+    from rayrec.recipes import recipe_for
+
+    return recipe_for(job).share(job)
 
 
 def pick_sweep_dir(storage: Path, name: str, resume: bool) -> Path:

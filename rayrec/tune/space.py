@@ -15,7 +15,7 @@ search, keyed by dotted job paths::
     num_samples: 8
 
 The base job is a sequential-model job (``JobConfig``) or a generative one
-(``GenRecJobConfig``); ``rayrec.tune.kinds`` says which (one rule) and what differs.
+(``GenRecJobConfig``); ``rayrec.config.kinds`` says which (one rule) and what differs.
 Everything here is checked before Ray starts, against the base job's own schema: every
 path must exist (a typo names the nearest valid path), each range's ends must be
 accepted, conditions must refer to a searched ``choice`` or to the base job, and the
@@ -37,12 +37,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from rayrec.config.loader import apply_overrides, config_paths, load_model, read_yaml
-from rayrec.errors import ConfigError
-from rayrec.eval.metrics import metric_mode
-from rayrec.tune.kinds import (
+from rayrec.config.base import Strict
+from rayrec.config.kinds import (
     GENREC,
     GENREC_SECTIONS,
     JOB_SECTIONS,
@@ -52,6 +50,9 @@ from rayrec.tune.kinds import (
     kind_of_file,
     metric_problem,
 )
+from rayrec.config.loader import apply_overrides, config_paths, load_model, read_yaml, validate
+from rayrec.errors import ConfigError
+from rayrec.eval.metrics import metric_mode
 from rayrec.tune.paths import PathError, get_path, schema_path, set_paths
 
 log = logging.getLogger(__name__)
@@ -59,11 +60,7 @@ log = logging.getLogger(__name__)
 Scalar = str | int | float | bool
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class _Param(_Strict):
+class _Param(Strict):
     """Common to every distribution: an optional condition ``{path: value or [values]}``."""
 
     when: dict[str, Scalar | list[Scalar]] | None = Field(
@@ -72,9 +69,9 @@ class _Param(_Strict):
 
 
 class Uniform(_Param):
-    dist: Literal["uniform"]
-    low: float
-    high: float
+    dist: Literal["uniform"] = Field(description="the distribution: floats evenly between low and high")
+    low: float = Field(description="lower bound of the range")
+    high: float = Field(description="upper bound of the range")
 
     @model_validator(mode="after")
     def _range(self) -> Uniform:
@@ -83,9 +80,9 @@ class Uniform(_Param):
 
 
 class LogUniform(_Param):
-    dist: Literal["loguniform"]
-    low: float
-    high: float
+    dist: Literal["loguniform"] = Field(description="the distribution: floats on a log scale between low and high")
+    low: float = Field(description="lower bound of the range")
+    high: float = Field(description="upper bound of the range")
 
     @model_validator(mode="after")
     def _range(self) -> LogUniform:
@@ -94,9 +91,9 @@ class LogUniform(_Param):
 
 
 class QUniform(_Param):
-    dist: Literal["quniform"]
-    low: float
-    high: float
+    dist: Literal["quniform"] = Field(description="the distribution: floats evenly between low and high")
+    low: float = Field(description="lower bound of the range")
+    high: float = Field(description="upper bound of the range")
     q: float = Field(gt=0, description="values are multiples of q from low")
 
     @model_validator(mode="after")
@@ -110,9 +107,9 @@ class QUniform(_Param):
 
 
 class QLogUniform(_Param):
-    dist: Literal["qloguniform"]
-    low: float
-    high: float
+    dist: Literal["qloguniform"] = Field(description="the distribution: floats on a log scale between low and high")
+    low: float = Field(description="lower bound of the range")
+    high: float = Field(description="upper bound of the range")
     q: float = Field(gt=0, description="values are rounded to multiples of q")
 
     @model_validator(mode="after")
@@ -124,11 +121,11 @@ class QLogUniform(_Param):
 
 
 class IntParam(_Param):
-    dist: Literal["int"]
-    low: int
-    high: int
-    step: int = Field(1, ge=1)
-    log: bool = False
+    dist: Literal["int"] = Field(description="the distribution: integers from low to high (both included)")
+    low: int = Field(description="smallest value")
+    high: int = Field(description="largest value")
+    step: int = Field(1, ge=1, description="values are low, low + step, ... (high - low must be a multiple)")
+    log: bool = Field(False, description="draw on a log scale (needs low >= 1 and step 1)")
 
     @model_validator(mode="after")
     def _range(self) -> IntParam:
@@ -142,8 +139,8 @@ class IntParam(_Param):
 
 
 class Choice(_Param):
-    dist: Literal["choice"]
-    values: list[Scalar]
+    dist: Literal["choice"] = Field(description="the distribution: one of a list of values")
+    values: list[Scalar] = Field(description="the distinct values to choose from")
 
     @field_validator("values")
     @classmethod
@@ -171,11 +168,11 @@ def _check_log_range(low: float, high: float, dist: str) -> None:
     _check_range(low, high, dist)
 
 
-class TrialResources(_Strict):
+class TrialResources(Strict):
     """Resources of one trial: its Ray Train workers plus the trial's own driver process."""
 
     num_workers: int = Field(1, ge=1, description="Ray Train workers per trial")
-    use_gpu: bool = False
+    use_gpu: bool = Field(False, description="each trial worker takes a GPU")
     resources_per_worker: dict[str, float] = Field(
         default_factory=lambda: {"CPU": 0.25},
         description="fractional CPUs let several trials share a small machine",
@@ -183,7 +180,7 @@ class TrialResources(_Strict):
     driver_cpu: float = Field(0.25, ge=0.0, description="CPU reserved by the trial's driver (runs the TorchTrainer)")
 
 
-class SearcherConfig(_Strict):
+class SearcherConfig(Strict):
     name: Literal["optuna", "random"] = Field("optuna", description="optuna = TPE; random = uniform random draws")
     seed: int | None = Field(0, description="sampler seed (null = not reproducible)")
     points_to_evaluate: list[dict[str, Scalar]] = Field(
@@ -191,27 +188,27 @@ class SearcherConfig(_Strict):
     )
 
 
-class SchedulerConfig(_Strict):
-    name: Literal["asha", "none"] = "asha"
+class SchedulerConfig(Strict):
+    name: Literal["asha", "none"] = Field("asha", description="asha = stop weak trials early at rungs; none = run all")
     grace_period: int = Field(1, ge=1, description="epochs every trial runs before it can be stopped")
     reduction_factor: float = Field(2.0, gt=1.0, description="keep the top 1/reduction_factor at each rung")
     max_epochs: int | None = Field(None, ge=1, description="epochs of a full trial (default: the job's train.epochs)")
 
 
-class SearchSpace(_Strict):
+class SearchSpace(Strict):
     """One tuning sweep: what `rayrec tune SPACE.yaml` reads."""
 
     job: Path = Field(description="base job YAML (relative to this file)")
     overrides: list[str] = Field(default_factory=list, description="dotted overrides of the base job")
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.\-]+$", description="sweep name (default: file name)")
-    metric: str = "val/ndcg@10"
+    metric: str = Field("val/ndcg@10", description="validation metric trials are ranked and stopped by")
     mode: Literal["max", "min"] | None = Field(None, description="default: the metric's own mode")
-    params: dict[str, ParamSpec]
+    params: dict[str, ParamSpec] = Field(description="dotted job path -> its distribution (`dist`)")
     num_samples: int = Field(description="trials to run")
-    max_concurrent_trials: int = Field(2, ge=1)
-    trial: TrialResources = TrialResources()
-    searcher: SearcherConfig = SearcherConfig()
-    scheduler: SchedulerConfig = SchedulerConfig()
+    max_concurrent_trials: int = Field(2, ge=1, description="trials running at once (also capped by resources)")
+    trial: TrialResources = Field(TrialResources(), description="resources of each trial")
+    searcher: SearcherConfig = Field(SearcherConfig(), description="what proposes the trials' values")
+    scheduler: SchedulerConfig = Field(SchedulerConfig(), description="what stops weak trials early")
     time_budget_s: float | None = Field(None, gt=0, description="stop starting/running trials after this long")
     storage_path: Path = Field(Path("runs/tune"), description="sweep folder parent (relative to the working dir)")
 
@@ -219,7 +216,7 @@ class SearchSpace(_Strict):
     @classmethod
     def _samples(cls, v: Any) -> Any:
         if v is None or (isinstance(v, int) and not isinstance(v, bool) and v < 1):
-            raise ValueError(f"num_samples must be a positive number of trials, e.g. num_samples: 8 (given: {v!r})")
+            raise ValueError("num_samples must be a positive number of trials, e.g. num_samples: 8")
         return v
 
     @field_validator("metric")
@@ -289,7 +286,7 @@ def load_space(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     space_over = [o for o in overrides if _section(o) not in JOB_SECTIONS]
     job_over = [o for o in overrides if _section(o) in JOB_SECTIONS]
     applied = apply_overrides(raw, space_over, SearchSpace)
-    space = _validate_space(raw, str(path), lines, applied)
+    space = validate(SearchSpace, raw, source=str(path), lines=lines, overridden=applied)
     searched = [o.partition("=")[0].strip() for o in job_over if o.partition("=")[0].strip() in space.params]
     if searched:
         raise ConfigError(f"{path}: {', '.join(searched)} {'is' if len(searched) == 1 else 'are'} searched by this space "
@@ -324,51 +321,6 @@ def _valid_as(kind: JobKind, path: Path, overrides: list[str]) -> bool:
 
 def _section(override: str) -> str:
     return override.partition("=")[0].strip().split(".")[0]
-
-
-def _validate_space(raw: dict[str, Any], source: str, lines: dict[str, int], applied: dict[str, str]) -> SearchSpace:
-    try:
-        return SearchSpace.model_validate(raw)
-    except ValidationError as e:
-        raise ConfigError("\n".join(_explain(err, source, lines, applied) for err in e.errors())) from None
-
-
-def _explain(err: dict[str, Any], source: str, lines: dict[str, int], applied: dict[str, str]) -> str:
-    """One line per pydantic error: file:line, the dotted key (distribution tags dropped), the fix."""
-    loc = [str(p) for p in err["loc"] if p not in DISTRIBUTIONS]
-    dotted = ".".join(loc)
-    where = _where(dotted, source, lines, applied)
-    if err["type"] == "extra_forbidden":
-        known = _keys_at(loc[:-1])
-        near = difflib.get_close_matches(loc[-1], known, n=2, cutoff=0.6)
-        hint = f"; did you mean {' or '.join(near)}?" if near else ""
-        return f"{where}: unknown key '{dotted}'{hint} (valid keys here: {', '.join(known)})"
-    if err["type"] in ("union_tag_not_found", "union_tag_invalid"):
-        return f"{where}: {dotted}: `dist` must be one of {', '.join(DISTRIBUTIONS)} (given: {err.get('input')!r})"
-    msg = err["msg"].removeprefix("Value error, ")
-    return f"{where}: {dotted or '(top level)'}: {msg}"
-
-
-def _where(dotted: str, source: str, lines: dict[str, int], applied: dict[str, str]) -> str:
-    parts = dotted.split(".")
-    for i in range(len(parts), 0, -1):
-        key = ".".join(parts[:i])
-        if key in applied:
-            return f"{source}: override '{applied[key]}'"
-        if key in lines:
-            return f"{source}:{lines[key]}"
-    return source
-
-
-def _keys_at(loc: list[str]) -> list[str]:
-    """Field names of the space model found at ``loc`` (for suggestions)."""
-    model: Any = SearchSpace
-    for part in loc:
-        field = getattr(model, "model_fields", {}).get(part)
-        if field is None:  # inside params.<path>: the keys of a distribution
-            return ["dist", "low", "high", "q", "step", "log", "values", "when"]
-        model = field.annotation
-    return list(getattr(model, "model_fields", {}))
 
 
 def _job_path(job: Path, space_file: Path, lines: dict[str, int]) -> Path:

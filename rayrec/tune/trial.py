@@ -20,8 +20,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from rayrec.config.kinds import SEQUENTIAL, kind_named
 from rayrec.config.loader import validate
-from rayrec.tune.kinds import SEQUENTIAL, kind_named
 from rayrec.tune.paths import set_paths
 from rayrec.tune.reports import SweepReportCallback
 
@@ -43,7 +43,7 @@ class TrialPlan:
     tracking_uri: str | None
     parent_run_id: str | None
     searched: list[str] = field(default_factory=list)
-    kind: str = SEQUENTIAL.name  # the base job's kind (``rayrec.tune.kinds``)
+    kind: str = SEQUENTIAL.name  # the base job's kind (``rayrec.config.kinds``)
     shared: Any = None  # what the recipe's ``share`` made once on the sweep driver (object refs travel with the plan)
 
 
@@ -71,6 +71,7 @@ def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
     """The Tune trainable: the trial's job through ``run_job``, metrics reported to Tune per epoch."""
     from ray import tune
 
+    from rayrec.recipes import recipe_for
     from rayrec.runs import run_job
     from rayrec.tune.mlflow_sweep import open_child
     from rayrec.tune.space import job_epochs, reports_clock
@@ -82,7 +83,7 @@ def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
     kind = kind_named(plan.kind)
     report = SweepReportCallback(plan.metric, plan.mode, last_epoch=None if kind.test_report else job_epochs(cfg),
                                  steps_per_report=cfg.train.save_steps if reports_clock(cfg) else None)
-    run_job(kind.recipe(cfg), cfg, callbacks=[report], tracking=partial(open_child, plan, trial_id, params),
+    run_job(recipe_for(cfg), cfg, callbacks=[report], tracking=partial(open_child, plan, trial_id, params),
             console=False, shared=plan.shared)
 
 

@@ -17,9 +17,9 @@ import pytest
 
 def registered_models() -> list[str]:
     """The names of every registered model (the one place that knows where the registry lives)."""
-    from rayrec.models import MODELS
+    from rayrec.train.specs import MODEL_SPECS
 
-    return sorted(MODELS)
+    return sorted(MODEL_SPECS)
 
 
 def tiny_model(name: str, tmp_path) -> dict:

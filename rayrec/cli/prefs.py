@@ -23,16 +23,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_prefs_generate(args: argparse.Namespace) -> int:
-    from rayrec.cluster import shared_paths
-    from rayrec.config import load_job
+    from rayrec.cli.jobs import joint_job
     from rayrec.data.dataset import ensure_prepared
-    from rayrec.errors import ConfigError
     from rayrec.prefs.generate import Selection, generate_prefs, prefs_out_dir
 
-    cfg = shared_paths(load_job(args.job, args.overrides))
-    if not hasattr(cfg.model, "prefs"):  # only the joint model has a model.prefs section
-        raise ConfigError(f"{args.job}: prefs generate reads model.prefs of a ur4rec job, this job's model is "
-                          f"'{cfg.model.name}'")
+    cfg = joint_job(args, "prefs", "prefs generate")
     ds = ensure_prepared(cfg.data)
     sel = Selection(args.num_users, args.num_items, args.skip_users, args.skip_items)
     summary = generate_prefs(cfg, ds.path, sel, dry_run=args.dry_run)

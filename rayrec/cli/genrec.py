@@ -60,13 +60,14 @@ def _training_command(sub, name: str, func, what: str, job: str, overrides: str)
     p.set_defaults(func=func)
 
 
-def _job(args, schema=None):
-    """The job file with overrides; on a cluster its relative paths under the shared storage root."""
+def _job(args, *kinds: str):
+    """The job file with overrides (one of ``kinds``, default any generative job); on a cluster its
+    relative paths under the shared storage root."""
     from rayrec.cluster import shared_paths
-    from rayrec.config.loader import load_model
-    from rayrec.genrec.config import GenRecJobConfig
+    from rayrec.config.kinds import kind_named, load_job_file
 
-    return shared_paths(load_model(schema or GenRecJobConfig, args.job, args.overrides))
+    expect = tuple(kind_named(k) for k in kinds or ("genrec", "grpo"))
+    return shared_paths(load_job_file(args.job, args.overrides, expect=expect))
 
 
 def _table(rows: list[tuple[str, ...]], header: tuple[str, ...], title: str) -> None:
@@ -131,21 +132,19 @@ def cmd_prompts(args) -> int:
 
 
 def cmd_sft(args) -> int:
-    return _train(args, "sft", "SFT")
+    return _train(args, "genrec", "SFT")
 
 
 def cmd_grpo(args) -> int:
-    from rayrec.genrec.config import GRPOJobConfig
-
-    return _train(args, "grpo", "GRPO", GRPOJobConfig)
+    return _train(args, "grpo", "GRPO")
 
 
-def _train(args, recipe_name: str, label: str, schema=None) -> int:
-    from rayrec.recipes import recipe_named
+def _train(args, kind: str, label: str) -> int:
+    from rayrec.recipes import recipe_for
     from rayrec.runs import print_outcome, run_job
 
-    cfg = _job(args, schema)
-    recipe = recipe_named(recipe_name)
+    cfg = _job(args, kind)
+    recipe = recipe_for(cfg)
     out = run_job(recipe, cfg, local=args.local, source=str(args.job), resume_from=args.resume_from,
                   verbose=args.verbose)
     print(f"\nevaluate: rayrec eval-genrec {args.job} --adapter {out.checkpoint}")
@@ -156,11 +155,7 @@ def _train(args, recipe_name: str, label: str, schema=None) -> int:
 
 
 def cmd_eval(args) -> int:
-    from rayrec.config.loader import read_yaml
-    from rayrec.genrec.config import GRPOJobConfig
-
-    schema = GRPOJobConfig if "grpo" in read_yaml(args.job)[0] else None  # a GRPO job file evaluates its adapters
-    return _evaluate(_job(args, schema), args.adapter, args.split, args.local, args.out)
+    return _evaluate(_job(args), args.adapter, args.split, args.local, args.out)  # a GRPO job evaluates its adapters
 
 
 def _evaluate(cfg, adapter: Path, split: str | None, local: bool, out: Path | None, label: str = "model") -> int:
@@ -185,7 +180,7 @@ def cmd_show(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from rayrec.genrec.sft import load_for_eval
+    from rayrec.genrec.lm import load_for_eval
 
     model, tokenizer, meta = load_for_eval(args.adapter, merge=True)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
-"""LoRA SFT parts: SID tokens in the tokenizer, resized embeddings, LoRA targets, the TRL trainer.
+"""The LM and PEFT toolkit of the generative track (SFT and GRPO): SID tokens in the tokenizer, resized
+embeddings, LoRA targets, the TRL SFT trainer, loading an adapter for evaluation.
 
 The order matters and is the same for training and for evaluation:
 

@@ -86,9 +86,9 @@ def print_samples(sweep, n: int = 5, checked: int = 50) -> int:
     sampled values break shows here, not at trial start. Returns the number of invalid draws."""
     import optuna
 
+    from rayrec.config.kinds import kind_of
     from rayrec.config.loader import validate
     from rayrec.errors import ConfigError
-    from rayrec.tune.kinds import kind_of
     from rayrec.tune.paths import set_paths
     from rayrec.tune.space import OptunaSpace
 

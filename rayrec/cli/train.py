@@ -30,11 +30,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from rayrec.config import load_job
+    from rayrec.cli.jobs import sequential_job
     from rayrec.recipes import recipe_for
     from rayrec.runs import print_outcome, run_job
 
-    cfg = load_job(args.job, args.overrides)
+    cfg = sequential_job(args, shared=False)  # run_job puts the paths under the storage root itself
     if args.print_groups:
         print_groups(cfg)
         return 0
@@ -52,7 +52,8 @@ def print_groups(cfg) -> None:
     from rayrec.cluster import shared_paths
     from rayrec.data.dataset import ensure_prepared
     from rayrec.train.groups import group_table
-    from rayrec.train.worker import build, data_info, has_parameters
+    from rayrec.train.inputs import data_info
+    from rayrec.train.specs import build, has_parameters, spec_of
 
     cfg = shared_paths(cfg)
     info = data_info(ensure_prepared(cfg.data), cfg)
@@ -60,39 +61,10 @@ def print_groups(cfg) -> None:
     if not has_parameters(model):
         print(f"model {cfg.model.name} has no trainable parameters")
         return
-    for title, groups, frozen in GROUP_PLANS.get(cfg.model.name, phase_groups)(cfg, model):
+    for title, groups, frozen in spec_of(cfg.model.name).group_plan(cfg, model):
         _print_groups(group_table(groups), title)
         if frozen:
             print(f"frozen: {len(frozen)} tensors ({', '.join(frozen[:6])}{', ...' if len(frozen) > 6 else ''})")
-
-
-def phase_groups(cfg, model):
-    """(title, groups, frozen names) per phase of ``train.phases`` (one phase without any)."""
-    from rayrec.train.phases import PhaseRunner
-
-    runner = PhaseRunner(model, cfg, 1)
-    for phase in runner.plans:
-        groups = runner.build_groups(phase)
-        title = f"phase {phase.index + 1}/{len(runner.plans)} {phase.name} (epochs {phase.first}-{phase.last})"
-        if phase.cfg is not None:
-            title += f", lr x{phase.cfg.lr_mult:g}, loss weights {phase.cfg.loss_weights or 'all 1'}"
-        yield title, groups, [n for n, p in model.named_parameters() if not p.requires_grad]
-
-
-def stage_groups(cfg, model):
-    """(title, groups, frozen names) per ur4rec stage and trained module."""
-    from rayrec.train.joint import plan_stages
-    from rayrec.train.joint import stage_groups as groups_of
-
-    plans = plan_stages(cfg.model.stages)
-    for plan in plans:
-        for module, groups in groups_of(model, cfg, plan).items():
-            yield (f"stage {plan.index + 1}/{len(plans)} {plan.cfg.name} (epochs {plan.first}-{plan.last}), "
-                   f"module {module}", groups, [])
-
-
-#: models whose optimizer is not one phase-built optimizer (a plain dict, by model name)
-GROUP_PLANS = {"ur4rec": stage_groups}
 
 
 def _print_groups(rows: list[tuple[str, ...]], title: str) -> None:
@@ -106,16 +78,16 @@ def _print_groups(rows: list[tuple[str, ...]], title: str) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from rayrec.cluster import shared_paths
-    from rayrec.config import load_job
+    from rayrec.cli.jobs import sequential_job
     from rayrec.data.dataset import ensure_prepared
     from rayrec.runs import print_table
     from rayrec.train.checkpoint import load_state
+    from rayrec.train.evaluation import evaluate
+    from rayrec.train.inputs import data_info
     from rayrec.train.local import PlainBatches
-    from rayrec.train.loop import evaluate
-    from rayrec.train.worker import build, data_info
+    from rayrec.train.specs import build
 
-    cfg = shared_paths(load_job(args.job, args.overrides))
+    cfg = sequential_job(args)
     ds = ensure_prepared(cfg.data)
     info = data_info(ds, cfg)
     state = load_state(args.checkpoint)

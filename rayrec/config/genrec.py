@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from rayrec.config.base import BatchArithmetic, Ks
 from rayrec.config.schema import DataConfig, RunConfig, ScalingConfig, Strict, TrackingConfig
 
 TaskName = Literal["sid_seq", "title_seq", "sid_to_title", "title_to_sid", "sid_seq_to_title", "title_seq_to_title"]
@@ -25,55 +26,51 @@ class EmbeddingConfig(Strict):
     model: str = Field("minilm", description="'minilm' (bundled offline all-MiniLM-L6-v2) or a local model folder")
     fields: list[Literal["title", "text"]] = Field(default_factory=lambda: ["title", "text"],
                                                    description="item columns joined into the embedded text")
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1, description="item texts per encoder call")
 
 
 class RQVAEConfig(Strict):
     """RQ-VAE (method rq_vae): encoder MLP widths, latent size, training schedule."""
 
     hidden: list[int] = Field(default_factory=lambda: [256, 128], description="encoder widths (decoder mirrors)")
-    latent_dim: int = Field(32, ge=2)
-    epochs: int = Field(200, ge=1)
-    batch_size: int = Field(256, ge=1)
-    lr: float = Field(1e-3, gt=0.0)
+    latent_dim: int = Field(32, ge=2, description="width of the latent vector that the codebooks quantise")
+    epochs: int = Field(200, ge=1, description="training passes over the item embeddings")
+    batch_size: int = Field(256, ge=1, description="items per training step")
+    lr: float = Field(1e-3, gt=0.0, description="learning rate (Adam)")
     beta: float = Field(0.25, ge=0.0, description="commitment loss weight")
     kmeans_init: bool = Field(True, description="initialise codebooks by k-means on the initial latents")
 
 
 class SidConfig(Strict):
-    """Where the semantic-ID index lives and how `rayrec genrec sids` builds it.
+    """Where the semantic-ID index lives and how `rayrec genrec sids` builds it."""
 
-    method: rq_kmeans | rq_vae build from item text; file reads an existing MiniOneRec
-    ``index/NAME.index.json`` under ``dir``; data uses the ``sid`` column of items.parquet.
-    """
-
-    method: Literal["rq_kmeans", "rq_vae", "file", "data"] = "rq_kmeans"
+    method: Literal["rq_kmeans", "rq_vae", "file", "data"] = Field(
+        "rq_kmeans", description="rq_kmeans | rq_vae: build from the item text; file: read an existing MiniOneRec "
+        "index/NAME.index.json under dir; data: the sid column of items.parquet")
     dir: Path = Field(Path("data/sids"), description="folder with index/NAME.index.json and info/NAME.txt")
     name: str = Field("items", pattern=r"^[A-Za-z0-9_.\-]+$", description="NAME of NAME.index.json")
     build_if_missing: bool = Field(True, description="`rayrec sft` builds the index first when dir lacks it")
     levels: int = Field(3, ge=1, le=8, description="code levels L before collision resolution")
     codebook_size: int = Field(256, ge=2, description="codes per level K")
     balanced: bool = Field(False, description="balanced k-means (Sinkhorn assignment) for even code usage")
-    kmeans_iters: int = Field(50, ge=1)
+    kmeans_iters: int = Field(50, ge=1, description="k-means iterations per level (rq_kmeans, and rq_vae's init)")
     reassign_last_level: bool = Field(True, description="resolve collisions at the last level before adding one")
     shared: Literal["disambiguate", "share"] = Field(
         "disambiguate", description="a read index (file, data) whose SID names several items: disambiguate = "
         "append one level token to those items only (written to sids.dir/disambiguated/, the file is never "
         "changed); share = keep it, and a decoded SID counts as a hit when it is the target's")
-    embedding: EmbeddingConfig = EmbeddingConfig()
-    rqvae: RQVAEConfig = RQVAEConfig()
+    embedding: EmbeddingConfig = Field(EmbeddingConfig(), description="the item-text encoder (rq_kmeans, rq_vae)")
+    rqvae: RQVAEConfig = Field(RQVAEConfig(), description="the RQ-VAE (method rq_vae)")
 
 
 class PromptConfig(Strict):
-    """Prompt tasks and their mixture weights (expected copies of each example; 0 = off).
-
-    sid_seq: SID history -> next SID; title_seq: title history -> next SID; sid_to_title and
-    title_to_sid: one item's SID <-> title; sid_seq_to_title: SID history -> next item's title;
-    title_seq_to_title: title history -> next item's title.
-    """
+    """Prompt tasks and their mixture weights."""
 
     tasks: dict[TaskName, float] = Field(
-        default_factory=lambda: {"sid_seq": 1.0, "title_seq": 0.5, "sid_to_title": 0.5, "title_to_sid": 0.5})
+        default_factory=lambda: {"sid_seq": 1.0, "title_seq": 0.5, "sid_to_title": 0.5, "title_to_sid": 0.5},
+        description="weight per task = expected copies of each of its examples (0 = off): sid_seq: SID history -> "
+        "next SID; title_seq: title history -> next SID; sid_to_title and title_to_sid: one item's SID <-> title; "
+        "sid_seq_to_title: SID history -> next item's title; title_seq_to_title: title history -> next item's title")
     max_history: int = Field(10, ge=1, description="most recent history items shown in a prompt")
     paraphrase: bool = Field(True, description="draw the instruction among paraphrases (train only)")
     max_examples: int | None = Field(None, ge=1, description="cap on the training mixture (random subset)")
@@ -89,18 +86,18 @@ class PromptConfig(Strict):
 class TinyLMConfig(Strict):
     """Size of the random Qwen2-shaped model used when ``model.base`` is ``tiny``."""
 
-    hidden: int = Field(64, ge=8)
-    layers: int = Field(2, ge=1)
-    heads: int = Field(4, ge=1)
-    kv_heads: int = Field(2, ge=1)
-    tie_embeddings: bool = False
+    hidden: int = Field(64, ge=8, description="hidden width")
+    layers: int = Field(2, ge=1, description="decoder layers")
+    heads: int = Field(4, ge=1, description="attention (query) heads")
+    kv_heads: int = Field(2, ge=1, description="key/value heads (grouped-query attention; divides heads)")
+    tie_embeddings: bool = Field(False, description="share the input embedding and the output head")
 
 
 class LMConfig(Strict):
     """The causal LM: a local folder or hub id (cluster), or ``tiny`` (built locally)."""
 
     base: str = Field("tiny", description="'tiny', a local model folder, or a hub id on a cluster with access")
-    tiny: TinyLMConfig = TinyLMConfig()
+    tiny: TinyLMConfig = Field(TinyLMConfig(), description="size of the tiny model (base: tiny)")
     dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
     max_length: int = Field(512, ge=16, description="prompt + response + EOS tokens; a longer example loses its "
                             "oldest history items (the instruction, recent history and whole answer stay), "
@@ -108,50 +105,46 @@ class LMConfig(Strict):
 
 
 class LoraSettings(Strict):
-    r: int = Field(16, ge=1)
-    alpha: int = Field(32, ge=1)
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    r: int = Field(16, ge=1, description="LoRA rank of each adapted projection")
+    alpha: int = Field(32, ge=1, description="LoRA scaling numerator (updates are scaled by alpha / r)")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="dropout probability on the LoRA path, in [0, 1)")
     target_modules: Literal["all", "qkv"] | list[str] = Field(
         "all", description="'all' = every attention and MLP projection, 'qkv', or explicit module names")
 
 
 class SFTTrainConfig(Strict):
-    epochs: float = Field(3.0, gt=0.0)
+    epochs: float = Field(3.0, gt=0.0, description="passes over the training prompts (may be fractional)")
     batch_size: int = Field(8, ge=1, description="sequences per worker per micro-step")
-    grad_accum: int = Field(1, ge=1)
+    grad_accum: int = Field(1, ge=1, description="micro-steps per optimizer step")
     global_batch_size: int | None = Field(None, ge=1, description="optional check: batch x workers x accum")
-    lr: float = Field(3e-4, gt=0.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
-    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
-    max_grad_norm: float = Field(1.0, gt=0.0)
+    lr: float = Field(3e-4, gt=0.0, description="peak learning rate (AdamW) of the trained parameters")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
+    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0, description="share of the optimizer steps spent warming up")
+    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="learning-rate schedule after warmup (Hugging Face's lr_scheduler_type)")
+    max_grad_norm: float = Field(1.0, gt=0.0, description="max global gradient norm (clipping)")
     deepspeed: str | None = Field(None, description="zero2 | zero3 (cluster/deepspeed/NAME.json) or a JSON path")
-    gradient_checkpointing: bool = False
-    logging_steps: int = Field(10, ge=1)
-    save_total_limit: int = Field(2, ge=1)
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass (less "
+                                         "memory, slower)")
+    logging_steps: int = Field(10, ge=1, description="optimizer steps between training-loss logs")
+    save_total_limit: int = Field(2, ge=1, description="checkpoints kept (the best is always kept)")
     val_rows: int = Field(256, ge=0, description="first valid rows used each epoch: val/loss over them, and "
                           "decoded (constrained) for val/hr@K, val/ndcg@K (eval.num_beams, eval.ks); "
                           "0 = val/loss only, over every valid row")
-    lora: LoraSettings = LoraSettings()
+    lora: LoraSettings = Field(LoraSettings(), description="the LoRA adapter")
 
 
 class GenEvalConfig(Strict):
     """Constrained beam-search evaluation."""
 
-    split: Literal["valid", "test"] = "test"
+    split: Literal["valid", "test"] = Field("test", description="rows evaluated")
     task: HistoryTask = Field("sid_seq", description="prompt task decoded: sid_seq/title_seq rank items by SID; "
                               "sid_seq_to_title/title_seq_to_title by exact title (constrained to real titles)")
     num_beams: int = Field(20, ge=1, description="beams = items returned per row")
-    ks: list[int] = Field(default_factory=lambda: [1, 3, 5, 10, 20])
+    ks: Ks = Field(default_factory=lambda: [1, 3, 5, 10, 20], description="cut-offs K of the reported hr@K and "
+                   "ndcg@K (at most num_beams)")
     batch_size: int = Field(8, ge=1, description="prompts per generate call")
     max_rows: int | None = Field(None, ge=1, description="evaluate the first N rows only")
-
-    @field_validator("ks")
-    @classmethod
-    def _ks(cls, v: list[int]) -> list[int]:
-        if not v or any(k < 1 for k in v):
-            raise ValueError(f"ks must be a non-empty list of positive integers, got {v}")
-        return sorted(set(v))
 
     @model_validator(mode="after")
     def _ks_within_beams(self) -> GenEvalConfig:
@@ -161,18 +154,19 @@ class GenEvalConfig(Strict):
         return self
 
 
-class GenRecJobConfig(Strict):
+class GenRecJobConfig(BatchArithmetic):
     """One generative-recommendation job (semantic IDs -> prompts -> LoRA SFT -> evaluation)."""
 
-    data: DataConfig = DataConfig()
-    sids: SidConfig = SidConfig()
-    prompts: PromptConfig = PromptConfig()
-    model: LMConfig = LMConfig()
-    train: SFTTrainConfig = SFTTrainConfig()
-    eval: GenEvalConfig = GenEvalConfig()
-    scaling: ScalingConfig = ScalingConfig()
-    tracking: TrackingConfig = TrackingConfig(experiment="genrec")
-    run: RunConfig = RunConfig(name="genrec")
+    data: DataConfig = Field(DataConfig(), description="the prepared dataset, and how to build it")
+    sids: SidConfig = Field(SidConfig(), description="the semantic-ID index")
+    prompts: PromptConfig = Field(PromptConfig(), description="the prompt tasks of the training mixture")
+    model: LMConfig = Field(LMConfig(), description="the causal language model")
+    train: SFTTrainConfig = Field(SFTTrainConfig(), description="LoRA supervised fine-tuning")
+    eval: GenEvalConfig = Field(GenEvalConfig(), description="constrained beam-search evaluation")
+    scaling: ScalingConfig = Field(ScalingConfig(), description="Ray Train workers and their resources")
+    tracking: TrackingConfig = Field(TrackingConfig(experiment="genrec"), description="MLflow tracking")
+    run: RunConfig = Field(RunConfig(name="genrec"), description="run name, storage, seed, checkpoints and fault "
+                           "tolerance")
 
     @property
     def selection_metric(self) -> tuple[str, str]:
@@ -182,16 +176,11 @@ class GenRecJobConfig(Strict):
         k = 10 if 10 in self.eval.ks else self.eval.ks[-1]
         return f"val/ndcg@{k}", "max"
 
-    @property
-    def global_batch_size(self) -> int:
-        """Sequences per optimizer step over all workers."""
-        return self.train.batch_size * self.scaling.num_workers * self.train.grad_accum
-
     @model_validator(mode="after")
     def _global_batch(self) -> GenRecJobConfig:
         want = self.train.global_batch_size
         if want is not None and want != self.global_batch_size:
-            per_step = self.train.batch_size * self.scaling.num_workers
+            per_step = self.step_batch_size
             fix = f"train.grad_accum={want // per_step}" if want % per_step == 0 else "train.batch_size/grad_accum"
             raise ValueError(f"train.global_batch_size={want} but batch_size {self.train.batch_size} x workers "
                              f"{self.scaling.num_workers} x grad_accum {self.train.grad_accum} = "
@@ -206,17 +195,15 @@ ITEM_TASKS = ("sid_seq", "title_seq", "title_to_sid")
 
 
 class RewardWeights(Strict):
-    """Reward functions (``rayrec.genrec.rewards``) and their weights in the total reward; 0 = off.
+    """Reward functions (``rayrec.genrec.rewards``) and their weights in the total reward; 0 = off."""
 
-    rule: 1 for the target item, else 0. ranking: rule plus an NDCG-shaped penalty for each wrong
-    item of a group that holds the target. semantic: cosine of the items' text embeddings.
-    collaborative: a SASRec checkpoint's probability of the item after the history.
-    """
-
-    rule: float = Field(0.0, ge=0.0)
-    ranking: float = Field(1.0, ge=0.0)
-    semantic: float = Field(0.0, ge=0.0)
-    collaborative: float = Field(0.0, ge=0.0)
+    rule: float = Field(0.0, ge=0.0, description="weight of the rule reward: 1 for the target item, else 0")
+    ranking: float = Field(1.0, ge=0.0, description="weight of the ranking reward: rule plus an NDCG-shaped penalty "
+                           "for each wrong item of a group that holds the target")
+    semantic: float = Field(0.0, ge=0.0, description="weight of the semantic reward: cosine of the items' text "
+                            "embeddings")
+    collaborative: float = Field(0.0, ge=0.0, description="weight of the collaborative reward: a SASRec "
+                                 "checkpoint's probability of the item after the history")
 
     @model_validator(mode="after")
     def _some(self) -> RewardWeights:
@@ -248,7 +235,7 @@ class GRPOSettings(Strict):
         "grpo", description="grpo: per-sequence mean (MiniOneRec); dapo: token mean; see TRL")
     importance_sampling_level: Literal["token", "sequence"] = Field("token", description="sequence = GSPO")
     scale_rewards: Literal["group", "batch", "none"] = Field("group", description="advantage = (r - mean) / std")
-    rewards: RewardWeights = RewardWeights()
+    rewards: RewardWeights = Field(RewardWeights(), description="reward functions and their weights")
     collaborative_checkpoint: Path | None = Field(
         None, description="folder of a `rayrec train` SASRec checkpoint (state.pt) on the same prepared data")
 
@@ -256,13 +243,14 @@ class GRPOSettings(Strict):
 class GRPOTrainConfig(SFTTrainConfig):
     """GRPO optimisation. ``batch_size`` counts completions (prompts x G) per worker per micro-step."""
 
-    epochs: float = Field(1.0, gt=0.0)
+    epochs: float = Field(1.0, gt=0.0, description="passes over the training prompts (unless max_steps)")
     max_steps: int | None = Field(None, ge=1, description="optimizer steps (overrides epochs)")
     batch_size: int = Field(16, ge=1, description="completions per worker per micro-step (a multiple of G over "
                             "grad_accum micro-steps)")
-    lr: float = Field(1e-5, gt=0.0)
-    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
-    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "constant"
+    lr: float = Field(1e-5, gt=0.0, description="peak learning rate (AdamW) of the trained parameters")
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="share of the optimizer steps spent warming up")
+    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
+        "constant", description="learning-rate schedule after warmup (Hugging Face's lr_scheduler_type)")
     save_steps: int = Field(50, ge=1, description="checkpoint and validate (train.val_rows) every N steps")
     lora: LoraSettings | None = Field(None, description="must equal the SFT adapter's (default: read from it)")
 
@@ -270,11 +258,12 @@ class GRPOTrainConfig(SFTTrainConfig):
 class GRPOJobConfig(GenRecJobConfig):
     """GRPO after SFT: the SFT job's sections plus ``grpo``; ``train`` is GRPO's."""
 
-    prompts: PromptConfig = PromptConfig(tasks={"sid_seq": 1.0})
-    train: GRPOTrainConfig = GRPOTrainConfig()
-    grpo: GRPOSettings = GRPOSettings()
-    tracking: TrackingConfig = TrackingConfig(experiment="genrec")
-    run: RunConfig = RunConfig(name="grpo")
+    prompts: PromptConfig = Field(PromptConfig(tasks={"sid_seq": 1.0}), description="the prompt tasks; GRPO takes "
+                                  "only tasks whose answer is an item (sid_seq, title_seq, title_to_sid)")
+    train: GRPOTrainConfig = Field(GRPOTrainConfig(), description="GRPO optimisation")
+    grpo: GRPOSettings = Field(GRPOSettings(), description="group generation, rewards and the objective")
+    run: RunConfig = Field(RunConfig(name="grpo"), description="run name, storage, seed, checkpoints and fault "
+                           "tolerance")
 
     @property
     def reports_per_run(self) -> int | None:

@@ -22,12 +22,15 @@ which validation metrics a trial reports.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
+from rayrec.config.genrec import GenRecJobConfig, GRPOJobConfig
+from rayrec.config.loader import load_model, read_yaml
 from rayrec.config.schema import JobConfig
-from rayrec.genrec.config import GenRecJobConfig, GRPOJobConfig
+from rayrec.errors import ConfigError
 
 #: Top-level sections that make a job file generative (only ``GenRecJobConfig`` has them).
 GENREC_SECTIONS = ("sids", "prompts")
@@ -69,13 +72,8 @@ class JobKind:
     command: str  # the CLI command that runs a job file of this kind (and the sweep's best.yaml)
     fixed: dict[str, str]  # path prefix -> why a sweep may not search it
     test_report: bool  # a trial's run ends with a test/ report of its best weights (else: its last epoch's)
+    recipe: str | None = None  # the recipe that runs it (``rayrec.recipes``); None: named by the model's spec
     together: tuple[str, ...] = ()  # params the schema checks jointly: searched ones are probed in every combination
-
-    def recipe(self, job: BaseModel):
-        """The recipe that runs a job of this kind (``rayrec.recipes``); every trial runs through it."""
-        from rayrec.recipes import recipe_for
-
-        return recipe_for(job)
 
     def fixed_reason(self, path: str) -> str | None:
         """Why ``path`` may not be searched, or None when it may."""
@@ -84,8 +82,9 @@ class JobKind:
 
 
 SEQUENTIAL = JobKind("sequential", JobConfig, "rayrec train", COMMON_FIXED, test_report=True)
-GENREC = JobKind("genrec", GenRecJobConfig, "rayrec sft", GENREC_FIXED, test_report=False)
-GRPO = JobKind("grpo", GRPOJobConfig, "rayrec grpo", GRPO_FIXED, test_report=False, together=GRPO_TOGETHER)
+GENREC = JobKind("genrec", GenRecJobConfig, "rayrec sft", GENREC_FIXED, test_report=False, recipe="sft")
+GRPO = JobKind("grpo", GRPOJobConfig, "rayrec grpo", GRPO_FIXED, test_report=False, recipe="grpo",
+               together=GRPO_TOGETHER)
 KINDS = {k.name: k for k in (SEQUENTIAL, GENREC, GRPO)}
 
 #: Top-level sections of any kind of job (overrides of these go to the base job, not the space).
@@ -97,6 +96,19 @@ def kind_of_file(raw: dict[str, Any]) -> JobKind:
     if "grpo" in raw:
         return GRPO
     return GENREC if any(section in raw for section in GENREC_SECTIONS) else SEQUENTIAL
+
+
+def load_job_file(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *,
+                  expect: tuple[JobKind, ...] = ()) -> BaseModel:
+    """A job file validated with its kind's schema: what every command that reads a job calls.
+
+    ``expect``: the kinds the calling command runs; a file of another kind is an error that names
+    the command for it (rather than a list of keys the command's schema does not know)."""
+    kind = kind_of_file(read_yaml(Path(path))[0])
+    if expect and kind not in expect:
+        runs = " or ".join(f"a {k.name} job" for k in expect)
+        raise ConfigError(f"{path}: a {kind.name} job (this command runs {runs}); run it with `{kind.command} {path}`")
+    return load_model(kind.schema, path, overrides)
 
 
 def kind_of(job: BaseModel) -> JobKind:

@@ -1,20 +1,17 @@
-"""Pieces shared by the Ray workers and the local (no-Ray) runner of the sequential and joint recipes."""
+"""What a training run of the sequential and joint recipes reads, on Ray or in this process: the
+prepared data's sizes (``DataInfo``), its splits as row tables, and the batches over them."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-
-from torch import nn
 
 from rayrec.config.schema import JobConfig
 from rayrec.data.dataset import Prepared
 from rayrec.data.rows import RowTable, count_windows, eval_share, rank_share, split_table, train_lengths
 from rayrec.data.rows import train_table as rows_train_table
 from rayrec.data.streaming import Collate, TableLoader
-from rayrec.models import build_model
 
 
 @dataclass(frozen=True)
@@ -56,23 +53,6 @@ def row_tables(cfg: JobConfig, info: DataInfo) -> dict[str, RowTable]:
     return {"train": train_table(cfg, info), "valid": eval_table(cfg, info, "valid"), "test": eval_table(cfg, info, "test")}
 
 
-def _joint(cfg: JobConfig, info: DataInfo) -> nn.Module:
-    from rayrec.train.joint import build_joint
-
-    return build_joint(cfg, info.num_items, info.path)
-
-
-#: models whose builder reads more than the config and the item count (a plain dict, by model name):
-#: the joint model loads its feature tables from the dataset folder
-DATA_BUILDERS: dict[str, Callable[[JobConfig, DataInfo], nn.Module]] = {"ur4rec": _joint}
-
-
-def build(cfg: JobConfig, info: DataInfo) -> nn.Module:
-    """The job's model over the prepared data ``info`` describes."""
-    builder = DATA_BUILDERS.get(cfg.model.name)
-    return builder(cfg, info) if builder else build_model(cfg.model, info.num_items)
-
-
 def num_negatives(cfg: JobConfig) -> int:
     """Negatives the data path draws per position (sampled losses only)."""
     loss = getattr(cfg.model, "loss", None)
@@ -91,10 +71,6 @@ def micro_batches_per_epoch(cfg: JobConfig, info: DataInfo) -> int:
 def steps_per_epoch(cfg: JobConfig, info: DataInfo) -> int:
     """Optimizer steps per epoch on one worker (for the LR schedule)."""
     return max(1, math.ceil(micro_batches_per_epoch(cfg, info) / cfg.train.grad_accum))
-
-
-def has_parameters(model: nn.Module) -> bool:
-    return any(p.requires_grad for p in model.parameters())
 
 
 class TableBatches:

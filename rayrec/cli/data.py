@@ -1,22 +1,19 @@
-"""The `rayrec` command. Each subcommand is a short function that reads top to bottom."""
+"""`rayrec data prepare|synth|info|features`: prepared datasets and a joint job's features."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
-import sys
 from pathlib import Path
 
 from rayrec.errors import RayrecError
-from rayrec.secrets import mask_text
 
 SOURCES_HELP = "synthetic, movielens-100k, movielens-1m, movielens-multimodal, recbole, minionerec, amazon, csv"
 
 
-def _add_data(sub: argparse._SubParsersAction) -> None:
+def add_commands(sub: argparse._SubParsersAction) -> None:
     data = sub.add_parser("data", help="prepare and inspect datasets")
-    dsub = data.add_subparsers(dest="data_cmd", required=True, metavar="{prepare,synth,info}")
+    dsub = data.add_subparsers(dest="data_cmd", required=True, metavar="{prepare,synth,info,features}")
 
     p = dsub.add_parser("prepare", help="read a raw source, filter, split, write a prepared dataset")
     p.add_argument("source", help=f"one of: {SOURCES_HELP}")
@@ -47,6 +44,8 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     i.add_argument("path", type=Path)
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
     i.set_defaults(func=cmd_data_info)
+
+    _add_features(dsub)
 
 
 def _add_prepare_options(p: argparse.ArgumentParser) -> None:
@@ -137,53 +136,30 @@ def _print_info(ds) -> None:
         print(f"{k:<{width}}  {v}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="rayrec",
-        description="Train and tune recommendation models on Ray (laptop or cluster).",
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
-    _add_data(sub)
-    for add in _extra_commands():
-        add(sub)
-    return parser
+def _add_features(dsub: argparse._SubParsersAction) -> None:
+    f = dsub.add_parser("features", help="text/image embeddings of a ur4rec job (cached)")
+    f.add_argument("job", type=Path, help="a ur4rec job YAML (its model.features section)")
+    f.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.features.text_model=hash:256")
+    f.add_argument("--local", action="store_true", help="encode in this process instead of Ray Data")
+    f.add_argument("--force", action="store_true", help="rewrite the feature files even if up to date")
+    f.set_defaults(func=cmd_data_features)
 
 
-def _extra_commands():
-    """Subcommands defined next to the code they run (train, eval, ...)."""
-    from rayrec.data.features_cli import add_commands as add_features
-    from rayrec.genrec.cli import add_commands as add_genrec
-    from rayrec.prefs.cli import add_commands as add_prefs
-    from rayrec.submit import add_commands as add_submit
-    from rayrec.train.cli import add_commands as add_train
-    from rayrec.tune.cli import add_commands as add_tune
+def cmd_data_features(args: argparse.Namespace) -> int:
+    from rayrec.cli.jobs import joint_job
+    from rayrec.cluster import gpu_available
+    from rayrec.data.dataset import ensure_prepared
+    from rayrec.data.features import compute_features, manifest_summary, num_users_of
+    from rayrec.prefs.generate import prefs_out_dir
 
-    return [add_train, add_tune, add_genrec, add_submit, add_features, add_prefs]
+    cfg = joint_job(args, "features", "data features")
+    ds = ensure_prepared(cfg.data)
+    if not args.local:
+        from rayrec.cluster import ensure_ray
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    # dotted overrides may come after options (`train JOB --local a.b=1`): collect them too
-    if extra and hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
-        args.overrides = list(args.overrides) + extra
-    elif extra:
-        loose = [x for x in extra if "=" not in x and not x.startswith("-")]
-        if hasattr(args, "overrides") and loose:
-            parser.error(f"unrecognized arguments: {' '.join(extra)}; overrides are key=value with no spaces "
-                         f"(e.g. {loose[0]}=VALUE, or train.epochs=5)")
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return int(args.func(args) or 0)
-    except RayrecError as e:
-        print(f"error: {mask_text(str(e))}", file=sys.stderr)  # a URI's credentials never reach the screen
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+        ensure_ray()
+    manifest = compute_features(cfg.model.features, ds.path, num_users_of(ds.path),
+                                prefs_dir=prefs_out_dir(cfg.model.prefs, ds.path), use_ray=not args.local,
+                                use_gpu=cfg.scaling.use_gpu and gpu_available(not args.local), force=args.force)
+    print(json.dumps(manifest_summary(manifest), indent=2))
+    return 0

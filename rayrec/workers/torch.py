@@ -1,14 +1,9 @@
-"""Worker-side platform pieces that several recipes use inside Ray Train workers.
-
-The batches of a worker's dataset shards, the reporter that calls ``ray.train.report``
-each epoch, the metric all-reduce, the resume state, the MLflow handle of rank 0, quiet
-worker logs and the progress bar's event stream. No recipe owns them; each recipe's worker
-function composes them (``rayrec.recipes.sequential``, ``joint``, ``sft``).
-"""
+"""The torch loops' pieces inside Ray Train workers: the collectives (metric sums, the joint model's
+gradient averaging, rank 0's weights), the worker's batches and the reporter that calls
+``ray.train.report`` every epoch."""
 
 from __future__ import annotations
 
-import logging
 import tempfile
 from typing import Any
 
@@ -19,52 +14,8 @@ from rayrec.config.schema import JobConfig
 from rayrec.data.streaming import iter_shard
 from rayrec.tracking.mlflow_tracking import Tracker
 from rayrec.train.checkpoint import MID_EPOCH_STEP, checkpoint_name, load_state, save_state
-from rayrec.train.worker import DataInfo, TableBatches, collate_for
-
-
-def quiet_worker_logs() -> None:
-    """Ray Train/Data INFO lines in a worker repeat what rayrec's epoch line says; keep their warnings.
-
-    Ray Train v2 logs every ``report`` call (all metrics, ~2 kB per line per worker) at INFO under
-    a logger named by its file path, not under "ray.train", so that one is named explicitly.
-    """
-    for name in ("ray.train", "ray.data"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    try:
-        from ray.train.v2._internal.execution import context
-    except ImportError:  # another Ray layout: its INFO lines stay
-        return
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)
-
-
-def rank_and_world() -> tuple[int, int]:
-    import ray.train
-
-    ctx = ray.train.get_context()
-    return ctx.get_world_rank(), ctx.get_world_size()
-
-
-def worker_tracker(config: dict[str, Any], rank: int) -> Tracker:
-    """Rank 0 logs into the run's MLflow run (opened by the driver); other ranks log nothing."""
-    return Tracker(config.get("tracking_uri"), config.get("mlflow_run_id")) if rank == 0 else Tracker.null()
-
-
-def progress_for(config: dict[str, Any], rank: int, *, epochs: int, steps: int,
-                 initial_epochs: int = 0) -> console.Progress | None:
-    """The run's progress stream (rank 0, when the driver shows a console); ``steps`` micro-batches an epoch."""
-    if rank != 0 or not config.get("console", True):
-        return None
-    return console.Progress(epochs * steps, epochs, initial=initial_epochs * steps)
-
-
-def resume_checkpoint(explicit: str | None):
-    """The newest Ray checkpoint of this run (after a worker or driver restart), else ``explicit``."""
-    import ray.train
-
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        return ckpt
-    return ray.train.Checkpoint.from_directory(explicit) if explicit else None
+from rayrec.train.inputs import DataInfo, TableBatches, collate_for
+from rayrec.workers import resume_checkpoint
 
 
 def resume_state(explicit: str | None) -> dict[str, Any] | None:
@@ -97,6 +48,43 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
         t = out.to(t.device)
     return t
+
+
+def all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
+    """Average the gradients of ``params`` over workers: one small all-reduce of which parameters
+    have a gradient anywhere, then one flat all-reduce of those gradients.
+
+    A parameter without a gradient on every worker keeps none (``None``), exactly as with one
+    worker, so its optimizer skips it and leaves its state alone. One with a gradient on only
+    some workers (unused by the others' batches) counts as zeros there.
+    """
+    import torch.distributed as dist
+
+    if not params:
+        return
+    world = dist.get_world_size()
+    has = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=comm_device())
+    dist.all_reduce(has, op=dist.ReduceOp.SUM)
+    chosen = [p for p, n in zip(params, has.tolist(), strict=True) if n > 0]
+    if not chosen:
+        return
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in chosen])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= world
+    offset = 0
+    for p in chosen:
+        n = p.numel()
+        p.grad = flat[offset : offset + n].view_as(p).clone()
+        offset += n
+
+
+def broadcast_from_rank0(model: torch.nn.Module) -> None:
+    """Start every worker from rank 0's weights (what DDP does at construction)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for t in model.state_dict().values():
+            dist.broadcast(t, src=0)
 
 
 class StreamBatches:
