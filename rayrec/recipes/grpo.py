@@ -33,6 +33,7 @@ from rayrec.genrec.inputs import (
 from rayrec.recipes import sft as S
 from rayrec.runs import Outcome, Recipe, Run, TrainerParts, run_checkpoint
 from rayrec.secrets import redact_uri
+from rayrec.train.checkpoint import seed_everything
 from rayrec.workers import hf as H
 
 #: GRPO log keys kept under train/ (besides loss, lr, grad norm)
@@ -161,6 +162,7 @@ def local(cfg: GRPOJobConfig, inputs: Inputs, run: Run) -> Outcome:
     if inputs.deepspeed is not None:
         H.single_process_group()
     loop = inputs.loop_config(run)
+    seed_everything(cfg.run.seed)  # as on Ray (setup_hf_worker): the same run from the same seed
     trainer = make_trainer(cfg, loop, run.tracker, inputs.data.train.to_dict("records"),
                            inputs.data.valid.to_dict("records"), run.dir / "checkpoints", use_gpu=False,
                            show=run.console, extra_callbacks=[])

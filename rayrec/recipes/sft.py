@@ -32,6 +32,7 @@ from rayrec.genrec.inputs import (
 )
 from rayrec.runs import Outcome, Recipe, Run, TrainerParts
 from rayrec.secrets import redact_uri
+from rayrec.train.checkpoint import seed_everything
 from rayrec.workers.hf import (
     best_local,
     console_callback,
@@ -120,6 +121,7 @@ def local(cfg: GenRecJobConfig, inputs: Inputs, run: Run) -> Outcome:
     if inputs.deepspeed is not None:
         single_process_group()
     loop = inputs.loop_config(run)
+    seed_everything(cfg.run.seed)  # the SID rows' mean-resizing draws from torch's RNG before HF's Trainer seeds it
     model, tokenizer, new_ids = prepare_base(inputs.base, loop["sid_vocab"], pick_dtype(cfg.model.dtype, False))
     valid = inputs.data.valid.to_dict("records")
     callbacks = sft_callbacks(cfg, loop, model, tokenizer, run.tracker, valid, show=run.console)

@@ -14,6 +14,7 @@ from typing import Any
 from rayrec.console import Progress, emit, report_end, report_epoch, send_to_driver
 from rayrec.data.atomic import atomic_path
 from rayrec.tracking.mlflow_tracking import Tracker
+from rayrec.train.checkpoint import seed_everything
 from rayrec.workers import quiet_worker_logs, rank_and_world, resume_checkpoint, worker_tracker
 
 
@@ -29,16 +30,17 @@ class HFWorker:
 
 
 def setup_hf_worker(config: dict[str, Any], schema: type, name: str) -> HFWorker:
-    """Quiet logs, the console stream, the job as ``schema``, rank, MLflow and a scratch folder."""
+    """Quiet logs, the console stream, the job as ``schema`` (its seed set), rank, MLflow and a scratch folder."""
     import datasets
 
     quiet_worker_logs()
     send_to_driver(bool(config.get("console")))
     datasets.disable_progress_bars()
     rank, _ = rank_and_world()
+    cfg = schema.model_validate(config["job"])
+    seed_everything(cfg.run.seed)  # before the model is built: resizing for the SID rows draws from torch's RNG
     output_dir = Path(tempfile.gettempdir()) / f"rayrec_{name}" / config["run_name"] / f"rank_{rank}"
-    return HFWorker(schema.model_validate(config["job"]), rank, worker_tracker(config, rank), output_dir,
-                    show=rank == 0 and bool(config.get("console")))
+    return HFWorker(cfg, rank, worker_tracker(config, rank), output_dir, show=rank == 0 and bool(config.get("console")))
 
 
 def console_callback(line_on: str = "epoch"):

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,19 +44,12 @@ UNPINNED = re.compile(r"time|per_s|throughput|seconds|flos")
 def run_cli(*argv: Any) -> None:
     """``rayrec ARGV`` in this process; it must exit 0.
 
-    Python, numpy and torch's global RNGs are seeded first (with ``run.seed``'s default, 0): the
-    sequential recipes seed themselves, but the SFT recipe grows the embedding matrix for the SID
-    tokens (``mean_resizing``, a draw from the global torch RNG) before HF's Trainer seeds it, so
-    without this its numbers differ from process to process (by ~1e-5 relative).
+    No seeding here: every recipe seeds itself from ``run.seed`` (the SFT and GRPO recipes before
+    the model is built, since growing the embeddings for the SID tokens draws from torch's RNG),
+    so the numbers are the same in any process, whatever ran before.
     """
-    import numpy as np
-    import torch
-
     from rayrec.cli import main
 
-    random.seed(0)
-    np.random.seed(0)
-    torch.manual_seed(0)
     args = [str(a) for a in argv]
     rc = main(args)
     assert rc == 0, f"rayrec {' '.join(args)} exited with {rc}"
