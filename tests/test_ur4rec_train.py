@@ -91,16 +91,21 @@ def test_four_stages_train_what_they_say(mm_data, tmp_path, caplog, capsys):
     assert f"{final['test/ndcg@10']:.4f}" in capsys.readouterr().out
 
 
-def test_schedules_advance_with_their_module_and_every_grad_is_zeroed(mm_data, tmp_path):
-    stages = [{"name": "joint_finetune", "epochs": 1, "strategies": [{"name": "fixed_alternating", "every": 2}]}]
-    cfg = joint_job(mm_data, tmp_path, stages=stages)
-    ds = open_prepared(mm_data)
+def first_stage(cfg: JobConfig):
+    """(model, the StageRunner of its first stage on one CPU worker, epoch 1's training batches)."""
+    ds = open_prepared(cfg.data.path)
     info = data_info(ds, cfg)
     torch.manual_seed(0)
     model = build_joint(cfg, info.num_items, info.path)
     runner = StageRunner(plan_stages(cfg.model.stages)[0], model, cfg, torch.device("cpu"), 10, no_sync,
                          lambda t: t, 1)
-    batches = iter(PlainBatches(cfg, ds, info).train(1))
+    return model, runner, iter(PlainBatches(cfg, ds, info).train(1))
+
+
+def test_schedules_advance_with_their_module_and_every_grad_is_zeroed(mm_data, tmp_path):
+    stages = [{"name": "joint_finetune", "epochs": 1, "strategies": [{"name": "fixed_alternating", "every": 2}]}]
+    cfg = joint_job(mm_data, tmp_path, stages=stages)
+    model, runner, batches = first_stage(cfg)
     trained = []
     for _ in range(5):
         before = {n: p.detach().clone() for n, p in model.retriever.named_parameters()}
@@ -307,14 +312,8 @@ def test_fp16_loss_scaling_in_the_joint_loop_skips_an_overflow_and_counts_it(mm_
     """The joint loop scales fp16 losses as the sequential loop does: an overflowing step lowers the
     scale, is counted as skipped, and moves no weight and no schedule; the next step trains."""
     cfg = joint_job(mm_data, tmp_path, stages=[{"name": "pretrain_sasrec", "epochs": 1}])
-    ds = open_prepared(mm_data)
-    info = data_info(ds, cfg)
-    torch.manual_seed(0)
-    model = build_joint(cfg, info.num_items, info.path)
-    runner = StageRunner(plan_stages(cfg.model.stages)[0], model, cfg, torch.device("cpu"), 10, no_sync,
-                         lambda t: t, 1)
+    model, runner, batches = first_stage(cfg)
     runner.scaler = torch.amp.GradScaler("cpu", init_scale=4.0)  # what fp16 autocast on a GPU gets
-    batches = iter(PlainBatches(cfg, ds, info).train(1))
     before = {n: p.detach().clone() for n, p in model.sasrec.named_parameters()}
     runner._micro(next(batches))
     next(p for p in model.sasrec.parameters() if p.grad is not None).grad.fill_(float("inf"))
