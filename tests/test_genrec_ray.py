@@ -36,6 +36,7 @@ def job_dict(dataset: Path, tmp: Path, **train) -> dict:
     }
 
 
+@pytest.mark.slow  # 80-110 s of DeepSpeed's CPU start; the slow Ray DeepSpeed runs cover the same path
 def test_one_sft_step_through_deepspeed_on_cpu(tiny_dataset, tmp_path):
     """`rayrec sft --local train.deepspeed=zero2`: one optimizer step of the DeepSpeed engine (gloo, CPU).
 
