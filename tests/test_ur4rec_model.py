@@ -42,6 +42,31 @@ def test_retriever_is_causal_per_query_position():
     assert not torch.allclose(before[:, 1], moved[:, 1])
 
 
+def test_the_content_prior_ranks_items_whose_text_is_like_the_recent_history():
+    """``retriever.content_prior``: the recency-weighted cosine of each candidate's text with the history's
+    is added at the learned scale; an item whose text is the last item's outranks the rest; 0 = off."""
+    feats = JointFeatures.random(N, U)
+    feats.item_text[30] = feats.item_text[11] * 2.0  # item 30 reads like item 11, the last one seen
+    feats.item_text[31] = feats.item_text[3]  # like the oldest item: weighs decay^4 as much
+    b = batch()
+    cand = torch.tensor([[30, 31, 32, 33]]).expand(2, -1)
+    def model(**retriever):
+        torch.manual_seed(0)
+        cfg = JointConfig.model_validate({"sasrec": {"hidden": 16, "num_blocks": 1, "max_len": L, "dropout": 0.0},
+                                          "retriever": {"hidden": 16, "dropout": 0.0, "item_bias": False, **retriever}})
+        return build_model(cfg, N, features=feats).eval()
+
+    off, on = model(), model(content_prior=100.0, content_decay=0.5)
+    assert off.retriever.content_scale is None and on.retriever.content_scale is not None
+    prior = on.retriever.score(b["history"][:1], b["user_idx"][:1], cand[:1]) - \
+        off.retriever.score(b["history"][:1], b["user_idx"][:1], cand[:1])
+    unit = torch.nn.functional.normalize(feats.item_text, dim=-1)
+    ages = {11: 0, 9: 1, 7: 2, 5: 3, 3: 4}
+    want = [100.0 * sum(0.5 ** a * float(unit[c] @ unit[h]) for h, a in ages.items()) for c in (30, 31, 32, 33)]
+    torch.testing.assert_close(prior[0], torch.tensor(want), rtol=1e-4, atol=1e-3)
+    assert int(prior[0].argmax()) == 0
+
+
 def test_missing_features_use_the_learned_fallback():
     feats = JointFeatures.random(N, U)
     feats.item_image_ok[3] = False

@@ -49,6 +49,12 @@ class RetrieverConfig(Strict):
     num_negatives: int = Field(31, ge=1, description="uniform negatives per training position (sampled softmax)")
     train_positions: int = Field(8, ge=1, description="last positions per sequence that train the retriever")
     item_bias: bool = Field(True, description="a learned per-item score bias (popularity), the one non-content input")
+    content_prior: float = Field(
+        0.0, ge=0.0, description="initial scale of a content-similarity prior added to the retriever's score: the "
+        "recency-weighted cosine between the candidate's text embedding and the history items' (the frozen features; "
+        "the scale is learned). On sparse catalogues it carries what the experts learn too slowly; 0 = off")
+    content_decay: float = Field(
+        0.5, gt=0.0, le=1.0, description="weight of a history item in the content prior per step back (1 = all alike)")
 
     @model_validator(mode="after")
     def _check(self) -> RetrieverConfig:

@@ -138,6 +138,10 @@ class Retriever(nn.Module):
         if self.item_bias is not None:
             nn.init.zeros_(self.item_bias.weight)
         self.last_router_weights: torch.Tensor | None = None  # [.., E] of the latest call, for stats
+        # content prior: unit text vectors (zero where an item has no text) and a learned scale
+        self.content_scale = nn.Parameter(torch.tensor(float(cfg.content_prior))) if cfg.content_prior > 0 else None
+        unit = F.normalize(features.item_text.float(), dim=-1) * features.item_text_ok[:, None].float()
+        self.register_buffer("text_unit", unit if self.content_scale is not None else unit[:0], persistent=False)
 
     @property
     def hidden(self) -> int:
@@ -169,7 +173,17 @@ class Retriever(nn.Module):
         refined = self.ln_refine(fused + self.refine(fused))
         target = self.item_head(cand["joint"]).view(b * p, c, -1)
         scores = ((refined * target).sum(-1) / math.sqrt(self.hidden)).view(b, p, c)
+        if self.content_scale is not None and "content" not in self.ablate:
+            scores = scores + self.content_scale * self.content_similarity(history, candidates, allowed, rec)
         return scores + self.item_bias(candidates)[..., 0] if self.item_bias is not None else scores
+
+    def content_similarity(self, history: torch.Tensor, candidates: torch.Tensor, allowed: torch.Tensor,
+                           rec: torch.Tensor) -> torch.Tensor:
+        """Cosine of each candidate's text with the visible history's, weighted ``content_decay ** age``
+        # history [B, L], candidates [B, P, C], allowed/rec [B, P, L] -> [B, P, C]."""
+        w = self.cfg.content_decay ** rec.float() * allowed  # [B, P, L]
+        query = torch.einsum("bpl,bld->bpd", w, self.text_unit[history])  # [B, P, Dt]
+        return torch.einsum("bpcd,bpd->bpc", self.text_unit[candidates], query)
 
     def _expert(self, name: str, history, user_idx, cand: dict[str, torch.Tensor], allowed, rec) -> torch.Tensor:
         """One expert's output for every (query, candidate)  # -> [B*P, C, d] (zeros if ablated).
