@@ -39,7 +39,7 @@ from rayrec.train.checkpoint import load_state  # noqa: E402
 from rayrec.train.evaluation import evaluate  # noqa: E402
 from rayrec.train.inputs import data_info  # noqa: E402
 from rayrec.train.local import PlainBatches  # noqa: E402
-from rayrec.train.specs import build  # noqa: E402
+from rayrec.train.specs import build, spec_of  # noqa: E402
 
 DATASETS = {"industrial": "Industrial_and_Scientific", "office": "Office_Products"}
 #: model name in the results -> job file prefix (jobs/<prefix>_<dataset>.yaml)
@@ -72,12 +72,14 @@ def job_of(model: str, dataset: str, seed: int, overrides: list[str], work: Path
     return JobConfig.model_validate(raw)
 
 
-def test_ranks(cfg: JobConfig, checkpoint: str) -> np.ndarray:
+def test_ranks(cfg: JobConfig, checkpoint: str | None) -> np.ndarray:
     """1-based rank of each test row's target under the checkpoint's best weights (seen items masked)."""
     ds = open_prepared(cfg.data.path)
     info = data_info(ds, cfg)
     model = build(cfg, info)
-    if any(p.requires_grad for p in model.parameters()) or getattr(model, "fitted", True):
+    if spec_of(cfg.model.name).parameter_free:
+        model.fit(ds.table("train")["seq"])  # fitted from counts, as the recipe does (no checkpoint)
+    else:
         state = load_state(checkpoint)
         model.load_state_dict(state["best_model"] or state["model"])
     ranks: list[torch.Tensor] = []
@@ -124,7 +126,7 @@ def print_table(results: dict[str, Any]) -> None:
     for dataset, models in results["datasets"].items():
         print(f"\n{DATASETS[dataset]} (test, full ranking, seen masked; mean over seeds {results['seeds']}, 95 % CI)")
         print(f"{'model':<26}" + "".join(f"{m:>26}" for m in METRICS))
-        for name, r in {**models, **results["ablations"].get(dataset, {})}.items():
+        for name, r in {**models, **results["ablations"].get(dataset, {})}.items():  # noqa: B020
             mean = r["mean"]
             cells = "".join(f"{mean[m]:>9.4f} [{mean[m + '_ci'][0]:.4f}, {mean[m + '_ci'][1]:.4f}]" for m in METRICS)
             print(f"{name:<26}{cells}")
@@ -138,18 +140,26 @@ def main() -> int:
     p.add_argument("--ablations", action="store_true", help="also the ablations of the joint and multi-interest models")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "real_data", help="run folders and MLflow store")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "real_data.json")
+    p.add_argument("--fresh", action="store_true", help="start a new results file (default: add to --out)")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     results: dict[str, Any] = {"benchmark": "real_data", "seeds": args.seeds, "bootstrap": BOOTSTRAP,
                                "datasets": {}, "ablations": {}}
+    if args.out.is_file() and not args.fresh:  # add to the models measured before (same seeds only)
+        before = json.loads(args.out.read_text())
+        if before.get("seeds") == args.seeds:
+            results.update(datasets=before["datasets"], ablations=before.get("ablations", {}))
     for dataset in args.datasets:
         n = len(open_prepared(ROOT / "data" / "real" / DATASETS[dataset]).table("test"))
-        rows = np.random.default_rng(0).integers(0, n, size=(BOOTSTRAP, n))
-        results["datasets"][dataset] = {m: run_model(m, dataset, args.seeds, [], args.work, rows) for m in args.models}
-        if args.ablations:
-            results["ablations"][dataset] = {name: run_model(model, dataset, args.seeds, overrides, args.work, rows)
-                                             for name, (model, overrides) in ABLATIONS.items() if model in args.models}
-        atomic_write(args.out, json.dumps(results, indent=2))  # after each dataset: a long run keeps what it has
+        rows = np.random.default_rng(0).integers(0, n, size=(BOOTSTRAP, n))  # the same resamples for every model
+        for m in args.models:
+            results["datasets"].setdefault(dataset, {})[m] = run_model(m, dataset, args.seeds, [], args.work, rows)
+            atomic_write(args.out, json.dumps(results, indent=2))  # after each model: a long run keeps what it has
+        for name, (model, overrides) in ABLATIONS.items() if args.ablations else ():
+            if model in args.models:
+                results["ablations"].setdefault(dataset, {})[name] = run_model(model, dataset, args.seeds, overrides,
+                                                                               args.work, rows)
+                atomic_write(args.out, json.dumps(results, indent=2))
     print_table(results)
     print(f"\nwrote {args.out}")
     return 0

@@ -65,6 +65,30 @@ def test_the_content_prior_ranks_items_whose_text_is_like_the_recent_history():
     want = [100.0 * sum(0.5 ** a * float(unit[c] @ unit[h]) for h, a in ages.items()) for c in (30, 31, 32, 33)]
     torch.testing.assert_close(prior[0], torch.tensor(want), rtol=1e-4, atol=1e-3)
     assert int(prior[0].argmax()) == 0
+    from rayrec.models.retriever import _visible
+
+    h, pos = b["history"][:1], torch.tensor([[L - 1]])
+    rec = (pos[:, :, None] - torch.arange(L)).clamp(0, L - 1)
+    every = torch.arange(1, N + 1)[None, None]  # many candidates: one product with the whole table
+    torch.testing.assert_close(on.retriever.content_similarity(h, every, _visible(h, pos), rec)[..., 29:33],
+                               on.retriever.content_similarity(h, every[..., 29:33], _visible(h, pos), rec))
+
+
+def test_with_the_content_prior_the_candidates_add_its_own_top_n():
+    """Full ranking fuses SASRec's top_n unseen items and, with the content prior, the prior's top_n
+    among the rest: an item SASRec ranks last but whose text is the last item's becomes a candidate."""
+    feats = JointFeatures.random(N, U)
+    feats.item_text[30] = feats.item_text[11]
+    cfgs = {prior: JointConfig.model_validate({
+        "sasrec": {"hidden": 16, "num_blocks": 1, "max_len": L, "dropout": 0.0}, "fusion": {"top_n": 5},
+        "retriever": {"hidden": 16, "dropout": 0.0, "content_prior": prior}}) for prior in (0.0, 1.0)}
+    history = batch()["history"][:1]
+    sas = torch.arange(N + 1, dtype=torch.float).flip(0)[None]  # SASRec prefers low ids; item 30 is near last
+    without = build_model(cfgs[0.0], N, features=feats).candidate_stage(sas, history)
+    with_prior = build_model(cfgs[1.0], N, features=feats).candidate_stage(sas, history)
+    assert without.shape == (1, 5) and 30 not in without.tolist()[0]
+    assert with_prior.shape == (1, 10) and 30 in with_prior.tolist()[0]
+    assert len(set(with_prior.tolist()[0])) == 10 and not set(with_prior.tolist()[0]) & set(history[0].tolist())
 
 
 def test_missing_features_use_the_learned_fallback():

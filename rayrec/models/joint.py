@@ -150,15 +150,24 @@ class UR4Rec(nn.Module):
         return out.scatter(1, parts.cand, top.to(out.dtype))
 
     def candidate_stage(self, sas: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
-        """SASRec's top ``fusion.top_n`` items not in the history (all items when top_n is 0 or >= N)."""
+        """SASRec's top ``fusion.top_n`` items not in the history (all items when top_n is 0 or >= N);
+        with the retriever's content prior, also the prior's top ``top_n`` among the rest, so items
+        SASRec barely knows (new or rare in training) can reach the fused ranking  # -> [B, top or 2 top]."""
         n, top = self.num_items, self.cfg.fusion.top_n
         if top == 0 or top >= n:
             return torch.arange(1, n + 1, device=sas.device).expand(len(sas), -1)
-        masked = sas[:, 1:].clone()
         seen = history[history > 0] - 1
         rows = torch.arange(len(history), device=sas.device)[:, None].expand_as(history)[history > 0]
+        masked = sas[:, 1:].clone()
         masked[rows, seen] = torch.finfo(masked.dtype).min
-        return masked.topk(top, dim=1).indices + 1  # [B, top]
+        cand = masked.topk(top, dim=1).indices  # [B, top], 0-based
+        if self.scorer == "sasrec" or not self.retriever.has_content_prior or 2 * top > n:
+            return cand + 1
+        prior = self.retriever.content_at_last(history)[:, 1:].float()  # [B, N]
+        low = torch.finfo(prior.dtype).min
+        prior[rows, seen] = low
+        prior.scatter_(1, cand, low)  # not twice
+        return torch.cat([cand, prior.topk(top, dim=1).indices], dim=1) + 1  # [B, 2 top]
 
 
 # ----------------------------------------------------------------------------- fusion

@@ -157,11 +157,12 @@ class Retriever(nn.Module):
         return self.ln_item(text + (self.image(items) if image is None else image))
 
     def forward(self, history: torch.Tensor, user_idx: torch.Tensor, candidates: torch.Tensor,
-                query_pos: torch.Tensor) -> torch.Tensor:
+                query_pos: torch.Tensor, *, content: bool = True) -> torch.Tensor:
         """Scores  # history [B, L], user_idx [B], candidates [B, P, C], query_pos [B, P] -> [B, P, C].
 
         ``query_pos[b, p]`` is the last history column visible to query p (causal training);
-        columns after it and padding are masked.
+        columns after it and padding are masked. ``content=False`` leaves out the content prior
+        (``score`` adds it once for all candidates).
         """
         b, p, c = candidates.shape
         allowed = _visible(history, query_pos)  # [B, P, L]
@@ -173,16 +174,25 @@ class Retriever(nn.Module):
         refined = self.ln_refine(fused + self.refine(fused))
         target = self.item_head(cand["joint"]).view(b * p, c, -1)
         scores = ((refined * target).sum(-1) / math.sqrt(self.hidden)).view(b, p, c)
-        if self.content_scale is not None and "content" not in self.ablate:
+        if content and self.has_content_prior:
             scores = scores + self.content_scale * self.content_similarity(history, candidates, allowed, rec)
         return scores + self.item_bias(candidates)[..., 0] if self.item_bias is not None else scores
+
+    @property
+    def has_content_prior(self) -> bool:
+        return self.content_scale is not None and "content" not in self.ablate
 
     def content_similarity(self, history: torch.Tensor, candidates: torch.Tensor, allowed: torch.Tensor,
                            rec: torch.Tensor) -> torch.Tensor:
         """Cosine of each candidate's text with the visible history's, weighted ``content_decay ** age``
-        # history [B, L], candidates [B, P, C], allowed/rec [B, P, L] -> [B, P, C]."""
+        # history [B, L], candidates [B, P, C], allowed/rec [B, P, L] -> [B, P, C].
+
+        Few candidates (training: target + negatives) are gathered; many (ranking) take one product
+        with the whole table, which never materialises a [B, P, C, Dt] tensor."""
         w = self.cfg.content_decay ** rec.float() * allowed  # [B, P, L]
         query = torch.einsum("bpl,bld->bpd", w, self.text_unit[history])  # [B, P, Dt]
+        if candidates.shape[-1] * 8 >= self.text_unit.shape[0]:
+            return (query @ self.text_unit.T).gather(-1, candidates)  # [B, P, N+1] -> [B, P, C]
         return torch.einsum("bpcd,bpd->bpc", self.text_unit[candidates], query)
 
     def _expert(self, name: str, history, user_idx, cand: dict[str, torch.Tensor], allowed, rec) -> torch.Tensor:
@@ -214,9 +224,22 @@ class Retriever(nn.Module):
         """Ranking-time scores  # history [B, L], user_idx [B], candidates [B, C] -> [B, C], in chunks."""
         history = history[:, -self.max_len :]
         pos = torch.full((history.shape[0], 1), history.shape[1] - 1, device=history.device, dtype=torch.long)
-        chunks = [self(history, user_idx, candidates[:, None, i : i + SCORE_CHUNK], pos)[:, 0]
+        chunks = [self(history, user_idx, candidates[:, None, i : i + SCORE_CHUNK], pos, content=False)[:, 0]
                   for i in range(0, candidates.shape[1], SCORE_CHUNK)]
-        return torch.cat(chunks, dim=1)
+        scores = torch.cat(chunks, dim=1)
+        if self.has_content_prior:  # once for all candidates, not per chunk
+            scores = scores + self.content_scale * self.content_at_last(history, candidates)
+        return scores
+
+    def content_at_last(self, history: torch.Tensor, candidates: torch.Tensor | None = None) -> torch.Tensor:
+        """The content similarity after the whole history  # history [B, L], candidates [B, C] -> [B, C]
+        (all items [B, N+1] when ``candidates`` is None)."""
+        history = history[:, -self.max_len :]
+        pos = torch.full((history.shape[0], 1), history.shape[1] - 1, device=history.device, dtype=torch.long)
+        rec = (pos[:, :, None] - torch.arange(history.shape[1], device=history.device)).clamp(0, self.max_len - 1)
+        every = torch.arange(self.num_items + 1, device=history.device).expand(len(history), -1)
+        cand = every if candidates is None else candidates
+        return self.content_similarity(history, cand[:, None], _visible(history, pos), rec)[:, 0]
 
 
 def _visible(history: torch.Tensor, query_pos: torch.Tensor) -> torch.Tensor:
