@@ -229,7 +229,6 @@ def test_every_field_of_every_config_model_has_a_description():
 
     import rayrec.config
     from rayrec.config.genrec import GenRecJobConfig, GRPOJobConfig
-
     from rayrec.tune.space import SearchSpace
 
     roots = [JobConfig, GenRecJobConfig, GRPOJobConfig, SearchSpace]

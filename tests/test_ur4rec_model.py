@@ -76,7 +76,8 @@ def test_the_content_prior_ranks_items_whose_text_is_like_the_recent_history():
 
 def test_with_the_content_prior_the_candidates_add_its_own_top_n():
     """Full ranking fuses SASRec's top_n unseen items and, with the content prior, the prior's top_n
-    among the rest: an item SASRec ranks last but whose text is the last item's becomes a candidate."""
+    among the rest and the history's own items: an item SASRec ranks last but whose text is the last
+    item's becomes a candidate, and so does a seen item (ranking keeps a repeat target)."""
     feats = JointFeatures.random(N, U)
     feats.item_text[30] = feats.item_text[11]
     cfgs = {prior: JointConfig.model_validate({
@@ -87,8 +88,10 @@ def test_with_the_content_prior_the_candidates_add_its_own_top_n():
     without = build_model(cfgs[0.0], N, features=feats).candidate_stage(sas, history)
     with_prior = build_model(cfgs[1.0], N, features=feats).candidate_stage(sas, history)
     assert without.shape == (1, 5) and 30 not in without.tolist()[0]
-    assert with_prior.shape == (1, 10) and 30 in with_prior.tolist()[0]
-    assert len(set(with_prior.tolist()[0])) == 10 and not set(with_prior.tolist()[0]) & set(history[0].tolist())
+    got = with_prior.tolist()[0]
+    assert with_prior.shape == (1, 10 + L) and 30 in got[:10] and len(set(got[:10])) == 10
+    assert not set(got[:10]) & set(history[0].tolist())  # the two top_n lists hold unseen items only
+    assert set(history[0].tolist()) - {0} <= set(got[10:]) and 0 not in got  # + the history (a repeat target)
 
 
 def test_missing_features_use_the_learned_fallback():

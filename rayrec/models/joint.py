@@ -152,7 +152,8 @@ class UR4Rec(nn.Module):
     def candidate_stage(self, sas: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
         """SASRec's top ``fusion.top_n`` items not in the history (all items when top_n is 0 or >= N);
         with the retriever's content prior, also the prior's top ``top_n`` among the rest, so items
-        SASRec barely knows (new or rare in training) can reach the fused ranking  # -> [B, top or 2 top]."""
+        SASRec barely knows (new or rare in training) can reach the fused ranking, and the history's own
+        items (a repeat target is ranked, not left below every candidate)  # -> [B, top or 2 top + L]."""
         n, top = self.num_items, self.cfg.fusion.top_n
         if top == 0 or top >= n:
             return torch.arange(1, n + 1, device=sas.device).expand(len(sas), -1)
@@ -167,7 +168,10 @@ class UR4Rec(nn.Module):
         low = torch.finfo(prior.dtype).min
         prior[rows, seen] = low
         prior.scatter_(1, cand, low)  # not twice
-        return torch.cat([cand, prior.topk(top, dim=1).indices], dim=1) + 1  # [B, 2 top]
+        # + the history itself: ranking masks seen items but never the target, so a repeat target must be
+        # a candidate to be ranked at all; padding becomes a copy of SASRec's first candidate (same score)
+        own = torch.where(history > 0, history, cand[:, :1] + 1)
+        return torch.cat([cand + 1, prior.topk(top, dim=1).indices + 1, own], dim=1)  # [B, 2 top + L]
 
 
 # ----------------------------------------------------------------------------- fusion
