@@ -17,6 +17,7 @@ MLflow (experiment ``real_<dataset>``), so ``rayrec compare real_industrial`` re
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -65,7 +66,8 @@ def job_of(model: str, dataset: str, seed: int, overrides: list[str], work: Path
     raw = yaml.safe_load((ROOT / "jobs" / f"{JOBS[model]}_{dataset}.yaml").read_text())
     if model == "popularity":
         raw["model"] = {"name": "popularity"}
-    name = f"{model}_{dataset}_s{seed}" + (f"_{abs(hash(tuple(overrides))) % 10**6}" if overrides else "")
+    tag = hashlib.sha1("\n".join(overrides).encode()).hexdigest()[:8]  # the same run name in every process
+    name = f"{model}_{dataset}_s{seed}" + (f"_{tag}" if overrides else "")
     apply_overrides(raw, [*overrides, f"run.seed={seed}", f"run.name={name}", f"run.storage_path={work}/runs",
                           f"data.path={ROOT / 'data' / 'real' / DATASETS[dataset]}", "run.checkpoint.num_to_keep=1"],
                     JobConfig)
@@ -126,7 +128,7 @@ def print_table(results: dict[str, Any]) -> None:
     for dataset, models in results["datasets"].items():
         print(f"\n{DATASETS[dataset]} (test, full ranking, seen masked; mean over seeds {results['seeds']}, 95 % CI)")
         print(f"{'model':<26}" + "".join(f"{m:>26}" for m in METRICS))
-        for name, r in {**models, **results["ablations"].get(dataset, {})}.items():  # noqa: B020
+        for name, r in {**models, **results["ablations"].get(dataset, {})}.items():
             mean = r["mean"]
             cells = "".join(f"{mean[m]:>9.4f} [{mean[m + '_ci'][0]:.4f}, {mean[m + '_ci'][1]:.4f}]" for m in METRICS)
             print(f"{name:<26}{cells}")
