@@ -67,6 +67,8 @@ def print_plan(sweep) -> None:
     print(f"sweep {sweep.name}: {s.num_samples} trials of {sweep.job_source} ({sweep.kind.name} job), "
           f"{s.max_concurrent_trials} at a time, "
           f"{s.searcher.name} search (seed {s.searcher.seed}), {s.resolved_mode} {s.metric}")
+    if s.epoch_budget:
+        print(f"  budget: {s.epoch_budget} trial-epochs in all (the sweep stops when its trials have trained that many)")
     if s.scheduler.name == "asha":
         rungs = ", ".join(f"{r:g}" for r in asha_rungs(s.scheduler.grace_period, s.scheduler.reduction_factor,
                                                        sweep.max_epochs))
@@ -126,6 +128,8 @@ def print_outcome(sweep, out) -> None:
     frame = summary_frame(out.rows, sweep)
     print(f"\nsweep {sweep.name}: {len(out.rows)} trials " + ", ".join(
         f"{(frame['status'] == s).sum()} {s.replace('_', ' ')}" for s in sorted(set(frame.get('status', [])))))
+    budget = sweep.space.epoch_budget
+    print(f"trial-epochs trained: {sum(r.trained for r in out.rows)}" + (f" of a budget of {budget}" if budget else ""))
     with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.4g}".format):
         print(frame.to_string(index=False) if not frame.empty else "(no trial reported)")
     if out.best is not None:

@@ -44,6 +44,7 @@ class TrialRow:
     params: dict[str, Any]
     value: float | None
     checkpoint: str | None = None
+    trained: int = 0  # epochs the trial trained (its epoch reports): what the epoch budget counts
 
 
 @dataclass
@@ -97,7 +98,7 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, export: Path | None = None,
         # 4. report: summary, CSVs, the best trial as a runnable job, the parent run's records
         budget = sweep.space.time_budget_s
         out_of_time = bool(budget) and time.monotonic() - start >= 0.95 * budget
-        out = _report(sweep, plan, grid, sweep_dir, parent, export, out_of_time)
+        out = _report(sweep, plan, grid, sweep_dir, parent, export, out_of_time or _spent(sweep, grid))
     out.log_path = console.log_path
     return out
 
@@ -226,21 +227,32 @@ def _tuner(sweep: Sweep, plan, sweep_dir: Path, concurrency: int, resume: bool, 
     from rayrec.tune.trial import run_trial
 
     trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), {"CPU": sweep.space.trial.driver_cpu})
-    if resume:
+    if resume:  # Tune restores the run config, the epoch budget's stopper (and its count) included
         return tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_unfinished=True, resume_errored=False)
     s = sweep.space
+    from rayrec.tune.budget import EpochBudget
+
+    stop = EpochBudget(s.epoch_budget) if s.epoch_budget else None
     tune_config = tune.TuneConfig(
         metric=_objective(sweep), mode=s.resolved_mode, search_alg=make_searcher(sweep), scheduler=make_scheduler(sweep),
         num_samples=s.num_samples, max_concurrent_trials=concurrency, time_budget_s=s.time_budget_s,
         trial_dirname_creator=_trial_dirname(), trial_name_creator=_trial_dirname(),
     )
     run_config = tune.RunConfig(
-        name=sweep_dir.name, storage_path=str(sweep_dir.parent), callbacks=[_recorder(sweep, plan)],
+        name=sweep_dir.name, storage_path=str(sweep_dir.parent), callbacks=[_recorder(sweep, plan)], stop=stop,
         failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         verbose=None if verbose else 0,  # rayrec's recorder prints one line per trial epoch
     )
     return tune.Tuner(trainable, param_space={}, tune_config=tune_config, run_config=run_config)
+
+
+def _spent(sweep: Sweep, grid) -> bool:
+    """Whether the sweep used its whole epoch budget (so fewer trials than num_samples is no interruption)."""
+    from rayrec.tune.budget import trial_epochs
+
+    budget = sweep.space.epoch_budget
+    return bool(budget) and sum(trial_epochs(grid).values()) >= budget
 
 
 def _objective(sweep: Sweep) -> str:
@@ -351,10 +363,12 @@ def saved_statuses(sweep_dir: Path) -> dict[str, str]:
 
 def trial_rows(sweep: Sweep, grid, statuses: dict[str, str]) -> list[TrialRow]:
     """One row per trial from Tune's results: status, epochs, searched values, best metric."""
+    from rayrec.tune.budget import trial_epochs
     from rayrec.tune.mlflow_sweep import COMPLETED, FAILED, STOPPED
     from rayrec.tune.reports import CHECKPOINT_KEY, TIME_ATTR, is_final
 
     objective = _objective(sweep)
+    trained = trial_epochs(grid)
     rows = []
     for trial_id, result in _results_by_trial(grid, statuses).items():
         m = (result.metrics if result is not None else None) or {}
@@ -369,7 +383,8 @@ def trial_rows(sweep: Sweep, grid, statuses: dict[str, str]) -> list[TrialRow]:
         params = {k: config[k] for k in sweep.order if k in config}
         value = m.get(objective)
         rows.append(TrialRow(trial_id, label, int(m.get(TIME_ATTR, 0) or 0), params,
-                             float(value) if value is not None else None, m.get(CHECKPOINT_KEY)))
+                             float(value) if value is not None else None, m.get(CHECKPOINT_KEY),
+                             trained.get(trial_id, 0)))
     return rows
 
 
@@ -427,7 +442,8 @@ def _finish_parent(parent: Tracker, sweep: Sweep, rows: list[TrialRow], best: Tr
     if not parent.active:
         return
     counts = {s: sum(r.status == s for r in rows) for s in (COMPLETED, STOPPED, FAILED)}
-    parent.log_metrics({f"trials/{k}": v for k, v in counts.items()} | {"trials/epochs": sum(r.epochs for r in rows)})
+    parent.log_metrics({f"trials/{k}": v for k, v in counts.items()}
+                       | {"trials/epochs": sum(r.epochs for r in rows), "trials/trial_epochs": sum(r.trained for r in rows)})
     for name in (RESULTS_CSV, SUMMARY_CSV, BEST_JOB):
         if (sweep_dir / name).exists():
             parent.log_file(sweep_dir / name, "sweep")

@@ -210,6 +210,8 @@ class SearchSpace(Strict):
     searcher: SearcherConfig = Field(SearcherConfig(), description="what proposes the trials' values")
     scheduler: SchedulerConfig = Field(SchedulerConfig(), description="what stops weak trials early")
     time_budget_s: float | None = Field(None, gt=0, description="stop starting/running trials after this long")
+    epoch_budget: int | None = Field(None, ge=1, description="stop the sweep once its trials have trained this many "
+                                     "epochs in all (trial-epochs): the same budget gives models the same search effort")
     storage_path: Path = Field(Path("runs/tune"), description="sweep folder parent (relative to the working dir)")
 
     @field_validator("num_samples", mode="before")

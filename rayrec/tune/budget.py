@@ -1,0 +1,54 @@
+"""A sweep's budget in trial-epochs: the sum, over its trials, of the epochs each one trained.
+
+Comparing models by their tuned results is fair only when each got the same search effort;
+wall time is not that measure (one model's epoch costs ten of another's), trial-epochs are.
+``EpochBudget`` is a Ray Tune ``Stopper``: once the trials' epoch reports add up to the budget,
+Tune stops the running trials and starts no new one. ``trial_epochs`` counts the same thing
+from the saved results, so a resumed sweep and the summary agree with the stopper.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from ray.tune import Stopper
+
+from rayrec.tune.reports import is_test_report
+
+
+class EpochBudget(Stopper):
+    """Stop the whole sweep once its trials have reported ``budget`` epochs in all.
+
+    Every epoch report counts one (the final test report repeats the last epoch and does not);
+    ``spent`` seeds the count when a saved sweep resumes.
+    """
+
+    def __init__(self, budget: int, spent: dict[str, int] | None = None) -> None:
+        self.budget = budget
+        self.epochs: dict[str, int] = dict(spent or {})
+
+    def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
+        if not is_test_report(result):
+            self.epochs[trial_id] = self.epochs.get(trial_id, 0) + 1
+        return False  # the budget stops the sweep (stop_all), never one trial
+
+    @property
+    def spent(self) -> int:
+        return sum(self.epochs.values())
+
+    def stop_all(self) -> bool:
+        return self.spent >= self.budget
+
+
+def trial_epochs(results: Iterable[Any]) -> dict[str, int]:
+    """Epochs each trial reported  # Ray Tune ``Result``s -> {trial_id: epochs} (test reports left out)."""
+    out: dict[str, int] = {}
+    for r in results:
+        frame = getattr(r, "metrics_dataframe", None)
+        trial_id = (r.metrics or {}).get("trial_id")
+        if frame is None or frame.empty or not trial_id:
+            continue
+        tests = [c for c in frame.columns if str(c).startswith("test/")]
+        out[trial_id] = int(len(frame) - (frame[tests].notna().any(axis=1).sum() if tests else 0))
+    return out

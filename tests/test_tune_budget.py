@@ -1,0 +1,59 @@
+"""The epoch budget: a sweep stops once its trials have trained that many epochs in all."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+
+from rayrec.tune.budget import EpochBudget, trial_epochs
+from rayrec.tune.runner import run_sweep
+from rayrec.tune.space import load_space
+from tests.test_tune_sweep import write_space
+
+
+def test_the_budget_counts_epoch_reports_of_every_trial_and_stops_the_sweep_at_it():
+    stop = EpochBudget(5)
+    for epoch in (1, 2, 3):
+        assert stop("a", {"epoch": epoch, "val/ndcg@10": 0.1}) is False  # never stops one trial
+    assert not stop.stop_all()
+    stop("a", {"epoch": 3, "test/ndcg@10": 0.1})  # the final test report repeats epoch 3: not an epoch
+    stop("b", {"epoch": 1})
+    assert stop.spent == 4 and not stop.stop_all()
+    stop("b", {"epoch": 2})
+    assert stop.spent == 5 and stop.stop_all()
+    assert EpochBudget(3, spent={"a": 3}).stop_all()  # a resumed sweep starts from what was spent
+
+
+def test_trial_epochs_are_read_back_from_the_results_without_the_test_report():
+    frame = pd.DataFrame({"epoch": [1, 2, 3, 3], "val/ndcg@10": [0.1, 0.2, 0.3, None],
+                          "test/ndcg@10": [None, None, None, 0.25]})
+    results = [SimpleNamespace(metrics={"trial_id": "a"}, metrics_dataframe=frame),
+               SimpleNamespace(metrics={"trial_id": "b"}, metrics_dataframe=pd.DataFrame({"epoch": [1, 2]})),
+               SimpleNamespace(metrics={}, metrics_dataframe=None)]  # a trial that never reported
+    assert trial_epochs(results) == {"a": 3, "b": 2}
+
+
+def test_a_budget_must_be_a_positive_number_of_trial_epochs(tiny_job, tmp_path):
+    from rayrec.errors import ConfigError
+
+    params = {"model.dropout": {"dist": "uniform", "low": 0.0, "high": 0.3}}
+    with pytest.raises(ConfigError, match="epoch_budget"):
+        load_space(write_space(tmp_path, tiny_job, params=params, num_samples=2, epoch_budget=0))
+
+
+@pytest.mark.slow
+def test_a_sweep_ends_at_its_epoch_budget_not_at_num_samples(ray_session, tiny_job, tmp_path, capsys):
+    params = {"model.dropout": {"dist": "uniform", "low": 0.0, "high": 0.3}}
+    space = write_space(tmp_path, tiny_job, params=params, num_samples=6, max_concurrent_trials=1, epoch_budget=5,
+                        searcher={"name": "random", "seed": 0}, scheduler={"name": "none"})
+    sweep = load_space(space)
+    assert sweep.max_epochs == 3
+
+    out = run_sweep(sweep)
+    trained = sum(r.trained for r in out.rows)
+    # one trial at a time: 3 epochs, then 2 of the next (a report in flight may add one)
+    assert 5 <= trained <= 6 and len(out.rows) < 6
+    assert not out.interrupted  # spending the budget is how this sweep ends, not an interruption
+    assert out.best is not None and out.best_job is not None
