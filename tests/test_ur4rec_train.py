@@ -323,3 +323,16 @@ def test_fp16_loss_scaling_in_the_joint_loop_skips_an_overflow_and_counts_it(mm_
     assert all(torch.equal(p, before[n]) for n, p in model.sasrec.named_parameters())
     assert runner.step([next(batches)]) is not None and runner.scheds["sasrec"].last_epoch == 1
     assert any(not torch.equal(p, before[n]) for n, p in model.sasrec.named_parameters())
+
+
+def test_a_stage_patience_ends_that_stage_alone_and_the_next_starts_on_schedule(mm_data, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="rayrec.train.joint")
+    stages = [{"name": "pretrain_sasrec", "epochs": 6, "lr": {"sasrec": 1e-6}, "patience": 1},  # no progress
+              {"name": "pretrain_retriever", "epochs": 2}]
+    cfg = joint_job(mm_data, tmp_path, stages=stages)
+    assert cfg.train.early_stopping.patience == 5  # the run's patience would let stage 1 run all 6 epochs
+    final, rep = local(cfg)
+    epochs = rep.metrics[:-1]
+    ran = [m["epoch"] for m in epochs if m["stage"] == 1]
+    assert 2 <= len(ran) < 6 and "stage pretrain_sasrec stopped early" in caplog.text
+    assert [m["epoch"] for m in epochs if m["stage"] == 2] == [7, 8]  # stage 2 keeps its epochs and patience

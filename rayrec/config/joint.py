@@ -265,6 +265,9 @@ class StageConfig(Strict):
                                              "by name: at most one schedule (alternation) and one weighting")
     warmup_steps: int | None = Field(
         None, ge=0, description="this stage's own warmup (per module); null = the run's warmup continues where it is")
+    patience: int | None = Field(
+        None, ge=1, description="this stage ends after this many epochs without a better validation metric "
+        "(its scorer's); null = train.early_stopping.patience")
 
     @model_validator(mode="after")
     def _check(self) -> StageConfig:

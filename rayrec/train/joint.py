@@ -419,7 +419,10 @@ def _run_stage(plan: StagePlan, runner: StageRunner, model: UR4Rec, batches: Bat
                st: JointState, stopper: EarlyStopping, num_items: int, device, reduce, reporter: Reporter,
                progress: Progress | None) -> None:
     """The stage's epochs: train, validate with the stage's scorer, keep the best, report."""
-    stage_stopper = EarlyStopping(cfg.train.early_stopping)
+    stop_cfg = cfg.train.early_stopping
+    if plan.cfg.patience is not None:
+        stop_cfg = stop_cfg.model_copy(update={"patience": plan.cfg.patience})
+    stage_stopper = EarlyStopping(stop_cfg)
     if st.stage_stopper:
         stage_stopper.load_state_dict(st.stage_stopper)
     for epoch in range(max(plan.first, st.epoch + 1), plan.last + 1):
