@@ -2,7 +2,8 @@
 Office_Products (real interactions, real item titles and descriptions).
 
 Usage:  python bench/real_data.py [--datasets industrial office] [--models popularity sasrec joint ...]
-                                  [--seeds 0 1 2] [--ablations] [--out bench/results/real_data.json]
+                                  [--seeds 0 1 2] [--out bench/results/real_data.json]
+        python bench/real_data.py --models joint --skip-models --ablations [NAME ...] [--ablation-seeds 0]
 
 Build the data first: ``python bench/real_data_prepare.py --source PATH/TO/MiniOneRec`` (and, for the
 joint model, ``rayrec prefs generate jobs/ur4rec_<dataset>.yaml``). Each model is its job file
@@ -54,6 +55,12 @@ ABLATIONS: dict[str, tuple[str, list[str]]] = {
     "multi_interest - vae": ("multi_interest", ["model.vae.enabled=false"]),
     "multi_interest - causal": ("multi_interest", ["model.causal.enabled=false"]),
     "multi_interest K=1": ("multi_interest", ["model.num_interests=1"]),
+    # e2e (the tuned job) vs seed 003's phases: components (causal frozen), joint, end to end at 0.2x LR
+    "multi_interest phased": ("multi_interest", [
+        "train.phases=[{name: components, until_epoch: 10, loss_weights: {recon: 1.0, causal: 0.0, diversity: 0.1, "
+        "orthogonality: 0.1}, freeze: [causal]}, {name: joint, until_epoch: 30, loss_weights: {recon: 0.2, causal: 0.1, "
+        "diversity: 0.05, orthogonality: 0.05}}, {name: end_to_end, loss_weights: {recon: 0.01, causal: 0.001, "
+        "diversity: 0.001, orthogonality: 0.001}, lr_mult: 0.2}]"]),
 }
 METRICS = ("hr@10", "ndcg@10", "mrr")
 BOOTSTRAP = 1000
@@ -126,12 +133,12 @@ def run_model(model: str, dataset: str, seeds: list[int], overrides: list[str], 
 
 def print_table(results: dict[str, Any]) -> None:
     for dataset, models in results["datasets"].items():
-        print(f"\n{DATASETS[dataset]} (test, full ranking, seen masked; mean over seeds {results['seeds']}, 95 % CI)")
-        print(f"{'model':<26}" + "".join(f"{m:>26}" for m in METRICS))
+        print(f"\n{DATASETS[dataset]} (test, full ranking, seen masked; mean over the seeds, 95 % CI)")
+        print(f"{'model':<26}{'seeds':>6}" + "".join(f"{m:>26}" for m in METRICS))
         for name, r in {**models, **results["ablations"].get(dataset, {})}.items():
             mean = r["mean"]
             cells = "".join(f"{mean[m]:>9.4f} [{mean[m + '_ci'][0]:.4f}, {mean[m + '_ci'][1]:.4f}]" for m in METRICS)
-            print(f"{name:<26}{cells}")
+            print(f"{name:<26}{len(r['seeds']):>6}{cells}")
 
 
 def main() -> int:
@@ -139,7 +146,10 @@ def main() -> int:
     p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     p.add_argument("--models", nargs="+", default=list(JOBS), choices=list(JOBS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--ablations", action="store_true", help="also the ablations of the joint and multi-interest models")
+    p.add_argument("--ablations", nargs="*", metavar="NAME", default=None,
+                   help="also these ablations (none named: all of the chosen models'), e.g. 'joint - user_pref'")
+    p.add_argument("--ablation-seeds", type=int, nargs="+", default=None, help="seeds of the ablations (default: --seeds)")
+    p.add_argument("--skip-models", action="store_true", help="run the ablations only (keep the models' results)")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "real_data", help="run folders and MLflow store")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "real_data.json")
     p.add_argument("--fresh", action="store_true", help="start a new results file (default: add to --out)")
@@ -151,17 +161,23 @@ def main() -> int:
         before = json.loads(args.out.read_text())
         if before.get("seeds") == args.seeds:
             results.update(datasets=before["datasets"], ablations=before.get("ablations", {}))
+        elif args.skip_models:
+            sys.exit(f"{args.out} holds seeds {before.get('seeds')}, not {args.seeds}: pass those with --skip-models")
+    chosen = {} if args.ablations is None else {
+        name: ABLATIONS[name] for name in (args.ablations or ABLATIONS) if ABLATIONS[name][0] in args.models}
+    unknown = set(args.ablations or ()) - set(ABLATIONS)
+    if unknown:
+        sys.exit(f"unknown ablations {sorted(unknown)}; known: {sorted(ABLATIONS)}")
     for dataset in args.datasets:
         n = len(open_prepared(ROOT / "data" / "real" / DATASETS[dataset]).table("test"))
         rows = np.random.default_rng(0).integers(0, n, size=(BOOTSTRAP, n))  # the same resamples for every model
-        for m in args.models:
+        for m in () if args.skip_models else args.models:
             results["datasets"].setdefault(dataset, {})[m] = run_model(m, dataset, args.seeds, [], args.work, rows)
             atomic_write(args.out, json.dumps(results, indent=2))  # after each model: a long run keeps what it has
-        for name, (model, overrides) in ABLATIONS.items() if args.ablations else ():
-            if model in args.models:
-                results["ablations"].setdefault(dataset, {})[name] = run_model(model, dataset, args.seeds, overrides,
-                                                                               args.work, rows)
-                atomic_write(args.out, json.dumps(results, indent=2))
+        for name, (model, overrides) in chosen.items():
+            results["ablations"].setdefault(dataset, {})[name] = run_model(
+                model, dataset, args.ablation_seeds or args.seeds, overrides, args.work, rows)
+            atomic_write(args.out, json.dumps(results, indent=2))
     print_table(results)
     print(f"\nwrote {args.out}")
     return 0
