@@ -395,3 +395,11 @@ def test_grpo_trial_reports_count_as_the_clock():
     assert (first[TIME_ATTR], last[TIME_ATTR]) == (1, 2) and last[LAST_EPOCH_KEY] and LAST_EPOCH_KEY not in first
     resumed = Objective("val/ndcg@10", "max", last_epoch=2, steps_per_report=20)  # a trial resumed at step 20
     assert resumed.complete({"epoch": 0.32, "step": 40, "val/ndcg@10": 0.1})[TIME_ATTR] == 2
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "search_spaces").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_space_loads_and_its_draws_are_valid_jobs(path, capsys):
+    from rayrec.cli.tune import print_samples
+
+    sweep = load_space(path)
+    assert print_samples(sweep, n=0, checked=20) == 0, capsys.readouterr().out

@@ -92,12 +92,12 @@ def print_samples(sweep, n: int = 5, checked: int = 50) -> int:
     from rayrec.config.loader import validate
     from rayrec.errors import ConfigError
     from rayrec.tune.paths import set_paths
-    from rayrec.tune.space import OptunaSpace
+    from rayrec.tune.space import OptunaSpace, trial_base
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=sweep.space.searcher.seed))
     space = OptunaSpace(sweep.space.params, sweep.order)
-    base, schema = sweep.job.model_dump(mode="json"), kind_of(sweep.job).schema
+    base, schema = trial_base(sweep.job), kind_of(sweep.job).schema
     print(f"\nfirst {n} random draws:")
     bad: list[tuple[dict, str]] = []
     for i in range(max(n, checked)):

@@ -206,12 +206,12 @@ def _open_parent(sweep: Sweep, job: BaseModel, uri: str | None, sweep_dir: Path,
 
 
 def _plan(sweep: Sweep, job: BaseModel, sweep_dir: Path, uri: str | None, parent_id: str | None):
-    from rayrec.tune.space import reports_clock
+    from rayrec.tune.space import reports_clock, trial_base
     from rayrec.tune.trial import TrialPlan
 
     t = sweep.space.trial
     return TrialPlan(
-        sweep=sweep.name, sweep_dir=str(sweep_dir), base=job.model_dump(mode="json"), job_source=str(sweep.job_source),
+        sweep=sweep.name, sweep_dir=str(sweep_dir), base=trial_base(job), job_source=str(sweep.job_source),
         metric=sweep.space.metric, mode=sweep.space.resolved_mode,
         epochs=(None if reports_clock(job) or sweep.max_epochs == job.train.epochs  # (ur4rec: the stages' sum)
                 else sweep.max_epochs),

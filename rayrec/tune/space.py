@@ -343,7 +343,7 @@ def check_against_job(space: SearchSpace, job: BaseModel, source: str, lines: di
     Returns the params in an order where condition parents come first.
     """
     kind = kind_of(job)
-    base = job.model_dump(mode="json")
+    base = trial_base(job)
     for path in space.params:
         _check_path(kind, base, path, source, lines, f"params.{path}")
     _resolve_fixed_conditions(kind, space, base, source, lines)
@@ -497,6 +497,16 @@ def _check_metric(space: SearchSpace, job: BaseModel, source: str, lines: dict[s
     problem = metric_problem(job, space.metric)
     if problem:
         raise ConfigError(f"{source}:{lines.get('metric', 1)}: {problem}")
+
+
+def trial_base(job: BaseModel) -> dict[str, Any]:
+    """The base job as the dict every trial's values are set into. A staged model's train.epochs
+    is the sum of its stages' (derived, not chosen), so it is left out and derived again: a trial
+    may search a stage's length."""
+    base = job.model_dump(mode="json")
+    if hasattr(job.model, "total_epochs"):
+        base["train"].pop("epochs", None)
+    return base
 
 
 def job_epochs(job: BaseModel) -> int:
