@@ -4,6 +4,7 @@ Office_Products (real interactions, real item titles and descriptions).
 Usage:  python bench/real_data.py [--datasets industrial office] [--models popularity sasrec joint ...]
                                   [--seeds 0 1 2] [--out bench/results/real_data.json]
         python bench/real_data.py --models joint --skip-models --ablations [NAME ...] [--ablation-seeds 0]
+        python bench/real_data.py --merge part1.json part2.json     # runs made in parallel -> --out
 
 Build the data first: ``python bench/real_data_prepare.py --source PATH/TO/MiniOneRec`` (and, for the
 joint model, ``rayrec prefs generate jobs/ur4rec_<dataset>.yaml``). Each model is its job file
@@ -141,6 +142,23 @@ def print_table(results: dict[str, Any]) -> None:
             print(f"{name:<26}{len(r['seeds']):>6}{cells}")
 
 
+def merge(out: Path, parts: list[Path]) -> int:
+    """Add the models and ablations of ``parts`` to ``out`` (a later file wins for the same entry)."""
+    results = json.loads(out.read_text()) if out.is_file() else {
+        "benchmark": "real_data", "seeds": [0, 1, 2], "bootstrap": BOOTSTRAP, "datasets": {}, "ablations": {}}
+    for part in parts:
+        other = json.loads(part.read_text())
+        if other.get("bootstrap") != results["bootstrap"]:
+            sys.exit(f"{part}: bootstrap {other.get('bootstrap')} != {results['bootstrap']} of {out}")
+        for key in ("datasets", "ablations"):
+            for dataset, entries in other.get(key, {}).items():
+                results[key].setdefault(dataset, {}).update(entries)
+    atomic_write(out, json.dumps(results, indent=2))
+    print_table(results)
+    print(f"\nwrote {out}")
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
@@ -153,7 +171,11 @@ def main() -> int:
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "real_data", help="run folders and MLflow store")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "real_data.json")
     p.add_argument("--fresh", action="store_true", help="start a new results file (default: add to --out)")
+    p.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
+                   help="add these results files (runs made in parallel, each with its own --out) to --out and exit")
     args = p.parse_args()
+    if args.merge:
+        return merge(args.out, args.merge)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     results: dict[str, Any] = {"benchmark": "real_data", "seeds": args.seeds, "bootstrap": BOOTSTRAP,
                                "datasets": {}, "ablations": {}}
