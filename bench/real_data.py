@@ -51,7 +51,9 @@ JOBS = {"popularity": "sasrec", "sasrec": "sasrec", "joint": "ur4rec", "multi_in
 ABLATIONS: dict[str, tuple[str, list[str]]] = {
     "joint - user_pref": ("joint", ["model.retriever.experts=[item_text]"]),
     "joint - item_text": ("joint", ["model.retriever.experts=[user_pref]"]),
-    "joint - alternation": ("joint", ["model.stages.joint_finetune.strategies=[{name: distillation, weight: 0.2}]"]),
+    # the joint stage trains both modules every step (no switching); its distillation as tuned
+    "joint - alternation": ("joint", ["model.stages.joint_finetune.strategies=[{name: distillation, weight: 0.0096, "
+                                      "temperature: 2.0}]"]),
     "joint - content prior": ("joint", ["model.retriever.content_prior=0"]),
     "multi_interest - vae": ("multi_interest", ["model.vae.enabled=false"]),
     "multi_interest - causal": ("multi_interest", ["model.causal.enabled=false"]),
