@@ -10,7 +10,7 @@ import pytest
 from rayrec.tune.budget import EpochBudget, trial_epochs
 from rayrec.tune.runner import run_sweep
 from rayrec.tune.space import load_space
-from tests.test_tune_sweep import write_space
+from tests.test_tune_sweep import children, write_space
 
 
 def test_the_budget_counts_epoch_reports_of_every_trial_and_stops_the_sweep_at_it():
@@ -35,6 +35,27 @@ def test_trial_epochs_are_read_back_from_the_results_without_the_test_report():
     assert trial_epochs(results) == {"a": 3, "b": 2}
 
 
+def test_runs_left_running_when_a_budget_ends_the_sweep_are_closed_as_stopped(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from rayrec.tune.mlflow_sweep import PARENT_TAG, STATUS_TAG, TRIAL_TAG, close_open_children
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = MlflowClient(uri)
+    exp = c.create_experiment("e")
+    parent = c.create_run(exp).info.run_id
+    done = c.create_run(exp, tags={PARENT_TAG: parent, TRIAL_TAG: "a"}).info.run_id
+    c.set_terminated(done, "FINISHED")
+    left = c.create_run(exp, tags={PARENT_TAG: parent, TRIAL_TAG: "b"}).info.run_id
+    other = c.create_run(exp, tags={TRIAL_TAG: "c"}).info.run_id  # not this sweep's
+
+    assert close_open_children(uri, "e", parent, "epoch budget") == ["b"]
+    run = c.get_run(left)
+    assert run.info.status == "KILLED" and run.data.tags[STATUS_TAG] == "stopped_early"
+    assert run.data.tags["rayrec.stopped_by"] == "epoch budget"
+    assert c.get_run(done).info.status == "FINISHED" and c.get_run(other).info.status == "RUNNING"
+
+
 def test_a_budget_must_be_a_positive_number_of_trial_epochs(tiny_job, tmp_path):
     from rayrec.errors import ConfigError
 
@@ -57,3 +78,7 @@ def test_a_sweep_ends_at_its_epoch_budget_not_at_num_samples(ray_session, tiny_j
     assert 5 <= trained <= 6 and len(out.rows) < 6
     assert not out.interrupted  # spending the budget is how this sweep ends, not an interruption
     assert out.best is not None and out.best_job is not None
+    # the trial Tune stopped at the budget is recorded, not left RUNNING in MLflow
+    runs = children(tiny_job.tracking.uri, tiny_job.tracking.experiment, out.parent_run_id)
+    assert runs and all(r.info.status != "RUNNING" for r in runs)
+    assert any(r.data.tags.get("rayrec.stopped_by") == "epoch budget" for r in runs)

@@ -93,6 +93,25 @@ def find_child(uri: str, experiment: str, parent_id: str, trial_id: str) -> str 
     return found[0].info.run_id if found else None
 
 
+def close_open_children(uri: str, experiment: str, parent_id: str, why: str) -> list[str]:
+    """End the sweep's child runs still RUNNING once no trial can run again  # -> their trial ids.
+
+    Tune stops the running trials without a completion callback when the sweep ends on its
+    budget (epochs or time); their runs are recorded here as stopped early, with the reason.
+    """
+    c = _client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    open_runs = c.search_runs([exp.experiment_id],
+                              filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}' and attributes.status = 'RUNNING'")
+    for run in open_runs:
+        c.set_tag(run.info.run_id, STATUS_TAG, STOPPED)
+        c.set_tag(run.info.run_id, "rayrec.stopped_by", why)
+        c.set_terminated(run.info.run_id, MLFLOW_STATUS[STOPPED])
+    return [r.data.tags.get(TRIAL_TAG, r.info.run_id) for r in open_runs]
+
+
 def _tune_callback_base():
     from ray.tune import Callback
 

@@ -98,7 +98,8 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, export: Path | None = None,
         # 4. report: summary, CSVs, the best trial as a runnable job, the parent run's records
         budget = sweep.space.time_budget_s
         out_of_time = bool(budget) and time.monotonic() - start >= 0.95 * budget
-        out = _report(sweep, plan, grid, sweep_dir, parent, export, out_of_time or _spent(sweep, grid))
+        ended_by = "time budget" if out_of_time else "epoch budget" if _spent(sweep, grid) else None
+        out = _report(sweep, plan, grid, sweep_dir, parent, export, ended_by)
     out.log_path = console.log_path
     return out
 
@@ -319,13 +320,15 @@ def asha_rungs(grace: int, reduction_factor: float, max_epochs: int) -> list[flo
 
 
 def _report(sweep: Sweep, plan, grid, sweep_dir: Path, parent: Tracker, export: Path | None,
-            out_of_time: bool) -> SweepOutcome:
+            ended_by: str | None) -> SweepOutcome:
+    """Summary, CSVs, the best job and the parent run's records. ``ended_by``: the budget that ended
+    the sweep ("time budget", "epoch budget"), if one did."""
     from rayrec.tune.reports import is_test_report
 
     statuses = saved_statuses(sweep_dir)
     rows = trial_rows(sweep, grid, statuses)
     unfinished = any(s not in ("TERMINATED", "ERROR") for s in statuses.values())
-    interrupted = unfinished or (len(statuses) < sweep.space.num_samples and not out_of_time)
+    interrupted = unfinished or (len(statuses) < sweep.space.num_samples and not ended_by)
     grid.get_dataframe().to_csv(sweep_dir / RESULTS_CSV, index=False)
     summary_frame(rows, sweep).to_csv(sweep_dir / SUMMARY_CSV, index=False)
     best = best_row(rows, sweep.space.resolved_mode)
@@ -338,6 +341,12 @@ def _report(sweep: Sweep, plan, grid, sweep_dir: Path, parent: Tracker, export: 
         if export:
             export.parent.mkdir(parents=True, exist_ok=True)
             export.write_text(best_job.read_text())
+    if not interrupted and parent.active and ended_by:  # trials Tune stopped at the budget, without a callback
+        from rayrec.tune.mlflow_sweep import close_open_children
+
+        closed = close_open_children(parent.uri, sweep.job.tracking.experiment, parent.run_id, ended_by)
+        if closed:
+            log.info("the %s stopped trials %s; their runs are recorded as stopped early", ended_by, ", ".join(closed))
     _finish_parent(parent, sweep, rows, best, sweep_dir, interrupted)
     if not interrupted:
         (sweep_dir / COMPLETE_MARKER).write_text(parent.run_id or "")
