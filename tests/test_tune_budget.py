@@ -23,7 +23,6 @@ def test_the_budget_counts_epoch_reports_of_every_trial_and_stops_the_sweep_at_i
     assert stop.spent == 4 and not stop.stop_all()
     stop("b", {"epoch": 2})
     assert stop.spent == 5 and stop.stop_all()
-    assert EpochBudget(3, spent={"a": 3}).stop_all()  # a resumed sweep starts from what was spent
 
 
 def test_trial_epochs_are_read_back_from_the_results_without_the_test_report():

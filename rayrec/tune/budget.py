@@ -4,7 +4,7 @@ Comparing models by their tuned results is fair only when each got the same sear
 wall time is not that measure (one model's epoch costs ten of another's), trial-epochs are.
 ``EpochBudget`` is a Ray Tune ``Stopper``: once the trials' epoch reports add up to the budget,
 Tune stops the running trials and starts no new one. ``trial_epochs`` counts the same thing
-from the saved results, so a resumed sweep and the summary agree with the stopper.
+from the saved results for the summary.
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ from rayrec.tune.reports import is_test_report
 class EpochBudget(Stopper):
     """Stop the whole sweep once its trials have reported ``budget`` epochs in all.
 
-    Every epoch report counts one (the final test report repeats the last epoch and does not);
-    ``spent`` seeds the count when a saved sweep resumes.
+    Every epoch report counts one (the final test report repeats the last epoch and does not).
+    A resumed sweep gets the saved stopper back, its count included (Tune pickles the run config).
     """
 
-    def __init__(self, budget: int, spent: dict[str, int] | None = None) -> None:
+    def __init__(self, budget: int) -> None:
         self.budget = budget
-        self.epochs: dict[str, int] = dict(spent or {})
+        self.epochs: dict[str, int] = {}
 
     def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
         if not is_test_report(result):

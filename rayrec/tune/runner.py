@@ -98,8 +98,7 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, export: Path | None = None,
         # 4. report: summary, CSVs, the best trial as a runnable job, the parent run's records
         budget = sweep.space.time_budget_s
         out_of_time = bool(budget) and time.monotonic() - start >= 0.95 * budget
-        ended_by = "time budget" if out_of_time else "epoch budget" if _spent(sweep, grid) else None
-        out = _report(sweep, plan, grid, sweep_dir, parent, export, ended_by)
+        out = _report(sweep, plan, grid, sweep_dir, parent, export, out_of_time)
     out.log_path = console.log_path
     return out
 
@@ -230,9 +229,9 @@ def _tuner(sweep: Sweep, plan, sweep_dir: Path, concurrency: int, resume: bool, 
     trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), {"CPU": sweep.space.trial.driver_cpu})
     if resume:  # Tune restores the run config, the epoch budget's stopper (and its count) included
         return tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_unfinished=True, resume_errored=False)
-    s = sweep.space
     from rayrec.tune.budget import EpochBudget
 
+    s = sweep.space
     stop = EpochBudget(s.epoch_budget) if s.epoch_budget else None
     tune_config = tune.TuneConfig(
         metric=_objective(sweep), mode=s.resolved_mode, search_alg=make_searcher(sweep), scheduler=make_scheduler(sweep),
@@ -246,14 +245,6 @@ def _tuner(sweep: Sweep, plan, sweep_dir: Path, concurrency: int, resume: bool, 
         verbose=None if verbose else 0,  # rayrec's recorder prints one line per trial epoch
     )
     return tune.Tuner(trainable, param_space={}, tune_config=tune_config, run_config=run_config)
-
-
-def _spent(sweep: Sweep, grid) -> bool:
-    """Whether the sweep used its whole epoch budget (so fewer trials than num_samples is no interruption)."""
-    from rayrec.tune.budget import trial_epochs
-
-    budget = sweep.space.epoch_budget
-    return bool(budget) and sum(trial_epochs(grid).values()) >= budget
 
 
 def _objective(sweep: Sweep) -> str:
@@ -320,13 +311,15 @@ def asha_rungs(grace: int, reduction_factor: float, max_epochs: int) -> list[flo
 
 
 def _report(sweep: Sweep, plan, grid, sweep_dir: Path, parent: Tracker, export: Path | None,
-            ended_by: str | None) -> SweepOutcome:
-    """Summary, CSVs, the best job and the parent run's records. ``ended_by``: the budget that ended
-    the sweep ("time budget", "epoch budget"), if one did."""
+            out_of_time: bool) -> SweepOutcome:
+    """Summary, CSVs, the best job and the parent run's records."""
     from rayrec.tune.reports import is_test_report
 
     statuses = saved_statuses(sweep_dir)
     rows = trial_rows(sweep, grid, statuses)
+    epochs = sweep.space.epoch_budget
+    spent = bool(epochs) and sum(r.trained for r in rows) >= epochs
+    ended_by = "time budget" if out_of_time else "epoch budget" if spent else None  # fewer trials: no interruption
     unfinished = any(s not in ("TERMINATED", "ERROR") for s in statuses.values())
     interrupted = unfinished or (len(statuses) < sweep.space.num_samples and not ended_by)
     grid.get_dataframe().to_csv(sweep_dir / RESULTS_CSV, index=False)
