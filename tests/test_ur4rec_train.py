@@ -336,3 +336,29 @@ def test_a_stage_patience_ends_that_stage_alone_and_the_next_starts_on_schedule(
     ran = [m["epoch"] for m in epochs if m["stage"] == 1]
     assert 2 <= len(ran) < 6 and "stage pretrain_sasrec stopped early" in caplog.text
     assert [m["epoch"] for m in epochs if m["stage"] == 2] == [7, 8]  # stage 2 keeps its epochs and patience
+
+
+def test_the_final_test_keeps_the_pretrained_sasrec_when_the_fusion_validates_worse(mm_data, tmp_path, capsys):
+    """An untrained retriever fused at weight 0 ranks worse than the SASRec it joins: the final test
+    must not end below that SASRec on validation (model.select: fused_or_sasrec, the default)."""
+    stages = [{"name": "pretrain_sasrec", "epochs": 3},
+              {"name": "joint_finetune", "epochs": 1, "lr": {"sasrec": 1e-9, "retriever": 1e-9}}]
+
+    def job(select):
+        cfg = joint_job(mm_data, tmp_path / select, stages=stages)
+        cfg.model.fusion.weight, cfg.model.fusion.calibrate, cfg.model.select = 0.0, [], select
+        return cfg
+
+    old, rep_old = local(job("fused"))
+    new, rep = local(job("fused_or_sasrec"), run_dir=tmp_path / "run")
+    sas_val = max(m["val/ndcg@10"] for m in rep.metrics[:3])
+    assert rep.metrics[3]["val/ndcg@10"] < sas_val  # the fused epoch validates worse
+    assert old["best_epoch"] == 4 and old["select/sasrec_alone"] == 0.0  # the switch keeps the old selection
+    assert new["best_epoch"] in (1, 2, 3) and new["select/sasrec_alone"] == 1.0
+    assert new["best/val/ndcg@10"] == sas_val and new["test/ndcg@10"] > old["test/ndcg@10"]
+    best = load_state(tmp_path / "run" / "final")["best_model"]
+    assert bool(best["sasrec_alone"])  # the choice travels with the weights: `rayrec eval` ranks the same way
+    path = tmp_path / "job.yaml"
+    path.write_text(dump_job(job("fused_or_sasrec")))
+    assert main(["eval", str(path), "--checkpoint", str(tmp_path / "run" / "final")]) == 0
+    assert f"{new['test/ndcg@10']:.4f}" in capsys.readouterr().out

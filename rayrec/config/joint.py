@@ -316,6 +316,10 @@ class JointConfig(Strict):
     prefs: PrefsConfig = Field(PrefsConfig(), description="generated user preferences and item descriptions")
     stages: list[StageConfig] = Field(default_factory=_default_stages, min_length=1, description="training stages, "
                                       "in order; their epochs sum to train.epochs")
+    select: Literal["fused", "fused_or_sasrec"] = Field(
+        "fused_or_sasrec", description="which epochs the final test may use, chosen on validation: fused = the best "
+        "fused epoch; fused_or_sasrec = also the best epoch of the SASRec-only stage (SASRec alone ranks then), so "
+        "the model never ends below its own pretrained SASRec on validation")
 
     @property
     def max_len(self) -> int:

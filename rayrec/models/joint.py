@@ -66,7 +66,16 @@ class UR4Rec(nn.Module):
         self.retriever = Retriever(num_items, cfg.retriever, features, max_len=cfg.sasrec.max_len)
         # SASRec's share in fusion: a buffer, so a weight calibrated on validation travels with the weights
         self.register_buffer("fusion_weight", torch.tensor(float(cfg.fusion.weight)))
+        # True when the final selection chose a SASRec-only epoch (model.select): the joint scorer then ranks with
+        # SASRec alone; a buffer, so the choice travels with the weights (older checkpoints lack it: False)
+        self.register_buffer("sasrec_alone", torch.tensor(False))
+        self.register_load_state_dict_pre_hook(_default_sasrec_alone)
         self.scorer = "joint"
+
+    @property
+    def ranking_scorer(self) -> str:
+        """What ranks: ``scorer``, except that a joint model selected at a SASRec-only epoch ranks with SASRec."""
+        return "sasrec" if self.scorer == "joint" and bool(self.sasrec_alone) else self.scorer
 
     def parts(self) -> dict[str, nn.Module]:
         """The trainable modules by name (``MODULES`` order)."""
@@ -129,7 +138,7 @@ class UR4Rec(nn.Module):
             raise ValueError(f"scorer must be one of {SCORERS}, got {self.scorer!r}")
         history = history[:, -self.cfg.sasrec.max_len :]
         sas = self.sasrec.score(history)  # [B, N+1]
-        if self.scorer == "sasrec":
+        if self.ranking_scorer == "sasrec":
             return ScoreParts(sas, candidates, None, candidates is not None)
         if user_idx is None:
             raise ValueError("the ur4rec retriever needs user_idx to score (its preference expert reads it)")
@@ -139,7 +148,7 @@ class UR4Rec(nn.Module):
     def compose(self, parts: ScoreParts, weight: float) -> torch.Tensor:
         """Final scores: [B, C] for given candidates; else [B, N+1] with the retriever's candidates
         above every other item (which keep SASRec's order)."""
-        if self.scorer == "sasrec":
+        if self.ranking_scorer == "sasrec":
             return parts.sas.gather(1, parts.cand) if parts.given else parts.sas
         sas_c, ret = parts.sas.gather(1, parts.cand).float(), parts.ret.float()
         top = ret if self.scorer == "retriever" else fuse(sas_c, ret, self.cfg.fusion, weight=weight)
@@ -219,6 +228,11 @@ def last_positions(targets: torch.Tensor, p: int) -> tuple[torch.Tensor, torch.T
 def _ce_or_zero(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy, or a zero still attached to the graph when no row has a target."""
     return F.cross_entropy(logits.float(), labels) if len(logits) else logits.sum() * 0.0
+
+
+def _default_sasrec_alone(module, state_dict, prefix, *args) -> None:
+    """Checkpoints written before ``sasrec_alone`` existed load as fused (their only meaning then)."""
+    state_dict.setdefault(prefix + "sasrec_alone", torch.tensor(False))
 
 
 def build_ur4rec(num_items: int, cfg: JointConfig, features: JointFeatures) -> UR4Rec:

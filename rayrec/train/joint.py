@@ -25,7 +25,7 @@ what joint training needs:
 
 Validation ranks with the stage's scorer (SASRec alone while it pretrains, the retriever
 alone while it pretrains, the fusion afterwards); the final test uses the best epoch of the
-fused stages.
+fused stages, or (``model.select``) the pretrained SASRec's when that validated strictly better.
 """
 
 from __future__ import annotations
@@ -127,6 +127,8 @@ class JointState(TrainState):
     stage_done: bool = False
     stage_stopper: dict[str, Any] = field(default_factory=dict)
     stage_best: dict[str, torch.Tensor] | None = None  # best epoch of the current stage
+    sasrec_stopper: dict[str, Any] = field(default_factory=dict)  # over SASRec-only epochs (model.select)
+    sasrec_best: dict[str, torch.Tensor] | None = None  # their best weights: a final candidate
     module_steps: dict[str, int] = field(default_factory=lambda: dict.fromkeys(MODULES, 0))  # run-level, per module
 
 
@@ -442,6 +444,13 @@ def _run_stage(plan: StagePlan, runner: StageRunner, model: UR4Rec, batches: Bat
             weights = st.stage_best = copy_weights(model)
         if plan.scorer == "joint" and stopper.update(metrics, epoch):
             st.best_model = weights if weights is not None else copy_weights(model)
+        if plan.scorer == "sasrec" and cfg.model.select == "fused_or_sasrec":
+            sas_stopper = EarlyStopping(cfg.train.early_stopping)
+            if st.sasrec_stopper:
+                sas_stopper.load_state_dict(st.sasrec_stopper)
+            if sas_stopper.update(metrics, epoch):
+                st.sasrec_best = weights if weights is not None else copy_weights(model)
+            st.sasrec_stopper = sas_stopper.state_dict()
         st.epoch, st.step = epoch, st.step + int(metrics[TRAIN_STEPS])
         for m in MODULES:
             st.module_steps[m] += int(metrics[f"train/steps_{m}"])
@@ -488,27 +497,51 @@ def calibrate_fusion(model: UR4Rec, batches: Iterable, cfg: JobConfig, num_items
 def _final_joint(model: UR4Rec, plans: list[StagePlan], st: JointState, stopper: EarlyStopping, batches: Batches,
                  cfg: JobConfig, num_items: int, device, reduce, reporter: Reporter,
                  health: GradHealth) -> dict[str, float]:
-    """Test the best fused epoch (or, without a fused stage, the last stage's best) once."""
+    """Test the best fused epoch (or, without a fused stage, the last stage's best) once; under
+    ``model.select: fused_or_sasrec`` the best SASRec-only epoch instead when its validation metric is
+    strictly better, ranked by SASRec alone (``UR4Rec.sasrec_alone``)."""
     fused = any(p.scorer == "joint" for p in plans)
     weights = st.best_model if fused else st.stage_best
-    if weights is not None:
-        model.load_state_dict(weights)
-    model.scorer = "joint" if fused else plans[-1].scorer
     stop = stopper if fused else EarlyStopping(cfg.train.early_stopping)
     if not fused and st.stage_stopper:
         stop.load_state_dict(st.stage_stopper)
+    alone = fused and st.sasrec_best is not None and _sasrec_wins(st.sasrec_stopper, stopper)
+    if alone:
+        log.info("final test: SASRec alone at epoch %d (%s %.4g) beats the best fused epoch %d (%.4g)",
+                 st.sasrec_stopper["best_epoch"], cfg.train.early_stopping.metric, st.sasrec_stopper["best"],
+                 stopper.best_epoch, stopper.best if stopper.best is not None else float("nan"))
+        weights, stop = st.sasrec_best, EarlyStopping(cfg.train.early_stopping)
+        stop.load_state_dict(st.sasrec_stopper)
+    if weights is not None:
+        model.load_state_dict(weights)
+    model.scorer = "joint" if fused else plans[-1].scorer
+    model.sasrec_alone.fill_(alone)
     final = final_test(model, batches.test(), cfg, num_items, device, reduce, epoch=st.epoch, stopper=stop,
                        stopped_early=st.epoch < plans[-1].last, skipped_steps=health.skipped_total)
+    if fused:
+        final["select/sasrec_alone"] = float(alone)
+    if alone:  # the run's best weights are what was tested, so `rayrec eval --weights best` reproduces it
+        st.best_model = copy_weights(model)
     reporter.report(final, _joint_state(st, model, None, cfg, health))
     log.debug("test (%s scorer, best epoch %d): %s", model.scorer, stop.best_epoch, fmt_metrics(final))
     return final
+
+
+def _sasrec_wins(sasrec: dict[str, Any], fused: EarlyStopping) -> bool:
+    """Whether the best SASRec-only epoch is strictly better than the best fused one."""
+    if sasrec.get("best") is None:
+        return False
+    if fused.best is None:
+        return True
+    return sasrec["best"] > fused.best if fused.cfg.mode == "max" else sasrec["best"] < fused.best
 
 
 def _joint_state(st: JointState, model: UR4Rec, runner: StageRunner | None, cfg: JobConfig,
                  health: GradHealth) -> dict[str, Any]:
     return st.checkpoint(model, cfg, stage_best=st.stage_best, stage_state=runner.state() if runner is not None else None,
                          health=health.state(), module_steps=dict(st.module_steps), stage=st.stage,
-                         stage_done=st.stage_done, stage_stopping=st.stage_stopper)
+                         stage_done=st.stage_done, stage_stopping=st.stage_stopper,
+                         sasrec_stopping=st.sasrec_stopper, sasrec_best=st.sasrec_best)
 
 
 def _restore_joint(state: dict[str, Any], model: UR4Rec, cfg: JobConfig) -> JointState:
@@ -520,6 +553,7 @@ def _restore_joint(state: dict[str, Any], model: UR4Rec, cfg: JobConfig) -> Join
     log.info("resumed from epoch %d (stage %d, step %d)", state["epoch"], state["stage"] + 1, state["step"])
     return JointState(**TrainState.shared_fields(state), stage=state["stage"], stage_done=state["stage_done"],
                       stage_stopper=state["stage_stopping"], stage_best=state["stage_best"],
+                      sasrec_stopper=state.get("sasrec_stopping", {}), sasrec_best=state.get("sasrec_best"),
                       module_steps={**dict.fromkeys(MODULES, 0), **state.get("module_steps", {})})
 
 
