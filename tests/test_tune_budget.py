@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from types import SimpleNamespace
 
 import pandas as pd
@@ -23,6 +24,21 @@ def test_the_budget_counts_epoch_reports_of_every_trial_and_stops_the_sweep_at_i
     assert stop.spent == 4 and not stop.stop_all()
     stop("b", {"epoch": 2})
     assert stop.spent == 5 and stop.stop_all()
+
+
+def test_the_budget_records_what_it_counted_so_the_summary_agrees_after_a_resume(tmp_path):
+    """Epochs a resumed trial trains again, or whose results were lost, count against the budget but are
+    missing from the saved results: the end of the sweep must be judged by the stopper's own count."""
+    from rayrec.tune.budget import recorded_spent
+
+    assert recorded_spent(tmp_path) is None  # no budget file: nothing recorded
+    stop = EpochBudget(3, record=tmp_path)
+    stop("a", {"epoch": 1})
+    assert recorded_spent(tmp_path) == 1
+    resumed = pickle.loads(pickle.dumps(stop))  # what Tune.restore gives back
+    resumed("a", {"epoch": 1})  # trained again after the resume
+    resumed("b", {"epoch": 1})
+    assert resumed.stop_all() and recorded_spent(tmp_path) == 3
 
 
 def test_trial_epochs_are_read_back_from_the_results_without_the_test_report():

@@ -129,7 +129,12 @@ def print_outcome(sweep, out) -> None:
     print(f"\nsweep {sweep.name}: {len(out.rows)} trials " + ", ".join(
         f"{(frame['status'] == s).sum()} {s.replace('_', ' ')}" for s in sorted(set(frame.get('status', [])))))
     budget = sweep.space.epoch_budget
-    print(f"trial-epochs trained: {sum(r.trained for r in out.rows)}" + (f" of a budget of {budget}" if budget else ""))
+    from rayrec.tune.budget import recorded_spent
+
+    trained, counted = sum(r.trained for r in out.rows), recorded_spent(out.sweep_dir)
+    print(f"trial-epochs trained: {trained}" + (f" of a budget of {budget}" if budget else "")
+          + (f" (the budget counted {counted}: epochs trained again after a resume, or of results lost)"
+             if counted is not None and counted != trained else ""))
     with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.4g}".format):
         print(frame.to_string(index=False) if not frame.empty else "(no trial reported)")
     if out.best is not None:

@@ -232,7 +232,7 @@ def _tuner(sweep: Sweep, plan, sweep_dir: Path, concurrency: int, resume: bool, 
     from rayrec.tune.budget import EpochBudget
 
     s = sweep.space
-    stop = EpochBudget(s.epoch_budget) if s.epoch_budget else None
+    stop = EpochBudget(s.epoch_budget, record=sweep_dir) if s.epoch_budget else None
     tune_config = tune.TuneConfig(
         metric=_objective(sweep), mode=s.resolved_mode, search_alg=make_searcher(sweep), scheduler=make_scheduler(sweep),
         num_samples=s.num_samples, max_concurrent_trials=concurrency, time_budget_s=s.time_budget_s,
@@ -317,8 +317,11 @@ def _report(sweep: Sweep, plan, grid, sweep_dir: Path, parent: Tracker, export: 
 
     statuses = saved_statuses(sweep_dir)
     rows = trial_rows(sweep, grid, statuses)
+    from rayrec.tune.budget import recorded_spent
+
     epochs = sweep.space.epoch_budget
-    spent = bool(epochs) and sum(r.trained for r in rows) >= epochs
+    counted = max(sum(r.trained for r in rows), recorded_spent(sweep_dir) or 0)  # the stopper's count after a resume
+    spent = bool(epochs) and counted >= epochs
     ended_by = "time budget" if out_of_time else "epoch budget" if spent else None  # fewer trials: no interruption
     unfinished = any(s not in ("TERMINATED", "ERROR") for s in statuses.values())
     interrupted = unfinished or (len(statuses) < sweep.space.num_samples and not ended_by)
