@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -62,10 +64,7 @@ def test_group_advantages_are_standardised_within_groups():
     assert R.group_advantages(r, 4, scale=False)[:2] == pytest.approx([0.75, -0.25])
 
 
-def test_dynamic_sampling_keeps_hits_then_frequent_items_and_add_gt_injects_the_target():
-    drawn = [4, 9, 5, 4, 9, 4, 6, 9]  # target 9 drawn 3 times; 4 is the most frequent other
-    keep = pick_dynamic(drawn, 9, 5)
-    assert [drawn[i] for i in keep] == [9, 9, 9, 4, 4]
+def test_add_gt_injects_the_target():
     g = inject_target(Group([[1], [2], [3]], [1, 2, 3], [[0.0], [0.0], [0.0]]), 8, [8, 0])
     assert g.items == [1, 2, 8] and g.completion_ids[-1] == [8, 0] and g.injected == [False, False, True]
     g = inject_target(Group([[1], [8]], [1, 8], [[0.0], [0.0]]), 8, [8, 0])
@@ -160,6 +159,37 @@ def test_bad_adapters_lora_and_rewards_fail_before_any_worker(sft, tmp_path):
     save_state({"config": dump_job(other), "model": build_sasrec(50, other.model).state_dict()}, tmp_path / "cf")
     fails("trained on 50 items but this job's data has 120", grpo={
         "rewards": {"collaborative": 1.0, "ranking": 0.0}, "collaborative_checkpoint": str(tmp_path / "cf")})
+    # the same count, other items: the same prepared data with two items' ids swapped
+    import shutil
+
+    import pandas as pd
+
+    data = tmp_path / "other_data"
+    shutil.copytree(sft[0]["data"]["path"], data)
+    items = pd.read_parquet(data / "items.parquet")
+    items.loc[[0, 1], "source_id"] = items.loc[[1, 0], "source_id"].to_numpy()
+    items.to_parquet(data / "items.parquet")
+    collaborative_checkpoint(sft, tmp_path / "cf_other", data_path=data)
+    fails(r"its items mean other items than this job's \(2 of 120 differ; item_idx 1 is",
+          grpo={"rewards": {"collaborative": 1.0, "ranking": 0.0},
+                "collaborative_checkpoint": str(tmp_path / "cf_other")})
+    collaborative_checkpoint(sft, tmp_path / "cf_gone", data_path=tmp_path / "gone")
+    fails("its prepared data .*gone.* cannot be read", grpo={
+        "rewards": {"collaborative": 1.0, "ranking": 0.0}, "collaborative_checkpoint": str(tmp_path / "cf_gone")})
+
+
+def collaborative_checkpoint(sft, folder, items: int = 120, data_path=None):
+    """An (untrained) SASRec checkpoint whose job names the given prepared data (default: the module's)."""
+    from rayrec.config.loader import dump_job
+    from rayrec.config.schema import JobConfig
+    from rayrec.models.sasrec import build_sasrec
+    from rayrec.train.checkpoint import save_state
+
+    sas = JobConfig.model_validate({"data": {"path": str(data_path or sft[0]["data"]["path"])},
+                                    "model": {"name": "sasrec", "hidden": 8, "num_blocks": 1, "max_len": 5}})
+    torch.manual_seed(0)
+    save_state({"config": dump_job(sas), "model": build_sasrec(items, sas.model).state_dict()}, folder)
+    return sas
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -370,15 +400,10 @@ def test_beam_groups_ignore_the_checkpoints_sampling_settings(sft):
 
 
 def test_semantic_and_collaborative_rewards_and_unconstrained_rollouts_in_a_real_batch(sft, tmp_path):
-    from rayrec.config.loader import dump_job
-    from rayrec.config.schema import JobConfig
     from rayrec.genrec.grpo import load_collaborative
-    from rayrec.models.sasrec import build_sasrec
-    from rayrec.train.checkpoint import save_state
 
-    sas = JobConfig.model_validate({"model": {"name": "sasrec", "hidden": 8, "num_blocks": 1, "max_len": 5}})
-    save_state({"config": dump_job(sas), "model": build_sasrec(120, sas.model).state_dict()}, tmp_path / "cf")
-    model, max_len = load_collaborative(tmp_path / "cf", 120)
+    sas = collaborative_checkpoint(sft, tmp_path / "cf")
+    model, max_len = load_collaborative(tmp_path / "cf", open_prepared(sft[0]["data"]["path"]).table("items"))
     scorer = R.sasrec_scorer(model, max_len)
     probs = scorer([[1, 2, 3], [4]], [5, 6])
     with torch.no_grad():
@@ -387,6 +412,7 @@ def test_semantic_and_collaborative_rewards_and_unconstrained_rollouts_in_a_real
 
     cfg = grpo_job(sft, "mixed", grpo={"rollout": "sample", "constrained": False, "add_gt": False, "rewards": {
         "ranking": 1.0, "semantic": 0.5, "collaborative": 0.5}, "collaborative_checkpoint": str(tmp_path / "cf")})
+    assert sas.model.max_len == max_len
     log: list = []
     trainer = local_trainer(cfg, tmp_path, log)
     rows = first_batch(trainer)
@@ -399,7 +425,8 @@ def test_semantic_and_collaborative_rewards_and_unconstrained_rollouts_in_a_real
     assert trainer._metrics["train"]["rollout/invalid"][-1] == pytest.approx(len(invalid) / len(out["item"]))
     # ...and get each reward's minimum
     funcs = {f.__name__: f for f in trainer.reward_funcs}
-    kw = {"item": out["item"], "target": [r["target"] for r in rows], "history": [r["history"] for r in rows]}
+    kw = {"item": out["item"], "target": [r["target"] for r in rows], "history": [r["history"] for r in rows],
+          "cf_history": [r["cf_history"] for r in rows]}
     got = {name: f(None, None, None, **kw) for name, f in funcs.items()}
     for k in invalid:
         assert (got["ranking"][k], got["semantic"][k], got["collaborative"][k]) == (R.rank_penalties(4)[0], -1.0, 0.0)
@@ -412,3 +439,207 @@ def test_beta_zero_builds_no_reference_adapter(sft, tmp_path):
     assert not any(".ref" in n for n in names) and trainer.ref_model is None
     batch = trainer._generate_and_score_completions(first_batch(trainer))
     assert batch.get("ref_per_token_logps") is None
+
+
+# ----------------------------------------------------------------------------- what is learned (issue #25)
+
+
+def test_copies_of_one_sampled_item_share_its_rank_and_its_penalty():
+    items, targets = [5, 5, 7, 6], [7, 7, 7, 7]
+    ranks = R.distinct_ranks(items)
+    assert ranks == [0, 0, 1, 2]
+    pen = R.rank_penalties(4)
+    assert R.ranking(items, targets, group_size=4, ranks=ranks) == pytest.approx([pen[0], pen[0], 1.0, pen[2]])
+
+
+def test_dynamic_sampling_fills_the_group_round_robin_over_distinct_items():
+    # the issue's reproduction: 24 samples, item 3 drawn 10 times, 14 other items once, no hit, G = 16
+    drawn = [3] * 10 + list(range(10, 24))
+    rng = np.random.default_rng(0)
+    drawn = [drawn[i] for i in rng.permutation(len(drawn))]
+    keep = [drawn[i] for i in pick_dynamic(drawn, target=99, size=16)]
+    assert len(keep) == 16 and len(set(keep)) == 15 and keep.count(3) == 2
+    # hits come first, once per round like every other item
+    drawn = [4, 9, 5, 4, 9, 4, 6, 9]
+    assert [drawn[i] for i in pick_dynamic(drawn, 9, 5)] == [9, 4, 5, 6, 9]
+
+
+def test_mixed_rewards_are_standardised_per_group_so_the_weights_set_each_share():
+    rng = np.random.default_rng(0)
+    G = 8
+    ranking = np.zeros((6, G))
+    ranking[:3, 0] = 1.0  # half the groups hold the target; the others give the ranking reward no signal
+    ranking[:3, 1:] = -rng.random((3, G - 1)) * 0.3
+    collaborative = 1e-3 * rng.random((6, G))  # a softmax probability: tiny spread
+    values = np.stack([ranking.ravel(), collaborative.ravel()], 1)
+    z = R.standardise_groups(values, G)
+    assert np.allclose(z[G * 3:, 0], 0) and np.allclose(z[:, 1].reshape(6, G).std(1, ddof=1), 1)
+
+    def shares(weights):
+        adv = R.mix_rewards(values, weights, G)
+        coef, *_ = np.linalg.lstsq(z, adv, rcond=None)
+        assert np.allclose(z @ coef, adv)  # the advantage is a weighted sum of the z-scores, nothing else
+        return coef
+
+    c = shares([1.0, 0.5])
+    d = shares([1.0, 1.0])
+    assert c[1] / c[0] == pytest.approx(0.5) and d[1] / d[0] == pytest.approx(1.0)  # the weight doubled, the share too
+
+
+def test_the_trainer_mixes_rewards_by_their_weights_and_logs_the_raw_rewards(sft, tmp_path):
+    collaborative_checkpoint(sft, tmp_path / "cf")
+    coefs = []
+    for w in (0.5, 1.0):
+        cfg = grpo_job(sft, f"mix{w}", grpo={"add_gt": True, "num_generations": 4, "rewards": {
+            "ranking": 1.0, "collaborative": w}, "collaborative_checkpoint": str(tmp_path / "cf")})
+        log: list = []
+        trainer = local_trainer(cfg, tmp_path / f"w{w}", log)
+        rows = first_batch(trainer)
+        batch = trainer._generate_and_score_completions(rows)
+        funcs = {f.__name__: f for f in trainer.reward_funcs}
+        kw = {"item": log[-1]["item"], "rank": log[-1]["rank"], "target": [r["target"] for r in rows],
+              "history": [r["history"] for r in rows], "cf_history": [r["cf_history"] for r in rows]}
+        raw = np.array([funcs["ranking"](None, None, None, **kw), funcs["collaborative"](None, None, None, **kw)],
+                       dtype=float).T
+        z = np.nan_to_num(R.standardise_groups(raw, 4))
+        coef, *_ = np.linalg.lstsq(z, batch["advantages"].numpy(), rcond=None)
+        assert np.allclose(z @ coef, batch["advantages"].numpy(), atol=1e-4)
+        coefs.append(coef)
+        # the logged rewards are the raw ones, not their z-scores
+        metrics = trainer._metrics["train"]
+        assert metrics["rewards/collaborative/mean"][-1] == pytest.approx(np.nanmean(raw[:, 1]), rel=1e-4)
+        assert metrics["rewards/ranking/mean"][-1] == pytest.approx(np.nanmean(raw[:, 0]), abs=1e-6)
+    assert coefs[0][1] / coefs[0][0] == pytest.approx(0.5, rel=1e-3)
+    assert coefs[1][1] / coefs[1][0] == pytest.approx(1.0, rel=1e-3)
+
+
+def test_the_collaborative_reward_reads_the_users_train_history_up_to_the_sasrec_window(sft, tmp_path):
+    from rayrec.recipes import grpo as G
+    from rayrec.runs import Run
+
+    sas = collaborative_checkpoint(sft, tmp_path / "cf")  # max_len 5, longer than the prompts' 3
+    cfg = grpo_job(sft, "cfh", prompts={"tasks": {"sid_seq": 1.0, "title_to_sid": 1.0}, "max_history": 3,
+                                        "max_examples": 96},
+                   grpo={"rewards": {"ranking": 1.0, "collaborative": 0.5},
+                         "collaborative_checkpoint": str(tmp_path / "cf")})
+    inputs = G.prepare(cfg, Run(tmp_path / "run", local=True))
+    rows = inputs.data.train
+    train = inputs.data.ds.table("train")
+    seqs = {int(u): [int(i) for i in s] for u, s in zip(train["user_idx"], train["seq"])}
+    longer = 0
+    for row in rows.itertuples():
+        if row.task == "title_to_sid":
+            assert list(row.cf_history) == []
+            continue
+        seq = seqs[row.user_idx]
+        assert seq[row.pos] == row.target
+        want = seq[max(0, row.pos - sas.model.max_len):row.pos]
+        assert list(row.cf_history) == want and list(row.history) == want[-len(row.history):]
+        longer += len(want) > len(row.history)
+    assert longer > 0  # the reward reads more than the prompt shows
+    # rows without a user history are not scored (None), instead of getting SASRec's popularity prior
+    ctx = R.RewardContext(scorer=lambda hist, items: [0.5] * len(items))
+    assert R.collaborative([3, 4], [[], [1, 2]], ctx=ctx) == [None, 0.5]
+
+
+def test_rollouts_generate_at_most_eval_batch_size_prompts_at_once(sft, tmp_path, monkeypatch):
+    from rayrec.genrec import rollouts
+
+    sizes = []
+    real = rollouts.generate_groups
+
+    def counted(model, tokenizer, prompts, *a, **kw):
+        sizes.append(len(prompts))
+        return real(model, tokenizer, prompts, *a, **kw)
+
+    monkeypatch.setattr(rollouts, "generate_groups", counted)
+    cfg = grpo_job(sft, "chunks", train={"batch_size": 8, "grad_accum": 2}, eval={"batch_size": 3})
+    trainer = local_trainer(cfg, tmp_path)
+    trainer._generate_and_score_completions(first_batch(trainer))
+    assert sizes == [3, 1]  # 16 completions = 4 prompts of G 4, generated 3 + 1
+
+
+def test_one_pass_per_generation_and_no_inert_settings(sft, tmp_path):
+    from rayrec.genrec.grpo import grpo_args
+
+    with pytest.raises(ValueError, match="importance_sampling_level=sequence.*changes nothing"):
+        grpo_job(sft, "gspo", grpo={"importance_sampling_level": "sequence"})
+    with pytest.raises(ValueError, match="scale_rewards=batch with several rewards"):
+        grpo_job(sft, "sb", grpo={"scale_rewards": "batch", "rewards": {"ranking": 1.0, "semantic": 1.0}})
+    args = grpo_args(grpo_job(sft, "args", train={"batch_size": 8, "grad_accum": 2}), tmp_path, use_gpu=False,
+                     deepspeed=None, completion_len=4)
+    # TRL uses the current log-probs as the old ones exactly when one generation feeds one optimizer step
+    assert args.num_iterations == 1 and args.steps_per_generation == args.gradient_accumulation_steps == 2
+    assert args.multi_objective_aggregation == "sum_then_normalize"  # one reward: plain GRPO
+
+
+def test_samples_are_ranked_by_the_policys_own_log_probability(sft):
+    from rayrec.genrec.constrained import build_trie
+    from rayrec.genrec.lm import SID_FILE, load_for_eval
+    from rayrec.genrec.rollouts import generate_groups
+    from rayrec.genrec.semantic_ids import read_index
+
+    common, adapter, _ = sft
+    model, tok, _ = load_for_eval(adapter)
+    ds = open_prepared(common["data"]["path"])
+    trie = build_trie(tok, read_index(Path(adapter) / SID_FILE).for_items(ds.table("items")))
+    prompts = ["The user interacted with: " + " ".join(f"<a_{i}>" for i in range(k)) for k in (1, 2, 3)]
+    torch.manual_seed(0)
+    for prompt in prompts:  # one prompt per call: no padding, so the forward below sees the same positions
+        group = generate_groups(model, tok, [prompt], trie, size=8, mode="sample", temperature=3.0)[0]
+        p_ids = tok(prompt)["input_ids"]
+        totals = []
+        for c in group.completion_ids:
+            ids = torch.tensor([p_ids + c])
+            with torch.no_grad():
+                logp = torch.log_softmax(model(input_ids=ids).logits[0, len(p_ids) - 1:-1].float(), -1)
+            totals.append(float(logp[torch.arange(len(c)), torch.tensor(c)].sum()))
+        assert all(a >= b - 1e-3 for a, b in zip(totals, totals[1:])), totals
+
+
+def test_trl_internals_the_recipe_overrides_keep_their_names_and_signatures():
+    """A TRL upgrade that renames or re-signs what SidGRPOTrainer overrides or calls fails here, not mid-run."""
+    import inspect
+
+    from trl import GRPOConfig, GRPOTrainer
+    from trl.models.utils import unwrap_model_for_generation
+
+    def params(f):
+        return list(inspect.signature(f).parameters)
+
+    assert params(GRPOTrainer._generate_and_score_completions) == ["self", "inputs"]
+    assert params(GRPOTrainer._calculate_rewards) == ["self", "inputs", "prompts", "completions",
+                                                      "completion_ids_list"]
+    assert params(GRPOTrainer._get_per_token_logps_and_entropies)[:5] == [
+        "self", "model", "input_ids", "attention_mask", "logits_to_keep"]
+    assert {"batch_size", "compute_entropy"} <= set(params(GRPOTrainer._get_per_token_logps_and_entropies))
+    assert params(GRPOTrainer._log_metric)[:3] == ["self", "name", "value"]
+    assert {"rollout_func", "reward_funcs", "processing_class"} <= set(params(GRPOTrainer.__init__))
+    assert {"gather_deepspeed3_params", "gradient_checkpointing_kwargs"} <= set(params(unwrap_model_for_generation))
+    fields = GRPOConfig.__dataclass_fields__
+    assert {"multi_objective_aggregation", "num_iterations", "steps_per_generation", "scale_rewards",
+            "importance_sampling_level", "reward_weights"} <= set(fields)
+    assert fields["multi_objective_aggregation"].default == "sum_then_normalize"
+
+
+def test_the_reported_validation_score_is_the_chosen_checkpoints(tmp_path):
+    from rayrec.recipes import sft as S
+    from rayrec.workers.hf import best_local, chosen_metrics
+
+    # locally: checkpoint-2 scored best; the last log entry is checkpoint-4's
+    for step in (2, 4):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    history = [{"step": 2, "val/ndcg@10": 0.5, "val/hr@10": 0.6}, {"step": 3, "train/loss": 1.0},
+               {"step": 4, "val/ndcg@10": 0.3, "val/hr@10": 0.7}]
+    best = best_local(history, tmp_path, "val/ndcg@10", "max")
+    assert Path(best).name == "checkpoint-2"
+    assert chosen_metrics(history, best) == {"val/ndcg@10": 0.5, "val/hr@10": 0.6}
+    # on Ray: the Result's best checkpoint, with its own report
+    first, last = SimpleNamespace(path=str(tmp_path / "c1")), SimpleNamespace(path=str(tmp_path / "c2"))
+    reports = [(first, {"val/ndcg@10": 0.5, "val/hr@10": 0.6}), (last, {"val/ndcg@10": 0.3, "val/hr@10": 0.7})]
+    result = SimpleNamespace(checkpoint=last, best_checkpoints=reports, metrics={**reports[1][1], "train/loss": 1.0},
+                             get_best_checkpoint=lambda metric, mode: max(reports, key=lambda r: r[1][metric])[0])
+    cfg = GenRecJobConfig.model_validate({"train": {"val_rows": 8}})
+    out = S.outcome(cfg, result, SimpleNamespace(dir=tmp_path, tracker=SimpleNamespace(run_id="r")))
+    assert out.checkpoint == str(tmp_path / "c1" / "checkpoint")
+    assert out.metrics["val/ndcg@10"] == 0.5 and out.metrics["val/hr@10"] == 0.6 and out.metrics["train/loss"] == 1.0

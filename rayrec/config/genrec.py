@@ -228,14 +228,24 @@ class GRPOSettings(Strict):
     constrained: bool = Field(True, description="decode through the SID trie (off: invalid outputs get the "
                               "minimum reward and are counted)")
     temperature: float = Field(1.0, gt=0.0, description="sampling temperature (rollout: sample)")
-    dynamic_sampling: bool = Field(False, description="sample 1.5 G, keep the hits, fill with the most frequent others")
+    dynamic_sampling: bool = Field(False, description="sample 1.5 G, fill the group round-robin over the distinct "
+                                   "items drawn (the target first, then the most frequent)")
     add_gt: bool = Field(False, description="put the target into every group that misses it (off-policy)")
     beta: float = Field(1e-3, ge=0.0, description="KL weight to the SFT policy; 0 = no reference at all")
     loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = Field(
         "grpo", description="grpo: per-sequence mean (MiniOneRec); dapo: token mean; see TRL")
-    importance_sampling_level: Literal["token", "sequence"] = Field("token", description="sequence = GSPO")
-    scale_rewards: Literal["group", "batch", "none"] = Field("group", description="advantage = (r - mean) / std")
+    importance_sampling_level: Literal["token", "sequence"] = Field(
+        "token", description="token only: each generation is used for one pass, so the importance ratio is 1 and "
+        "GSPO's sequence-level ratio (sequence) would change nothing")
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group", description="advantage = (r - mean) / std of one reward (or of the weighted sum with "
+        "reward_mixing: sum_then_normalize)")
     rewards: RewardWeights = Field(RewardWeights(), description="reward functions and their weights")
+    reward_mixing: Literal["normalize_then_sum", "sum_then_normalize"] = Field(
+        "normalize_then_sum", description="several rewards: normalize_then_sum standardises each within its group "
+        "before the weights apply, so a weight is the reward's share of the advantage whatever its scale; "
+        "sum_then_normalize (TRL's default) sums the raw weighted rewards, where a reward of a larger spread "
+        "dominates whatever the weights")
     collaborative_checkpoint: Path | None = Field(
         None, description="folder of a `rayrec train` SASRec checkpoint (state.pt) on the same prepared data")
 
@@ -295,4 +305,14 @@ class GRPOJobConfig(GenRecJobConfig):
                 f"to a multiple of {g}")
         if self.grpo.dynamic_sampling and self.grpo.rollout != "sample":
             raise ValueError("grpo.dynamic_sampling draws 1.5 G samples, so it needs grpo.rollout=sample")
+        if self.grpo.importance_sampling_level != "token":
+            raise ValueError("grpo.importance_sampling_level=sequence (GSPO) changes nothing here: each generation is "
+                             "used for one optimisation pass, so the policy that sampled is the policy being "
+                             "updated and the importance ratio is 1 at every token; leave it at token")
+        mixed = len(self.grpo.rewards.weights()) > 1 and self.grpo.reward_mixing == "normalize_then_sum"
+        if mixed and self.grpo.scale_rewards != "group":
+            raise ValueError(f"grpo.scale_rewards={self.grpo.scale_rewards} with several rewards and "
+                             "reward_mixing=normalize_then_sum: each reward is standardised within its group and "
+                             "the weighted sum over the batch, so scale_rewards does not apply; leave it at group, "
+                             "or set grpo.reward_mixing=sum_then_normalize")
         return self

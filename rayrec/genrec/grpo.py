@@ -2,8 +2,13 @@
 
 The policy is the base model (resized to the adapter's rows) with the SFT adapter loaded
 trainable: LoRA and the SID token rows go on training from where SFT left them; every base
-weight stays bit-identical. TRL's ``GRPOTrainer`` does the rest (groups, advantages, the
-clipped objective, KL, logging), with three changes, each for a reason found in testing:
+weight stays bit-identical. TRL's ``GRPOTrainer`` does the rest (groups, advantages, KL,
+logging). Each generation is used for one optimisation pass (``num_iterations`` 1,
+``steps_per_generation`` = ``grad_accum``), so TRL's old log-probs are the current ones: the
+importance ratio is 1 and the objective is the group-advantage policy gradient with KL to
+the SFT policy (PPO clipping and GSPO's sequence-level ratio would change nothing, so the
+job refuses ``importance_sampling_level: sequence``). Four changes, each for a reason
+found in testing:
 
 * **Log-probs through the model's own forward.** TRL's fused LM-head path reads
   ``lm_head.weight``/``lm_head.bias`` directly; PEFT's trainable-token wrapper on
@@ -18,6 +23,11 @@ clipped objective, KL, logging), with three changes, each for a reason found in 
 * **Rows reach the rollouts.** TRL hands ``rollout_func`` the prompt strings only; the
   trainer keeps the current batch's rows so rollouts read each row's target (``add_gt``,
   dynamic sampling) from its own columns, never by looking up the prompt text.
+* **Mixed rewards weigh what they say.** With several rewards, each is standardised within
+  its group (``rewards.standardise_groups``: exact, a flat group gets 0) before TRL's
+  ``normalize_then_sum`` weights and sums them; TRL's own per-reward step divides by
+  std + 1e-4, which shrinks a reward that spreads ~1e-3 (the collaborative probability) by
+  10 %. The logged ``rewards/<name>/mean`` stay the raw rewards.
 """
 
 from __future__ import annotations
@@ -151,7 +161,7 @@ def _gathered(params):
 def grpo_trainer_class():
     """``GRPOTrainer`` with the three changes of the module docstring."""
     from trl import GRPOTrainer
-    from trl.trainer.utils import entropy_from_logits, selective_log_softmax
+    from trl.trainer.utils import entropy_from_logits, nanstd, selective_log_softmax
 
     class SidGRPOTrainer(GRPOTrainer):
         rollout_rows: list[dict] = []
@@ -163,7 +173,31 @@ def grpo_trainer_class():
 
         def _generate_and_score_completions(self, inputs):
             self.rollout_rows = inputs
-            return super()._generate_and_score_completions(inputs)
+            self._raw_rewards = None
+            out = super()._generate_and_score_completions(inputs)
+            if self._raw_rewards is not None:  # log the raw rewards, not their group z-scores
+                self._log_raw(self._raw_rewards)
+            return out
+
+        def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+            raw = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+            if self.multi_objective_aggregation != "normalize_then_sum":
+                return raw
+            self._raw_rewards = raw
+            z = R.standardise_groups(raw.detach().cpu().numpy(), self.num_generations)
+            return torch.as_tensor(z, dtype=raw.dtype, device=raw.device)
+
+        def _log_raw(self, raw):
+            metrics = self._metrics["train" if self.model.training else "eval"]
+            weights = self.reward_weights.to(raw.device)
+            for i, name in enumerate(self.reward_func_names):
+                col = raw[:, i]
+                metrics[f"rewards/{name}/mean"][-1] = torch.nanmean(col).item()
+                metrics[f"rewards/{name}/std"][-1] = nanstd(col).item()
+            total = (raw * weights.unsqueeze(0)).nansum(dim=1)
+            total[torch.isnan(raw).all(dim=1)] = torch.nan
+            metrics["reward"][-1] = torch.nanmean(total).item()
+            metrics["reward_std"][-1] = nanstd(total).item()
 
         def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep,
                                                batch_size=None, compute_entropy=False, compute_aux_loss=False,
@@ -204,9 +238,17 @@ def grpo_args(cfg, output_dir: str | Path, *, use_gpu: bool, deepspeed: dict | N
         num_generations=g.num_generations, beta=g.beta, loss_type=g.loss_type,
         importance_sampling_level=g.importance_sampling_level, scale_rewards=g.scale_rewards,
         reward_weights=list(g.rewards.weights().values()), max_completion_length=completion_len,
+        multi_objective_aggregation=aggregation(cfg), num_iterations=1,
         temperature=g.temperature if g.rollout == "sample" else 1.0, disable_dropout=True,
         remove_unused_columns=False, log_completions=False, shuffle_dataset=True,
     )
+
+
+def aggregation(cfg) -> str:
+    """TRL's ``multi_objective_aggregation``: several rewards are standardised per group before the
+    weights apply (``grpo.reward_mixing``); one reward is plain GRPO (``scale_rewards`` applies)."""
+    several = len(cfg.grpo.rewards.weights()) > 1
+    return "normalize_then_sum" if several and cfg.grpo.reward_mixing == "normalize_then_sum" else "sum_then_normalize"
 
 
 def make_rollout(cfg, trie, tokenizer, item_sids: dict[int, tuple[str, ...]], max_prompt_tokens: int):
@@ -232,14 +274,19 @@ def make_rollout(cfg, trie, tokenizer, item_sids: dict[int, tuple[str, ...]], ma
                                   "must be a multiple of grpo.num_generations")
         targets = [int(rows[s]["target"]) for s in firsts]
         model = trainer.model_wrapped
+        chunk = max(1, cfg.eval.batch_size)  # prompts per generate call: memory bounded whatever grad_accum is
+        groups = []
         with unwrap_model_for_generation(  # the checkpointing kwargs: TRL forces reentrant ones (PEFT + ZeRO-3)
                 model, trainer.accelerator, gather_deepspeed3_params=trainer.args.ds3_gather_for_generation,
                 gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs) as unwrapped:
             was_training = unwrapped.training
             unwrapped.eval()
-            groups = generate_groups(unwrapped, tokenizer, [prompts[s] for s in firsts], trie, size=size,
-                                     mode=g.rollout, constrained=g.constrained, temperature=g.temperature,
-                                     dynamic=g.dynamic_sampling, targets=targets, max_prompt_tokens=max_prompt_tokens)
+            for c in range(0, len(firsts), chunk):
+                part = firsts[c : c + chunk]
+                groups += generate_groups(unwrapped, tokenizer, [prompts[s] for s in part], trie, size=size,
+                                          mode=g.rollout, constrained=g.constrained, temperature=g.temperature,
+                                          dynamic=g.dynamic_sampling, targets=targets[c : c + chunk],
+                                          max_prompt_tokens=max_prompt_tokens)
             unwrapped.train(was_training)
         had_target = [t in grp.items for grp, t in zip(groups, targets)]  # before add_gt puts it in
         if g.add_gt:
@@ -247,12 +294,13 @@ def make_rollout(cfg, trie, tokenizer, item_sids: dict[int, tuple[str, ...]], ma
         prompt_ids = tokenizer([prompts[s] for s in firsts], truncation=True, max_length=max_prompt_tokens)["input_ids"]
         out: dict[str, list] = {"prompt_ids": [], "completion_ids": [], "logprobs": [], "item": [], "rank": []}
         for grp, p_ids, has in zip(groups, prompt_ids, had_target):
+            ranks = R.distinct_ranks(grp.items)  # copies of one sampled item share its rank
             for pos in range(size):
                 out["prompt_ids"].append(list(p_ids))
                 out["completion_ids"].append(grp.completion_ids[pos])
                 out["logprobs"].append(grp.logprobs[pos])
                 out["item"].append(-1 if grp.items[pos] is None else int(grp.items[pos]))
-                out["rank"].append(pos)
+                out["rank"].append(ranks[pos])
             valid = [i for i in grp.items if i is not None]
             trainer._log_metric("rollout/distinct_items", len(set(valid)) / size)
             trainer._log_metric("rollout/invalid", (size - len(valid)) / size)
@@ -268,9 +316,13 @@ def make_rewards(cfg, ctx: R.RewardContext) -> list:
     size = cfg.grpo.num_generations
 
     def one(name: str):
-        def reward(prompts, completions, completion_ids, item, target, history, **_):
+        def reward(prompts, completions, completion_ids, item, target, history, rank=None, cf_history=None, **_):
             items = [None if int(i) < 0 else int(i) for i in item]
-            return R.score(name, items, [int(t) for t in target], history, size, ctx)
+            if name == "collaborative":  # the user's train history up to the SASRec's max_len, not the prompt's
+                if cf_history is None:
+                    raise RayrecError("the collaborative reward needs each row's cf_history (the recipe adds it)")
+                history = cf_history
+            return R.score(name, items, [int(t) for t in target], history, size, ctx, ranks=rank)
 
         reward.__name__ = name
         return reward
@@ -288,8 +340,10 @@ def build_trainer(cfg, model, tokenizer, train_rows, output_dir, *, trie, item_s
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is marked experimental in TRL 1.x
     if not isinstance(train_rows, Dataset):
+        extra = ["cf_history"] if train_rows and "cf_history" in train_rows[0] else []
         train_rows = Dataset.from_list([{"prompt": r["prompt"], "target": int(r["target"]),
-                                         "history": [int(i) for i in r["history"]]} for r in train_rows])
+                                         "history": [int(i) for i in r["history"]],
+                                         **{k: [int(i) for i in r[k]] for k in extra}} for r in train_rows])
     args = grpo_args(cfg, output_dir, use_gpu=use_gpu, deepspeed=deepspeed, completion_len=trie.max_len)
     trainer = grpo_trainer_class()(
         model=model, args=args, reward_funcs=make_rewards(cfg, ctx), train_dataset=train_rows,
@@ -315,12 +369,21 @@ def item_embeddings(items, sids_cfg) -> Any:
     return out
 
 
-def load_collaborative(path: Path | None, num_items: int):
+def item_mapping(items) -> dict[int, str]:
+    """item_idx -> the item's id in the raw data (``source_id``): what a model's item rows mean."""
+    return {int(i): str(s) for i, s in zip(items["item_idx"], items["source_id"])}
+
+
+def load_collaborative(path: Path | None, items):
     """(sequential model in eval mode, max history length) from a `rayrec train` checkpoint (SASRec) trained
-    on the same items; the model's ``score(history)`` gives the collaborative reward."""
+    on the same items (``items``: this job's items table); the model's ``score(history)`` gives the
+    collaborative reward. A checkpoint whose item rows mean other items is refused, not only one of another
+    size: its data's items table (the checkpoint's ``data.path``) must map every item_idx to the same item."""
     import yaml
 
     from rayrec.config.schema import JobConfig
+    from rayrec.data.dataset import open_prepared
+    from rayrec.errors import DataError
     from rayrec.train.checkpoint import STATE_FILE, load_state
     from rayrec.train.specs import build_model
 
@@ -338,9 +401,33 @@ def load_collaborative(path: Path | None, num_items: int):
     if emb is None:
         raise ConfigError(f"grpo.collaborative_checkpoint {path}: a {job.model.name} checkpoint without item "
                           "embeddings; the collaborative reward needs a sequential model such as sasrec")
+    num_items = int(items["item_idx"].max())
     if emb.shape[0] - 1 != num_items:
         raise ConfigError(f"grpo.collaborative_checkpoint {path}: trained on {emb.shape[0] - 1} items but this job's "
                           f"data has {num_items}; train the SASRec model on the same prepared data (data.path)")
+    try:
+        theirs = item_mapping(open_prepared(job.data.path).table("items"))
+    except DataError as e:
+        raise ConfigError(f"grpo.collaborative_checkpoint {path}: its prepared data ({job.data.path}) cannot be "
+                          f"read, so its item mapping cannot be checked against this job's: {e}") from None
+    ours = item_mapping(items)
+    differ = sorted(i for i in ours if theirs.get(i) != ours[i])
+    if differ:
+        i = differ[0]
+        raise ConfigError(f"grpo.collaborative_checkpoint {path}: its items mean other items than this job's "
+                          f"({len(differ)} of {len(ours)} differ; item_idx {i} is {theirs.get(i)!r} there, "
+                          f"{ours[i]!r} here); train the SASRec model on this job's prepared data (data.path)")
     model = build_model(job.model, num_items)
     model.load_state_dict(weights)
     return model.eval(), int(getattr(job.model, "max_len", 50))
+
+
+def collaborative_histories(rows, train, max_len: int) -> list[list[int]]:
+    """Each prompt row's user history before its target in the train sequences (``pos``), the last
+    ``max_len`` items (the SASRec's window); [] for rows without one (``title_to_sid``)."""
+    seqs = {int(u): [int(i) for i in s] for u, s in zip(train["user_idx"], train["seq"])}
+    out = []
+    for user, pos in zip(rows["user_idx"], rows["pos"]):
+        pos = int(pos)
+        out.append(seqs[int(user)][max(0, pos - max_len):pos] if pos > 0 else [])
+    return out

@@ -72,7 +72,7 @@ INSTRUCTIONS: dict[str, list[str]] = {
 HISTORY_BY = {"sid_seq": "sid", "title_seq": "title", "sid_seq_to_title": "sid", "title_seq_to_title": "title"}
 ANSWER_BY = {"sid_seq": "sid", "title_seq": "sid", "sid_seq_to_title": "title", "title_seq_to_title": "title"}
 
-COLUMNS = ["task", "prompt", "completion", "user_idx", "target", "history", "instruction"]
+COLUMNS = ["task", "prompt", "completion", "user_idx", "target", "history", "instruction", "pos"]
 
 
 def render(instruction: str, input_text: str) -> str:
@@ -91,13 +91,16 @@ def history_input(history: list[int], sids: dict[int, tuple[str, ...]], titles: 
     return "The user interacted with: " + ", ".join(f'"{titles[i]}"' for i in history)
 
 
-def seq_example(task: str, history: list[int], target: int, user: int, sids, titles, instruction: str) -> dict:
+def seq_example(task: str, history: list[int], target: int, user: int, sids, titles, instruction: str,
+                pos: int = -1) -> dict:
     """One history -> next-item example (the four ``HISTORY_BY`` tasks); the answer is the next
-    item's SID or title, never shown in the prompt (only the history items are)."""
+    item's SID or title, never shown in the prompt (only the history items are). ``pos``: the
+    target's index in the user's train sequence (train prompts; -1 for valid/test rows), so a
+    reward can read the whole history before it, not only the prompt's."""
     answer = sid_text(sids, target) if ANSWER_BY[task] == "sid" else titles[target]
     return {"task": task, "prompt": render(instruction, history_input(history, sids, titles, HISTORY_BY[task])),
             "completion": answer, "user_idx": user, "target": target, "history": list(history),
-            "instruction": instruction}
+            "instruction": instruction, "pos": pos}
 
 
 def align_example(task: str, item: int, sids, titles, instruction: str) -> dict:
@@ -105,7 +108,8 @@ def align_example(task: str, item: int, sids, titles, instruction: str) -> dict:
     sid, title = sid_text(sids, item), titles[item]
     prompt_input, answer = (sid, title) if task == "sid_to_title" else (title, sid)
     return {"task": task, "prompt": render(instruction, prompt_input), "completion": answer, "user_idx": -1,
-            "target": item if task == "title_to_sid" else -1, "history": [], "instruction": instruction}
+            "target": item if task == "title_to_sid" else -1, "history": [], "instruction": instruction,
+            "pos": -1}
 
 
 def _pick(rng: np.random.Generator, task: str, paraphrase: bool) -> str:
@@ -121,7 +125,7 @@ def task_examples(task: str, train: pd.DataFrame, sids, titles, max_history: int
             seq = [int(i) for i in seq]
             for t in range(1, len(seq)):
                 out.append(seq_example(task, seq[max(0, t - max_history):t], seq[t], int(user), sids, titles,
-                                       _pick(rng, task, paraphrase)))
+                                       _pick(rng, task, paraphrase), pos=t))
     else:
         seen = sorted({int(i) for seq in train["seq"] for i in seq})
         out = [align_example(task, i, sids, titles, _pick(rng, task, paraphrase)) for i in seen]

@@ -4,8 +4,9 @@ Every reward takes the decoded items of the completions (``None`` for an output 
 not a real item), the per-row target and history (dataset columns, never looked up by
 prompt text), the group size G, and a ``RewardContext`` with what some rewards read
 (item embeddings, a collaborative scorer). Completions arrive in groups of G consecutive
-rows of one prompt, each group in rank order (beam score, or sequence log-probability
-for samples), as the rollouts write them.
+rows of one prompt, each group in rank order (beam score, or the policy's own sequence
+log-probability for samples), as the rollouts write them, with each completion's rank
+among the group's distinct items (copies of one sampled item share its rank).
 
 An invalid output (possible only with ``grpo.constrained: false``) gets the reward's
 minimum: 0 for ``rule`` and ``collaborative``, the largest penalty for ``ranking``, -1
@@ -14,12 +15,20 @@ for ``semantic``.
 * ``rule``: 1 for the target, else 0 (MiniOneRec's rule reward).
 * ``ranking``: ``rule`` plus, in a group that holds the target, a penalty for each wrong
   item: -(1/log2(p+2)) / sum_j 1/log2(j+2) at rank p (0-based), so wrong items ranked
-  high cost most and a group's penalties sum to -1 (MiniOneRec's ``rule + ndcg_rule``).
+  high cost most and a group of distinct items has penalties summing to -1 (MiniOneRec's
+  ``rule + ndcg_rule``). Copies of one item get the penalty of their shared rank.
   A group without the target gets no penalty (its rule rewards are all 0, no signal).
 * ``semantic``: cosine of the predicted and target items' text embeddings (the MiniLM
   vectors the SID index is built from).
 * ``collaborative``: the probability a SASRec checkpoint (``rayrec train``, same
-  prepared data) gives the predicted item after the row's history (softmax over items).
+  prepared data) gives the predicted item after the user's train history before the
+  target (up to the SASRec's ``max_len``, not the prompt's shorter history; softmax over
+  items). A row with no user history (``title_to_sid``) gets ``None``: not scored, so it
+  adds nothing to the advantage, instead of SASRec's popularity prior.
+
+Several rewards are mixed by ``mix_rewards``: each is standardised within its group before
+the weights apply, so a weight means the same thing whatever a reward's scale (a softmax
+probability spreads ~1e-3 inside a group, the ranking reward ~0.3).
 """
 
 from __future__ import annotations
@@ -58,7 +67,15 @@ def rank_penalties(group_size: int) -> list[float]:
     return [-d / total for d in discounts]
 
 
-def ranking(items: Items, targets: Sequence[int], group_size: int, **_) -> list[float]:
+def distinct_ranks(items: Items) -> list[int]:
+    """Rank of each completion of one group (in rank order) among the group's distinct items."""
+    order: dict = {}
+    return [order.setdefault(item, len(order)) if item is not None else i for i, item in enumerate(items)]
+
+
+def ranking(items: Items, targets: Sequence[int], group_size: int, ranks: Sequence[int] | None = None,
+            **_) -> list[float]:
+    """``ranks``: each completion's rank within its group (default: its position)."""
     penalty = rank_penalties(group_size)
     hits = rule(items, targets)
     out = []
@@ -66,12 +83,13 @@ def ranking(items: Items, targets: Sequence[int], group_size: int, **_) -> list[
         has_target = any(hits[start : start + group_size])
         for p in range(group_size):
             i = start + p
+            rank = p if ranks is None else int(ranks[i])
             if items[i] is None:
                 out.append(penalty[0])
             elif hits[i]:
                 out.append(1.0)
             else:
-                out.append(penalty[p] if has_target else 0.0)
+                out.append(penalty[rank] if has_target else 0.0)
     return out
 
 
@@ -83,11 +101,13 @@ def semantic(items: Items, targets: Sequence[int], ctx: RewardContext, **_) -> l
             for item, t in zip(items, targets, strict=True)]
 
 
-def collaborative(items: Items, histories: Sequence[Sequence[int]], ctx: RewardContext, **_) -> list[float]:
+def collaborative(items: Items, histories: Sequence[Sequence[int]], ctx: RewardContext,
+                  **_) -> list[float | None]:
+    """``histories``: each row's user history before the target (empty: no user, not scored)."""
     if ctx.scorer is None:
         raise ValueError("the collaborative reward needs a scorer (grpo.collaborative_checkpoint)")
-    valid = [i for i, item in enumerate(items) if item is not None]
-    out = [0.0] * len(items)
+    valid = [i for i, item in enumerate(items) if item is not None and len(histories[i])]
+    out: list[float | None] = [0.0 if len(h) else None for h in histories]
     if valid:
         probs = ctx.scorer([histories[i] for i in valid], [items[i] for i in valid])
         for i, p in zip(valid, probs, strict=True):
@@ -101,9 +121,40 @@ REWARDS: dict[str, Callable[..., list[float]]] = {
 
 
 def score(name: str, items: Items, targets: Sequence[int], histories: Sequence[Sequence[int]], group_size: int,
-          ctx: RewardContext) -> list[float]:
+          ctx: RewardContext, ranks: Sequence[int] | None = None) -> list[float | None]:
     """One reward over a batch of groups (the same call for every reward)."""
-    return REWARDS[name](items=items, targets=targets, histories=histories, group_size=group_size, ctx=ctx)
+    return REWARDS[name](items=items, targets=targets, histories=histories, group_size=group_size, ctx=ctx,
+                         ranks=ranks)
+
+
+def standardise_groups(values: np.ndarray, group_size: int) -> np.ndarray:
+    """(r - group mean) / group std (unbiased) per column of ``values`` [N, F]; NaN (not scored)
+    stays NaN and is left out of its group's statistics; a group whose values are all equal
+    (to float precision) gets 0: no signal, and no tiny spread blown up by an epsilon."""
+    v = np.asarray(values, dtype=np.float64).reshape(-1, group_size, np.shape(values)[-1])
+    out = np.full_like(v, np.nan)
+    for g in range(v.shape[0]):
+        for f in range(v.shape[2]):
+            col = v[g, :, f]
+            ok = ~np.isnan(col)
+            if ok.sum() < 2:
+                out[g, ok, f] = 0.0
+                continue
+            mean, sd = col[ok].mean(), col[ok].std(ddof=1)
+            flat = sd <= 1e-6 * max(abs(mean), 1e-12) or sd == 0.0
+            out[g, ok, f] = 0.0 if flat else (col[ok] - mean) / sd
+    return out.reshape(np.shape(values))
+
+
+def mix_rewards(values: np.ndarray, weights: Sequence[float], group_size: int) -> np.ndarray:
+    """The advantage of mixed rewards: each reward standardised within its group, weighted, summed,
+    and the sum scaled to unit standard deviation over the batch (as TRL's ``normalize_then_sum``).
+    A reward's share of the advantage is its weight: with weights (1, w) the second reward's term
+    is w times as large as the first's, whatever their raw scales."""
+    z = np.nan_to_num(standardise_groups(values, group_size), nan=0.0)
+    total = z @ np.asarray(weights, dtype=np.float64)
+    sd = total.std(ddof=1) if total.size > 1 else 0.0
+    return total / sd if sd > 0 else total
 
 
 def group_advantages(rewards: Sequence[float], group_size: int, scale: bool = True, eps: float = 1e-4) -> np.ndarray:

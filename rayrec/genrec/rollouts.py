@@ -5,9 +5,12 @@
   checkpoint's sampling settings never leak in, and a fresh trie processor per call (no
   state is shared between rollouts and evaluation).
 * ``sample``: constrained sampling at ``temperature`` (top-k/top-p off); each group is
-  then ordered by sequence log-probability, so a completion's position is its rank.
-  ``dynamic_sampling`` draws ceil(1.5 G), keeps the hits and fills the group with the
-  samples of the most frequent other items.
+  then ordered by the policy's own sequence log-probability (temperature 1, no trie
+  renormalisation: the score evaluation's beam search ranks by), so a completion's position
+  is its rank; copies of one item sit together and share its rank (``rewards.distinct_ranks``).
+  ``dynamic_sampling`` draws ceil(1.5 G) and fills the group round-robin over the distinct
+  items drawn, the target first, then by how often each was drawn: one copy of every item
+  before a second copy of any (MiniOneRec's ``select_completion``).
 * ``add_gt`` replaces the last completion of a group that misses the target with the
   target's SID (an off-policy completion; its sampling log-probs are unknown, None).
 
@@ -50,25 +53,29 @@ def _trim(tokens: Sequence[int], eos_id: int, pad_id: int) -> list[int]:
 
 
 def sample_config(tokenizer, n: int, max_new_tokens: int, temperature: float) -> GenerationConfig:
-    """Plain multinomial sampling of ``n`` sequences per prompt (top-k/top-p and penalties off)."""
+    """Plain multinomial sampling of ``n`` sequences per prompt (top-k/top-p and penalties off); the raw
+    logits are kept too (``output_logits``) for the policy's own log-probabilities."""
     return GenerationConfig(
         do_sample=True, num_beams=1, num_return_sequences=n, max_new_tokens=max_new_tokens, temperature=temperature,
         top_k=0, top_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0, use_cache=True, output_scores=True,
+        output_logits=True,
         return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
     )
 
 
 def pick_dynamic(items: Sequence[int | None], target: int, size: int) -> list[int]:
-    """Indices of a dynamic-sampling group: the hits first, then the samples of the most frequent others."""
-    hits = [i for i, it in enumerate(items) if it == target]
-    counts = Counter(it for it in items if it != target)
-    first = {}
+    """Indices of a dynamic-sampling group: round-robin over the distinct items drawn (the target
+    first, then the most frequent, then the first drawn), one copy of each per round."""
+    counts = Counter(items)
+    copies: dict = {}
     for i, it in enumerate(items):
-        first.setdefault(it, i)
-    others = sorted((i for i, it in enumerate(items) if it != target), key=lambda i: (-counts[items[i]],
-                                                                                      first[items[i]], i))
-    return (hits + others)[:size]
+        copies.setdefault(it, []).append(i)
+    order = sorted(copies, key=lambda it: (it != target, -counts[it], copies[it][0]))
+    out: list[int] = []
+    for round_ in range(max(counts.values(), default=0)):
+        out += [copies[it][round_] for it in order if round_ < len(copies[it])]
+    return out[:size]
 
 
 def inject_target(group: Group, target: int, target_ids: list[int]) -> Group:
@@ -103,6 +110,9 @@ def generate_groups(model, tokenizer, prompts: Sequence[str], trie: SidTrie, *, 
                              generation_config=config, logits_processor=procs)
     steps = model.compute_transition_scores(gen.sequences, gen.scores, getattr(gen, "beam_indices", None),
                                             normalize_logits=mode != "beam").cpu()
+    # samples are ranked by the policy's own log-prob (raw logits), as evaluation's beam search ranks
+    policy = steps if mode == "beam" else model.compute_transition_scores(gen.sequences, gen.logits,
+                                                                          normalize_logits=True).cpu()
     seqs = gen.sequences[:, width:].cpu()
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     groups = []
@@ -111,7 +121,8 @@ def generate_groups(model, tokenizer, prompts: Sequence[str], trie: SidTrie, *, 
         ids = [_trim(seqs[r].tolist(), eos, pad) for r in rows]
         logps = [steps[r, : len(t)].tolist() for r, t in zip(rows, ids)]
         items = [trie.lookup(t) for t in ids]
-        total = [sum(lp) if all(math.isfinite(x) for x in lp) else -math.inf for lp in logps]
+        total = [float(policy[r, : len(t)].sum()) for r, t in zip(rows, ids)]
+        total = [x if math.isfinite(x) else -math.inf for x in total]
         if mode == "beam":
             order = sorted(range(n), key=lambda i: -float(gen.sequences_scores[rows[i]]))
         else:

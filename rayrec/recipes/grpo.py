@@ -71,6 +71,7 @@ class Inputs:
         return {"adapter": self.adapter["path"], "deepspeed": self.deepspeed, "embeddings": self.embeddings,
                 "sid_index": {k: list(v) for k, v in self.data.index.tokens.items()},
                 "item_sids": self.data.item_sids, "run_name": run.dir.name, "num_items": self.data.ds.num_items,
+                "items": self.data.ds.table("items")[["item_idx", "source_id"]],
                 "meta": {"base": self.base, "data": str(self.data.ds.path.resolve()), "stage": "grpo",
                          "sft_adapter": self.adapter["path"], "sids_source": self.data.index.source,
                          "mlflow_run_id": tracker.run_id, "tracking_uri": redact_uri(tracker.uri)}}
@@ -96,8 +97,9 @@ def prepare(cfg: GRPOJobConfig, run: Run) -> Inputs:
                           f"distinct items, but the index has {distinct} distinct SIDs; lower grpo.num_generations")
     weights = cfg.grpo.rewards.weights()
     embeddings = G.item_embeddings(data.ds.table("items"), cfg.sids) if "semantic" in weights else None
-    if "collaborative" in weights:
-        G.load_collaborative(cfg.grpo.collaborative_checkpoint, data.ds.num_items)
+    if "collaborative" in weights:  # the user's train history up to the SASRec's window, for every row
+        _, max_len = G.load_collaborative(cfg.grpo.collaborative_checkpoint, data.ds.table("items"))
+        data.train["cf_history"] = G.collaborative_histories(data.train, data.ds.table("train"), max_len)
     run.dir.mkdir(parents=True, exist_ok=True)
     return Inputs(data, adapter, base, deepspeed, embeddings)
 
@@ -127,7 +129,7 @@ def reward_context(cfg: GRPOJobConfig, loop: dict[str, Any]):
     if "collaborative" in cfg.grpo.rewards.weights():
         from rayrec.genrec.grpo import load_collaborative
 
-        model, max_len = load_collaborative(cfg.grpo.collaborative_checkpoint, loop["num_items"])
+        model, max_len = load_collaborative(cfg.grpo.collaborative_checkpoint, loop["items"])
         ctx.scorer = sasrec_scorer(model, max_len)
     return ctx
 
@@ -171,7 +173,8 @@ def local(cfg: GRPOJobConfig, inputs: Inputs, run: Run) -> Outcome:
     for entry in trainer.state.log_history:
         history.update(renamed(entry) | {k: v for k, v in entry.items() if k.startswith(("val/", "test/"))})
     adapter = H.best_local(trainer.state.log_history, run.dir / "checkpoints", *cfg.selection_metric)
-    metrics = summary({k: float(v) for k, v in history.items() if "/" in k})
+    metrics = summary({k: float(v) for k, v in history.items() if "/" in k}
+                      | H.chosen_metrics(trainer.state.log_history, adapter))
     return Outcome(metrics, run.dir, adapter, run.tracker.run_id)
 
 
@@ -194,8 +197,9 @@ def trainer_parts(cfg: GRPOJobConfig, inputs: Inputs, run: Run) -> TrainerParts:
     import ray.train
 
     folder = run.dir / "prompts"
-    datasets = {S.TRAIN_KEY: ray.data.read_parquet(H.write_table(
-        inputs.data.train[["prompt", "target", "history"]], folder / "train.parquet"))}
+    columns = ["prompt", "target", "history", *(["cf_history"] if "cf_history" in inputs.data.train else [])]
+    datasets = {S.TRAIN_KEY: ray.data.read_parquet(H.write_table(inputs.data.train[columns],
+                                                                 folder / "train.parquet"))}
     if cfg.train.val_rows:
         datasets[S.VALID_KEY] = ray.data.read_parquet(H.write_table(
             inputs.data.valid.head(cfg.train.val_rows)[["prompt", "completion", "target"]], folder / "valid.parquet"))

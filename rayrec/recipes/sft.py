@@ -35,6 +35,7 @@ from rayrec.secrets import redact_uri
 from rayrec.train.checkpoint import seed_everything
 from rayrec.workers.hf import (
     best_local,
+    chosen_metrics,
     console_callback,
     dataset_rows,
     setup_hf_worker,
@@ -132,7 +133,8 @@ def local(cfg: GenRecJobConfig, inputs: Inputs, run: Run) -> Outcome:
     for entry in trainer.state.log_history:
         history.update(entry)
     adapter = best_local(trainer.state.log_history, run.dir / "checkpoints", *cfg.selection_metric)
-    return Outcome({k: float(v) for k, v in history.items() if "/" in k}, run.dir, adapter, run.tracker.run_id)
+    metrics = {k: float(v) for k, v in history.items() if "/" in k} | chosen_metrics(trainer.state.log_history, adapter)
+    return Outcome(metrics, run.dir, adapter, run.tracker.run_id)
 
 
 # ----------------------------------------------------------------------------- on Ray Train
@@ -184,11 +186,15 @@ def trainer_parts(cfg: GenRecJobConfig, inputs: Inputs, run: Run) -> TrainerPart
 
 
 def outcome(cfg: GenRecJobConfig, result, run: Run) -> Outcome:
+    """The checkpoint best by the selection metric, with the validation scores it was chosen by (the
+    run's other metrics are its last report's)."""
     best, (metric, mode) = result.checkpoint, cfg.selection_metric
+    metrics = {k: float(v) for k, v in (result.metrics or {}).items() if "/" in k}
     if result.best_checkpoints and any(metric in m for _, m in result.best_checkpoints):
         best = result.get_best_checkpoint(metric, mode)
+        chosen = next(m for c, m in result.best_checkpoints if c.path == best.path)
+        metrics |= {k: float(v) for k, v in chosen.items() if k.startswith("val/")}
     adapter = str(Path(best.path) / "checkpoint") if best else None
-    metrics = {k: float(v) for k, v in (result.metrics or {}).items() if "/" in k}
     return Outcome(metrics, run.dir, adapter, run.tracker.run_id)
 
 

@@ -119,6 +119,19 @@ def best_local(log_history: list[dict], folder: Path, metric: str, mode: str) ->
     return str(saved[-1]) if saved else None
 
 
+def chosen_metrics(log_history: list[dict], checkpoint: str | None) -> dict[str, float]:
+    """The validation scores logged at the step of ``checkpoint`` (``.../checkpoint-STEP``): what the
+    chosen checkpoint scored, not the last one."""
+    if checkpoint is None:
+        return {}
+    step = int(Path(checkpoint).name.split("-")[1])
+    out: dict[str, float] = {}
+    for e in log_history:
+        if int(e.get("step", -1)) == step:
+            out.update({k: float(v) for k, v in e.items() if k.startswith("val/")})
+    return out
+
+
 def dataset_rows(key: str) -> list[dict[str, Any]] | None:
     """This worker's full copy of a prompt table (None when the job has no such table)."""
     import ray.train
