@@ -247,7 +247,8 @@ def test_reference_is_the_sft_policy_kl_zero_before_the_first_update(sft, tmp_pa
 
 
 def test_group_advantages_of_a_real_batch(sft, tmp_path):
-    """TRL's advantages for our rollouts equal (r - group mean) / (group std + eps) of the ranking reward."""
+    """TRL's advantages for our rollouts: the ranking reward standardised within each group (exact std; TRL's
+    own step then divides unit spreads by 1 + 1e-4, the same for every group)."""
     cfg = grpo_job(sft, "adv")
     log: list = []
     trainer = local_trainer(cfg, tmp_path, log)
@@ -257,7 +258,7 @@ def test_group_advantages_of_a_real_batch(sft, tmp_path):
     items = [None if i < 0 else i for i in out["item"]]
     targets = [int(r["target"]) for r in rows]
     assert all(targets[s] in items[s : s + 4] for s in range(0, len(items), 4))  # add_gt: every group has it
-    want = R.group_advantages(R.ranking(items, targets, 4), 4)
+    want = R.standardise_groups(np.array(R.ranking(items, targets, 4, ranks=out["rank"]))[:, None], 4)[:, 0] / (1 + 1e-4)
     assert batch["advantages"].numpy() == pytest.approx(want, abs=1e-5)
     assert np.abs(want).max() > 0
     assert all(rows[s]["prompt"] == rows[s + k]["prompt"] for s in range(0, len(rows), 4) for k in range(4))
@@ -459,6 +460,8 @@ def test_dynamic_sampling_fills_the_group_round_robin_over_distinct_items():
     drawn = [drawn[i] for i in rng.permutation(len(drawn))]
     keep = [drawn[i] for i in pick_dynamic(drawn, target=99, size=16)]
     assert len(keep) == 16 and len(set(keep)) == 15 and keep.count(3) == 2
+    # invalid outputs (unconstrained sampling) come last, however often drawn
+    assert [[None, None, None, 5, 6][i] for i in pick_dynamic([None, None, None, 5, 6], 9, 3)] == [5, 6, None]
     # hits come first, once per round like every other item
     drawn = [4, 9, 5, 4, 9, 4, 6, 9]
     assert [drawn[i] for i in pick_dynamic(drawn, 9, 5)] == [9, 4, 5, 6, 9]
@@ -484,6 +487,14 @@ def test_mixed_rewards_are_standardised_per_group_so_the_weights_set_each_share(
     c = shares([1.0, 0.5])
     d = shares([1.0, 1.0])
     assert c[1] / c[0] == pytest.approx(0.5) and d[1] / d[0] == pytest.approx(1.0)  # the weight doubled, the share too
+
+
+def test_a_reward_of_tiny_spread_is_not_shrunk_by_an_epsilon():
+    r = np.array([[1e-4, 3e-4, 2e-4, 2e-4], [5.0, 5.0, 5.0, 5.0]]).reshape(-1, 1)
+    z = R.standardise_groups(r, 4)[:, 0]
+    assert np.std(z[:4], ddof=1) == pytest.approx(1.0) and np.allclose(z[4:], 0)
+    # TRL's (r - mean) / (std + 1e-4) gives this group 0.45 of its spread
+    assert np.std(R.group_advantages(r[:, 0], 4)[:4], ddof=1) == pytest.approx(0.45, abs=0.01)
 
 
 def test_the_trainer_mixes_rewards_by_their_weights_and_logs_the_raw_rewards(sft, tmp_path):
@@ -513,7 +524,7 @@ def test_the_trainer_mixes_rewards_by_their_weights_and_logs_the_raw_rewards(sft
     assert coefs[1][1] / coefs[1][0] == pytest.approx(1.0, rel=1e-3)
 
 
-def test_the_collaborative_reward_reads_the_users_train_history_up_to_the_sasrec_window(sft, tmp_path):
+def test_the_collaborative_reward_reads_the_users_train_history_up_to_the_sasrec_window(sft, tmp_path, monkeypatch):
     from rayrec.recipes import grpo as G
     from rayrec.runs import Run
 
@@ -537,6 +548,11 @@ def test_the_collaborative_reward_reads_the_users_train_history_up_to_the_sasrec
         assert list(row.cf_history) == want and list(row.history) == want[-len(row.history):]
         longer += len(want) > len(row.history)
     assert longer > 0  # the reward reads more than the prompt shows
+    # a Ray worker runs in another folder: it loads the checkpoint the driver checked, by its absolute path
+    loop = inputs.loop_config(Run(tmp_path / "run", local=True))
+    assert Path(loop["collaborative"]).is_absolute()
+    monkeypatch.chdir(tmp_path)
+    assert G.reward_context(cfg, loop).scorer([[1, 2]], [3])[0] > 0
     # rows without a user history are not scored (None), instead of getting SASRec's popularity prior
     ctx = R.RewardContext(scorer=lambda hist, items: [0.5] * len(items))
     assert R.collaborative([3, 4], [[], [1, 2]], ctx=ctx) == [None, 0.5]

@@ -351,7 +351,8 @@ def test_grpo_space_parses_with_a_report_clock():
 
     sweep = load_space(ROOT / "search_spaces" / "grpo.yaml")
     assert sweep.kind is GRPO and isinstance(sweep.job, GRPOJobConfig)
-    assert sweep.order == ["grpo.beta", "train.lr", "grpo.num_generations"]
+    assert sweep.order == ["grpo.beta", "train.lr", "train.max_grad_norm", "grpo.num_generations",
+                           "grpo.rewards.rule", "grpo.rewards.semantic", "grpo.rewards.collaborative"]
     assert sweep.job.train.max_steps == 80 and sweep.job.train.save_steps == 20
     assert sweep.max_epochs == 4  # ASHA's clock: reports (one per checkpoint), not epochs
     assert kind_of_file({"grpo": {"beta": 0.0}, "sids": {}}) is GRPO

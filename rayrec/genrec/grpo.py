@@ -27,7 +27,8 @@ found in testing:
   its group (``rewards.standardise_groups``: exact, a flat group gets 0) before TRL's
   ``normalize_then_sum`` weights and sums them; TRL's own per-reward step divides by
   std + 1e-4, which shrinks a reward that spreads ~1e-3 (the collaborative probability) by
-  10 %. The logged ``rewards/<name>/mean`` stay the raw rewards.
+  10 %. A single reward with ``scale_rewards: group`` is standardised the same way. The logged
+  ``rewards/<name>/mean`` stay the raw rewards.
 """
 
 from __future__ import annotations
@@ -174,21 +175,26 @@ def grpo_trainer_class():
         def _generate_and_score_completions(self, inputs):
             self.rollout_rows = inputs
             self._raw_rewards = None
+            mode = "train" if self.model.training else "eval"  # as TRL decides it, at the start
             out = super()._generate_and_score_completions(inputs)
             if self._raw_rewards is not None:  # log the raw rewards, not their group z-scores
-                self._log_raw(self._raw_rewards)
+                self._log_raw(self._raw_rewards, mode)
             return out
 
         def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+            """Each reward standardised within its group (exact std; a flat group 0), so neither TRL's
+            ``normalize_then_sum`` nor its per-group scaling of one reward divides a small spread by
+            std + 1e-4; TRL's own step then divides unit spreads by 1 + 1e-4, the same for every group."""
             raw = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-            if self.multi_objective_aggregation != "normalize_then_sum":
+            per_group = self.multi_objective_aggregation == "normalize_then_sum" or self.scale_rewards == "group"
+            if not per_group:
                 return raw
             self._raw_rewards = raw
             z = R.standardise_groups(raw.detach().cpu().numpy(), self.num_generations)
             return torch.as_tensor(z, dtype=raw.dtype, device=raw.device)
 
-        def _log_raw(self, raw):
-            metrics = self._metrics["train" if self.model.training else "eval"]
+        def _log_raw(self, raw, mode: str):
+            metrics = self._metrics[mode]
             weights = self.reward_weights.to(raw.device)
             for i, name in enumerate(self.reward_func_names):
                 col = raw[:, i]
@@ -374,26 +380,26 @@ def item_mapping(items) -> dict[int, str]:
     return {int(i): str(s) for i, s in zip(items["item_idx"], items["source_id"])}
 
 
-def load_collaborative(path: Path | None, items):
+def load_collaborative(path: Path | None, items, *, check: bool = True):
     """(sequential model in eval mode, max history length) from a `rayrec train` checkpoint (SASRec) trained
     on the same items (``items``: this job's items table); the model's ``score(history)`` gives the
     collaborative reward. A checkpoint whose item rows mean other items is refused, not only one of another
-    size: its data's items table (the checkpoint's ``data.path``) must map every item_idx to the same item."""
+    size: its data's items table (the checkpoint's ``data.path``) must map every item_idx to the same item.
+    ``check=False`` (Ray workers, whose working folder is not the driver's): the driver checked it, and
+    ``path`` is the absolute checkpoint folder it resolved (``collaborative_folder``)."""
     import yaml
 
     from rayrec.config.schema import JobConfig
-    from rayrec.data.dataset import open_prepared
-    from rayrec.errors import DataError
     from rayrec.train.checkpoint import STATE_FILE, load_state
     from rayrec.train.specs import build_model
 
     if path is None:
         raise ConfigError("grpo.rewards.collaborative > 0 needs grpo.collaborative_checkpoint: the folder of a "
                           "SASRec checkpoint (state.pt) written by `rayrec train` on the same prepared data")
-    path = Path(path).expanduser()
+    path = collaborative_folder(path)
     if not (path / STATE_FILE).is_file():
-        raise ConfigError(f"grpo.collaborative_checkpoint {path}: no {STATE_FILE}; give a checkpoint folder of "
-                          "`rayrec train` (runs/NAME/final, or one of runs/NAME/checkpoints/)")
+        raise ConfigError(f"grpo.collaborative_checkpoint {path}: no {STATE_FILE}; give the folder of a finished "
+                          "`rayrec train` run (runs/NAME) or one of its checkpoints (runs/NAME/final)")
     state = load_state(path)
     job = JobConfig.model_validate(yaml.safe_load(state["config"]))
     weights = state.get("best_model") or state["model"]
@@ -405,10 +411,29 @@ def load_collaborative(path: Path | None, items):
     if emb.shape[0] - 1 != num_items:
         raise ConfigError(f"grpo.collaborative_checkpoint {path}: trained on {emb.shape[0] - 1} items but this job's "
                           f"data has {num_items}; train the SASRec model on the same prepared data (data.path)")
+    if check:
+        check_items(path, job.data.path, items)
+    model = build_model(job.model, num_items)
+    model.load_state_dict(weights)
+    return model.eval(), int(getattr(job.model, "max_len", 50))
+
+
+def collaborative_folder(path: Path) -> Path:
+    """The absolute checkpoint folder of ``grpo.collaborative_checkpoint`` (a run folder: its best checkpoint)."""
+    from rayrec.runs import run_checkpoint
+
+    return Path(run_checkpoint(Path(path).expanduser())).resolve()
+
+
+def check_items(path: Path, data_path, items) -> None:
+    """The SASRec checkpoint's items (its prepared data) are this job's, item_idx by item_idx."""
+    from rayrec.data.dataset import open_prepared
+    from rayrec.errors import DataError
+
     try:
-        theirs = item_mapping(open_prepared(job.data.path).table("items"))
+        theirs = item_mapping(open_prepared(data_path).table("items"))
     except DataError as e:
-        raise ConfigError(f"grpo.collaborative_checkpoint {path}: its prepared data ({job.data.path}) cannot be "
+        raise ConfigError(f"grpo.collaborative_checkpoint {path}: its prepared data ({data_path}) cannot be "
                           f"read, so its item mapping cannot be checked against this job's: {e}") from None
     ours = item_mapping(items)
     differ = sorted(i for i in ours if theirs.get(i) != ours[i])
@@ -417,9 +442,6 @@ def load_collaborative(path: Path | None, items):
         raise ConfigError(f"grpo.collaborative_checkpoint {path}: its items mean other items than this job's "
                           f"({len(differ)} of {len(ours)} differ; item_idx {i} is {theirs.get(i)!r} there, "
                           f"{ours[i]!r} here); train the SASRec model on this job's prepared data (data.path)")
-    model = build_model(job.model, num_items)
-    model.load_state_dict(weights)
-    return model.eval(), int(getattr(job.model, "max_len", 50))
 
 
 def collaborative_histories(rows, train, max_len: int) -> list[list[int]]:

@@ -54,10 +54,10 @@ def _trim(tokens: Sequence[int], eos_id: int, pad_id: int) -> list[int]:
 
 def sample_config(tokenizer, n: int, max_new_tokens: int, temperature: float) -> GenerationConfig:
     """Plain multinomial sampling of ``n`` sequences per prompt (top-k/top-p and penalties off); the raw
-    logits are kept too (``output_logits``) for the policy's own log-probabilities."""
+    logits are kept (``output_logits``, not the processed scores) for the policy's own log-probabilities."""
     return GenerationConfig(
         do_sample=True, num_beams=1, num_return_sequences=n, max_new_tokens=max_new_tokens, temperature=temperature,
-        top_k=0, top_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0, use_cache=True, output_scores=True,
+        top_k=0, top_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0, use_cache=True, output_scores=False,
         output_logits=True,
         return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
@@ -66,12 +66,13 @@ def sample_config(tokenizer, n: int, max_new_tokens: int, temperature: float) ->
 
 def pick_dynamic(items: Sequence[int | None], target: int, size: int) -> list[int]:
     """Indices of a dynamic-sampling group: round-robin over the distinct items drawn (the target
-    first, then the most frequent, then the first drawn), one copy of each per round."""
+    first, then the most frequent, then the first in ``items``' order: the most probable when they
+    come ranked; invalid outputs last), one copy of each per round."""
     counts = Counter(items)
     copies: dict = {}
     for i, it in enumerate(items):
         copies.setdefault(it, []).append(i)
-    order = sorted(copies, key=lambda it: (it != target, -counts[it], copies[it][0]))
+    order = sorted(copies, key=lambda it: (it != target, it is None, -counts[it], copies[it][0]))
     out: list[int] = []
     for round_ in range(max(counts.values(), default=0)):
         out += [copies[it][round_] for it in order if round_ < len(copies[it])]
@@ -108,11 +109,10 @@ def generate_groups(model, tokenizer, prompts: Sequence[str], trie: SidTrie, *, 
     with own_generation_config(model, config):
         gen = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
                              generation_config=config, logits_processor=procs)
-    steps = model.compute_transition_scores(gen.sequences, gen.scores, getattr(gen, "beam_indices", None),
-                                            normalize_logits=mode != "beam").cpu()
-    # samples are ranked by the policy's own log-prob (raw logits), as evaluation's beam search ranks
-    policy = steps if mode == "beam" else model.compute_transition_scores(gen.sequences, gen.logits,
-                                                                          normalize_logits=True).cpu()
+    if mode == "beam":
+        steps = model.compute_transition_scores(gen.sequences, gen.scores, gen.beam_indices).cpu()
+    else:  # the policy's own log-probs (raw logits, temperature 1, no trie), as evaluation's beam search ranks
+        steps = model.compute_transition_scores(gen.sequences, gen.logits, normalize_logits=True).cpu()
     seqs = gen.sequences[:, width:].cpu()
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     groups = []
@@ -121,7 +121,7 @@ def generate_groups(model, tokenizer, prompts: Sequence[str], trie: SidTrie, *, 
         ids = [_trim(seqs[r].tolist(), eos, pad) for r in rows]
         logps = [steps[r, : len(t)].tolist() for r, t in zip(rows, ids)]
         items = [trie.lookup(t) for t in ids]
-        total = [float(policy[r, : len(t)].sum()) for r, t in zip(rows, ids)]
+        total = [float(steps[r, : len(t)].sum()) for r, t in zip(rows, ids)]
         total = [x if math.isfinite(x) else -math.inf for x in total]
         if mode == "beam":
             order = sorted(range(n), key=lambda i: -float(gen.sequences_scores[rows[i]]))

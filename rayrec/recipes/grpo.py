@@ -65,13 +65,14 @@ class Inputs:
     base: str
     deepspeed: dict | None
     embeddings: Any  # [N + 1, D] for the semantic reward, else None
+    collaborative: str | None = None  # the checked SASRec checkpoint folder (absolute) for the collaborative reward
 
     def loop_config(self, run: Run) -> dict[str, Any]:
         tracker = run.tracker
         return {"adapter": self.adapter["path"], "deepspeed": self.deepspeed, "embeddings": self.embeddings,
                 "sid_index": {k: list(v) for k, v in self.data.index.tokens.items()},
                 "item_sids": self.data.item_sids, "run_name": run.dir.name, "num_items": self.data.ds.num_items,
-                "items": self.data.ds.table("items")[["item_idx", "source_id"]],
+                "items": self.data.ds.table("items")[["item_idx", "source_id"]], "collaborative": self.collaborative,
                 "meta": {"base": self.base, "data": str(self.data.ds.path.resolve()), "stage": "grpo",
                          "sft_adapter": self.adapter["path"], "sids_source": self.data.index.source,
                          "mlflow_run_id": tracker.run_id, "tracking_uri": redact_uri(tracker.uri)}}
@@ -97,11 +98,13 @@ def prepare(cfg: GRPOJobConfig, run: Run) -> Inputs:
                           f"distinct items, but the index has {distinct} distinct SIDs; lower grpo.num_generations")
     weights = cfg.grpo.rewards.weights()
     embeddings = G.item_embeddings(data.ds.table("items"), cfg.sids) if "semantic" in weights else None
+    collaborative = None
     if "collaborative" in weights:  # the user's train history up to the SASRec's window, for every row
         _, max_len = G.load_collaborative(cfg.grpo.collaborative_checkpoint, data.ds.table("items"))
+        collaborative = str(G.collaborative_folder(cfg.grpo.collaborative_checkpoint))  # workers load it by this
         data.train["cf_history"] = G.collaborative_histories(data.train, data.ds.table("train"), max_len)
     run.dir.mkdir(parents=True, exist_ok=True)
-    return Inputs(data, adapter, base, deepspeed, embeddings)
+    return Inputs(data, adapter, base, deepspeed, embeddings, collaborative)
 
 
 def share(cfg: GRPOJobConfig) -> None:
@@ -129,7 +132,7 @@ def reward_context(cfg: GRPOJobConfig, loop: dict[str, Any]):
     if "collaborative" in cfg.grpo.rewards.weights():
         from rayrec.genrec.grpo import load_collaborative
 
-        model, max_len = load_collaborative(cfg.grpo.collaborative_checkpoint, loop["items"])
+        model, max_len = load_collaborative(loop["collaborative"], loop["items"], check=False)  # checked in prepare
         ctx.scorer = sasrec_scorer(model, max_len)
     return ctx
 

@@ -192,7 +192,7 @@ def outcome(cfg: GenRecJobConfig, result, run: Run) -> Outcome:
     metrics = {k: float(v) for k, v in (result.metrics or {}).items() if "/" in k}
     if result.best_checkpoints and any(metric in m for _, m in result.best_checkpoints):
         best = result.get_best_checkpoint(metric, mode)
-        chosen = next(m for c, m in result.best_checkpoints if c.path == best.path)
+        chosen = next((m for c, m in result.best_checkpoints if c.path == best.path), {})
         metrics |= {k: float(v) for k, v in chosen.items() if k.startswith("val/")}
     adapter = str(Path(best.path) / "checkpoint") if best else None
     return Outcome(metrics, run.dir, adapter, run.tracker.run_id)
