@@ -386,7 +386,7 @@ def load_collaborative(path: Path | None, items, *, check: bool = True):
     collaborative reward. A checkpoint whose item rows mean other items is refused, not only one of another
     size: its data's items table (the checkpoint's ``data.path``) must map every item_idx to the same item.
     ``check=False`` (Ray workers, whose working folder is not the driver's): the driver checked it, and
-    ``path`` is the absolute checkpoint folder it resolved (``collaborative_folder``)."""
+    ``path`` is the absolute checkpoint folder it resolved."""
     import yaml
 
     from rayrec.config.schema import JobConfig
@@ -396,7 +396,7 @@ def load_collaborative(path: Path | None, items, *, check: bool = True):
     if path is None:
         raise ConfigError("grpo.rewards.collaborative > 0 needs grpo.collaborative_checkpoint: the folder of a "
                           "SASRec checkpoint (state.pt) written by `rayrec train` on the same prepared data")
-    path = collaborative_folder(path)
+    path = Path(path).expanduser()
     if not (path / STATE_FILE).is_file():
         raise ConfigError(f"grpo.collaborative_checkpoint {path}: no {STATE_FILE}; give the folder of a finished "
                           "`rayrec train` run (runs/NAME) or one of its checkpoints (runs/NAME/final)")
@@ -416,13 +416,6 @@ def load_collaborative(path: Path | None, items, *, check: bool = True):
     model = build_model(job.model, num_items)
     model.load_state_dict(weights)
     return model.eval(), int(getattr(job.model, "max_len", 50))
-
-
-def collaborative_folder(path: Path) -> Path:
-    """The absolute checkpoint folder of ``grpo.collaborative_checkpoint`` (a run folder: its best checkpoint)."""
-    from rayrec.runs import run_checkpoint
-
-    return Path(run_checkpoint(Path(path).expanduser())).resolve()
 
 
 def check_items(path: Path, data_path, items) -> None:

@@ -100,8 +100,9 @@ def prepare(cfg: GRPOJobConfig, run: Run) -> Inputs:
     embeddings = G.item_embeddings(data.ds.table("items"), cfg.sids) if "semantic" in weights else None
     collaborative = None
     if "collaborative" in weights:  # the user's train history up to the SASRec's window, for every row
-        _, max_len = G.load_collaborative(cfg.grpo.collaborative_checkpoint, data.ds.table("items"))
-        collaborative = str(G.collaborative_folder(cfg.grpo.collaborative_checkpoint))  # workers load it by this
+        found = run_checkpoint(cfg.grpo.collaborative_checkpoint)  # a finished run's folder: its best checkpoint
+        _, max_len = G.load_collaborative(found, data.ds.table("items"))
+        collaborative = str(Path(found).expanduser().resolve())  # workers load it by this (their cwd differs)
         data.train["cf_history"] = G.collaborative_histories(data.train, data.ds.table("train"), max_len)
     run.dir.mkdir(parents=True, exist_ok=True)
     return Inputs(data, adapter, base, deepspeed, embeddings, collaborative)
