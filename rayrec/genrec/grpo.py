@@ -160,7 +160,7 @@ def _gathered(params):
 
 
 def grpo_trainer_class():
-    """``GRPOTrainer`` with the three changes of the module docstring."""
+    """``GRPOTrainer`` with the changes of the module docstring."""
     from trl import GRPOTrainer
     from trl.trainer.utils import entropy_from_logits, nanstd, selective_log_softmax
 
@@ -186,7 +186,8 @@ def grpo_trainer_class():
             ``normalize_then_sum`` nor its per-group scaling of one reward divides a small spread by
             std + 1e-4; TRL's own step then divides unit spreads by 1 + 1e-4, the same for every group."""
             raw = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-            per_group = self.multi_objective_aggregation == "normalize_then_sum" or self.scale_rewards == "group"
+            one_per_group = len(self.reward_funcs) == 1 and self.scale_rewards == "group"
+            per_group = self.multi_objective_aggregation == "normalize_then_sum" or one_per_group
             if not per_group:
                 return raw
             self._raw_rewards = raw

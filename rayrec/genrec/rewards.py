@@ -26,7 +26,8 @@ for ``semantic``.
   items). A row with no user history (``title_to_sid``) gets ``None``: not scored, so it
   adds nothing to the advantage, instead of SASRec's popularity prior.
 
-Several rewards are mixed by ``mix_rewards``: each is standardised within its group before
+Several rewards are mixed by the trainer (``grpo.SidGRPOTrainer`` with TRL's
+``normalize_then_sum``): each is standardised within its group (``standardise_groups``) before
 the weights apply, so a weight means the same thing whatever a reward's scale (a softmax
 probability spreads ~1e-3 inside a group, the ranking reward ~0.3).
 """
@@ -144,17 +145,6 @@ def standardise_groups(values: np.ndarray, group_size: int) -> np.ndarray:
             flat = sd <= 1e-6 * max(abs(mean), 1e-12) or sd == 0.0
             out[g, ok, f] = 0.0 if flat else (col[ok] - mean) / sd
     return out.reshape(np.shape(values))
-
-
-def mix_rewards(values: np.ndarray, weights: Sequence[float], group_size: int) -> np.ndarray:
-    """The advantage of mixed rewards: each reward standardised within its group, weighted, summed,
-    and the sum scaled to unit standard deviation over the batch (as TRL's ``normalize_then_sum``).
-    A reward's share of the advantage is its weight: with weights (1, w) the second reward's term
-    is w times as large as the first's, whatever their raw scales."""
-    z = np.nan_to_num(standardise_groups(values, group_size), nan=0.0)
-    total = z @ np.asarray(weights, dtype=np.float64)
-    sd = total.std(ddof=1) if total.size > 1 else 0.0
-    return total / sd if sd > 0 else total
 
 
 def group_advantages(rewards: Sequence[float], group_size: int, scale: bool = True, eps: float = 1e-4) -> np.ndarray:
