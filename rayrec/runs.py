@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from rayrec.config.loader import dump_job, flatten
 from rayrec.console import job_console
 from rayrec.data.atomic import atomic_write
 from rayrec.errors import ConfigError, RayrecError
+from rayrec.run_lock import hold_run
 from rayrec.tracking.mlflow_tracking import Tracker, check_reachable, open_run, resolve_uri
 
 log = logging.getLogger(__name__)
@@ -111,34 +113,36 @@ def run_job(recipe: Recipe, cfg: Any, *, local: bool = False, source: str | None
     from rayrec.cluster import shared_paths
 
     cfg = shared_paths(cfg)  # on a cluster: data and checkpoints on its shared storage
-    run_dir = pick_run_dir(check_storage(cfg.run.storage_path), cfg.run.name)
+    storage = check_storage(cfg.run.storage_path)
     in_process = local or recipe.in_process(cfg)
     if callbacks and in_process:
         raise ConfigError(f"this {recipe.name} job runs in one process (--local, or a model with nothing to "
                           "train on workers), so Ray Train callbacks (a sweep's reports) would never be called")
     if cfg.tracking.enabled and tracking is None:  # a sweep's trials: its driver checked the store
         check_reachable(resolve_uri(cfg.tracking.uri))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with job_console(run_dir, recipe.console_keys(cfg), verbose=verbose, enabled=console) as con:
-        run = Run(run_dir, local=in_process, resume_from=resume_from, callbacks=list(callbacks or []),
-                  console=con is not None, shared=shared)
-        if not run.local:
-            start_ray(cfg, attach=con.attach_ray if con else None)
-        inputs = recipe.prepare(cfg, run)
-        run.tracker = (tracking or default_tracking(recipe, source))(cfg, run_dir)
-        recipe.record(run.tracker, inputs)
-        try:
-            outcome = recipe.local(cfg, inputs, run) if run.local else fit_on_ray(recipe, cfg, inputs, run)
-        except BaseException:
-            run.tracker.finish("FAILED")
-            raise
-        if con is not None and not run.local:
-            con.wait_end()
-        finish(run.tracker, recipe, outcome)
-        if outcome.checkpoint:  # what a later stage reads from the run folder (GRPO: the SFT adapter)
-            atomic_write(run_dir / BEST_CHECKPOINT, str(outcome.checkpoint))
-        (run_dir / COMPLETE_MARKER).write_text(outcome.mlflow_run_id or "")
-        outcome.log_path = con.log_path if con else None
+    with ExitStack() as owned:
+        run_dir = claim_run_dir(storage, cfg.run.name, owned)  # refuses while another process trains it
+        with job_console(run_dir, recipe.console_keys(cfg), verbose=verbose, enabled=console) as con:
+            run = Run(run_dir, local=in_process, resume_from=resume_from, callbacks=list(callbacks or []),
+                      console=con is not None, shared=shared)
+            if not run.local:
+                start_ray(cfg, attach=con.attach_ray if con else None)
+            inputs = recipe.prepare(cfg, run)
+            run.tracker = (tracking or default_tracking(recipe, source))(cfg, run_dir)
+            try:
+                recipe.record(run.tracker, inputs)
+                outcome = recipe.local(cfg, inputs, run) if run.local else fit_on_ray(recipe, cfg, inputs, run)
+                if con is not None and not run.local:
+                    con.wait_end()
+                finish(run.tracker, recipe, outcome)
+                if outcome.checkpoint:  # what a later stage reads from the run folder (GRPO: the SFT adapter)
+                    atomic_write(run_dir / BEST_CHECKPOINT, str(outcome.checkpoint))
+                atomic_write(run_dir / COMPLETE_MARKER, outcome.mlflow_run_id or "")
+                run.tracker.finish("FINISHED")
+            except BaseException as e:
+                run.tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+                raise
+            outcome.log_path = con.log_path if con else None
     return outcome
 
 
@@ -177,6 +181,19 @@ def run_checkpoint(path: Path | None) -> Path | None:
         log.info("%s is a finished run: using its checkpoint %s", path, found)
         return found
     return path
+
+
+def claim_run_dir(storage: Path, name: str, owned: ExitStack) -> Path:
+    """``pick_run_dir``, owned (``rayrec.run_lock``) until ``owned`` closes; a run that completed while
+    this process waited for it moves on to the next ``name_vN``."""
+    while True:
+        run_dir = pick_run_dir(storage, name)
+        attempt = ExitStack()
+        attempt.enter_context(hold_run(run_dir))
+        if not (run_dir / COMPLETE_MARKER).exists():
+            owned.enter_context(attempt)
+            return run_dir
+        attempt.close()
 
 
 def pick_run_dir(storage: Path, name: str) -> Path:
@@ -219,7 +236,8 @@ def default_tracking(recipe: Recipe, source: str | None) -> Tracking:
 
 
 def finish(tracker: Tracker, recipe: Recipe, outcome: Outcome) -> None:
-    """Driver-side records: the checkpoint, the best epoch, learning curves, the status."""
+    """Driver-side records: the checkpoint, the best epoch, learning curves (the driver sets the status
+    once the completion marker is written)."""
     if not tracker.active:
         return
     tags = {CHECKPOINT_TAG: outcome.checkpoint or ""}
@@ -233,7 +251,6 @@ def finish(tracker: Tracker, recipe: Recipe, outcome: Outcome) -> None:
     curves = {k: tracker.history(k) for k in recipe.curves}
     if any(curves.values()):
         tracker.log_figure(learning_curves(curves), "learning_curves.png")
-    tracker.finish("FINISHED")
 
 
 # ----------------------------------------------------------------------------- Ray Train

@@ -12,6 +12,8 @@ import re
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -479,9 +481,11 @@ def test_a_resume_with_a_changed_config_is_recorded(tiny_job, tmp_path, monkeypa
 # ----------------------------------------------------------------------------- kill -9, then re-run
 
 
-def killed_at(code: str) -> None:
-    """Run ``code`` in a fresh Python; SIGKILL it once it reaches the fault (``HANG`` in its code: it
-    touches the file named by $RAYREC_FAULT, the console may own its stdout, then hangs)."""
+@contextmanager
+def hung_at(code: str) -> Iterator[subprocess.Popen]:
+    """Run ``code`` in a fresh Python until it reaches the fault (``HANG`` in its code: it touches the
+    file named by $RAYREC_FAULT, the console may own its stdout, then hangs); yield the process, hung
+    there; SIGKILL it after the block."""
     import tempfile
     import time
 
@@ -493,9 +497,18 @@ def killed_at(code: str) -> None:
             if proc.poll() is not None:
                 raise AssertionError(f"the child exited ({proc.returncode}) before reaching the fault")
             time.sleep(0.05)
+        yield proc
         os.kill(proc.pid, signal.SIGKILL)
     finally:
+        if proc.poll() is None:
+            proc.kill()
         proc.wait(60)
+
+
+def killed_at(code: str) -> None:
+    """Run ``code`` in a fresh Python; SIGKILL it once it reaches the fault (see ``hung_at``)."""
+    with hung_at(code) as proc:
+        pass
     assert proc.returncode == -signal.SIGKILL
 
 

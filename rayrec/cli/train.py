@@ -6,6 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
+from rayrec.data.atomic import atomic_write
+from rayrec.errors import ConfigError
+
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train", help="train a job (Ray Train workers, or --local in this process)")
@@ -39,12 +42,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         print_groups(cfg)
         return 0
     recipe = recipe_for(cfg)
+    check_json_target(args.json)
     out = run_job(recipe, cfg, local=args.local, source=str(args.job), resume_from=args.resume_from,
                   verbose=args.verbose)
     if args.json:
-        args.json.write_text(json.dumps(out.metrics, indent=2))
+        atomic_write(args.json, json.dumps(out.metrics, indent=2))
     print_outcome(recipe, out, f"final metrics ({cfg.model.name}, best epoch by {cfg.train.early_stopping.metric})")
     return 0
+
+
+def check_json_target(path: Path | None) -> None:
+    """``--json``'s folder must exist before the run, not be found missing after it."""
+    if path is not None and not path.expanduser().resolve().parent.is_dir():
+        raise ConfigError(f"--json {path}: folder {path.parent} does not exist; create it or write the JSON elsewhere")
 
 
 def print_groups(cfg) -> None:

@@ -220,13 +220,23 @@ class CheckpointConfig(Strict):
 
 
 class RunConfig(Strict):
-    name: str = Field("quickstart", pattern=r"^[A-Za-z0-9_.\-]+$", description="run name (folder under storage_path, "
-                      "MLflow run name)")
+    name: str = Field("quickstart", pattern=r"^[A-Za-z0-9_.\-]+$", max_length=100,
+                      description="run name (folder under storage_path, MLflow run name; at most 100 characters, not "
+                      "'.' or '..')")
     storage_path: Path = Field(Path("runs"), description="where Ray Train writes checkpoints; a relative "
                                 "path is under $RAYREC_STORAGE_ROOT when set (a cluster's shared storage)")
     seed: int = Field(0, description="seed of the run: initialisation, shuffling, negative sampling, index building")
     checkpoint: CheckpointConfig = Field(CheckpointConfig(), description="which checkpoints are written and kept")
     max_failures: int = Field(0, ge=-1, description="worker failures tolerated (-1 = unlimited)")
+
+    @field_validator("name")
+    @classmethod
+    def _a_folder_of_its_own(cls, name: str) -> str:
+        """``.``/``..`` would make the storage folder (or its parent) the run folder."""
+        if set(name) == {"."}:
+            raise ValueError(f"run.name {name!r} is not a folder of its own under run.storage_path; pick a name "
+                             "such as 'sasrec_ml1m'")
+        return name
 
 
 class JobConfig(BatchArithmetic):
