@@ -30,7 +30,7 @@ from typing import Any
 
 from rayrec.config.loader import dump_job, flatten
 from rayrec.console import job_console
-from rayrec.data.atomic import atomic_write
+from rayrec.data.atomic import atomic_write, clear_stale_temporaries
 from rayrec.errors import ConfigError, RayrecError
 from rayrec.run_lock import hold_run
 from rayrec.tracking.mlflow_tracking import Tracker, check_reachable, open_run, resolve_uri
@@ -192,6 +192,7 @@ def claim_run_dir(storage: Path, name: str, owned: ExitStack) -> Path:
         attempt.enter_context(hold_run(run_dir))
         if not (run_dir / COMPLETE_MARKER).exists():
             owned.enter_context(attempt)
+            clear_stale_temporaries(run_dir)  # half-written files of a writer that was killed
             return run_dir
         attempt.close()
 

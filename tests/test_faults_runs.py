@@ -88,3 +88,29 @@ def test_a_failure_at_the_finish_marks_the_run_failed_and_a_rerun_completes(job_
     again = recipes.run(cfg, local=True)
     assert again.mlflow_run_id == run.info.run_id and (cfg.run.storage_path / "t" / ".rayrec_complete").exists()
     assert [r.info.status for r in mlflow_runs(cfg)] == ["FINISHED"]
+
+
+# ----------------------------------------------------------------------------- 7. a full disk
+
+
+def test_a_full_disk_during_a_checkpoint_names_the_file_and_leaves_no_temporary(job_file, capsys):
+    import os
+    import subprocess
+    import sys
+
+    path, cfg = job_file
+    run = cfg.run.storage_path / "t"
+    (run / "epoch_0002").mkdir(parents=True)
+    # the checkpoint's temporary name leads to /dev/full: every write there fails with ENOSPC
+    (run / "epoch_0002" / f".state.pt.tmp-{os.getpid()}").symlink_to("/dev/full")
+    fails(capsys, ["train", str(path), "--local"],
+          r"no space left on the disk of .*epoch_0002/state\.pt \(\d+ MiB free there\)")
+    assert not list(run.rglob("*.tmp-*")) and (run / "epoch_0001" / "state.pt").is_file()
+    (run,) = mlflow_runs(cfg)
+    assert run.info.status == "FAILED"
+    # a writer killed with -9 leaves its temporary: the next owner of the run clears it
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = cfg.run.storage_path / "t" / "epoch_0001" / f".state.pt.tmp-{int(dead.stdout)}"
+    stale.write_bytes(b"PK half")
+    assert main(["train", str(path), "--local"]) == 0
+    assert not stale.exists()

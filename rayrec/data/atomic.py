@@ -20,6 +20,7 @@ replace? Never the input it reads (or a folder holding it), never a file, and, w
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -40,14 +41,58 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     are flushed to disk (fsync) and it is renamed over ``path``; on an error it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}{TMP_INFIX}{os.getpid()}")
     try:
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())  # the bytes are on disk before the name says the file is complete
         _rename(tmp, path)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(f"no space left on the disk of {path} ({_free(path.parent)} free there); nothing "
+                                "was written under that name. Free space, or move the output "
+                                "(run.storage_path, data.path) to a larger disk") from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+TMP_PREFIX, TMP_INFIX = ".", ".tmp-"  # ``.NAME.tmp-PID``: what ``atomic_path`` writes before the rename
+
+
+class DiskFullError(DataError):
+    """A write failed for lack of space (the message names the file and the free space)."""
+
+
+def _free(folder: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(folder).free / 2**20:.0f} MiB"
+    except OSError:
+        return "unknown"
+
+
+def clear_stale_temporaries(folder: Path) -> list[Path]:
+    """Remove ``atomic_path`` temporaries under ``folder`` whose writer (the PID in the name) is gone
+    (a writer killed with -9, or a host that crashed); returns those removed. Call it only where
+    writers are this host's processes (a run folder its owner holds)."""
+    removed = []
+    for p in Path(folder).rglob(f"{TMP_PREFIX}*{TMP_INFIX}*"):
+        pid = p.name.rsplit(TMP_INFIX, 1)[1]
+        if pid.isdigit() and not _pid_alive(int(pid)) and p.is_file():
+            log.warning("removing %s, left by an interrupted writer (PID %s)", p, pid)
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def atomic_write(path: str | Path, data: str | bytes) -> Path:

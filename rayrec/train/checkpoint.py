@@ -7,6 +7,7 @@ so a resumed run continues exactly and can say how its config differs.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import pickle
@@ -141,8 +142,10 @@ def seed_everything(seed: int) -> None:
 
 def save_state(state: dict[str, Any], folder: str | Path) -> Path:
     """Write ``state`` to ``folder/state.pt`` via a temporary file and an atomic rename."""
+    buf = io.BytesIO()  # serialised first: a full disk is then an OSError naming its errno (torch's own
+    torch.save(state, buf)  # file writer reports it as "enforce fail at inline_container.cc")
     with atomic_path(Path(folder) / STATE_FILE) as tmp, open(tmp, "wb") as f:
-        torch.save(state, f)
+        f.write(buf.getbuffer())
     return Path(folder) / STATE_FILE
 
 
