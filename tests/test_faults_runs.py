@@ -114,3 +114,97 @@ def test_a_full_disk_during_a_checkpoint_names_the_file_and_leaves_no_temporary(
     stale.write_bytes(b"PK half")
     assert main(["train", str(path), "--local"]) == 0
     assert not stale.exists()
+
+
+# ----------------------------------------------------------------------------- 5. silently wrong results
+
+
+@pytest.fixture
+def own_data(tiny_dataset, tmp_path):
+    """A copy of the tiny dataset the test may tamper with, and a job file reading it."""
+    import shutil
+
+    from rayrec.config import dump_job
+
+    def make(cfg):
+        data = tmp_path / "data"
+        shutil.copytree(tiny_dataset, data)
+        cfg = cfg.model_copy(deep=True)
+        cfg.data.path = data
+        path = tmp_path / "own.yaml"
+        path.write_text(dump_job(cfg))
+        return path, cfg
+
+    return make
+
+
+def test_resuming_on_a_dataset_prepared_again_is_refused(job_file, own_data, monkeypatch, capsys):
+    from test_fault_tolerance import crash_in
+
+    from rayrec import recipes
+
+    path, cfg = own_data(job_file[1])
+    crash_in(monkeypatch, lambda m, s: m.get("epoch") == 1, lambda: recipes.run(cfg, local=True))
+    assert main(["data", "synth", "--out", str(cfg.data.path), "--users", "300", "--items", "120", "--no-images",
+                 "--seed", "9", "--overwrite"]) == 0
+    fails(capsys, ["train", str(path), "--local"],
+          r"the checkpoint was trained on the dataset \w+ \(300 users, 120 items, \d+ events\), but data.path "
+          r".*data now holds \w+ .*start a new run")
+
+
+def _tamper(data, split, **columns):
+    import pandas as pd
+
+    table = pd.read_parquet(data / f"{split}.parquet")
+    for k, v in columns.items():
+        table[k] = v(table[k])
+    table.to_parquet(data / f"{split}.parquet")
+
+
+@pytest.mark.parametrize("tamper, pattern", [
+    (lambda d: (d / "manifest.json").write_text((d / "manifest.json").read_text().replace('"items": 120', '"items": 600')),
+     r"manifest.json says 600 items but items.parquet holds 120"),
+    (lambda d: _tamper(d, "test", target=lambda t: t.where(t.index != 3, 0)),
+     r"test.parquet: 1 targets are 0 \(0 is the padding id, item ids are 1..120\)"),
+    (lambda d: _tamper(d, "valid", history=lambda h: h.map(lambda x: [*x, 4000])),
+     r"valid.parquet: column history holds item ids 1..4000, outside 1..120"),
+    (lambda d: (d / "manifest.json").write_text('{"schema_version": 1, "counts": '),
+     r"manifest.json is corrupt \(JSONDecodeError.*prepare the dataset again"),
+])
+def test_a_dataset_that_disagrees_with_its_manifest_is_refused(job_file, own_data, capsys, tamper, pattern):
+    path, cfg = own_data(job_file[1])
+    tamper(cfg.data.path)
+    fails(capsys, ["train", str(path), "--local"], pattern)
+
+
+@pytest.mark.parametrize("override, pattern", [
+    ("train.eval.ks=[10,120]", r"train.eval.ks has \[120\] but the dataset has 120 items"),
+    ("train.eval.mode=sampled:1000000000", r"sampled:1000000000: more negatives than the 120 items"),
+    ("model.max_len=10000000", r"model.max_len.*less than or equal to 10000"),
+])
+def test_settings_the_catalogue_cannot_give_are_refused(job_file, capsys, override, pattern):
+    path, cfg = job_file
+    fails(capsys, ["train", str(path), "--local", override], pattern)
+
+
+def test_a_key_given_twice_or_a_file_not_in_utf8_is_refused(job_file, capsys, tmp_path):
+    path, _ = job_file
+    text = path.read_text()
+    twice = tmp_path / "twice.yaml"
+    twice.write_text(text.replace("train:\n", "train:\n  epochs: 9\n", 1))
+    fails(capsys, ["train", str(twice), "--local"], r"twice.yaml:\d+: key train.epochs is given twice \(also on line \d+\)")
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes(b"# caf\xe9\n" + text.encode())
+    fails(capsys, ["train", str(latin), "--local"], r"latin.yaml:1: not UTF-8 \(byte 0xe9\)")
+
+
+def test_resuming_into_a_model_of_another_size_says_so(job_file, capsys, monkeypatch):
+    from test_fault_tolerance import crash_in
+
+    from rayrec import recipes
+
+    path, cfg = job_file
+    crash_in(monkeypatch, lambda m, s: m.get("epoch") == 1, lambda: recipes.run(cfg, local=True))
+    for _ in range(2):  # the same line on every re-run, with what to do
+        fails(capsys, ["train", str(path), "--local", "model.hidden=32"],
+              r"the checkpoint holds a model of another size \(.*\(\d+, 16\) there, \(\d+, 32\) here.*start a new run")

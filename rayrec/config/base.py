@@ -63,7 +63,8 @@ class EncoderConfig(Strict):
     num_heads: int = Field(1, ge=1, description="attention heads per block")
     dropout: float = Field(0.2, ge=0.0, lt=1.0, description="dropout probability of embeddings, attention and "
                            "feed-forward layers, in [0, 1)")
-    max_len: int = Field(50, ge=2, description="history length fed to the model")
+    max_len: int = Field(50, ge=2, le=10_000, description="history length fed to the model (at most 10000: "
+                         "attention is quadratic in it)")
 
     @model_validator(mode="after")
     def _heads_divide_hidden(self) -> EncoderConfig:

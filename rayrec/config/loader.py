@@ -41,10 +41,15 @@ def read_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such job file")
-    text = path.read_text(encoding="utf-8")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 (byte 0x{data[e.start]:02x}); save the file as UTF-8") from None
     try:
         raw = yaml.safe_load(text) or {}
-        lines = _key_lines(yaml.compose(text))
+        lines = _key_lines(yaml.compose(text), source=path)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
@@ -52,13 +57,19 @@ def read_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
     return raw, lines
 
 
-def _key_lines(node: yaml.Node | None, prefix: str = "") -> dict[str, int]:
+def _key_lines(node: yaml.Node | None, prefix: str = "", source: Path | None = None) -> dict[str, int]:
+    """The line of every dotted key; a key given twice in one mapping is an error (YAML would keep the last
+    value without a word)."""
     out: dict[str, int] = {}
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             dotted = f"{prefix}{key_node.value}"
-            out[dotted] = key_node.start_mark.line + 1
-            out.update(_key_lines(value_node, dotted + "."))
+            line = key_node.start_mark.line + 1
+            if dotted in out:
+                raise ConfigError(f"{source}:{line}: key {dotted} is given twice (also on line {out[dotted]}); "
+                                  "keep one")
+            out[dotted] = line
+            out.update(_key_lines(value_node, dotted + ".", source))
     return out
 
 

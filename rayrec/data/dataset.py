@@ -59,13 +59,79 @@ def open_prepared(path: str | Path) -> Prepared:
     missing = [f for f in REQUIRED_FILES if not (path / f).is_file()]
     if missing:
         raise DataError(f"{path}: not a prepared dataset, missing {', '.join(missing)}")
-    manifest = json.loads((path / "manifest.json").read_text())
+    try:
+        manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+        int(manifest["counts"]["items"]), int(manifest["counts"]["users"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{path}/manifest.json is corrupt ({type(e).__name__}: {str(e)[:80]}); prepare the "
+                        f"dataset again (`rayrec data prepare ... --out {path} --overwrite`)") from None
     if manifest.get("schema_version") != prep.SCHEMA_VERSION:
         raise DataError(
             f"{path}/manifest.json: schema_version {manifest.get('schema_version')} != "
             f"{prep.SCHEMA_VERSION}; prepare the dataset again with this rayrec"
         )
     return Prepared(path, manifest)
+
+
+def fingerprint(ds: Prepared) -> dict[str, Any]:
+    """What identifies a prepared dataset's contents: a hash of its manifest (the input's hash, the source,
+    filters and split, counts; not when it was written) and its counts. Checkpoints carry it."""
+    import hashlib
+
+    stable = {k: v for k, v in ds.manifest.items() if k != "created_at"}
+    digest = hashlib.sha256(json.dumps(stable, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    counts = ds.manifest["counts"]
+    return {"manifest": digest, "users": int(counts["users"]), "items": int(counts["items"]),
+            "interactions": int(counts.get("interactions", 0))}
+
+
+def fingerprint_at(path: str | Path) -> dict[str, Any] | None:
+    """``fingerprint`` of the dataset at ``path``, or None where it cannot be read (a worker that does not see it)."""
+    try:
+        return fingerprint(open_prepared(path))
+    except (DataError, OSError):
+        return None
+
+
+def check_same_data(trained_on: dict[str, Any] | None, path: str | Path, what: str) -> None:
+    """Refuse to resume or evaluate ``what`` (a checkpoint) on other data than it was trained on."""
+    now = fingerprint_at(path)
+    if trained_on and now and trained_on["manifest"] != now["manifest"]:
+        raise DataError(f"{what} was trained on the dataset {describe_fingerprint(trained_on)}, but data.path {path} "
+                        f"now holds {describe_fingerprint(now)} (prepared again, or another dataset); start a new "
+                        "run (another run.name) or point data.path at the data it was trained on")
+
+
+def describe_fingerprint(fp: dict[str, Any]) -> str:
+    return f"{fp['manifest']} ({fp['users']} users, {fp['items']} items, {fp['interactions']} events)"
+
+
+def check_contents(ds: Prepared) -> None:
+    """The manifest agrees with the data: the item table has ``counts.items`` rows, every item id of
+    the splits lies in 1..items, and no evaluation target is 0 (the padding id)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    n = ds.num_items
+    rows = pq.ParquetFile(ds.file("items")).metadata.num_rows
+    if rows != n:
+        raise DataError(f"{ds.path}/manifest.json says {n} items but items.parquet holds {rows}; the dataset was "
+                        "changed after it was prepared: prepare it again (`rayrec data prepare ... --overwrite`)")
+    for split, column in (("train", "seq"), ("valid", "history"), ("valid", "target"), ("test", "history"),
+                          ("test", "target")):
+        col = pq.read_table(ds.file(split), columns=[column]).column(column)
+        values = pc.list_flatten(col) if column in ("seq", "history") else col
+        if not len(values):
+            continue
+        low, high = pc.min_max(values).values()
+        low, high = low.as_py(), high.as_py()
+        if column == "target" and low is not None and low <= 0:
+            bad = pc.sum(pc.less_equal(values, 0)).as_py()
+            raise DataError(f"{ds.file(split)}: {bad} targets are {low} (0 is the padding id, item ids are 1..{n}); "
+                            "prepare the dataset again")
+        if (low is not None and low < 0) or (high is not None and high > n):
+            raise DataError(f"{ds.file(split)}: column {column} holds item ids {low}..{high}, outside 1..{n} "
+                            f"(manifest.json counts.items = {n}); prepare the dataset again")
 
 
 def source_reader(source: str, input: Path | None, *, on_bad_line: str, synth: dict[str, Any] | None = None, options: dict[str, Any] | None = None):
@@ -113,6 +179,7 @@ def ensure_prepared(cfg: DataConfig) -> Prepared:
         read = source_reader(cfg.source, cfg.input, on_bad_line=cfg.on_bad_line, synth=synth, options=cfg.source_options)
         prep.prepare(read, cfg.path, source=cfg.source, params=params, filters=cfg.filters, split=cfg.split)
     ds = open_prepared(cfg.path)
+    check_contents(ds)
     _check_synth_matches(cfg, ds)
     return ds
 

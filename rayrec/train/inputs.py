@@ -12,6 +12,7 @@ from rayrec.data.dataset import Prepared
 from rayrec.data.rows import RowTable, count_windows, eval_share, rank_share, split_table, train_lengths
 from rayrec.data.rows import train_table as rows_train_table
 from rayrec.data.streaming import Collate, TableLoader
+from rayrec.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -28,12 +29,26 @@ class DataInfo:
 
 def data_info(ds: Prepared, cfg: JobConfig) -> DataInfo:
     """Sizes read from the prepared files (sequence lengths only: no Python object per user)."""
+    check_fits(cfg, ds.num_items)
     lengths = train_lengths(str(ds.path))
     return DataInfo(path=str(ds.path.resolve()), num_items=ds.num_items,
                     train_rows=count_windows(lengths, cfg.model.max_len, cfg.train.windows, window_stride(cfg)),
                     seen_len=max(ds.max_history("valid"), ds.max_history("test")),
                     eval_rows=int(ds.manifest["counts"].get("valid_rows", 0)) + int(ds.manifest["counts"].get("test_rows", 0)),
                     events=int(ds.manifest["counts"].get("interactions", 0)))
+
+
+def check_fits(cfg: JobConfig, num_items: int) -> None:
+    """Cut-offs and sampled negatives the catalogue can give (else HR@K is 1.0 for any model, or the
+    sampler allocates far more than there are items)."""
+    big = [k for k in cfg.train.eval.ks if k >= num_items]
+    if big:
+        raise ConfigError(f"train.eval.ks has {big} but the dataset has {num_items} items: HR@K would be 1.0 for any "
+                          f"model; use cut-offs below {num_items}")
+    mode = cfg.train.eval.mode
+    if mode.startswith("sampled:") and int(mode.split(":")[1]) >= num_items:
+        raise ConfigError(f"train.eval.mode {mode}: more negatives than the {num_items} items of the dataset; use "
+                          f"sampled:N with N < {num_items} (or full)")
 
 
 def window_stride(cfg: JobConfig) -> int:

@@ -18,7 +18,8 @@ from torch import nn
 
 from rayrec.config.loader import dump_job
 from rayrec.config.schema import JobConfig
-from rayrec.train.checkpoint import rng_state, warn_config_diff
+from rayrec.data.dataset import check_same_data, fingerprint_at
+from rayrec.train.checkpoint import CheckpointError, rng_state, warn_config_diff
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ class TrainState:
             "early_stopping": self.stopper,
             "history": self.history,
             "config": dump_job(cfg),
+            "data": fingerprint_at(cfg.data.path),  # resuming or evaluating on other data is refused
             **loop_state,
         }
 
@@ -87,7 +89,20 @@ class TrainState:
                 "best_model": state["best_model"], "history": list(state.get("history", []))}
 
 
-def load_weights(state: dict[str, Any], model: nn.Module, cfg: JobConfig) -> None:
-    """The first step of every restore: say what changed in the config, then load the weights."""
+def load_weights(state: dict[str, Any], model: nn.Module, cfg: JobConfig, where: str = "the checkpoint") -> None:
+    """The first step of every restore: the same data, say what changed in the config, then load the weights."""
+    check_same_data(state.get("data"), cfg.data.path, where)
     warn_config_diff(state["config"], dump_job(cfg))
-    model.load_state_dict(state["model"])
+    load_model_weights(model, state["model"], where)
+
+
+def load_model_weights(model: nn.Module, weights: dict[str, torch.Tensor], where: str) -> None:
+    """``load_state_dict``; a model of another shape (e.g. another ``model.hidden``) is one line naming it."""
+    own = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} there, {tuple(own[k].shape)} here" for k, v in weights.items()
+             if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if wrong:
+        raise CheckpointError(f"{where} holds a model of another size ({'; '.join(wrong[:2])}"
+                              f"{'; ...' if len(wrong) > 2 else ''}): use the model settings it was trained with, "
+                              "or start a new run (another run.name) instead of resuming it")
+    model.load_state_dict(weights)
