@@ -37,8 +37,20 @@ LOCK_FILE = Path("cluster/requirements.txt")
 JOB_COMMANDS = ("train", "eval", "tune", "sft", "grpo")
 #: The kind of job file (``rayrec.config.kinds``) each job command runs.
 JOB_KINDS = {"train": "sequential", "eval": "sequential", "sft": "genrec", "grpo": "grpo"}
-#: Never uploaded with the working dir (.gitignore'd paths are skipped by Ray already).
-UPLOAD_EXCLUDES = [".git", "**/__pycache__", "mlflow.db"]
+#: Never uploaded with the working dir (gitignore patterns; Ray also skips what ``.gitignore`` and
+#: ``.rayignore`` name, and rayrec what ``.rayrecignore`` names). ``--include PATTERN`` takes one back.
+SECRET_EXCLUDES = [".env", ".env.*", "*.env", "*.pem", "*.key", "*.p12", "*.pfx", "id_rsa*", "id_dsa*", "id_ecdsa*",
+                   "id_ed25519*", ".ssh/", ".aws/", ".gnupg/", ".netrc", ".pgpass", ".git-credentials", ".pypirc",
+                   "credentials*.json", "*credentials*.json", "service-account*.json", "*.keytab"]
+RUN_EXCLUDES = [".git", "**/__pycache__", ".venv/", "venv/", "runs/", "mlruns/", "mlartifacts/", "ray_results/",
+                "*.db", "*.db-journal", "state.pt", ".rayrec.lock"]
+UPLOAD_EXCLUDES = RUN_EXCLUDES + SECRET_EXCLUDES
+IGNORE_FILE = ".rayrecignore"
+UPLOAD_WARN_MIB = 100  # Ray refuses a working dir above 500 MiB; far less is usual for code and job files
+#: What marks a file's text as a secret (a private key, a cloud key id, KEY=value of a secret-named variable)
+SECRET_TEXT = re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----|\b(?:AKIA|ASIA)[0-9A-Z]{16}\b|"
+                         r"^\s*(?:export\s+)?[A-Z0-9_]*(?:SECRET|TOKEN|PASSWORD|PASSWD|API_KEY|ACCESS_KEY)[A-Z0-9_]*"
+                         r"\s*[=:]\s*['\"]?[^\s'\"$<{]{8,}", re.M)
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
@@ -53,6 +65,7 @@ class Submission:
     metadata: dict[str, str] = field(default_factory=dict)
     secrets: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    files: list[tuple[str, int]] = field(default_factory=list)  # what the working dir upload holds
 
     def describe(self) -> str:
         env = {k: ("<secret>" if k in self.secrets else redact_uri(v))
@@ -64,7 +77,18 @@ class Submission:
             f"working dir:   {self.runtime_env['working_dir']}",
             f"pip:           {len(pip)} pinned requirements" if pip else "pip:           (none: the cluster image provides them)",
             "env vars:      " + (", ".join(f"{k}={v}" for k, v in env.items()) or "-"),
+            *self.upload_lines(),
         ])
+
+    def upload_lines(self, largest: int = 5) -> list[str]:
+        total = sum(size for _, size in self.files)
+        big = sorted(self.files, key=lambda f: -f[1])[:largest]
+        return [f"upload:        {len(self.files)} files, {_size(total)}",
+                *(f"  {_size(size):>10}  {rel}" for rel, size in big)]
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
 def normalize_address(address: str | None) -> str:
@@ -188,15 +212,72 @@ def build_submission(args: argparse.Namespace) -> Submission:
         credentials = {**found, **credentials}
     warnings = validate_job(command, args.job, overrides)
     env = {**env_vars(args.env, args.secret_env, mlflow_uri), **credentials}
-    runtime_env = {"working_dir": str(working_dir.resolve()), "excludes": UPLOAD_EXCLUDES, "env_vars": env}
+    excludes = upload_excludes(working_dir, getattr(args, "include", []))
+    files = upload_files(working_dir, excludes)
+    check_no_secrets(working_dir, files, getattr(args, "include", []))
+    runtime_env = {"working_dir": str(working_dir.resolve()), "excludes": excludes, "env_vars": env}
     if not args.no_pip:
         lock = args.requirements or working_dir / LOCK_FILE
         runtime_env["pip"] = {"packages": pinned_requirements(lock), "pip_check": False}
     # `python -m` runs the uploaded rayrec with the runtime env's interpreter (its pinned packages)
     entrypoint = shlex.join(["python", "-m", "rayrec", command, rel, *overrides, *flags])
     meta = {"rayrec.job": rel, "rayrec.command": args.command, "rayrec.user": getpass.getuser()}
+    total = sum(size for _, size in files)
+    if total > UPLOAD_WARN_MIB * 2**20:
+        warnings.append(f"the working dir upload is {total / 2**20:.0f} MiB (over {UPLOAD_WARN_MIB} MiB); list data, "
+                        f"runs or large files in {IGNORE_FILE} (gitignore patterns), or pass a smaller --working-dir")
     return Submission(entrypoint, runtime_env, args.submission_id or submission_id(args.job), meta,
-                      list(args.secret_env) + sorted(credentials), warnings)
+                      list(args.secret_env) + sorted(credentials), warnings, files)
+
+
+def upload_excludes(working_dir: Path, include: list[str]) -> list[str]:
+    """What Ray is told to leave out: run/tracking folders, secrets, ``.rayrecignore``; then ``include``
+    patterns as negations (the last matching pattern decides, as in ``.gitignore``)."""
+    extra = []
+    ignore = working_dir / IGNORE_FILE
+    if ignore.is_file():
+        extra = [ln.rstrip("\n") for ln in ignore.read_text(encoding="utf-8").splitlines()
+                 if ln.strip() and not ln.lstrip().startswith("#")]
+    return UPLOAD_EXCLUDES + extra + [f"!{p}" for p in include]
+
+
+def upload_files(working_dir: Path, excludes: list[str]) -> list[tuple[str, int]]:
+    """(path, bytes) of every file Ray will upload: its own walk of the working dir, with these excludes
+    and the ``.gitignore``/``.rayignore`` files it reads (so the listing is what is sent)."""
+    from ray._private.runtime_env.packaging import _dir_travel, _get_excludes
+
+    root = working_dir.resolve()
+    found: list[tuple[str, int]] = []
+
+    def add(path: Path) -> None:
+        if path.is_file():
+            found.append((path.relative_to(root).as_posix(), path.stat().st_size))
+
+    include_gitignore = os.environ.get("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", "0") != "1"
+    quiet = logging.getLogger(f"{__name__}.upload")  # Ray's walk logs each ignore file it reads at INFO
+    quiet.setLevel(logging.WARNING)
+    _dir_travel(root, [_get_excludes(root, excludes)], add, include_gitignore=include_gitignore, logger=quiet)
+    return sorted(found)
+
+
+def check_no_secrets(working_dir: Path, files: list[tuple[str, int]], include: list[str]) -> None:
+    """Refuse to upload a file whose text looks like a secret, unless ``--include`` names it."""
+    from fnmatch import fnmatch
+
+    flagged = []
+    for rel, size in files:
+        if size > 1_000_000 or rel.endswith((".py", ".md", ".ipynb")) or any(fnmatch(rel, p) for p in include):
+            continue
+        try:
+            text = (working_dir / rel).read_text(encoding="utf-8", errors="ignore")
+        except OSError:
+            continue
+        if SECRET_TEXT.search(text):
+            flagged.append(rel)
+    if flagged:
+        raise SubmitError(f"{', '.join(flagged[:5])}{' ...' if len(flagged) > 5 else ''}: looks like a secret (a "
+                          f"private key, a cloud key or a KEY=value of a secret); it is not uploaded: add it to "
+                          f"{IGNORE_FILE}, or pass --include {flagged[0]} if it must go with the job")
 
 
 def send(sub: Submission, address: str, headers: dict[str, str]):

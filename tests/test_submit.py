@@ -222,3 +222,75 @@ def test_rayrec_submit_follows_the_job_and_exits_with_its_status(head, tmp_path)
     no_token = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN"}
     r = subprocess.run(cmd, cwd=ROOT, env=no_token, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "uses token auth and no token was sent" in r.stderr
+
+
+# ----------------------------------------------------------------------------- what the upload holds
+
+
+def _project_with_secrets(root: Path) -> Path:
+    """A working dir as users have them: a job, pins, and what must stay home."""
+    import shutil
+
+    (root / "jobs").mkdir(parents=True)
+    shutil.copy(ROOT / "jobs" / "quickstart.yaml", root / "jobs" / "quickstart.yaml")
+    (root / "cluster").mkdir()
+    (root / "cluster" / "requirements.txt").write_text("numpy==2.0.0\n")
+    files = {".env": "API_KEY=abc", "config/.env.production": "DB=x", ".netrc": "machine m login u password p",
+             ".ssh/id_rsa": "key", "credentials.json": "{}", "runs/old/epoch_0001/state.pt": "x" * 1000,
+             "mlruns/0/meta.yaml": "x", "tracking.db": "x", "data/big.parquet": "x" * 5000, "notes.txt": "ok",
+             "src/model.py": "PASSWORD = os.environ['PASSWORD']\n"}
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    (root / ".rayrecignore").write_text("# data stays on the cluster's storage\ndata/\n")
+    return root
+
+
+def test_the_upload_leaves_secrets_runs_and_ignored_files_home(tmp_path, monkeypatch, capsys):
+    from ray._private.runtime_env.packaging import _zip_files
+
+    root = _project_with_secrets(tmp_path / "proj")
+    monkeypatch.chdir(root)
+    assert main(["submit", "jobs/quickstart.yaml", "--dry-run", "--address", "http://127.0.0.1:1"]) == 0
+    out = capsys.readouterr().out
+    sub = build_submission(submit_args("jobs/quickstart.yaml"))
+    names = {rel for rel, _ in sub.files}
+    assert names == {"jobs/quickstart.yaml", "cluster/requirements.txt", "notes.txt", "src/model.py", ".rayrecignore"}
+    _zip_files(str(root), sub.runtime_env["excludes"], str(tmp_path / "pkg.zip"), include_gitignore=True)
+    import zipfile
+
+    assert set(zipfile.ZipFile(tmp_path / "pkg.zip").namelist()) == names  # the listing is what Ray sends
+    assert re.search(r"upload: +5 files, [\d.]+ KiB\n +[\d.]+ KiB +jobs/quickstart.yaml", out), out
+
+
+def test_a_file_that_looks_like_a_secret_is_refused_unless_included(tmp_path, monkeypatch, capsys, no_send):
+    root = _project_with_secrets(tmp_path / "proj")
+    (root / "deploy" / "ops.txt").parent.mkdir()
+    (root / "deploy" / "ops.txt").write_text("-----BEGIN OPENSSH PRIVATE KEY-----\nb3Blbn\n")
+    monkeypatch.chdir(root)
+    assert main(["submit", "jobs/quickstart.yaml", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "deploy/ops.txt: looks like a secret" in err and "--include deploy/ops.txt" in err and "b3Blbn" not in err
+    assert main(["submit", "jobs/quickstart.yaml", "--dry-run", "--include", "deploy/ops.txt",
+                 "--include", ".env"]) == 0
+    sub = build_submission(submit_args("jobs/quickstart.yaml", "--include", "deploy/ops.txt", "--include", ".env"))
+    assert {"deploy/ops.txt", ".env"} <= {rel for rel, _ in sub.files}
+
+
+def test_a_large_upload_is_warned_about(tmp_path, monkeypatch):
+    from rayrec import submit as S
+
+    root = _project_with_secrets(tmp_path / "proj")
+    (root / "blob.bin").write_bytes(b"\0" * 3000)
+    monkeypatch.chdir(root)
+    monkeypatch.setattr(S, "UPLOAD_WARN_MIB", 0.001)
+    sub = build_submission(submit_args("jobs/quickstart.yaml"))
+    assert any("upload is 0 MiB (over 0.001 MiB)" in w and ".rayrecignore" in w for w in sub.warnings), sub.warnings
+
+
+def test_every_file_of_the_project_goes_with_a_submission():
+    tracked = set(subprocess.check_output(["git", "ls-files"], cwd=ROOT, text=True).split())
+    if not tracked:
+        pytest.skip("not a git checkout")
+    sent = {rel for rel, _ in build_submission(submit_args("jobs/quickstart.yaml")).files}
+    assert tracked - sent == set()  # the code the cluster runs is all there (rayrec/secrets.py is code)

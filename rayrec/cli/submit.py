@@ -24,6 +24,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--requirements", type=Path, help=f"pinned pip requirements (default: WORKING_DIR/{S.LOCK_FILE})")
     s.add_argument("--no-pip", action="store_true", help="no pip runtime env: the cluster image has the deps")
     s.add_argument("--working-dir", default=".", help="folder uploaded as the job's working dir (default: .)")
+    s.add_argument("--include", action="append", default=[], metavar="PATTERN",
+                   help="upload files matching PATTERN although they are excluded or look like a secret (repeatable)")
     s.add_argument("--submission-id", help="job id (default: rayrec-<job>-<UTC time>)")
     s.add_argument("--auth-token-env", default="RAY_AUTH_TOKEN", metavar="NAME",
                    help="env var holding the cluster's auth token (default: RAY_AUTH_TOKEN)")
@@ -36,6 +38,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     S.check_command(args.command.split()[0] if args.command.strip() else "", args.commands)
     sub = S.build_submission(args)
     if args.dry_run:
+        for warning in sub.warnings:
+            S.log.warning(warning)
         print(sub.describe())
         return 0
     address = S.normalize_address(args.address)
