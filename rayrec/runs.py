@@ -33,7 +33,7 @@ from rayrec.console import job_console
 from rayrec.data.atomic import atomic_write, clear_stale_temporaries
 from rayrec.errors import ConfigError, RayrecError
 from rayrec.run_lock import hold_run
-from rayrec.tracking.mlflow_tracking import Tracker, check_reachable, open_run, resolve_uri
+from rayrec.tracking.mlflow_tracking import NOT_LOGGED, Tracker, check_reachable, open_run, resolve_uri
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,7 @@ class Outcome:
     mlflow_run_id: str | None = None
     history: list[dict[str, float]] = field(default_factory=list)
     log_path: Path | None = None
+    tracking_error: str | None = None  # why writes were not logged (``tracking/not_logged`` counts them)
 
 
 @dataclass
@@ -138,10 +139,13 @@ def run_job(recipe: Recipe, cfg: Any, *, local: bool = False, source: str | None
                 if outcome.checkpoint:  # what a later stage reads from the run folder (GRPO: the SFT adapter)
                     atomic_write(run_dir / BEST_CHECKPOINT, str(outcome.checkpoint))
                 atomic_write(run_dir / COMPLETE_MARKER, outcome.mlflow_run_id or "")
-                run.tracker.finish("FINISHED")
             except BaseException as e:
-                run.tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+                run.tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", timeout=5)
                 raise
+            not_logged = run.tracker.finish("FINISHED") + int(outcome.metrics.get(NOT_LOGGED, 0))
+            if not_logged:  # the workers' and the driver's writes MLflow never got
+                outcome.metrics[NOT_LOGGED] = not_logged
+                outcome.tracking_error = run.tracker.last_error
             outcome.log_path = con.log_path if con else None
     return outcome
 
@@ -218,7 +222,7 @@ def default_tracking(recipe: Recipe, source: str | None) -> Tracking:
             return Tracker.null()
         tags = {"rayrec.recipe": recipe.name, **recipe.tags(cfg), "rayrec.job_file": source or ""}
         tracker = open_run(resolve_uri(cfg.tracking.uri), cfg.tracking.experiment, str(run_dir), run_dir.name,
-                           tags=tags)
+                           tags=tags, max_outage_s=cfg.tracking.max_outage_s)
         changed = tracker.log_params(flatten(cfg))
         if not changed:
             tracker.log_text(dump_job(cfg), "config/resolved.yaml")
@@ -322,7 +326,7 @@ def fit(trainer, cfg: Any):
 
 def summary_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
     keys = sorted(k for k in metrics if "/" in k and not k.startswith(("train/lr", "train/samples")))
-    rows = [(k, f"{metrics[k]:g}" if k.endswith("/rows") else f"{metrics[k]:.4f}") for k in keys]
+    rows = [(k, f"{metrics[k]:g}" if k.endswith(("/rows", "/not_logged")) else f"{metrics[k]:.4f}") for k in keys]
     for k in ("best_epoch", "epoch", "stopped_early"):
         if k in metrics:
             rows.append((k, f"{metrics[k]:g}"))
@@ -344,3 +348,6 @@ def print_outcome(recipe: Recipe, outcome: Outcome, title: str) -> None:
           f"{'mlflow run:':<12} {outcome.mlflow_run_id}")
     if outcome.log_path is not None:
         print(f"{'log:':<12} {outcome.log_path} (Ray and worker output; -v shows it here)")
+    if outcome.metrics.get(NOT_LOGGED):
+        print(f"\nMLflow did not get {outcome.metrics[NOT_LOGGED]:g} writes of this run (metrics, tags or artifacts; "
+              f"{outcome.tracking_error or 'the store did not answer'}); the checkpoints and this table are complete")

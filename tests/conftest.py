@@ -100,3 +100,15 @@ def tiny_job(tiny_dataset, tmp_path):
         "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "tests"},
         "run": {"name": "t", "storage_path": str(tmp_path / "runs"), "seed": 0},
     })
+
+
+@pytest.fixture
+def job_file(tiny_job, tmp_path):
+    """``tiny_job`` (3 epochs) written to a job file: (path, config)."""
+    from rayrec.config import dump_job
+
+    cfg = tiny_job.model_copy(deep=True)
+    cfg.train.epochs = 3
+    path = tmp_path / "job.yaml"
+    path.write_text(dump_job(cfg))
+    return path, cfg

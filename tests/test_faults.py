@@ -515,17 +515,6 @@ def killed_at(code: str) -> None:
 HANG = "import os as _o, pathlib as _p, time as _t; _p.Path(_o.environ['RAYREC_FAULT']).touch(); _t.sleep(120)"
 
 
-@pytest.fixture
-def job_file(tiny_job, tmp_path):
-    from rayrec.config import dump_job
-
-    cfg = tiny_job.model_copy(deep=True)
-    cfg.train.epochs = 3
-    path = tmp_path / "job.yaml"
-    path.write_text(dump_job(cfg))
-    return path, cfg
-
-
 def _finish_and_compare(cfg, job_path):
     """The re-run of the killed job continues its run and ends where an uninterrupted run ends."""
     from mlflow.tracking import MlflowClient

@@ -5,10 +5,11 @@ Each test reproduces what a hostile but realistic user did, and asserts the new 
 
 from __future__ import annotations
 
+import re
 import signal
 
 import pytest
-from test_faults import HANG, fails, hung_at, job_file  # noqa: F401  (job_file: a fixture)
+from test_faults import HANG, fails, hung_at
 
 from rayrec.cli import main
 
@@ -208,3 +209,102 @@ def test_resuming_into_a_model_of_another_size_says_so(job_file, capsys, monkeyp
     for _ in range(2):  # the same line on every re-run, with what to do
         fails(capsys, ["train", str(path), "--local", "model.hidden=32"],
               r"the checkpoint holds a model of another size \(.*\(\d+, 16\) there, \(\d+, 32\) here.*start a new run")
+
+
+# ----------------------------------------------------------------------------- 2. tracking outages
+
+
+class MlflowServer:
+    """A real ``mlflow server`` on 127.0.0.1 that a test can kill (-9, its whole process group) and start again."""
+
+    def __init__(self, folder):
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.folder, self.proc = folder, None
+        self.uri = f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        import subprocess
+        import sys
+        import time
+
+        import requests
+
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.folder}/m.db",
+             "--artifacts-destination", str(self.folder / "artifacts"), "--host", "127.0.0.1", "--port",
+             str(self.port), "--workers", "1"],
+            stdout=subprocess.DEVNULL, stderr=open(self.folder / "server.log", "ab"), start_new_session=True)
+        for _ in range(300):
+            try:
+                if requests.get(f"{self.uri}/health", timeout=1).ok:
+                    return
+            except requests.RequestException:
+                time.sleep(0.1)
+        raise AssertionError(f"mlflow server did not start: {(self.folder / 'server.log').read_text()[-2000:]}")
+
+    def kill(self) -> None:
+        import os
+
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(30)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    server = MlflowServer(tmp_path)
+    server.start()
+    yield server
+    server.kill()
+
+
+def test_a_tracking_outage_never_kills_the_run(job_file, mlflow_server, monkeypatch, capsys, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from rayrec.train.local import LocalReporter
+
+    path, cfg = job_file
+    real = LocalReporter.report
+    events = {1: mlflow_server.kill, 2: mlflow_server.start}  # down after epoch 1, back after epoch 2
+
+    def report(self, metrics, state):
+        real(self, metrics, state)
+        events.pop(int(metrics.get("epoch", 0)), lambda: None)()
+
+    monkeypatch.setattr(LocalReporter, "report", report)
+    common = ["--local", f"tracking.uri={mlflow_server.uri}"]
+    assert main(["train", str(path), *common, "tracking.max_outage_s=120"]) == 0
+    client = MlflowClient(mlflow_server.uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+    assert run.info.status == "FINISHED"  # what waited through the outage was logged, in order
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/ndcg_at_10")] == [1, 2, 3]
+    assert "test/ndcg_at_10" in run.data.metrics and "MLflow did not get" not in capsys.readouterr().out
+
+    events = {1: mlflow_server.kill, 3: mlflow_server.start}  # down for longer than max_outage_s
+    assert main(["train", str(path), *common, "tracking.max_outage_s=1", "run.name=gap"]) == 0
+    out = capsys.readouterr()
+    assert re.search(r"tracking/not_logged +\d+", out.out) and "test/ndcg@10" in out.out
+    assert re.search(r"MLflow did not get \d+ writes of this run .*the tracking server did not answer", out.out)
+    assert (cfg.run.storage_path / "gap" / ".rayrec_complete").exists()
+    (gap,) = [r for r in client.search_runs([run.info.experiment_id]) if r.info.run_name == "gap"]
+    assert gap.info.status == "FINISHED" and int(gap.data.tags["rayrec.tracking.not_logged"]) > 0
+    assert main(["diagnose", gap.info.run_id, "--tracking-uri", mlflow_server.uri, "--out", str(tmp_path / "d")]) == 0
+    assert re.search(r"\[warning\] not_logged: \d+ writes of this run .* never reached MLflow", capsys.readouterr().out)
+
+
+def test_a_store_that_never_answers_costs_bounded_time_and_is_counted():
+    import time
+
+    from rayrec.tracking.mlflow_tracking import Tracker
+
+    tracker = Tracker("http://127.0.0.1:9", "0" * 32, max_outage_s=0.5)  # nothing listens on port 9
+    start = time.monotonic()
+    for step in range(5):
+        tracker.log_metrics({"train/loss": 1.0}, step=step)
+    tracker.set_tags({"a": 1})
+    assert tracker.finish("FINISHED", timeout=2) == 7  # 5 metric batches, the tags, the status
+    assert time.monotonic() - start < 20 and tracker.history("train/loss") == []

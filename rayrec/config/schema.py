@@ -206,6 +206,9 @@ class TrackingConfig(Strict):
     enabled: bool = Field(True, description="log params, metrics and the resolved config to MLflow")
     uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI (sqlite, http, ...)")
     experiment: str = Field("rayrec", description="MLflow experiment the runs are logged into")
+    max_outage_s: float = Field(300.0, gt=0, description="a write the store refuses (server down, database "
+                                "locked, disk full) is retried in the background for this long, then dropped and "
+                                "counted (the run's summary says how many); training never waits on MLflow")
 
 
 class CheckpointConfig(Strict):

@@ -25,7 +25,7 @@ from typing import Any
 from rayrec.errors import RayrecError
 from rayrec.eval.metrics import metric_mode
 from rayrec.secrets import redact_uri
-from rayrec.tracking.mlflow_tracking import rayrec_name
+from rayrec.tracking.mlflow_tracking import NOT_LOGGED_TAG, rayrec_name
 
 History = list[tuple[int, float]]
 LOSS = "train/loss"
@@ -37,7 +37,7 @@ STALL_EPOCHS = 3
 
 @dataclass
 class Finding:
-    kind: str  # nan_inf | nan_grad | vanishing | overfitting | not_learning | zero_grad | no_switch | starved | early_stop | no_improvement | ok
+    kind: str  # nan_inf | nan_grad | vanishing | overfitting | not_learning | zero_grad | no_switch | starved | early_stop | no_improvement | not_logged | ok
     severity: str  # error | warning | info
     message: str
     epoch: int | None = None  # where it began, when that is meaningful
@@ -102,7 +102,8 @@ def run_checks(h: dict[str, History], metric: str, params: dict[str, str], tags:
     mode = _mode(metric)
     epochs = _epoch_series(h, metric)
     findings = [*check_non_finite(h), *check_overfitting(epochs, metric, mode, h.get(LOSS, [])),
-                *check_not_learning(h), *check_health(h, params), *check_alternation(h, params), *check_stopping(h, metric, mode, params, tags)]
+                *check_not_learning(h), *check_health(h, params), *check_alternation(h, params), *check_stopping(h, metric, mode, params, tags),
+                *check_not_logged(tags)]
     if not any(f.severity in ("error", "warning") for f in findings):
         findings.append(_healthy(h, metric, mode))
     order = {"error": 0, "warning": 1, "info": 2}
@@ -270,6 +271,16 @@ def check_stopping(h: dict[str, History], metric: str, mode: str, params: dict[s
                            f"improved in {len(val) - 1} more epochs (last {_fmt(val[-1][1])}): the learning rate may be "
                            "too high, or the model is already saturated", val[0][0]))
     return out
+
+
+def check_not_logged(tags: dict[str, str]) -> list[Finding]:
+    """Writes the tracking store refused for longer than ``tracking.max_outage_s``: the record has gaps."""
+    n = tags.get(NOT_LOGGED_TAG)
+    if not n:
+        return []
+    return [Finding("not_logged", "warning", f"{n} writes of this run (metrics, tags or artifacts) never reached "
+                    "MLflow during a tracking outage: its curves have gaps; the checkpoints and the run's final "
+                    "table are complete")]
 
 
 def _healthy(h: dict[str, History], metric: str, mode: str) -> Finding:

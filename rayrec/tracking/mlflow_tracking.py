@@ -9,7 +9,13 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -59,17 +65,127 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
 def _client(uri: str):
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")  # a Tracker retries a refused write itself
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
 
 
-class Tracker:
-    """Logs to one MLflow run. ``Tracker.null()`` is a do-nothing stand-in (ranks > 0, tracking off)."""
+NOT_LOGGED = "tracking/not_logged"  # the final metric counting writes that were dropped
+NOT_LOGGED_TAG = "rayrec.tracking.not_logged"
 
-    def __init__(self, uri: str | None, run_id: str | None) -> None:
+
+class Tracker:
+    """Logs to one MLflow run. ``Tracker.null()`` is a do-nothing stand-in (ranks > 0, tracking off).
+
+    Tracking is never why a run dies: a write the store refuses (server down, database locked, disk
+    full) goes to a bounded queue that a background thread retries in order; while it is not empty,
+    later writes queue behind it, so training does not wait. A write still failing ``max_outage_s``
+    after it was made, or pushed out of a full queue, is dropped and counted (``not_logged``), with
+    one warning per outage. ``close`` waits a bounded time for the queue.
+    """
+
+    MAX_PENDING = 20_000
+
+    def __init__(self, uri: str | None, run_id: str | None, max_outage_s: float | None = None) -> None:
         self.uri, self.run_id = uri, run_id
         self._c = _client(uri) if uri and run_id else None
+        self.max_outage_s = float(max_outage_s or 300)  # tracking.max_outage_s
+        self.not_logged = 0
+        self.last_error: str | None = None
+        self._pending: deque[tuple[float, str, Callable[[], Any]]] = deque()
+        self._cv = threading.Condition()
+        self._worker: threading.Thread | None = None
+        self._warned = False
+        self.down = False  # the last write failed: reads return nothing at once instead of waiting
+
+    # ------------------------------------------------------------------ writes that never raise
+
+    def _write(self, what: str, fn: Callable[[], Any]) -> None:
+        """Do ``fn`` now, or (an outage is on, or it fails) queue it for the background thread."""
+        with self._cv:
+            queued = bool(self._pending)
+            if queued:
+                self._enqueue(what, fn)
+                return
+        try:
+            fn()
+        except Exception as e:
+            self._failed(e)
+            with self._cv:
+                self._enqueue(what, fn)
+            return
+        self.down = False
+
+    def _enqueue(self, what: str, fn: Callable[[], Any]) -> None:
+        if len(self._pending) >= self.MAX_PENDING:
+            self._pending.popleft()
+            self._drop(1)
+        self._pending.append((time.monotonic(), what, fn))
+        if self._worker is None or not self._worker.is_alive():
+            self._worker = threading.Thread(target=self._retry, name="rayrec-mlflow-retry", daemon=True)
+            self._worker.start()
+        self._cv.notify_all()
+
+    def _failed(self, e: Exception) -> None:
+        first = self.last_error is None
+        self.down = True
+        self.last_error = _reason(e)
+        if first:
+            log.warning("MLflow at %s refused a write (%s); training goes on, writes are retried in the background "
+                        "for up to %.0f s (tracking.max_outage_s)", redact_uri(self.uri or ""), self.last_error,
+                        self.max_outage_s)
+
+    def _drop(self, n: int) -> None:
+        self.not_logged += n
+        if not self._warned:
+            self._warned = True
+            log.warning("MLflow at %s: writes failing for over %.0f s are dropped (%s); the run goes on and its "
+                        "summary counts what was not logged", redact_uri(self.uri or ""), self.max_outage_s,
+                        self.last_error)
+
+    def _retry(self) -> None:
+        delay = 0.5
+        while True:
+            with self._cv:
+                now = time.monotonic()
+                while self._pending and now - self._pending[0][0] > self.max_outage_s:
+                    self._pending.popleft()
+                    self._drop(1)
+                if not self._pending:
+                    self._cv.notify_all()
+                    return
+                _, _, fn = self._pending[0]
+            try:
+                fn()
+            except Exception as e:
+                self._failed(e)
+                with self._cv:
+                    self._cv.wait(delay)
+                delay = min(delay * 2, 10.0)
+                continue
+            delay, self.down = 0.5, False
+            with self._cv:
+                if self._pending and self._pending[0][2] is fn:
+                    self._pending.popleft()
+                if not self._pending:
+                    if self._warned or self.last_error:
+                        log.info("MLflow at %s answers again; the queued writes are logged", redact_uri(self.uri or ""))
+                    self._warned = False
+                    self._cv.notify_all()
+                    return
+
+    def close(self, timeout: float = 30.0) -> int:
+        """Wait up to ``timeout`` s for queued writes; drop and count what is left. Returns ``not_logged``."""
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while self._pending and time.monotonic() < deadline:
+                self._cv.wait(min(0.5, max(0.0, deadline - time.monotonic())))
+            if self._pending:
+                n = len(self._pending)
+                self._pending.clear()
+                self._drop(n)
+        return self.not_logged
 
     @classmethod
     def null(cls) -> Tracker:
@@ -82,14 +198,12 @@ class Tracker:
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if not self.active:
             return
-        import time
-
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         batch = [Metric(_key(k), float(v), now, step or 0) for k, v in metrics.items() if _is_number(v)]
         for i in range(0, len(batch), 900):
-            self._c.log_batch(self.run_id, metrics=batch[i : i + 900])
+            self._write("metrics", partial(self._c.log_batch, self.run_id, metrics=batch[i : i + 900]))
 
     def log_params(self, params: dict[str, Any]) -> dict[str, tuple[str, str]]:
         """Log new params; MLflow params cannot change, so for a re-opened run (a resume) a param whose
@@ -109,9 +223,11 @@ class Tracker:
         return changed
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        if self.active:
-            for k, v in tags.items():
-                self._c.set_tag(self.run_id, k, str(v))
+        if self.active and tags:
+            from mlflow.entities import RunTag
+
+            batch = [RunTag(k, str(v)) for k, v in tags.items()]
+            self._write("tags", partial(self._c.log_batch, self.run_id, tags=batch))
 
     def tag(self, key: str) -> str | None:
         """A tag of the run (None when unset or tracking is off)."""
@@ -119,28 +235,58 @@ class Tracker:
 
     def log_text(self, text: str, name: str) -> None:
         if self.active:
-            self._c.log_text(self.run_id, text, name)
+            self._write("artifact", partial(self._c.log_text, self.run_id, text, name))
 
     def log_file(self, path: str | Path, folder: str | None = None) -> None:
         if self.active:
-            self._c.log_artifact(self.run_id, str(path), folder)
+            self._write("artifact", partial(self._c.log_artifact, self.run_id, str(path), folder))
 
     def log_figure(self, fig, name: str) -> None:
         if self.active:
-            with tempfile.TemporaryDirectory() as d:
-                p = Path(d) / name
-                fig.savefig(p, dpi=110, bbox_inches="tight")
-                self._c.log_artifact(self.run_id, str(p))
+            folder = Path(tempfile.mkdtemp(prefix="rayrec-figure-"))
+            fig.savefig(folder / name, dpi=110, bbox_inches="tight")
+
+            def upload() -> None:
+                self._c.log_artifact(self.run_id, str(folder / name))
+                shutil.rmtree(folder, ignore_errors=True)
+
+            self._write("artifact", upload)
 
     def history(self, key: str) -> list[tuple[int, float]]:
-        """(step, value) pairs of a metric, in step order."""
-        if not self.active:
+        """(step, value) pairs of a metric, in step order ([] while the store does not answer)."""
+        if not self.active or self.down:
             return []
-        return sorted((m.step, m.value) for m in self._c.get_metric_history(self.run_id, _key(key)))
+        try:
+            return sorted((m.step, m.value) for m in self._c.get_metric_history(self.run_id, _key(key)))
+        except Exception as e:
+            self._failed(e)
+            return []
 
-    def finish(self, status: str = "FINISHED") -> None:
-        if self.active:
-            self._c.set_terminated(self.run_id, status)
+    def finish(self, status: str = "FINISHED", timeout: float = 30.0) -> int:
+        """Set the run's end status and wait (at most ``timeout`` s) for queued writes; never raises.
+        Returns how many writes were not logged (also tagged on the run, when the store answers)."""
+        if not self.active:
+            return 0
+        self._write("status", partial(self._c.set_terminated, self.run_id, status))
+        dropped = self.close(timeout)
+        if dropped:
+            try:
+                self._c.set_tag(self.run_id, NOT_LOGGED_TAG, str(dropped))
+            except Exception:
+                pass
+        return dropped
+
+
+def _reason(e: Exception) -> str:
+    """One short line for why MLflow refused (its messages carry whole URLs and retry dumps)."""
+    text = mask_text(" ".join(str(e).split()))
+    if "Max retries exceeded" in text or "Connection refused" in text or "timed out" in text.lower():
+        return "the tracking server did not answer (connection failed)"
+    if "database is locked" in text:
+        return "the tracking database is locked"
+    if "No space left" in text:
+        return "the tracking store's disk is full"
+    return f"{type(e).__name__}: {text[:200]}"
 
 
 def _key(k: str) -> str:
@@ -170,7 +316,8 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) or hasattr(v, "item")
 
 
-def open_run(uri: str, experiment: str, run_dir: str, run_name: str, tags: dict[str, str] | None = None) -> Tracker:
+def open_run(uri: str, experiment: str, run_dir: str, run_name: str, tags: dict[str, str] | None = None,
+             max_outage_s: float | None = None) -> Tracker:
     """Re-open the unfinished run of ``run_dir`` (driver restart) or create a new one."""
     c = _client(uri)
     exp = c.get_experiment_by_name(experiment)
@@ -184,4 +331,4 @@ def open_run(uri: str, experiment: str, run_dir: str, run_name: str, tags: dict[
     else:
         run_id = c.create_run(exp_id, run_name=run_name, tags={RUN_KEY_TAG: run_dir, **(tags or {})}).info.run_id
         log.info("MLflow run %s in experiment '%s' (%s)", run_id, experiment, redact_uri(uri))
-    return Tracker(uri, run_id)
+    return Tracker(uri, run_id, max_outage_s)

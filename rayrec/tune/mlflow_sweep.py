@@ -67,7 +67,7 @@ def open_child(plan, trial_id: str, params: dict[str, Any], cfg, run_dir: Path) 
     tags = {PARENT_TAG: plan.parent_run_id or "", KIND_TAG: "trial", SWEEP_TAG: plan.sweep, TRIAL_TAG: trial_id,
             BASE_JOB_TAG: plan.job_source, "rayrec.model": plan.base["model"].get("name", "genrec-sft")}
     opened = open_run(plan.tracking_uri, experiment, str(run_dir), f"{plan.sweep}/{trial_id}", tags=tags)
-    tracker = TrialTracker(opened.uri, opened.run_id)
+    tracker = TrialTracker(opened.uri, opened.run_id, plan.base["tracking"].get("max_outage_s"))
     tracker.log_params(params)
     tracker.log_text(dump_job(cfg), "config/resolved.yaml")
     return tracker
@@ -78,9 +78,10 @@ class TrialTracker(Tracker):
     write (``TrialRecorder``): a trial stopped by ASHA raises inside its loop, so the trial's own code would
     end the run FAILED, racing the recorder's KILLED."""
 
-    def finish(self, status: str = "FINISHED") -> None:
+    def finish(self, status: str = "FINISHED", timeout: float = 30.0) -> int:
         if status == "FINISHED":
-            super().finish(status)
+            return super().finish(status, timeout)
+        return self.close(timeout)
 
 
 def find_child(uri: str, experiment: str, parent_id: str, trial_id: str) -> str | None:

@@ -40,7 +40,10 @@ def rank_and_world() -> tuple[int, int]:
 
 def worker_tracker(config: dict[str, Any], rank: int) -> Tracker:
     """Rank 0 logs into the run's MLflow run (opened by the driver); other ranks log nothing."""
-    return Tracker(config.get("tracking_uri"), config.get("mlflow_run_id")) if rank == 0 else Tracker.null()
+    if rank != 0:
+        return Tracker.null()
+    outage = (config.get("job") or {}).get("tracking", {}).get("max_outage_s")
+    return Tracker(config.get("tracking_uri"), config.get("mlflow_run_id"), outage)
 
 
 def progress_for(config: dict[str, Any], rank: int, *, epochs: int, steps: int,

@@ -12,7 +12,7 @@ import torch
 from rayrec import console
 from rayrec.config.schema import JobConfig
 from rayrec.data.streaming import iter_shard
-from rayrec.tracking.mlflow_tracking import Tracker
+from rayrec.tracking.mlflow_tracking import NOT_LOGGED, Tracker
 from rayrec.train.checkpoint import MID_EPOCH_STEP, checkpoint_name, load_state, save_state
 from rayrec.train.inputs import DataInfo, TableBatches, collate_for
 from rayrec.workers import resume_checkpoint
@@ -143,6 +143,10 @@ class RayReporter:
             self.tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
             if self.show:
                 console.report_epoch(metrics)
+        if checkpoint_name(metrics) == "final":  # the driver sums what rank 0 could not log into the run's summary
+            not_logged = self.tracker.close(timeout=30)
+            if not_logged:
+                metrics = {**metrics, NOT_LOGGED: float(not_logged)}
         if MID_EPOCH_STEP in metrics and self.score and self.score not in metrics:
             # unscored: NaN ranks last in Ray's checkpoint manager in either mode (a missing key would count
             # as -inf, the best under mode min), so a mid-epoch checkpoint is kept only while it is the newest
