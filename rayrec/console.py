@@ -30,6 +30,8 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
+from rayrec.stopping import Stopped
+
 MAGIC = "\x1erayrec-console:"
 LOG_FILE = "rayrec.log"
 #: Ray's handler of forwarded worker output in the driver (``ray._private.worker``).
@@ -286,9 +288,10 @@ def job_console(folder: Path | None, keys: list[str], *, verbose: bool = False,
         console.attach_ray = attach_ray
         try:
             yield console
-        except BaseException:
+        except BaseException as e:
             stack.close()
-            print(f"log: {path} (Ray and worker output of the failed run)", file=sys.stderr, flush=True)
+            if not isinstance(e, Stopped):  # a stopped run's one line says where it stands
+                print(f"log: {path} (Ray and worker output of the failed run)", file=sys.stderr, flush=True)
             raise
 
 
@@ -399,6 +402,26 @@ def _restore_fds(saved: dict[int, int]) -> None:
         os.close(copy)
 
 
+class _AfterRun:
+    """Ray's printer of forwarded worker output once a run's console has closed (see ``_RayOutput.detach``)."""
+
+    def __init__(self, original: Callable | None, log_path: str, verbose: bool) -> None:
+        self.original = getattr(original, "original", original)  # never a chain of these
+        self.log_path, self.verbose = log_path, verbose
+
+    def __call__(self, data: dict[str, Any]) -> None:
+        lines = [ln for ln in data.get("lines", []) if not ln.startswith(MAGIC)]
+        if not lines:
+            return
+        try:
+            with open(self.log_path, "a", encoding="utf-8") as f:
+                f.writelines(f"({data.get('pid')}) {ln}\n" for ln in lines)
+        except OSError:
+            pass
+        if self.verbose and self.original is not None:
+            self.original({**data, "lines": lines})
+
+
 class _RayOutput:
     """Takes over the driver's printing of forwarded worker output while a job runs.
 
@@ -430,12 +453,14 @@ class _RayOutput:
                     break
 
     def detach(self) -> None:
-        """Give Ray its printer back; waits for a delivery in progress (the dispatcher's lock)."""
+        """Give Ray its printer back, behind a filter: what workers still send after the run (a stopped or
+        failed run's shutdown) goes to the run's log file, not the terminal, and console events, which mean
+        nothing without a console, are dropped. Waits for a delivery in progress (the dispatcher's lock)."""
         if self.dispatcher is None:
             return
+        after = _AfterRun(self.original, self.file.baseFilename, self.verbose)
         with self.dispatcher._lock:
-            self.dispatcher.handlers = [(n, self.original if h == self.handle else h)
-                                        for n, h in self.dispatcher.handlers]
+            self.dispatcher.handlers = [(n, after if h == self.handle else h) for n, h in self.dispatcher.handlers]
         self.dispatcher = None
 
     def handle(self, data: dict[str, Any]) -> None:

@@ -33,6 +33,7 @@ from rayrec.console import job_console
 from rayrec.data.atomic import atomic_write, clear_stale_temporaries
 from rayrec.errors import ConfigError, RayrecError
 from rayrec.run_lock import hold_run
+from rayrec.stopping import Stopped, as_stopped, on_signals
 from rayrec.tracking.mlflow_tracking import NOT_LOGGED, Tracker, check_reachable, open_run, resolve_uri
 
 log = logging.getLogger(__name__)
@@ -132,7 +133,8 @@ def run_job(recipe: Recipe, cfg: Any, *, local: bool = False, source: str | None
             run.tracker = (tracking or default_tracking(recipe, source))(cfg, run_dir)
             try:
                 recipe.record(run.tracker, inputs)
-                outcome = recipe.local(cfg, inputs, run) if run.local else fit_on_ray(recipe, cfg, inputs, run)
+                with on_signals(at_step_boundary=run.local):  # SIGTERM/SIGHUP/SIGINT: Stopped, nothing half-written
+                    outcome = recipe.local(cfg, inputs, run) if run.local else fit_on_ray(recipe, cfg, inputs, run)
                 if con is not None and not run.local:
                     con.wait_end()
                 finish(run.tracker, recipe, outcome)
@@ -140,6 +142,10 @@ def run_job(recipe: Recipe, cfg: Any, *, local: bool = False, source: str | None
                     atomic_write(run_dir / BEST_CHECKPOINT, str(outcome.checkpoint))
                 atomic_write(run_dir / COMPLETE_MARKER, outcome.mlflow_run_id or "")
             except BaseException as e:
+                stopped = as_stopped(e)
+                if stopped is not None:
+                    run.tracker.finish("KILLED", timeout=5)
+                    raise Stopped(stopped.signum, f"{stopped}; {resume_hint(run_dir)}") from None
                 run.tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", timeout=5)
                 raise
             not_logged = run.tracker.finish("FINISHED") + int(outcome.metrics.get(NOT_LOGGED, 0))
@@ -199,6 +205,16 @@ def claim_run_dir(storage: Path, name: str, owned: ExitStack) -> Path:
             clear_stale_temporaries(run_dir)  # half-written files of a writer that was killed
             return run_dir
         attempt.close()
+
+
+def resume_hint(run_dir: Path) -> str:
+    """Where a stopped run stands, and how to go on."""
+    from rayrec.train.checkpoint import latest_checkpoint
+
+    newest = latest_checkpoint(run_dir)
+    if newest is None:
+        return f"no checkpoint was written yet in {run_dir}: run the same command again to start over"
+    return f"the newest complete checkpoint is {newest}: run the same command again to resume from it"
 
 
 def pick_run_dir(storage: Path, name: str) -> Path:
@@ -296,8 +312,11 @@ def build_trainer(cfg: Any, parts: TrainerParts, *, run_dir: Path, callbacks: li
 
 def fit_on_ray(recipe: Recipe, cfg: Any, inputs: Any, run: Run) -> Outcome:
     """Build the recipe's trainer, fit it within ``scaling.start_timeout_s``, read the outcome."""
+    from rayrec.train.checkpoint import newest_readable
+
+    newest = newest_readable(run.dir)  # may be newer than Ray's registered one (stopped right after a report)
     base = {"tracking_uri": run.tracker.uri, "mlflow_run_id": run.tracker.run_id,
-            "resume_from": run.resume_from, "console": run.console}
+            "resume_from": run.resume_from, "console": run.console, "newest_on_disk": str(newest) if newest else None}
     trainer = build_trainer(cfg, recipe.trainer(cfg, inputs, run), run_dir=run.dir, callbacks=run.callbacks,
                             base_config=base)
     return recipe.outcome(cfg, fit(trainer, cfg), run)
@@ -308,6 +327,9 @@ def fit(trainer, cfg: Any):
     and a failed run as a ``RayrecError``."""
     from rayrec.cluster import placement_error, ray_train_env
 
+    # Ray Train's fit() takes SIGINT over from the caller (its handler exits the process with status 1 and no
+    # word); rayrec's own (``rayrec.stopping``) handles SIGINT as it does SIGTERM and SIGHUP
+    trainer._register_sigint_handler = lambda controller: None
     try:
         with ray_train_env(cfg):
             result = trainer.fit()

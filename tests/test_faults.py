@@ -490,15 +490,19 @@ def hung_at(code: str) -> Iterator[subprocess.Popen]:
     import time
 
     marker = Path(tempfile.mkdtemp()) / "reached"
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL,
+    errors = marker.with_name("stderr")  # read back as ``proc.stderr_text()``
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=errors.open("wb"),
                             env={**os.environ, "PYTHONPATH": str(Path(__file__).parent), "RAYREC_FAULT": str(marker)})
+    proc.stderr_text = lambda: errors.read_text(errors="replace")
     try:
         while not marker.exists():
             if proc.poll() is not None:
-                raise AssertionError(f"the child exited ({proc.returncode}) before reaching the fault")
+                raise AssertionError(f"the child exited ({proc.returncode}) before reaching the fault: "
+                                     f"{proc.stderr_text()[-2000:]}")
             time.sleep(0.05)
         yield proc
-        os.kill(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
     finally:
         if proc.poll() is None:
             proc.kill()

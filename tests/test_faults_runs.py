@@ -308,3 +308,96 @@ def test_a_store_that_never_answers_costs_bounded_time_and_is_counted():
     tracker.set_tags({"a": 1})
     assert tracker.finish("FINISHED", timeout=2) == 7  # 5 metric batches, the tags, the status
     assert time.monotonic() - start < 20 and tracker.history("train/loss") == []
+
+
+# ----------------------------------------------------------------------------- 3. signals
+
+
+PAUSE_AFTER_EPOCH_1 = """
+import os, pathlib, time
+from rayrec.train import local
+real = local.LocalReporter.report
+def report(self, metrics, state):
+    real(self, metrics, state)
+    if metrics.get("epoch") == 1 and "val/ndcg@10" in metrics:  # the epoch-1 checkpoint is written
+        pathlib.Path(os.environ["RAYREC_FAULT"]).touch()
+        for _ in range(60):
+            time.sleep(0.05)  # the signal arrives here
+local.LocalReporter.report = report
+from rayrec.cli import main
+raise SystemExit(main(["train", {job!r}, "--local"]))
+"""
+
+
+@pytest.mark.parametrize("sig, times", [(signal.SIGTERM, 1), (signal.SIGHUP, 1), (signal.SIGTERM, 2)],
+                         ids=["term", "hup", "term-twice"])
+def test_a_signal_stops_a_local_run_cleanly_and_the_rerun_resumes(job_file, sig, times):
+    import os
+
+    from test_faults import _finish_and_compare
+
+    path, cfg = job_file
+    with hung_at(PAUSE_AFTER_EPOCH_1.format(job=str(path))) as proc:
+        for _ in range(times):  # once: at the next step boundary; twice: at once
+            os.kill(proc.pid, sig)
+        assert proc.wait(60) == 128 + sig
+    err = proc.stderr_text()
+    assert re.search(rf"stopped: stopped by {sig.name}; the newest complete checkpoint is .*/t/epoch_0001: run the "
+                     "same command again to resume from it", err), err
+    assert "Traceback" not in err
+    (run,) = mlflow_runs(cfg)
+    assert run.info.status == "KILLED" and not list((cfg.run.storage_path / "t").rglob("*.tmp-*"))
+    if (sig, times) == (signal.SIGTERM, 1):  # ends where an uninterrupted run ends
+        again = _finish_and_compare(cfg, path)
+    else:
+        from rayrec import recipes
+
+        again = recipes.run(cfg, local=True)
+    assert [m["epoch"] for m in again.history] == [2, 3]  # resumed from the newest complete checkpoint
+
+
+@pytest.mark.slow
+def test_a_signal_stops_a_ray_run_with_one_line_and_the_rerun_resumes_from_the_newest_checkpoint(tiny_job, tmp_path):
+    """On Ray the driver stops at once (Ray Train aborts the workers); nothing raw reaches the terminal, and
+    the re-run starts after the newest complete checkpoint, even one Ray had not registered yet."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from rayrec.config import dump_job
+    from rayrec.train.checkpoint import latest_checkpoint
+
+    cfg = tiny_job.model_copy(deep=True)
+    cfg.train.epochs, cfg.train.early_stopping.patience = 200, 500
+    path = tmp_path / "ray.yaml"
+    path.write_text(dump_job(cfg))
+    run = cfg.run.storage_path / "t"
+    cmd = [sys.executable, "-m", "rayrec", "train", str(path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not (run / "epoch_0002" / "state.pt").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    newest = latest_checkpoint(run)
+    assert re.search(r"^stopped: stopped by SIGTERM; the newest complete checkpoint is .*/t/epoch_\d{4}: run the same "
+                     r"command again to resume from it$", err.strip().splitlines()[-1]), err
+    assert "rayrec-console" not in out + err and "Traceback" not in err
+    (mlrun,) = mlflow_runs(cfg)
+    assert mlrun.info.status == "KILLED"
+    done = int(newest.name.split("_")[1])
+    again = subprocess.run([*cmd, f"train.epochs={done + 1}"], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    epochs = re.findall(r"^epoch (\d+)/", again.stdout, re.M)
+    assert epochs == [str(done + 1)], again.stdout  # resumed after the newest complete checkpoint
+
+
+def test_ray_train_still_takes_sigint_over_where_rayrec_turns_it_off():
+    """``runs.fit`` replaces this method of Ray's trainer (its SIGINT handler exits silently with 1); a Ray
+    upgrade that renames it would bring that back unnoticed."""
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    assert callable(getattr(DataParallelTrainer, "_register_sigint_handler", None))

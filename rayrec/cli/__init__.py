@@ -13,6 +13,7 @@ import sys
 from rayrec.cli import data, genrec, prefs, submit, train, tune
 from rayrec.errors import RayrecError
 from rayrec.secrets import mask_text
+from rayrec.stopping import Stopped
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     except RayrecError as e:
         print(f"error: {mask_text(str(e))}", file=sys.stderr)  # a URI's credentials never reach the screen
         return 2
+    except Stopped as e:  # a signal stopped a run: where it stands and how to resume
+        print(f"stopped: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

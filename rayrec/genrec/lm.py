@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from rayrec import stopping
 from rayrec.errors import ConfigError, RayrecError
 
 log = logging.getLogger(__name__)
@@ -233,6 +234,9 @@ def make_callbacks(tracker, meta: dict[str, Any], sid_index: dict[str, list[str]
     from transformers import TrainerCallback
 
     class Names(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            stopping.check()  # a signal stops the run here, between optimizer steps
+
         def on_log(self, args, state, control, logs=None, **kwargs):
             named = rename(logs or {})
             if state.log_history:

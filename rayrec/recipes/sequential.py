@@ -152,7 +152,7 @@ def setup_worker(config: dict[str, Any]) -> WorkerSetup:
     seed_everything(cfg.run.seed)
     model = build(cfg, info)
     tracker = worker_tracker(config, rank)
-    resume = resume_state(config.get("resume_from"))
+    resume = resume_state(config.get("resume_from"), config.get("newest_on_disk"))
     if resume is not None:
         tracker.log_metrics(resume_metrics(resume), step=int(resume["epoch"]))
     return WorkerSetup(cfg, info, rank, world, ray.train.torch.get_device(), model, tracker, resume,

@@ -67,6 +67,16 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[0] if found else None
 
 
+def checkpoint_rank(name: str) -> tuple[float, float]:
+    """How new a checkpoint folder named ``name`` is (``final`` > ``epoch_N`` > ``epoch_N_step_S``)."""
+    if name == "final":
+        return (float("inf"), float("inf"))
+    m = _NAME.match(name)
+    if not m:
+        return (-1.0, -1.0)
+    return (float(m.group(1)), float(m.group(2)) if m.group(2) else float("inf"))
+
+
 def _newest_first(run_dir: str | Path) -> list[Path]:
     """A run's complete checkpoint folders, newest first (see ``latest_checkpoint``)."""
     run_dir = Path(run_dir)

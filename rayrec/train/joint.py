@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from rayrec import stopping
 from rayrec.config.joint import MODULES, StageConfig
 from rayrec.config.schema import JobConfig
 from rayrec.eval.metrics import MetricSums, full_ranks, parse_eval_mode, sampled_ranks
@@ -219,6 +220,8 @@ class StageRunner:
         acc = _EpochAcc()
         start = time.perf_counter()
         for batch in progress(batches):
+            if self._pending == 0:
+                stopping.check()  # a signal stops the run here, between optimizer steps
             batch = to_device(batch, self.device)
             self._micro(batch)
             acc.seqs += batch["input_ids"].shape[0]

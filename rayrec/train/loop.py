@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from rayrec import stopping
 from rayrec.config.schema import JobConfig, OptimConfig
 from rayrec.errors import ConfigError
 from rayrec.train.checkpoint import MID_EPOCH_STEP, set_rng_state
@@ -120,6 +121,8 @@ def train_epoch(
     for i, batch in enumerate(progress(batches), start=1):
         if i <= skip:
             continue
+        if pending == 0:
+            stopping.check()  # a signal stops the run here, between optimizer steps
         batch = to_device(batch, device)
         with autocast(device, cfg.train.amp):
             parts = module(batch)

@@ -4,6 +4,7 @@ gradient averaging, rank 0's weights), the worker's batches and the reporter tha
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from typing import Any
 
@@ -13,18 +14,32 @@ from rayrec import console
 from rayrec.config.schema import JobConfig
 from rayrec.data.streaming import iter_shard
 from rayrec.tracking.mlflow_tracking import NOT_LOGGED, Tracker
-from rayrec.train.checkpoint import MID_EPOCH_STEP, checkpoint_name, load_state, save_state
+from rayrec.train.checkpoint import MID_EPOCH_STEP, checkpoint_name, checkpoint_rank, load_state, save_state
 from rayrec.train.inputs import DataInfo, TableBatches, collate_for
 from rayrec.workers import resume_checkpoint
 
+log = logging.getLogger(__name__)
 
-def resume_state(explicit: str | None) -> dict[str, Any] | None:
-    """The loaded state of ``resume_checkpoint`` (the sequential and joint loops' format)."""
+
+def resume_state(explicit: str | None, newest_on_disk: str | None = None) -> dict[str, Any] | None:
+    """The loaded state of ``resume_checkpoint`` (the sequential and joint loops' format), or of
+    ``newest_on_disk`` (the driver's ``newest_readable``) when that one is newer: a run stopped
+    right after a report has the checkpoint in its folder before Ray's controller registered it."""
     ckpt = resume_checkpoint(explicit)
+    if newest_on_disk and (ckpt is None or ray_registered_older(ckpt, newest_on_disk)):
+        log.info("resuming from %s, newer than the checkpoint Ray registered", newest_on_disk)
+        return load_state(newest_on_disk)
     if ckpt is None:
         return None
     with ckpt.as_directory() as d:
         return load_state(d)
+
+
+def ray_registered_older(ckpt, on_disk: str) -> bool:
+    import os
+
+    registered = os.path.basename(str(ckpt.path).rstrip("/"))
+    return checkpoint_rank(registered) < checkpoint_rank(os.path.basename(on_disk.rstrip("/")))
 
 
 def comm_device() -> torch.device:
