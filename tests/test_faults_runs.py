@@ -401,3 +401,43 @@ def test_ray_train_still_takes_sigint_over_where_rayrec_turns_it_off():
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
     assert callable(getattr(DataParallelTrainer, "_register_sigint_handler", None))
+
+
+# ----------------------------------------------------------------------------- 9. tracking stores that cannot be used
+
+
+def test_a_corrupt_or_deleted_tracking_store_is_one_line(job_file, capsys, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    path, cfg = job_file
+    bad = tmp_path / "bad.db"
+    bad.write_bytes(b"not a database " * 100)
+    fails(capsys, ["train", str(path), "--local", f"tracking.uri=sqlite:///{bad}"],
+          r"MLflow store .*bad.db is not a readable SQLite database \(corrupt, or another file\): move it aside")
+    client = MlflowClient(cfg.tracking.uri)
+    client.delete_experiment(client.create_experiment("tests"))
+    fails(capsys, ["train", str(path), "--local"],
+          r"MLflow experiment 'tests' is deleted in .*: restore it \(`mlflow experiments restore --experiment-id \d+`\)")
+
+
+def test_a_locked_store_is_named_with_the_fix():
+    import sqlite3
+
+    from rayrec.tracking.mlflow_tracking import store_error
+
+    line = store_error("sqlite:////data/mlflow.db", sqlite3.OperationalError("database is locked"))
+    assert line.startswith("MLflow store /data/mlflow.db stayed locked by another process: wait for it, or use an "
+                           "MLflow server")
+
+
+def test_first_writers_of_a_new_sqlite_store_do_not_race(tmp_path):
+    """MLflow creates the tables on first use; three processes at once broke it (alembic's migration race)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from rayrec.tracking.mlflow_tracking import open_run; "
+            f"open_run('sqlite:///{tmp_path}/new.db', 'e', sys.argv[1], sys.argv[1])")
+    procs = [subprocess.Popen([sys.executable, "-c", code, f"/run{i}"], stderr=subprocess.PIPE, text=True)
+             for i in range(3)]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], errors[0][-2000:] + errors[1][-2000:]

@@ -62,13 +62,52 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
             raise RayrecError(f"MLflow tracking URI {redact_uri(uri)}: folder {folder} is not writable")
 
 
+_ready: set[str] = set()  # sqlite stores this process has opened (created or migrated) under the lock
+
+
 def _client(uri: str):
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")  # a Tracker retries a refused write itself
     from mlflow.tracking import MlflowClient
 
+    if uri.startswith("sqlite:///") and uri not in _ready:
+        return _open_sqlite(uri)
     return MlflowClient(tracking_uri=uri)
+
+
+def _open_sqlite(uri: str):
+    """Open a sqlite store once per process, holding ``<db>.lock``: MLflow creates (or migrates) the
+    database on first use, and two processes doing it at once break it (alembic's migration race).
+    A store that cannot be opened is one line naming the file and the fix."""
+    import fcntl
+
+    from mlflow.tracking import MlflowClient
+
+    path = Path(uri[len("sqlite:///"):])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            client = MlflowClient(tracking_uri=uri)
+            client.search_experiments(max_results=1)
+        except Exception as e:
+            raise RayrecError(store_error(uri, e)) from None
+    _ready.add(uri)
+    return client
+
+
+def store_error(uri: str, e: Exception) -> str:
+    """One line for a tracking store that cannot be used (at the start of a run)."""
+    text = " ".join(str(e).split())
+    where = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else redact_uri(uri)
+    if "file is not a database" in text or "malformed" in text:
+        return (f"MLflow store {where} is not a readable SQLite database (corrupt, or another file): move it aside, "
+                "or set tracking.uri to another store (tracking.enabled=false to run without MLflow)")
+    if "database is locked" in text:
+        return (f"MLflow store {where} stayed locked by another process: wait for it, or use an MLflow server "
+                "(`mlflow server`) when many runs log at once")
+    return f"MLflow store {where} cannot be used: {_reason(e)}"
 
 
 NOT_LOGGED = "tracking/not_logged"  # the final metric counting writes that were dropped
@@ -320,8 +359,17 @@ def open_run(uri: str, experiment: str, run_dir: str, run_name: str, tags: dict[
              max_outage_s: float | None = None) -> Tracker:
     """Re-open the unfinished run of ``run_dir`` (driver restart) or create a new one."""
     c = _client(uri)
-    exp = c.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else c.create_experiment(experiment)
+    try:
+        exp = c.get_experiment_by_name(experiment)
+        if exp is not None and exp.lifecycle_stage == "deleted":
+            raise RayrecError(f"MLflow experiment '{experiment}' is deleted in {redact_uri(uri)}: restore it (`mlflow "
+                              f"experiments restore --experiment-id {exp.experiment_id}`) or set tracking.experiment "
+                              "to another name")
+        exp_id = exp.experiment_id if exp else c.create_experiment(experiment)
+    except RayrecError:
+        raise
+    except Exception as e:
+        raise RayrecError(store_error(uri, e)) from None
     found = c.search_runs([exp_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_dir}'",
                           order_by=["attributes.start_time DESC"], max_results=1)
     if found and found[0].info.status != "FINISHED":
