@@ -441,3 +441,16 @@ def test_first_writers_of_a_new_sqlite_store_do_not_race(tmp_path):
              for i in range(3)]
     errors = [p.communicate(timeout=120)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], errors[0][-2000:] + errors[1][-2000:]
+
+
+def test_any_write_that_finds_the_disk_full_is_one_line(monkeypatch, capsys, tmp_path):
+    import errno
+
+    from rayrec.cli import data as data_cli
+
+    def full(args):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out" / "train.parquet"))
+
+    monkeypatch.setattr(data_cli, "cmd_data_synth", full)
+    fails(capsys, ["data", "synth", "--out", str(tmp_path / "out")],
+          r"^error: no space left on the disk of .*out/train.parquet; free space or write to a larger disk")

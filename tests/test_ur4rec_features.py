@@ -132,3 +132,26 @@ def test_multimodal_movielens_layout_absolute_posters_and_broken_ones(tmp_path):
     assert m["missing"] == {"item_text": 0, "item_image": 2, "user_text": 2}  # no pref texts in MovieLens
     ok = load_feature_arrays(data / "features", num_items=3, num_users=2)["item_image_ok"]
     assert ok.tolist() == [False, True, False, False]  # item 1 = movie 10, the only readable poster
+
+
+def test_image_descriptors_are_the_same_on_every_cpu(tmp_path):
+    """numpy picks SIMD kernels by CPU (AVX-512, AVX2, baseline); the descriptor must not change with them
+    (its float32 arctan2 did, and with it the joint model's pinned reference run)."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        Image.fromarray((rng.random((40, 40, 3)) * 255).astype(np.uint8)).save(tmp_path / f"{i}.png")
+    code = ("import sys, glob, numpy as np; from rayrec.data.features import DescriptorImageEncoder; "
+            "np.save(sys.argv[2], DescriptorImageEncoder(32)(sorted(glob.glob(sys.argv[1] + '/*.png'))))")
+    outs = []
+    for disabled in ("", "X86_V4 AVX512_ICL AVX512_SPR", "X86_V3 X86_V4 AVX512_ICL AVX512_SPR"):
+        out = tmp_path / f"d{len(outs)}.npy"
+        env = {**__import__("os").environ, "NPY_DISABLE_CPU_FEATURES": disabled}
+        subprocess.run([sys.executable, "-c", code, str(tmp_path), str(out)], env=env, check=True)
+        outs.append(np.load(out))
+    assert all(np.array_equal(outs[0], o) for o in outs[1:])

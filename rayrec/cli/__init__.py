@@ -7,6 +7,7 @@ top to bottom and calls into the library. Library folders never import this pack
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 
@@ -45,6 +46,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except RayrecError as e:
         print(f"error: {mask_text(str(e))}", file=sys.stderr)  # a URI's credentials never reach the screen
+        return 2
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" of {e.filename}" if e.filename else ""  # writes that are not rayrec's own atomic ones
+        print(f"error: no space left on the disk{where}; free space or write to a larger disk", file=sys.stderr)
         return 2
     except Stopped as e:  # a signal stopped a run: where it stands and how to resume
         print(f"stopped: {e}", file=sys.stderr)

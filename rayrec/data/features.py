@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -45,7 +46,7 @@ log = logging.getLogger(__name__)
 
 FEATURES_FILE = "features.json"
 MINILM_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
-DESCRIPTOR_VERSION = 1
+DESCRIPTOR_VERSION = 2  # 2: orientation bins from exact comparisons (the same on every CPU)
 TABLES = ("item_text", "item_image", "user_text")
 
 
@@ -140,6 +141,18 @@ class SentenceTransformerEncoder:
         return np.asarray(vecs, dtype=np.float32)
 
 
+def orientation_bins(gx: np.ndarray, gy: np.ndarray, bins: int) -> np.ndarray:
+    """The sign-free gradient orientation's bin (``bins`` equal bins over [0, pi)), from exact products and
+    comparisons only: numpy's float32 ``arctan2`` gives other last bits on CPUs with AVX-512, enough to move
+    a gradient across a bin edge, and so the features (and every model trained on them) with the machine."""
+    flip = (gy < 0) | ((gy == 0) & (gx < 0))  # fold to the upper half-plane: angle in [0, pi)
+    gx, gy = np.where(flip, -gx, gx), np.where(flip, -gy, gy)
+    index = np.zeros(gx.shape, dtype=np.int64)
+    for k in range(1, bins):  # past the edge at k*pi/bins: the vector is counter-clockwise of it
+        index += (gy * math.cos(k * math.pi / bins) - gx * math.sin(k * math.pi / bins)) >= 0
+    return index
+
+
 class DescriptorImageEncoder:
     """Weight-free image descriptor  # paths -> [n, 24 + 12 + 8 + 192] float32.
 
@@ -163,10 +176,10 @@ class DescriptorImageEncoder:
             small = np.asarray(im.convert("RGB").resize((8, 8), Image.BILINEAR), dtype=np.float32) / 255.0
         colour = np.concatenate([np.histogram(rgb[..., c], bins=8, range=(0, 1))[0] for c in range(3)])
         hue = np.histogram(hsv[..., 0], bins=12, range=(0, 1), weights=hsv[..., 1] * hsv[..., 2])[0]
-        gray = rgb.mean(-1)
+        gray = rgb.astype(np.float64).mean(-1)
         gy, gx = np.gradient(gray)
-        angle = np.mod(np.arctan2(gy, gx), np.pi)  # orientation, sign-free
-        edges = np.histogram(angle, bins=8, range=(0, np.pi), weights=np.hypot(gx, gy))[0]
+        edges = np.bincount(orientation_bins(gx, gy, 8).ravel(), weights=np.sqrt(gx * gx + gy * gy).ravel(),
+                            minlength=8)
         blocks = [colour, hue, edges, small.flatten() - 0.5]
         return np.concatenate([b / max(np.linalg.norm(b), 1e-12) for b in blocks])
 
