@@ -403,15 +403,24 @@ def _restore_fds(saved: dict[int, int]) -> None:
 
 
 class _AfterRun:
-    """Ray's printer of forwarded worker output once a run's console has closed (see ``_RayOutput.detach``)."""
+    """Ray's printer of forwarded worker output once a run's console has closed (see ``_RayOutput.detach``):
+    for ``GRACE_S`` what workers still send (a stopped or failed run's shutdown) goes to the run's log;
+    later output (other Ray work of this process) is Ray's to print again. Console events are dropped."""
+
+    GRACE_S = 30.0
 
     def __init__(self, original: Callable | None, log_path: str, verbose: bool) -> None:
         self.original = getattr(original, "original", original)  # never a chain of these
         self.log_path, self.verbose = log_path, verbose
+        self.until = time.monotonic() + self.GRACE_S
 
     def __call__(self, data: dict[str, Any]) -> None:
         lines = [ln for ln in data.get("lines", []) if not ln.startswith(MAGIC)]
         if not lines:
+            return
+        if time.monotonic() > self.until:
+            if self.original is not None:
+                self.original({**data, "lines": lines})
             return
         try:
             with open(self.log_path, "a", encoding="utf-8") as f:

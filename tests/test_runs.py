@@ -75,7 +75,11 @@ def test_worker_output_goes_to_the_log_and_only_console_events_to_the_screen(tmp
                 "[2026-12-01 19:52:01,116 E 123 456] core_worker.cc:3221: PreemptionWatcher failed"]})
             logging.getLogger("ray.data").warning("exclude_resources is deprecated")
             logging.getLogger("rayrec.test").info("a message of rayrec's own")
-        dispatcher.emit({"pid": 12, "lines": ["after the run"]})  # Ray's printer is back
+        # right after the run: a stopped run's shutdown output goes to its log, console events nowhere
+        dispatcher.emit({"pid": 12, "lines": ["shutting down", MAGIC + '{"ev": "step", "done": 9}']})
+        for _, handler in dispatcher.handlers:
+            handler.until = 0  # later: Ray's printer shows other work of this process again
+        dispatcher.emit({"pid": 12, "lines": ["after the run", MAGIC + '{"ev": "step", "done": 10}']})
     finally:
         logging.getLogger().removeHandler(console_handler)
         dispatcher.handlers = ray_handlers
@@ -86,6 +90,7 @@ def test_worker_output_goes_to_the_log_and_only_console_events_to_the_screen(tmp
     log = (tmp_path / "rayrec.log").read_text()
     assert "Token authentication" in log and "PreemptionWatcher" in log and "exclude_resources" in log
     assert "(RayTrainWorker pid=11)" in log and "epoch 1  train/loss 3.2500" in log
+    assert "(12) shutting down" in log and '"done": 9' not in log and "after the run" not in log
     assert logging.getLogger().handlers == before  # the run's file handler is gone again
 
 
