@@ -24,7 +24,7 @@ from rayrec.config import dump_job
 from rayrec.data.dataset import open_prepared
 from rayrec.errors import ClusterError
 from rayrec.tracking.mlflow_tracking import RUN_KEY_TAG, Tracker
-from rayrec.train.checkpoint import STATE_FILE, latest_checkpoint, load_state, save_state
+from rayrec.train.checkpoint import STATE_FILE, latest_checkpoint, load_state, newest_readable, save_state
 from rayrec.train.inputs import data_info
 from rayrec.train.local import LocalReporter, run_local
 
@@ -331,7 +331,11 @@ def test_killed_driver_rerun_resumes_the_same_run(head, ft_job, reference):
     deadline = time.monotonic() + 180
     while (alive(head, "RayTrainWorker") or alive(head, "TrainController")) and time.monotonic() < deadline:
         time.sleep(1)  # Ray ends the actors of a dead driver; until then they may still checkpoint
-    resume_point = latest_registered(run_dir)["metrics"]
+    # the newest complete checkpoint on disk: it may be newer than the one Ray had registered when the driver
+    # died (reported, written, not yet in Ray's snapshot); the re-run resumes from it
+    newest = newest_readable(run_dir)
+    epoch, _, step = newest.name.removeprefix("epoch_").partition("_step_")
+    resume_point = {"epoch": int(epoch), **({"mid_epoch_step": int(step)} if step else {})}
     for name in ("epoch_0003", "epoch_0004_step_0000070"):  # debris of a crash mid-write: never resumed from
         (run_dir / name).mkdir(exist_ok=True)
         (run_dir / name / STATE_FILE).write_bytes(b"PK\x03\x04 truncated")
