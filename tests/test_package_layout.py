@@ -104,7 +104,7 @@ def test_driver_code_compares_no_model_names():
 #: -> the leaves (``errors``, ``secrets``, ``console``).
 FLOORS: dict[str, int] = {
     "cli": 7, "__main__": 7,
-    "runs": 6, "recipes": 6, "tune": 6, "submit": 6,
+    "runs": 6, "recipes": 6, "tune": 6, "submit": 6, "recs": 6,
     "workers": 5,
     "train": 4, "genrec": 4,
     "prefs": 3,

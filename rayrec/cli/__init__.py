@@ -11,7 +11,7 @@ import errno
 import logging
 import sys
 
-from rayrec.cli import data, genrec, prefs, submit, train, tune
+from rayrec.cli import data, genrec, prefs, recs, submit, train, tune
 from rayrec.errors import RayrecError
 from rayrec.secrets import mask_text
 from rayrec.stopping import Stopped
@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
-    for group in (data, train, tune, genrec, submit, prefs):
+    for group in (data, train, recs, tune, genrec, submit, prefs):
         group.add_commands(sub)
     return parser
 

@@ -86,29 +86,12 @@ def _print_groups(rows: list[tuple[str, ...]], title: str) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import torch
-
     from rayrec.cli.jobs import sequential_job
-    from rayrec.data.dataset import check_same_data, ensure_prepared
     from rayrec.runs import print_table
-    from rayrec.train.checkpoint import load_state
-    from rayrec.train.evaluation import evaluate
-    from rayrec.train.inputs import data_info
-    from rayrec.train.local import PlainBatches
-    from rayrec.train.specs import build
-    from rayrec.train.state import load_model_weights
+    from rayrec.train.local import evaluate_checkpoint
 
     cfg = sequential_job(args)
-    ds = ensure_prepared(cfg.data)
-    info = data_info(ds, cfg)
-    state = load_state(args.checkpoint)
-    check_same_data(state.get("data"), cfg.data.path, f"checkpoint {args.checkpoint}")
-    model = build(cfg, info)
-    weights = state["best_model"] if args.weights == "best" and state.get("best_model") else state["model"]
-    load_model_weights(model, weights, f"checkpoint {args.checkpoint}")
-    batches = PlainBatches(cfg, ds, info)
-    loader = batches.test() if args.split == "test" else batches.valid()
-    metrics = evaluate(model, loader, cfg, info.num_items, torch.device("cpu"), prefix=f"{args.split}/")
+    metrics, epoch = evaluate_checkpoint(cfg, args.checkpoint, args.split, args.weights)
     print_table([(k, f"{v:.4f}") for k, v in sorted(metrics.items())],
-                f"{args.split} metrics of {args.checkpoint} ({args.weights} weights, epoch {state['epoch']})")
+                f"{args.split} metrics of {args.checkpoint} ({args.weights} weights, epoch {epoch})")
     return 0

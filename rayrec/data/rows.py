@@ -76,6 +76,11 @@ def _gather_left(values: np.ndarray, start: np.ndarray, end: np.ndarray, width: 
     return np.where(valid, values[idx], 0)
 
 
+def left_padded(values: np.ndarray, offsets: np.ndarray, width: int) -> np.ndarray:
+    """The last ``width`` values of each ragged row, left-padded with 0  # -> [N, width] int64."""
+    return _gather_left(values, offsets[:-1], offsets[1:], width)
+
+
 def train_windows(values: np.ndarray, offsets: np.ndarray, user_idx: np.ndarray, *, max_len: int,
                   windows: Windows = "last", stride: int | None = None) -> dict[str, np.ndarray]:
     """Training rows of the users' sequences (``ragged`` form): ``user_idx [W]``, ``window_end [W]``

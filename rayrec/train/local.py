@@ -25,7 +25,7 @@ from rayrec.train.checkpoint import (
     write_score,
 )
 from rayrec.train.evaluation import evaluate
-from rayrec.train.inputs import DataInfo, TableBatches, row_tables
+from rayrec.train.inputs import DataInfo, TableBatches, data_info, row_tables
 from rayrec.train.loop import LossModule, fit
 from rayrec.train.specs import build, has_parameters
 
@@ -111,3 +111,22 @@ def run_local(cfg: JobConfig, ds: Prepared, info: DataInfo, *, run_dir: Path | N
     final = loop(model, batches, cfg, num_items=info.num_items, device=device, reporter=reporter, resume=resume,
                  steps_per_epoch=math.ceil(micro / cfg.train.grad_accum), progress=progress)
     return final, reporter
+
+
+def evaluate_checkpoint(cfg: JobConfig, checkpoint: str | Path, split: str, weights: str = "best"
+                        ) -> tuple[dict[str, float], int]:
+    """``rayrec eval``: the metrics of a checkpoint's best (or last) weights on the valid or test split,
+    and the epoch it was written at. Refused on other data than it was trained on."""
+    from rayrec.data.dataset import check_same_data, ensure_prepared
+    from rayrec.train.state import load_model_weights
+
+    ds = ensure_prepared(cfg.data)
+    info = data_info(ds, cfg)
+    state = load_state(checkpoint)
+    check_same_data(state.get("data"), cfg.data.path, f"checkpoint {checkpoint}")
+    model = build(cfg, info)
+    chosen = state["best_model"] if weights == "best" and state.get("best_model") else state["model"]
+    load_model_weights(model, chosen, f"checkpoint {checkpoint}")
+    batches = PlainBatches(cfg, ds, info)
+    loader = batches.test() if split == "test" else batches.valid()
+    return evaluate(model, loader, cfg, info.num_items, torch.device("cpu"), prefix=f"{split}/"), int(state["epoch"])

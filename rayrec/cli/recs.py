@@ -1,0 +1,47 @@
+"""`rayrec recommend` and `rayrec eval-recs`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    r = sub.add_parser("recommend", help="top-K items per user from a trained run, to a Parquet file")
+    r.add_argument("run", type=Path, help="a run folder (its chosen checkpoint) or a checkpoint folder")
+    r.add_argument("--k", type=int, default=20, help="items per user (default 20)")
+    r.add_argument("--out", type=Path, required=True, help="output folder (replaced whole on a rerun)")
+    r.add_argument("--as-of", choices=["valid", "test", "all"], default="test",
+                   help="histories read: through train (predicts valid), through valid (predicts test, the "
+                   "default), every event (production)")
+    r.add_argument("--users", type=Path, help="only these raw user ids (one per line, or a CSV/Parquet first column)")
+    r.add_argument("--include-seen", action="store_true", help="also recommend items already in the history")
+    r.add_argument("--local", action="store_true", help="score in this process instead of Ray Data actors")
+    r.add_argument("--actors", type=int, help="Ray Data actors (default: the cluster's CPUs minus one)")
+    r.add_argument("--batch-size", type=int, default=256, help="users scored at a time (default 256)")
+    r.set_defaults(func=cmd_recommend)
+
+    e = sub.add_parser("eval-recs", help="HR@k, NDCG@k, MRR@K of a recommend output against a prepared split")
+    e.add_argument("folder", type=Path, help="a `rayrec recommend --out` folder")
+    e.add_argument("--split", choices=["valid", "test"], default="test")
+    e.set_defaults(func=cmd_eval_recs)
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    from rayrec.recs.recommend import Request, recommend
+
+    req = Request(args.run, args.k, args.as_of, args.include_seen, args.users, args.batch_size)
+    meta = recommend(req, args.out, local=args.local, actors=args.actors)
+    print(f"{meta['users']} users x top-{meta['k']} (as of {meta['as_of']}) -> {args.out}/recs.parquet"
+          + (f"; {meta['unknown_users']} listed users are not in the data" if meta["unknown_users"] else ""))
+    return 0
+
+
+def cmd_eval_recs(args: argparse.Namespace) -> int:
+    from rayrec.recs.evaluate import eval_recs
+    from rayrec.runs import print_table
+
+    metrics = eval_recs(args.folder, args.split)
+    print_table([(k, f"{v:g}" if k.endswith("/rows") else f"{v:.4f}") for k, v in sorted(metrics.items())],
+                f"{args.split} metrics of {args.folder}")
+    return 0

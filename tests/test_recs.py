@@ -1,0 +1,107 @@
+"""`rayrec recommend` and `rayrec eval-recs` (issue 27): top-K files that agree with `rayrec eval`."""
+
+from __future__ import annotations
+
+import re
+
+import pandas as pd
+import pytest
+
+from rayrec.cli import main
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_dataset, tmp_path_factory):
+    """A finished SASRec run of the tiny dataset (3 epochs, in this process)."""
+    from rayrec import recipes
+    from rayrec.config.schema import JobConfig
+
+    work = tmp_path_factory.mktemp("recs")
+    cfg = JobConfig.model_validate({
+        "data": {"path": str(tiny_dataset), "prepare_if_missing": False},
+        "model": {"name": "sasrec", "hidden": 16, "num_blocks": 1, "max_len": 20},
+        "train": {"epochs": 3, "batch_size": 32, "optim": {"lr": 0.005}, "windows": "last",
+                  "eval": {"ks": [5, 10, 20]}},
+        "tracking": {"enabled": False},
+        "run": {"name": "r", "storage_path": str(work / "runs"), "seed": 0},
+    })
+    out = recipes.run(cfg, local=True)
+    return cfg, out.run_dir, work
+
+
+def recs_of(folder):
+    return pd.read_parquet(folder / "recs.parquet")
+
+
+def test_eval_recs_equals_eval_on_the_same_checkpoint(trained, tmp_path, capsys):
+    from rayrec.recs.evaluate import eval_recs
+    from rayrec.train.local import evaluate_checkpoint
+
+    cfg, run_dir, _ = trained
+    assert main(["recommend", str(run_dir), "--k", "20", "--out", str(tmp_path / "recs"), "--local"]) == 0
+    assert "300 users x top-20 (as of test)" in capsys.readouterr().out
+    got = eval_recs(tmp_path / "recs", "test")
+    want, _ = evaluate_checkpoint(cfg, run_dir / "final", "test")
+    for k in (5, 10, 20):
+        for m in ("hr", "ndcg"):
+            assert got[f"test/{m}@{k}"] == pytest.approx(want[f"test/{m}@{k}"], abs=1e-6)
+    assert got["test/rows"] == want["test/rows"] == 300
+    frame = recs_of(tmp_path / "recs")
+    assert list(frame.columns) == ["user_id", "rank", "item_id", "score"] and frame["user_id"].nunique() == 300
+    ranks = frame.groupby("user_id")["rank"].apply(list)
+    assert all(r == list(range(1, len(r) + 1)) and len(r) <= 20 for r in ranks) and (ranks.map(len) == 20).mean() > 0.9
+    assert frame.groupby("user_id")["score"].apply(lambda s: s.is_monotonic_decreasing).all()
+
+
+def test_seen_items_are_never_recommended_unless_asked(trained, tmp_path):
+    cfg, run_dir, _ = trained
+    items = pd.read_parquet(cfg.data.path / "items.parquet").set_index("item_idx")["source_id"].astype(str)
+    users = pd.read_parquet(cfg.data.path / "users.parquet").set_index("user_idx")["source_id"].astype(str)
+    test = pd.read_parquet(cfg.data.path / "test.parquet")
+    seen = {users[u]: {items[i] for i in [*h, t]} for u, h, t in zip(test["user_idx"], test["history"], test["target"],
+                                                                     strict=True)}
+    assert main(["recommend", str(run_dir), "--k", "20", "--out", str(tmp_path / "all"), "--as-of", "all",
+                 "--local"]) == 0
+    frame = recs_of(tmp_path / "all")
+    bad = [(u, i) for u, i in zip(frame["user_id"], frame["item_id"], strict=True) if i in seen[u]]
+    assert not bad, (bad[:5], len(bad))
+    assert main(["recommend", str(run_dir), "--k", "20", "--out", str(tmp_path / "with"), "--as-of", "all",
+                 "--include-seen", "--local"]) == 0
+    frame = recs_of(tmp_path / "with")
+    assert any(item in seen[user] for user, item in zip(frame["user_id"], frame["item_id"], strict=True))
+
+
+def test_a_user_list_a_rerun_and_bad_input(trained, tmp_path, capsys, caplog):
+    cfg, run_dir, _ = trained
+    out = tmp_path / "recs"
+    listed = tmp_path / "users.txt"
+    listed.write_text("user_id\n3\n7\nnobody\n")
+    assert main(["recommend", str(run_dir), "--k", "5", "--out", str(out), "--users", str(listed), "--local"]) == 0
+    assert "1 listed users are not in the data" in capsys.readouterr().out and "nobody" in caplog.text
+    assert sorted(set(recs_of(out)["user_id"])) == ["3", "7"] and len(recs_of(out)) == 10
+    assert main(["recommend", str(run_dir), "--k", "3", "--out", str(out), "--local"]) == 0  # replaced, not appended
+    assert set(recs_of(out)["rank"]) == {1, 2, 3} and recs_of(out)["user_id"].nunique() == 300
+    for argv, pattern in [
+        (["--k", "120"], r"--k 120: must be between 1 and 119 \(the dataset has 120 items\)"),
+        (["--users", str(tmp_path / "none.txt")], r"--users .*none.txt: no such file"),
+    ]:
+        assert main(["recommend", str(run_dir), "--out", str(out), "--local", *argv]) == 2
+        assert re.search(pattern, capsys.readouterr().err)
+    mine = tmp_path / "photos"
+    mine.mkdir()
+    (mine / "cat.jpg").write_bytes(b"x")
+    assert main(["recommend", str(run_dir), "--out", str(mine), "--local"]) == 2
+    assert "holds no recs.parquet" in capsys.readouterr().err and (mine / "cat.jpg").exists()
+    assert main(["eval-recs", str(out), "--split", "valid"]) == 2
+    assert "as of 'test', so they do not predict the valid split" in capsys.readouterr().err
+
+
+def test_ray_data_actors_write_the_same_file_as_local(trained, tmp_path, ray_session):
+    _, run_dir, _ = trained
+    assert main(["recommend", str(run_dir), "--k", "10", "--out", str(tmp_path / "local"), "--local"]) == 0
+    assert main(["recommend", str(run_dir), "--k", "10", "--out", str(tmp_path / "ray"), "--actors", "1",
+                 "--batch-size", "64"]) == 0
+    pd.testing.assert_frame_equal(recs_of(tmp_path / "local"), recs_of(tmp_path / "ray"))
+    assert (tmp_path / "ray" / "rayrec.log").is_file()
