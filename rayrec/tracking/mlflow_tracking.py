@@ -7,6 +7,7 @@ Only MlflowClient is used, so no global "active run" state leaks between runs.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -77,7 +78,7 @@ def _client(uri: str):
 
 
 def _open_sqlite(uri: str):
-    """Open a sqlite store once per process, holding ``<db>.lock``: MLflow creates (or migrates) the
+    """Open a sqlite store once per process, holding a lock of its path: MLflow creates (or migrates) the
     database on first use, and two processes doing it at once break it (alembic's migration race).
     A store that cannot be opened is one line naming the file and the fix."""
     import fcntl
@@ -86,7 +87,11 @@ def _open_sqlite(uri: str):
 
     path = Path(uri[len("sqlite:///"):])
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(f".{path.name}.lock"), "a") as lock:
+    # the lock lives in this host's temp folder, not beside the database (where it would be litter in a project)
+    locks = Path(tempfile.gettempdir()) / "rayrec-locks"
+    locks.mkdir(exist_ok=True)
+    key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+    with open(locks / f"sqlite-{key}.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             client = MlflowClient(tracking_uri=uri)
