@@ -112,3 +112,21 @@ def job_file(tiny_job, tmp_path):
     path = tmp_path / "job.yaml"
     path.write_text(dump_job(cfg))
     return path, cfg
+
+
+@pytest.fixture(scope="session")
+def tiny_joint_overrides():
+    """``overrides(folder)``: ``jobs/ur4rec_quickstart.yaml`` shrunk to seconds (width 16, one epoch per
+    stage, hash-text and descriptor-image features, no weights, computed into ``folder``)."""
+    def overrides(folder) -> list[str]:
+        return ["model.sasrec.hidden=16", "model.sasrec.num_blocks=1", "model.sasrec.max_len=20",
+                "model.retriever.hidden=16", "model.retriever.num_negatives=7",
+                "model.retriever.train_positions=4", "model.fusion.top_n=40",
+                "model.features.text_model=hash:32", "model.features.user_text=dataset",
+                "model.features.item_text=dataset", f"model.features.dir={folder}/features",
+                f"model.features.cache_dir={folder}/cache",
+                "model.stages.pretrain_sasrec.epochs=1", "model.stages.pretrain_retriever.epochs=1",
+                "model.stages.joint_finetune.epochs=1", "model.stages.end_to_end.epochs=1",
+                "train.batch_size=32"]
+
+    return overrides

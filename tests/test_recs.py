@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -105,3 +106,21 @@ def test_ray_data_actors_write_the_same_file_as_local(trained, tmp_path, ray_ses
                  "--batch-size", "64"]) == 0
     pd.testing.assert_frame_equal(recs_of(tmp_path / "local"), recs_of(tmp_path / "ray"))
     assert (tmp_path / "ray" / "rayrec.log").is_file()
+
+
+def test_the_joint_model_recommends_with_its_fused_score(tiny_mm_dataset, tmp_path, tiny_joint_overrides):
+    from rayrec.recs.evaluate import eval_recs
+    from rayrec.recs.recommend import job_of
+    from rayrec.train.checkpoint import load_state
+    from rayrec.train.local import evaluate_checkpoint
+
+    job = Path(__file__).resolve().parents[1] / "jobs" / "ur4rec_quickstart.yaml"
+    assert main(["train", str(job), "--local", f"data.path={tiny_mm_dataset}", "data.prepare_if_missing=false",
+                 f"run.storage_path={tmp_path}/runs", "run.name=joint", "tracking.enabled=false",
+                 *tiny_joint_overrides(tmp_path)]) == 0
+    run = tmp_path / "runs" / "joint"
+    assert main(["recommend", str(run), "--k", "20", "--out", str(tmp_path / "recs"), "--local"]) == 0
+    got = eval_recs(tmp_path / "recs", "test")
+    want, _ = evaluate_checkpoint(job_of(load_state(run / "final")), run / "final", "test")
+    for key in ("test/hr@10", "test/ndcg@10", "test/hr@20", "test/ndcg@20"):
+        assert got[key] == pytest.approx(want[key], abs=1e-6)

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 AsOf = Literal["valid", "test", "all"]
 RECS_FILE = "recs.parquet"
 META_KEY = b"rayrec.recs"
-SUPPORTED = ("sasrec", "multi_interest")  # the joint and generative tracks are not served yet
+SUPPORTED = ("sasrec", "multi_interest", "ur4rec")  # the generative track is not served yet
 
 
 @dataclass(frozen=True)

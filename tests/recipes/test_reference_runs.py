@@ -49,19 +49,10 @@ def test_sequential_multi_interest(pin, tiny_dataset, tmp_path, tracking):
     check_train(pin, "sequential_multi_interest", argv, tiny_dataset, tmp_path, tracking)
 
 
-def test_joint_ur4rec(pin, tiny_mm_dataset, tmp_path, tracking):
+def test_joint_ur4rec(pin, tiny_mm_dataset, tmp_path, tracking, tiny_joint_overrides):
     """UR4Rec (``jobs/ur4rec_quickstart.yaml``): its four stages, one epoch each, on hash-text and
     descriptor-image features (no weights) computed by the run."""
-    argv = train_argv(pin, "ur4rec_quickstart.yaml", tiny_mm_dataset, tmp_path,
-                      "model.sasrec.hidden=16", "model.sasrec.num_blocks=1", "model.sasrec.max_len=20",
-                      "model.retriever.hidden=16", "model.retriever.num_negatives=7",
-                      "model.retriever.train_positions=4", "model.fusion.top_n=40",
-                      "model.features.text_model=hash:32", "model.features.user_text=dataset",
-                      "model.features.item_text=dataset", f"model.features.dir={tmp_path}/features",
-                      f"model.features.cache_dir={tmp_path}/cache",
-                      "model.stages.pretrain_sasrec.epochs=1", "model.stages.pretrain_retriever.epochs=1",
-                      "model.stages.joint_finetune.epochs=1", "model.stages.end_to_end.epochs=1",
-                      "train.batch_size=32")
+    argv = train_argv(pin, "ur4rec_quickstart.yaml", tiny_mm_dataset, tmp_path, *tiny_joint_overrides(tmp_path))
     check_train(pin, "joint_ur4rec", argv, tiny_mm_dataset, tmp_path, tracking)
 
 
