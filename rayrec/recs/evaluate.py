@@ -18,14 +18,11 @@ from rayrec.errors import ConfigError
 from rayrec.eval.metrics import MetricSums
 from rayrec.recs.recommend import read_recs
 
-#: the split whose target the recommendations predict, by the histories they read
-PREDICTS = {"valid": "valid", "test": "test"}
-
 
 def eval_recs(folder: Path, split: str, ks: tuple[int, ...] = (5, 10, 20)) -> dict[str, float]:
     recs, meta = read_recs(folder)
     k_max = int(meta.get("k", recs["rank"].max()))
-    if PREDICTS.get(meta.get("as_of")) != split:
+    if meta.get("as_of") != split:  # as of valid predicts the valid target, as of test the test target
         raise ConfigError(f"{folder}: these recommendations read histories as of '{meta.get('as_of')}', so they "
                           f"do not predict the {split} split (write them with --as-of {split})")
     data = Path(meta["data_path"])

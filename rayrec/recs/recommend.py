@@ -163,7 +163,7 @@ def read_users(path: Path, known: pd.Series) -> tuple[np.ndarray, int]:
 
 def recommend(req: Request, out: Path, *, local: bool = False, actors: int | None = None) -> dict[str, Any]:
     """Write ``out/recs.parquet`` for ``req``; returns its summary (rows, users, unknown users)."""
-    from rayrec.data.dataset import check_same_data, ensure_prepared
+    from rayrec.data.dataset import check_contents, check_same_data, open_prepared
     from rayrec.train.checkpoint import load_state
 
     checkpoint = resolve_checkpoint(req.checkpoint)
@@ -172,7 +172,8 @@ def recommend(req: Request, out: Path, *, local: bool = False, actors: int | Non
     if cfg.model.name not in SUPPORTED:
         raise ConfigError(f"rayrec recommend serves {', '.join(SUPPORTED)} checkpoints so far; {checkpoint} is a "
                           f"{cfg.model.name} model")
-    ds = ensure_prepared(cfg.data)
+    ds = open_prepared(cfg.data.path)  # the data it was trained on: never prepared anew here
+    check_contents(ds)
     check_same_data(state.get("data"), cfg.data.path, f"checkpoint {checkpoint}")
     if not 1 <= req.k < ds.num_items:
         raise ConfigError(f"--k {req.k}: must be between 1 and {ds.num_items - 1} (the dataset has {ds.num_items} items)")
