@@ -130,3 +130,31 @@ def tiny_joint_overrides():
                 "train.batch_size=32"]
 
     return overrides
+
+
+@pytest.fixture(scope="session")
+def sft(tiny_dataset, tmp_path_factory):
+    """(common job sections, SFT adapter folder): a one-epoch LoRA SFT on the shared 120-item dataset."""
+    from rayrec import recipes
+    from rayrec.config.genrec import GenRecJobConfig
+    from rayrec.data.dataset import open_prepared
+    from rayrec.genrec.semantic_ids import write_index
+    from rayrec.genrec.tiny import grid_index
+
+    tmp = tmp_path_factory.mktemp("grpo")
+    write_index(grid_index(open_prepared(tiny_dataset).table("items")), tmp / "sids", "items")
+    common = {
+        "data": {"path": str(tiny_dataset), "prepare_if_missing": False},
+        "sids": {"method": "file", "dir": str(tmp / "sids"), "name": "items"},
+        "model": {"tiny": {"hidden": 32}, "max_length": 96},
+        "eval": {"num_beams": 10, "ks": [1, 5, 10], "batch_size": 16, "max_rows": 24},
+        "scaling": {"num_workers": 1, "resources_per_worker": {"CPU": 0.5}},
+        "tracking": {"uri": f"sqlite:///{tmp}/mlflow.db", "experiment": "tests"},
+    }
+    cfg = GenRecJobConfig.model_validate({
+        **common, "prompts": {"tasks": {"sid_seq": 1.0}, "max_history": 3, "max_examples": 320},
+        "train": {"epochs": 1, "batch_size": 32, "lr": 5e-3, "logging_steps": 5, "val_rows": 0,
+                  "lora": {"r": 4, "alpha": 8}},
+        "run": {"name": "sft", "storage_path": str(tmp / "runs")}})
+    out = recipes.run(cfg, local=True)
+    return common, out.checkpoint, tmp

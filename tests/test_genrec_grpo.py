@@ -1,6 +1,6 @@
 """GRPO: rewards and rollouts alone, bad input before any worker, the trainer on a tiny SFT adapter.
 
-One SFT adapter is trained once for the module (a few seconds) and every GRPO test continues it.
+One SFT adapter (the session fixture ``sft`` of conftest) is trained once and every GRPO test continues it.
 """
 
 from __future__ import annotations
@@ -88,32 +88,6 @@ def test_config_errors_explain_the_rule(tmp_path):
     path.write_text(yaml.safe_dump({"grpo": {"rewards": {"rankng": 1.0}}}))
     with pytest.raises(ConfigError, match=r"grpo\.rewards\.rankng.*ranking"):
         load_model(GRPOJobConfig, path)
-
-
-@pytest.fixture(scope="module")
-def sft(tiny_dataset, tmp_path_factory):
-    """(common job sections, SFT adapter folder): a one-epoch LoRA SFT on the shared 120-item dataset."""
-    from rayrec import recipes
-    from rayrec.genrec.semantic_ids import write_index
-    from rayrec.genrec.tiny import grid_index
-
-    tmp = tmp_path_factory.mktemp("grpo")
-    write_index(grid_index(open_prepared(tiny_dataset).table("items")), tmp / "sids", "items")
-    common = {
-        "data": {"path": str(tiny_dataset), "prepare_if_missing": False},
-        "sids": {"method": "file", "dir": str(tmp / "sids"), "name": "items"},
-        "model": {"tiny": {"hidden": 32}, "max_length": 96},
-        "eval": {"num_beams": 10, "ks": [1, 5, 10], "batch_size": 16, "max_rows": 24},
-        "scaling": {"num_workers": 1, "resources_per_worker": {"CPU": 0.5}},
-        "tracking": {"uri": f"sqlite:///{tmp}/mlflow.db", "experiment": "tests"},
-    }
-    cfg = GenRecJobConfig.model_validate({
-        **common, "prompts": {"tasks": {"sid_seq": 1.0}, "max_history": 3, "max_examples": 320},
-        "train": {"epochs": 1, "batch_size": 32, "lr": 5e-3, "logging_steps": 5, "val_rows": 0,
-                  "lora": {"r": 4, "alpha": 8}},
-        "run": {"name": "sft", "storage_path": str(tmp / "runs")}})
-    out = recipes.run(cfg, local=True)
-    return common, out.checkpoint, tmp
 
 
 def grpo_job(sft, name: str, **sections) -> GRPOJobConfig:
@@ -285,6 +259,19 @@ def test_grpo_trains_the_adapter_keeps_the_base_and_evaluates_valid_items(sft):
     res = evaluate_adapter(cfg, out.checkpoint, local=True)
     assert res.metrics["test/invalid"] == 0 and res.metrics["test/rows"] == 24
     assert all(None not in r["predicted_items"] and len(r["predictions"]) == 10 for r in res.rows)
+    # rayrec recommend decodes the same beams from the GRPO adapter (its job is kept in genrec.json)
+    from rayrec.recs.recommend import Request, read_recs, recommend
+
+    ds = open_prepared(cfg.data.path)
+    users = ds.table("users").set_index("user_idx")["source_id"].astype(str)
+    listed = Path(out.checkpoint).parent / "users.txt"
+    listed.write_text("\n".join(users[[r["user_idx"] for r in res.rows]]))
+    recommend(Request(Path(out.checkpoint), 10, include_seen=True, users=listed), listed.parent / "recs", local=True)
+    recs, meta = read_recs(listed.parent / "recs")
+    items = ds.table("items").set_index("item_idx")["source_id"].astype(str)
+    assert meta["model"] == "genrec (grpo)" and len(recs) == 240
+    assert recs.groupby("user_id", sort=False)["item_id"].apply(list).tolist() == [
+        [items[i] for i in r["predicted_items"]] for r in res.rows]
     run = MlflowClient(cfg.tracking.uri).get_run(out.mlflow_run_id)
     assert run.info.status == "FINISHED" and run.data.tags["rayrec.recipe"] == "grpo"
     assert run.data.tags["rayrec.sft_adapter"] == adapter

@@ -124,3 +124,77 @@ def test_the_joint_model_recommends_with_its_fused_score(tiny_mm_dataset, tmp_pa
     want, _ = evaluate_checkpoint(job_of(load_state(run / "final")), run / "final", "test")
     for key in ("test/hr@10", "test/ndcg@10", "test/hr@20", "test/ndcg@20"):
         assert got[key] == pytest.approx(want[key], abs=1e-6)
+
+
+def first_test_users(data: Path, n: int, path: Path) -> Path:
+    """The raw ids of the first ``n`` rows of the test split (the rows ``eval.max_rows`` decodes)."""
+    users = pd.read_parquet(data / "users.parquet").set_index("user_idx")["source_id"].astype(str)
+    path.write_text("\n".join(users[pd.read_parquet(data / "test.parquet")["user_idx"].head(n)]) + "\n")
+    return path
+
+
+def test_generative_recs_are_real_unseen_items_and_the_beams_eval_genrec_scores(sft, tmp_path, ray_session):
+    from rayrec.genrec.evaluate import evaluate_adapter
+    from rayrec.recs.evaluate import eval_recs
+    from rayrec.recs.generative import adapter_job
+
+    common, adapter, _ = sft
+    data = Path(common["data"]["path"])
+    listed = first_test_users(data, 24, tmp_path / "users.txt")
+    assert main(["recommend", adapter, "--k", "10", "--include-seen", "--users", str(listed), "--out",
+                 str(tmp_path / "beams"), "--local"]) == 0
+    cfg, _ = adapter_job(Path(adapter), None)  # the job it was trained with, kept in its genrec.json
+    want = evaluate_adapter(cfg, adapter, split="test", local=True, out=tmp_path / "eval.json")
+    got = eval_recs(tmp_path / "beams", "test", ks=(1, 5, 10))
+    for k in (1, 5, 10):
+        for m in ("hr", "ndcg"):
+            assert got[f"test/{m}@{k}"] == pytest.approx(want.metrics[f"test/{m}@{k}"], abs=1e-6)
+    items = pd.read_parquet(data / "items.parquet").set_index("item_idx")["source_id"].astype(str)
+    users = pd.read_parquet(data / "users.parquet").set_index("user_idx")["source_id"].astype(str)
+    frame = recs_of(tmp_path / "beams")
+    by_user = frame.groupby("user_id", sort=False)["item_id"].apply(list)
+    assert all(by_user[users[r["user_idx"]]] == [items[i] for i in r["predicted_items"]] for r in want.rows)
+
+    # seen items excluded after decoding; every row a real item; Ray Data actors write the same file
+    for where, extra in (("local", ["--local"]), ("ray", ["--actors", "1", "--batch-size", "8"])):
+        assert main(["recommend", str(Path(adapter).parents[1]), "--k", "8", "--as-of", "all", "--users",
+                     str(listed), "--out", str(tmp_path / where), *extra]) == 0
+    pd.testing.assert_frame_equal(recs_of(tmp_path / "local"), recs_of(tmp_path / "ray"))
+    frame = recs_of(tmp_path / "local")
+    test = pd.read_parquet(data / "test.parquet").set_index("user_idx")
+    seen = {users[u]: {items[i] for i in [*test.at[u, "history"], test.at[u, "target"]]} for u in test.index}
+    assert len(frame) == 24 * 8 and set(frame["item_id"]) <= set(items)
+    assert not [(u, i) for u, i in zip(frame["user_id"], frame["item_id"], strict=True) if i in seen[u]]
+
+
+def test_fresh_histories_score_like_the_same_history_of_a_known_user(trained, tmp_path, capsys):
+    cfg, run_dir, _ = trained
+    items = pd.read_parquet(cfg.data.path / "items.parquet").set_index("item_idx")["source_id"].astype(str)
+    users = pd.read_parquet(cfg.data.path / "users.parquet").set_index("user_idx")["source_id"].astype(str)
+    test = pd.read_parquet(cfg.data.path / "test.parquet").set_index("user_idx")
+    u = int(test.index[5])
+    events = [*test.at[u, "history"], test.at[u, "target"]]
+    rows = [("fresh", items[i], t) for t, i in enumerate(events)][::-1]  # out of order: sorted by timestamp
+    rows += [("fresh", "no-such-item", 99), ("cold", "also-unknown", 1)]
+    fresh = tmp_path / "histories.csv"
+    pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"]).to_csv(fresh, index=False)
+    listed = tmp_path / "users.txt"
+    listed.write_text(users[u] + "\n")
+    assert main(["recommend", str(run_dir), "--k", "10", "--as-of", "all", "--users", str(listed), "--out",
+                 str(tmp_path / "known"), "--local"]) == 0
+    assert main(["recommend", str(run_dir), "--k", "10", "--histories", str(fresh), "--out", str(tmp_path / "fresh"),
+                 "--local"]) == 0
+    said = capsys.readouterr().out
+    assert "2 events name unknown items (skipped)" in said and "1 users with no known item got the popular" in said
+    got, known = recs_of(tmp_path / "fresh"), recs_of(tmp_path / "known")
+    mine = got[got["user_id"] == "fresh"].reset_index(drop=True)
+    pd.testing.assert_frame_equal(mine.drop(columns="user_id"), known.drop(columns="user_id"))
+    train = pd.read_parquet(cfg.data.path / "train.parquet")["seq"]
+    counts = pd.Series([i for s in train for i in s]).value_counts()
+    top = sorted(counts.index, key=lambda i: (-counts[i], i))[:10]
+    cold = got[got["user_id"] == "cold"]
+    assert cold["item_id"].tolist() == [items[i] for i in top] and cold["score"].tolist() == [counts[i] for i in top]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("user,item\n1,2\n")
+    assert main(["recommend", str(run_dir), "--histories", str(bad), "--out", str(tmp_path / "x"), "--local"]) == 2
+    assert re.search(r"--histories .*bad.csv: no column user_id, item_id", capsys.readouterr().err)

@@ -8,13 +8,16 @@ from pathlib import Path
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     r = sub.add_parser("recommend", help="top-K items per user from a trained run, to a Parquet file")
-    r.add_argument("run", type=Path, help="a run folder (its chosen checkpoint) or a checkpoint folder")
+    r.add_argument("run", type=Path, help="a run folder (its chosen checkpoint), a checkpoint folder or an SFT/GRPO adapter")
+    r.add_argument("job", type=Path, nargs="?", help="the job of an adapter that does not keep its own (older checkpoints)")
     r.add_argument("--k", type=int, default=20, help="items per user (default 20)")
     r.add_argument("--out", type=Path, required=True, help="output folder (replaced whole on a rerun)")
     r.add_argument("--as-of", choices=["valid", "test", "all"], default="test",
                    help="histories read: through train (predicts valid), through valid (predicts test, the "
                    "default), every event (production)")
     r.add_argument("--users", type=Path, help="only these raw user ids (one per line, or a CSV/Parquet first column)")
+    r.add_argument("--histories", type=Path, help="fresh histories (user_id, item_id[, timestamp]; CSV or Parquet) of "
+                   "users the model never saw; unknown items are skipped, a history with none known gets the popular items")
     r.add_argument("--include-seen", action="store_true", help="also recommend items already in the history")
     r.add_argument("--local", action="store_true", help="score in this process instead of Ray Data actors")
     r.add_argument("--actors", type=int, help="Ray Data actors (default: the cluster's CPUs minus one)")
@@ -30,10 +33,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 def cmd_recommend(args: argparse.Namespace) -> int:
     from rayrec.recs.recommend import Request, recommend
 
-    req = Request(args.run, args.k, args.as_of, args.include_seen, args.users, args.batch_size)
+    req = Request(args.run, args.k, args.as_of, args.include_seen, args.users, args.batch_size, args.histories, args.job)
     meta = recommend(req, args.out, local=args.local, actors=args.actors)
+    notes = [f"{meta['unknown_users']} listed users are not in the data" if meta.get("unknown_users") else "",
+             f"{meta['unknown_items']} events name unknown items (skipped)" if meta.get("unknown_items") else "",
+             f"{meta['popularity_users']} users with no known item got the popular items"
+             if meta.get("popularity_users") else ""]
     print(f"{meta['users']} users x top-{meta['k']} (as of {meta['as_of']}) -> {args.out}/recs.parquet"
-          + (f"; {meta['unknown_users']} listed users are not in the data" if meta["unknown_users"] else ""))
+          + "".join(f"; {n}" for n in notes if n))
     return 0
 
 

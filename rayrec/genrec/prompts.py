@@ -91,15 +91,16 @@ def history_input(history: list[int], sids: dict[int, tuple[str, ...]], titles: 
     return "The user interacted with: " + ", ".join(f'"{titles[i]}"' for i in history)
 
 
-def seq_example(task: str, history: list[int], target: int, user: int, sids, titles, instruction: str,
+def seq_example(task: str, history: list[int], target: int | None, user: int, sids, titles, instruction: str,
                 pos: int = -1) -> dict:
     """One history -> next-item example (the four ``HISTORY_BY`` tasks); the answer is the next
     item's SID or title, never shown in the prompt (only the history items are). ``pos``: the
     target's index in the user's train sequence (train prompts; -1 for valid/test rows), so a
-    reward can read the whole history before it, not only the prompt's."""
-    answer = sid_text(sids, target) if ANSWER_BY[task] == "sid" else titles[target]
+    reward can read the whole history before it, not only the prompt's. ``target=None``: a
+    history whose next item is not known (``rayrec recommend``): no answer, target -1."""
+    answer = "" if target is None else sid_text(sids, target) if ANSWER_BY[task] == "sid" else titles[target]
     return {"task": task, "prompt": render(instruction, history_input(history, sids, titles, HISTORY_BY[task])),
-            "completion": answer, "user_idx": user, "target": target, "history": list(history),
+            "completion": answer, "user_idx": user, "target": -1 if target is None else target, "history": list(history),
             "instruction": instruction, "pos": pos}
 
 
@@ -169,14 +170,23 @@ def eval_prompts(ds: Prepared, split: str, sids: dict[int, tuple[str, ...]], cfg
                  max_rows: int | None = None, task: str = "sid_seq") -> pd.DataFrame:
     """Prompts of one history ``task`` (default ``sid_seq``) over the valid or test rows, with the
     task's fixed first instruction."""
-    table, titles = ds.table(split), titles_of(ds)
+    table = ds.table(split)
     if max_rows is not None:
         table = table.head(max_rows)
-    instruction = INSTRUCTIONS[task][0]
-    rows = [seq_example(task, [int(i) for i in h][-cfg.max_history:], int(t), int(u), sids, titles, instruction)
-            for u, h, t in zip(table["user_idx"], table["history"], table["target"])]
-    if not rows:
+    if table.empty:
         raise DataError(f"{ds.path}/{split}.parquet: no rows to evaluate")
+    return history_prompts(table["user_idx"], table["history"], sids, titles_of(ds), cfg.max_history, task,
+                           targets=table["target"])
+
+
+def history_prompts(users, histories, sids: dict[int, tuple[str, ...]], titles: dict[int, str], max_history: int,
+                    task: str = "sid_seq", targets=None) -> pd.DataFrame:
+    """The prompts of ``task`` for these histories (their last ``max_history`` items), with the task's
+    fixed first instruction; ``targets`` (optional) are the items that came next."""
+    instruction = INSTRUCTIONS[task][0]
+    targets = [None] * len(users) if targets is None else [int(t) for t in targets]
+    rows = [seq_example(task, [int(i) for i in h][-max_history:], t, int(u), sids, titles, instruction)
+            for u, h, t in zip(users, histories, targets)]
     return pd.DataFrame(rows, columns=COLUMNS)
 
 

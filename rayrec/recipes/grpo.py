@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from rayrec.config.genrec import GRPOJobConfig
+from rayrec.config.loader import dump_job
 from rayrec.errors import ConfigError
 from rayrec.genrec.inputs import (
     GenRecInputs,
@@ -66,6 +67,7 @@ class Inputs:
     deepspeed: dict | None
     embeddings: Any  # [N + 1, D] for the semantic reward, else None
     collaborative: str | None = None  # the checked SASRec checkpoint folder (absolute) for the collaborative reward
+    job: str = ""  # the resolved job (``dump_job``), kept in every checkpoint's genrec.json
 
     def loop_config(self, run: Run) -> dict[str, Any]:
         tracker = run.tracker
@@ -73,7 +75,7 @@ class Inputs:
                 "sid_index": {k: list(v) for k, v in self.data.index.tokens.items()},
                 "item_sids": self.data.item_sids, "run_name": run.dir.name, "num_items": self.data.ds.num_items,
                 "items": self.data.ds.table("items")[["item_idx", "source_id"]], "collaborative": self.collaborative,
-                "meta": {"base": self.base, "data": str(self.data.ds.path.resolve()), "stage": "grpo",
+                "meta": {"config": self.job, "base": self.base, "data": str(self.data.ds.path.resolve()), "stage": "grpo",
                          "sft_adapter": self.adapter["path"], "sids_source": self.data.index.source,
                          "mlflow_run_id": tracker.run_id, "tracking_uri": redact_uri(tracker.uri)}}
 
@@ -105,7 +107,7 @@ def prepare(cfg: GRPOJobConfig, run: Run) -> Inputs:
         collaborative = str(Path(found).expanduser().resolve())  # workers load it by this (their cwd differs)
         data.train["cf_history"] = G.collaborative_histories(data.train, data.ds.table("train"), max_len)
     run.dir.mkdir(parents=True, exist_ok=True)
-    return Inputs(data, adapter, base, deepspeed, embeddings, collaborative)
+    return Inputs(data, adapter, base, deepspeed, embeddings, collaborative, dump_job(cfg))
 
 
 def share(cfg: GRPOJobConfig) -> None:

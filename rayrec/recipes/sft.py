@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from rayrec.config.genrec import GenRecJobConfig
+from rayrec.config.loader import dump_job
 from rayrec.errors import ConfigError
 from rayrec.genrec.inputs import (
     GenRecInputs,
@@ -52,6 +53,7 @@ class Inputs:
     data: GenRecInputs
     base: str  # the base model folder (or hub id)
     deepspeed: dict | None
+    job: str = ""  # the resolved job (``dump_job``), kept in every checkpoint's genrec.json
 
     def loop_config(self, run: Run) -> dict[str, Any]:
         """What the trainer needs besides the job (same keys locally and in workers)."""
@@ -59,7 +61,7 @@ class Inputs:
         return {"base": self.base, "sid_vocab": self.data.index.vocab(), "deepspeed": self.deepspeed,
                 "sid_index": {k: list(v) for k, v in self.data.index.tokens.items()},
                 "item_sids": self.data.item_sids, "run_name": run.dir.name,
-                "meta": {"base": self.base, "data": str(self.data.ds.path.resolve()),
+                "meta": {"config": self.job, "base": self.base, "data": str(self.data.ds.path.resolve()),
                          "sids_source": self.data.index.source, "mlflow_run_id": tracker.run_id,
                          "tracking_uri": redact_uri(tracker.uri)}}
 
@@ -77,7 +79,7 @@ def prepare(cfg: GenRecJobConfig, run: Run) -> Inputs:
     base = materialize_base(cfg, run.dir, data)
     fit_inputs(cfg, data, prompt_tokenizer(cfg, data, base))  # the answer and its EOS always survive
     check_targets(base, cfg.train.lora.target_modules)
-    return Inputs(data, base, deepspeed)
+    return Inputs(data, base, deepspeed, dump_job(cfg))
 
 
 def share(cfg: GenRecJobConfig) -> None:

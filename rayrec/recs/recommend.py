@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,13 +29,14 @@ import pandas as pd
 from rayrec.console import job_console
 from rayrec.data.atomic import check_target, output_lock, replace_folder, temp_folder
 from rayrec.errors import ConfigError, DataError
+from rayrec.recs.scoring import job_of  # noqa: F401  (part of this module's interface)
 
 log = logging.getLogger(__name__)
 
 AsOf = Literal["valid", "test", "all"]
 RECS_FILE = "recs.parquet"
 META_KEY = b"rayrec.recs"
-SUPPORTED = ("sasrec", "multi_interest", "ur4rec")  # the generative track is not served yet
+SUPPORTED = ("sasrec", "multi_interest", "ur4rec")  # and the generative track's adapters
 
 
 @dataclass(frozen=True)
@@ -47,32 +47,26 @@ class Request:
     include_seen: bool = False
     users: Path | None = None  # a file of raw user ids (one per line, or a CSV/Parquet column user_id)
     batch_size: int = 256
+    histories: Path | None = None  # fresh histories (raw user, item, timestamp; CSV or Parquet)
+    job: Path | None = None  # the job of a generative checkpoint that does not keep its own
 
 
 def resolve_checkpoint(path: Path) -> Path:
-    """A checkpoint folder (holds ``state.pt``), or the chosen checkpoint of a run folder."""
+    """A checkpoint folder (``state.pt``, or an SFT/GRPO adapter), or the chosen checkpoint of a run folder."""
+    from rayrec.recs.generative import is_adapter
     from rayrec.runs import run_checkpoint
     from rayrec.train.checkpoint import STATE_FILE, latest_checkpoint
 
     path = Path(path).expanduser()
-    if (path / STATE_FILE).is_file():
+    if (path / STATE_FILE).is_file() or is_adapter(path):
         return path
     chosen = run_checkpoint(path)
-    if chosen is not None and (Path(chosen) / STATE_FILE).is_file():
+    if chosen is not None and ((Path(chosen) / STATE_FILE).is_file() or is_adapter(Path(chosen))):
         return Path(chosen)
     found = latest_checkpoint(path)
     if found is None:
-        raise DataError(f"{path}: neither a checkpoint (no state.pt) nor a run folder with checkpoints")
+        raise DataError(f"{path}: neither a checkpoint (no state.pt, no adapter) nor a run folder with checkpoints")
     return found
-
-
-def job_of(state: dict[str, Any]):
-    """The resolved job a checkpoint was trained with."""
-    import yaml
-
-    from rayrec.config.schema import JobConfig
-
-    return JobConfig.model_validate(yaml.safe_load(state["config"]))
 
 
 def user_rows(data_path: str, as_of: AsOf, users: np.ndarray | None = None) -> pd.DataFrame:
@@ -87,56 +81,55 @@ def user_rows(data_path: str, as_of: AsOf, users: np.ndarray | None = None) -> p
     return t.reset_index(drop=True)
 
 
-class Recommender:
-    """Top-K of a batch of users  # {user_idx [B], history [B] lists} -> {user_idx, rank, item_idx, score} [<= B*K]
-    (fewer than K rows for a user with fewer than K items left to recommend).
+@dataclass
+class Plan:
+    """What scores a request: the scorer class (built once per actor) and its arguments."""
 
-    Built once per Ray Data actor (or once in this process): loads the checkpoint's best weights.
-    """
+    scorer: type
+    kwargs: dict[str, Any]
+    ds: Any  # the Prepared dataset the checkpoint was trained on
+    meta: dict[str, Any]  # for the output's metadata
+    num_gpus: float = 0.0
 
-    def __init__(self, checkpoint: str, k: int, include_seen: bool) -> None:
-        import torch
 
-        from rayrec.data.dataset import open_prepared
-        from rayrec.train.checkpoint import load_state
-        from rayrec.train.inputs import data_info
-        from rayrec.train.specs import build
-        from rayrec.train.state import load_model_weights
+def plan_for(req: Request) -> Plan:
+    """Check the checkpoint against its data (before any actor starts) and pick its scorer."""
+    from rayrec.data.dataset import check_contents, check_same_data, open_prepared
+    from rayrec.recs.generative import GenRecommender, adapter_job, decode_settings, is_adapter
+    from rayrec.recs.scoring import Recommender
+    from rayrec.train.checkpoint import load_state
 
-        torch.set_num_threads(max(1, int(os.environ.get("RAYREC_RECS_THREADS", "1"))))
-        state = load_state(checkpoint)
-        self.cfg = job_of(state)
-        info = data_info(open_prepared(self.cfg.data.path), self.cfg)
-        self.model = build(self.cfg, info)
-        weights = state.get("best_model") or state["model"]
-        load_model_weights(self.model, weights, f"checkpoint {checkpoint}")
-        self.model.eval()
-        self.k, self.include_seen, self.num_items = k, include_seen, info.num_items
+    checkpoint = resolve_checkpoint(req.checkpoint).resolve()
+    if is_adapter(checkpoint):
+        cfg, meta = adapter_job(checkpoint, req.job)
+        ds = open_prepared(meta.get("data") or cfg.data.path)
+        check_contents(ds)
+        _check_k(req.k, ds.num_items)
+        settings = decode_settings(cfg, checkpoint, ds, req.k)
+        return Plan(GenRecommender, {"adapter": str(checkpoint), "settings": settings}, ds,
+                    {"checkpoint": str(checkpoint), "job_hash": _hash(meta.get("config") or str(req.job)),
+                     "model": f"genrec ({meta.get('stage', 'sft')})"},
+                    num_gpus=1.0 if settings["device"] == "cuda" else 0.0)
+    state = load_state(checkpoint)
+    cfg = job_of(state)
+    if cfg.model.name not in SUPPORTED:
+        raise ConfigError(f"rayrec recommend serves {', '.join(SUPPORTED)} checkpoints and SFT/GRPO adapters; "
+                          f"{checkpoint} is a {cfg.model.name} model")
+    ds = open_prepared(cfg.data.path)  # the data it was trained on: never prepared anew here
+    check_contents(ds)
+    check_same_data(state.get("data"), cfg.data.path, f"checkpoint {checkpoint}")
+    _check_k(req.k, ds.num_items)
+    return Plan(Recommender, {"checkpoint": str(checkpoint), "num_items": ds.num_items}, ds,
+                {"checkpoint": str(checkpoint), "job_hash": _hash(state["config"]), "model": cfg.model.name})
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
 
-        from rayrec.data.rows import left_padded, ragged
-        from rayrec.train.evaluation import score_rows
+def _check_k(k: int, num_items: int) -> None:
+    if not 1 <= k < num_items:
+        raise ConfigError(f"--k {k}: must be between 1 and {num_items - 1} (the dataset has {num_items} items)")
 
-        values, offsets = ragged(batch["history"])
-        users = np.asarray(batch["user_idx"], dtype=np.int64)
-        history = left_padded(values, offsets, self.cfg.model.max_len)
-        rows = {"history": torch.from_numpy(history), "user_idx": torch.from_numpy(users)}
-        with torch.inference_mode():
-            scores = score_rows(self.model, rows).float()  # [B, N+1]
-            scores[:, 0] = -torch.inf
-            if not self.include_seen:
-                seen = torch.from_numpy(left_padded(values, offsets, max(1, int(np.diff(offsets).max(initial=1)))))
-                scores.scatter_(1, seen, -torch.inf)  # padding 0s land on column 0, already out
-            # highest score first, ties by the lower item index: a stable sort of the negated scores
-            order = torch.sort(-scores, dim=1, stable=True).indices[:, : self.k]
-            top = scores.gather(1, order)
-        b = len(users)
-        score = top.reshape(-1).numpy().astype(np.float64)
-        keep = np.isfinite(score)  # a user who has seen all but a few items gets only those few
-        return {"user_idx": np.repeat(users, self.k)[keep], "rank": np.tile(np.arange(1, self.k + 1), b)[keep],
-                "item_idx": order.reshape(-1).numpy()[keep], "score": score[keep]}
+
+def _hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def read_users(path: Path, known: pd.Series) -> tuple[np.ndarray, int]:
@@ -161,39 +154,60 @@ def read_users(path: Path, known: pd.Series) -> tuple[np.ndarray, int]:
     return idx.dropna().astype(np.int64).to_numpy(), unknown
 
 
-def recommend(req: Request, out: Path, *, local: bool = False, actors: int | None = None) -> dict[str, Any]:
-    """Write ``out/recs.parquet`` for ``req``; returns its summary (rows, users, unknown users)."""
-    from rayrec.data.dataset import check_contents, check_same_data, open_prepared
-    from rayrec.train.checkpoint import load_state
+def request_rows(req: Request, ds) -> tuple[pd.DataFrame, dict[str, int]]:
+    """The rows to score: ``key`` (0..n-1), ``user_id`` (raw), ``user_idx`` (0 for a user the data
+    does not have) and ``history`` (item_idx lists); and the counts the summary reports."""
+    from rayrec.recs.histories import read_histories
 
-    checkpoint = resolve_checkpoint(req.checkpoint)
-    state = load_state(checkpoint)
-    cfg = job_of(state)
-    if cfg.model.name not in SUPPORTED:
-        raise ConfigError(f"rayrec recommend serves {', '.join(SUPPORTED)} checkpoints so far; {checkpoint} is a "
-                          f"{cfg.model.name} model")
-    ds = open_prepared(cfg.data.path)  # the data it was trained on: never prepared anew here
-    check_contents(ds)
-    check_same_data(state.get("data"), cfg.data.path, f"checkpoint {checkpoint}")
-    if not 1 <= req.k < ds.num_items:
-        raise ConfigError(f"--k {req.k}: must be between 1 and {ds.num_items - 1} (the dataset has {ds.num_items} items)")
+    if req.histories is not None:
+        if req.users is not None:
+            raise ConfigError("give --users or --histories, not both")
+        items = ds.table("items")
+        frame, counts = read_histories(req.histories, dict(zip(items["source_id"].astype(str), items["item_idx"])))
+        frame["user_idx"] = 0
+    else:
+        known = ds.table("users").set_index("user_idx")["source_id"]
+        users, unknown = read_users(req.users, known) if req.users else (None, 0)
+        frame = user_rows(str(ds.path), req.as_of, users)
+        frame["user_id"] = frame["user_idx"].map(known).astype(str)
+        counts = {"unknown_users": unknown}
+    frame["key"] = np.arange(len(frame), dtype=np.int64)
+    return frame[["key", "user_id", "user_idx", "history"]], counts
+
+
+def popular_rows(ds, keys: np.ndarray, k: int) -> pd.DataFrame:
+    """The most popular training items (ties to the lower index) for rows with no known history item."""
+    from rayrec.config.schema import PopularityConfig
+    from rayrec.models.popularity import Popularity
+    from rayrec.recs.scoring import as_rows, top_k
+
+    counts = Popularity(ds.num_items, PopularityConfig()).fit(ds.table("train")["seq"]).counts.double()
+    items, top = top_k(counts[None, :].expand(len(keys), -1), None, k)
+    return pd.DataFrame(as_rows(keys, items, top))
+
+
+def recommend(req: Request, out: Path, *, local: bool = False, actors: int | None = None) -> dict[str, Any]:
+    """Write ``out/recs.parquet`` for ``req``; returns its summary (rows, users, unknown users and items)."""
+    plan = plan_for(req)
     check_target(out, overwrite=True, marker=RECS_FILE, flag="(a recommend output)")
-    user_table = ds.table("users")
-    known = user_table.set_index("user_idx")["source_id"]
-    users, unknown = read_users(req.users, known) if req.users else (None, 0)
-    rows = user_rows(str(ds.path), req.as_of, users)
-    items = ds.table("items").set_index("item_idx")["source_id"]
-    meta = {"checkpoint": str(checkpoint.resolve()), "job_hash": hashlib.sha256(state["config"].encode()).hexdigest()[:16],
-            "k": req.k, "as_of": req.as_of, "include_seen": req.include_seen, "data_path": str(ds.path.resolve()),
-            "users": int(rows["user_idx"].nunique()), "unknown_users": unknown}
+    rows, counts = request_rows(req, plan.ds)
+    empty = rows["history"].map(len).eq(0).to_numpy()
+    items = plan.ds.table("items").set_index("item_idx")["source_id"]
+    meta = {**plan.meta, "k": req.k, "as_of": "histories" if req.histories else req.as_of,
+            "include_seen": req.include_seen, "data_path": str(plan.ds.path.resolve()),
+            "users": int(rows["key"].nunique()), "unknown_users": 0, **counts}
     with output_lock(out):  # built in a temporary folder beside ``out``, swapped in whole
         tmp = temp_folder(out)
         try:
             with job_console(tmp, []) as con:  # Ray's and Ray Data's output: tmp/rayrec.log
-                recs = (_score_local(rows, checkpoint, req) if local
-                        else _score_on_ray(rows, checkpoint, req, actors, attach=con.attach_ray))
-            recs = recs.sort_values(["user_idx", "rank"], kind="stable").reset_index(drop=True)
-            frame = pd.DataFrame({"user_id": recs["user_idx"].map(known).astype(str).to_numpy(),
+                kwargs = {**plan.kwargs, "k": req.k, "include_seen": req.include_seen}
+                scored = rows[~empty]
+                parts = [popular_rows(plan.ds, rows["key"].to_numpy()[empty], req.k)] if empty.any() else []
+                if len(scored):
+                    parts.append(_score_local(scored, plan.scorer, kwargs, req.batch_size) if local
+                                 else _score_on_ray(scored, plan, kwargs, req.batch_size, actors, con.attach_ray))
+            recs = pd.concat(parts, ignore_index=True).sort_values(["key", "rank"], kind="stable")
+            frame = pd.DataFrame({"user_id": rows["user_id"].to_numpy()[recs["key"].to_numpy()],
                                   "rank": recs["rank"].to_numpy(),
                                   "item_id": recs["item_idx"].map(items).astype(str).to_numpy(),
                                   "score": recs["score"].to_numpy()})
@@ -205,15 +219,15 @@ def recommend(req: Request, out: Path, *, local: bool = False, actors: int | Non
     return meta
 
 
-def _score_local(rows: pd.DataFrame, checkpoint: Path, req: Request) -> pd.DataFrame:
-    model = Recommender(str(checkpoint), req.k, req.include_seen)
-    parts = [model({"user_idx": rows["user_idx"].to_numpy()[i : i + req.batch_size],
-                    "history": rows["history"].to_numpy()[i : i + req.batch_size]})
-             for i in range(0, len(rows), req.batch_size)]
+def _score_local(rows: pd.DataFrame, scorer: type, kwargs: dict[str, Any], batch_size: int) -> pd.DataFrame:
+    model = scorer(**kwargs)
+    cols = {c: rows[c].to_numpy() for c in ("key", "user_idx", "history")}
+    parts = [model({c: v[i : i + batch_size] for c, v in cols.items()}) for i in range(0, len(rows), batch_size)]
     return pd.concat([pd.DataFrame(p) for p in parts], ignore_index=True)
 
 
-def _score_on_ray(rows: pd.DataFrame, checkpoint: Path, req: Request, actors: int | None, attach) -> pd.DataFrame:
+def _score_on_ray(rows: pd.DataFrame, plan: Plan, kwargs: dict[str, Any], batch_size: int, actors: int | None,
+                  attach) -> pd.DataFrame:
     import ray
     import ray.data
     from ray.data import ActorPoolStrategy
@@ -225,10 +239,9 @@ def _score_on_ray(rows: pd.DataFrame, checkpoint: Path, req: Request, actors: in
     quiet_ray_data()
     cpus = int(ray.cluster_resources().get("CPU", 1))
     size = actors or max(1, cpus - 1)  # one CPU stays free for reading and writing (Ray Data hangs without)
-    ds = ray.data.from_pandas(rows).map_batches(
-        Recommender, fn_constructor_kwargs={"checkpoint": str(checkpoint.resolve()), "k": req.k,
-                                            "include_seen": req.include_seen},
-        batch_size=req.batch_size, batch_format="numpy", compute=ActorPoolStrategy(size=size), num_cpus=1)
+    ds = ray.data.from_pandas(rows[["key", "user_idx", "history"]]).map_batches(
+        plan.scorer, fn_constructor_kwargs=kwargs, batch_size=int(batch_size), batch_format="numpy",
+        compute=ActorPoolStrategy(size=size), num_cpus=1, num_gpus=plan.num_gpus or None)
     return ds.to_pandas()
 
 
