@@ -198,3 +198,59 @@ def test_fresh_histories_score_like_the_same_history_of_a_known_user(trained, tm
     bad.write_text("user,item\n1,2\n")
     assert main(["recommend", str(run_dir), "--histories", str(bad), "--out", str(tmp_path / "x"), "--local"]) == 2
     assert re.search(r"--histories .*bad.csv: no column user_id, item_id", capsys.readouterr().err)
+
+
+PREDICT = """
+import sys, mlflow, pandas as pd
+model = mlflow.pyfunc.load_model(sys.argv[1])
+users = [line for line in open(sys.argv[2]).read().split()]
+model.predict(pd.DataFrame({"user_id": users}), params={"k": 10}).to_parquet("by_user.parquet")
+model.predict(pd.DataFrame({"history": [["nope"], *[[str(i) for i in h] for h in eval(sys.argv[3])]]}),
+              params={"k": 5, "include_seen": True}).to_parquet("by_history.parquet")
+import ray
+assert not ray.is_initialized()
+"""
+
+
+def export_and_predict(run, listed: Path, histories: list, tmp: Path, *extra: str) -> tuple[Path, dict]:
+    """``rayrec export`` of ``run``, then predictions from the registered model in a fresh process in
+    another folder (no Ray): by_user.parquet (the listed users, k=10) and by_history.parquet."""
+    import subprocess
+    import sys
+
+    uri = f"sqlite:///{tmp}/registry.db"
+    assert main(["export", str(run), *extra, "--name", "recs-model", "--alias", "champion", "--tracking-uri", uri]) == 0
+    away = tmp / "elsewhere"
+    away.mkdir()
+    env = {**__import__("os").environ, "MLFLOW_TRACKING_URI": uri}
+    done = subprocess.run([sys.executable, "-c", PREDICT, "models:/recs-model@champion", str(listed), repr(histories)],
+                          cwd=away, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return away, {"uri": uri}
+
+
+def test_an_exported_model_loads_in_a_fresh_process_and_gives_recommends_rows(trained, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    cfg, run_dir, _ = trained
+    listed = tmp_path / "users.txt"
+    listed.write_text("3\n7\n12\n")
+    histories = [["5", "9", "14"], ["22"]]
+    away, info = export_and_predict(run_dir, listed, histories, tmp_path)
+    assert main(["recommend", str(run_dir), "--k", "10", "--as-of", "all", "--users", str(listed), "--out",
+                 str(tmp_path / "recs"), "--local"]) == 0
+    pd.testing.assert_frame_equal(pd.read_parquet(away / "by_user.parquet"), recs_of(tmp_path / "recs"))
+    fresh = tmp_path / "fresh.csv"
+    pd.DataFrame([(f"row {n + 1}", i, t) for n, h in enumerate(histories) for t, i in enumerate(h)],
+                 columns=["user_id", "item_id", "timestamp"]).to_csv(fresh, index=False)
+    assert main(["recommend", str(run_dir), "--k", "5", "--include-seen", "--histories", str(fresh), "--out",
+                 str(tmp_path / "fresh"), "--local"]) == 0
+    served = pd.read_parquet(away / "by_history.parquet")
+    pd.testing.assert_frame_equal(served[served["user_id"] != "row 0"].reset_index(drop=True), recs_of(tmp_path / "fresh"))
+    assert len(served[served["user_id"] == "row 0"]) == 5  # no known item: the popular items
+    client = MlflowClient(info["uri"])
+    version = client.get_model_version_by_alias("recs-model", "champion")
+    model_info = __import__("mlflow").models.get_model_info("models:/recs-model@champion")
+    assert model_info.signature.params.to_dict()[0]["name"] == "k"
+    assert {c["name"] for c in model_info.signature.outputs.to_dict()} == {"user_id", "rank", "item_id", "score"}
+    assert str(version.version) == "1" and "rayrec.export.name" in client.get_run(version.run_id).data.tags

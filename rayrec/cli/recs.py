@@ -1,4 +1,4 @@
-"""`rayrec recommend` and `rayrec eval-recs`."""
+"""`rayrec recommend`, `rayrec export` and `rayrec eval-recs`."""
 
 from __future__ import annotations
 
@@ -24,6 +24,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--batch-size", type=int, default=256, help="users scored at a time (default 256)")
     r.set_defaults(func=cmd_recommend)
 
+    x = sub.add_parser("export", help="log a trained run as an MLflow pyfunc model and register it")
+    x.add_argument("run", type=Path, help="a run folder (its chosen checkpoint), a checkpoint folder or an adapter")
+    x.add_argument("job", type=Path, nargs="?", help="the job of an adapter that does not keep its own")
+    x.add_argument("--name", required=True, help="registered model name")
+    x.add_argument("--alias", help="alias to point at the new version (e.g. champion)")
+    x.add_argument("--tracking-uri", help="default: the run's tracking.uri")
+    x.set_defaults(func=cmd_export)
+
     e = sub.add_parser("eval-recs", help="HR@k, NDCG@k, MRR@K of a recommend output against a prepared split")
     e.add_argument("folder", type=Path, help="a `rayrec recommend --out` folder")
     e.add_argument("--split", choices=["valid", "test"], default="test")
@@ -41,6 +49,18 @@ def cmd_recommend(args: argparse.Namespace) -> int:
              if meta.get("popularity_users") else ""]
     print(f"{meta['users']} users x top-{meta['k']} (as of {meta['as_of']}) -> {args.out}/recs.parquet"
           + "".join(f"; {n}" for n in notes if n))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from rayrec.recs.export import export
+
+    done = export(args.run, args.name, args.alias, job=args.job, tracking_uri=args.tracking_uri)
+    print(f"registered {done.name} version {done.version}" + (f" as @{done.alias}" if done.alias else "")
+          + f" (MLflow run {done.run_id}, {done.tracking_uri})")
+    print(f"load it:  mlflow.pyfunc.load_model(\"{done.model_uri}\").predict(pd.DataFrame({{\"user_id\": [...]}}), "
+          "params={\"k\": 10})")
+    print(f"serve it: mlflow models serve -m {done.model_uri} --env-manager local -h 127.0.0.1 -p 5001")
     return 0
 
 

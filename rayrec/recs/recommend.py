@@ -29,7 +29,7 @@ import pandas as pd
 from rayrec.console import job_console
 from rayrec.data.atomic import check_target, output_lock, replace_folder, temp_folder
 from rayrec.errors import ConfigError, DataError
-from rayrec.recs.scoring import job_of  # noqa: F401  (part of this module's interface)
+from rayrec.recs.scoring import job_of, popular_top  # job_of: part of this module's interface
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,7 @@ class Plan:
     kwargs: dict[str, Any]
     ds: Any  # the Prepared dataset the checkpoint was trained on
     meta: dict[str, Any]  # for the output's metadata
+    cfg: Any  # the resolved job
     num_gpus: float = 0.0
 
 
@@ -108,7 +109,7 @@ def plan_for(req: Request) -> Plan:
         settings = decode_settings(cfg, checkpoint, ds, req.k)
         return Plan(GenRecommender, {"adapter": str(checkpoint), "settings": settings}, ds,
                     {"checkpoint": str(checkpoint), "job_hash": _hash(meta.get("config") or str(req.job)),
-                     "model": f"genrec ({meta.get('stage', 'sft')})"},
+                     "model": f"genrec ({meta.get('stage', 'sft')})"}, cfg,
                     num_gpus=1.0 if settings["device"] == "cuda" else 0.0)
     state = load_state(checkpoint)
     cfg = job_of(state)
@@ -120,7 +121,7 @@ def plan_for(req: Request) -> Plan:
     check_same_data(state.get("data"), cfg.data.path, f"checkpoint {checkpoint}")
     _check_k(req.k, ds.num_items)
     return Plan(Recommender, {"checkpoint": str(checkpoint), "num_items": ds.num_items}, ds,
-                {"checkpoint": str(checkpoint), "job_hash": _hash(state["config"]), "model": cfg.model.name})
+                {"checkpoint": str(checkpoint), "job_hash": _hash(state["config"]), "model": cfg.model.name}, cfg)
 
 
 def _check_k(k: int, num_items: int) -> None:
@@ -175,15 +176,12 @@ def request_rows(req: Request, ds) -> tuple[pd.DataFrame, dict[str, int]]:
     return frame[["key", "user_id", "user_idx", "history"]], counts
 
 
-def popular_rows(ds, keys: np.ndarray, k: int) -> pd.DataFrame:
-    """The most popular training items (ties to the lower index) for rows with no known history item."""
+def popularity_counts(ds):
+    """Training events per item [N+1] (the popularity model's counts)."""
     from rayrec.config.schema import PopularityConfig
     from rayrec.models.popularity import Popularity
-    from rayrec.recs.scoring import as_rows, top_k
 
-    counts = Popularity(ds.num_items, PopularityConfig()).fit(ds.table("train")["seq"]).counts.double()
-    items, top = top_k(counts[None, :].expand(len(keys), -1), None, k)
-    return pd.DataFrame(as_rows(keys, items, top))
+    return Popularity(ds.num_items, PopularityConfig()).fit(ds.table("train")["seq"]).counts
 
 
 def recommend(req: Request, out: Path, *, local: bool = False, actors: int | None = None) -> dict[str, Any]:
@@ -202,7 +200,8 @@ def recommend(req: Request, out: Path, *, local: bool = False, actors: int | Non
             with job_console(tmp, []) as con:  # Ray's and Ray Data's output: tmp/rayrec.log
                 kwargs = {**plan.kwargs, "k": req.k, "include_seen": req.include_seen}
                 scored = rows[~empty]
-                parts = [popular_rows(plan.ds, rows["key"].to_numpy()[empty], req.k)] if empty.any() else []
+                parts = [pd.DataFrame(popular_top(popularity_counts(plan.ds), rows["key"].to_numpy()[empty], req.k))
+                         ] if empty.any() else []
                 if len(scored):
                     parts.append(_score_local(scored, plan.scorer, kwargs, req.batch_size) if local
                                  else _score_on_ray(scored, plan, kwargs, req.batch_size, actors, con.attach_ray))

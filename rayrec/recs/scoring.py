@@ -50,6 +50,13 @@ def job_of(state: dict[str, Any]):
     return JobConfig.model_validate(yaml.safe_load(state["config"]))
 
 
+def popular_top(counts: torch.Tensor, keys: np.ndarray, k: int) -> dict[str, np.ndarray]:
+    """The ``k`` items of highest ``counts`` [N+1] (ties to the lower index) for every key: the answer
+    for a history with no item the model knows."""
+    items, top = top_k(counts.double()[None, :].expand(len(keys), -1), None, k)
+    return as_rows(keys, items, top)
+
+
 def load_scorer(checkpoint: str | Path, data_path: str | Path | None = None, num_items: int | None = None):
     """(model in eval mode, resolved job, num_items) from a checkpoint's best weights.
 
