@@ -254,3 +254,58 @@ def test_an_exported_model_loads_in_a_fresh_process_and_gives_recommends_rows(tr
     assert model_info.signature.params.to_dict()[0]["name"] == "k"
     assert {c["name"] for c in model_info.signature.outputs.to_dict()} == {"user_id", "rank", "item_id", "score"}
     assert str(version.version) == "1" and "rayrec.export.name" in client.get_run(version.run_id).data.tags
+
+
+@pytest.mark.slow
+def test_the_registered_model_is_served_over_http_and_a_generative_one_exported(trained, sft, tmp_path):
+    """`mlflow models serve` of the alias on 127.0.0.1 answers /invocations with recommend's rows; an SFT
+    adapter exports too (base model by path) and its registered model gives recommend's beams."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import requests
+    from local_ray import free_ports
+
+    _, run_dir, _ = trained
+    listed = tmp_path / "users.txt"
+    listed.write_text("3\n7\n")
+    away, info = export_and_predict(run_dir, listed, [["5"]], tmp_path)
+    port = free_ports(1)[0]
+    log = open(tmp_path / "serve.log", "ab")
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/recs-model@champion",
+                               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)], cwd=away,
+                              env={**os.environ, "MLFLOW_TRACKING_URI": info["uri"]}, stdout=log, stderr=log,
+                              start_new_session=True)
+    try:
+        for _ in range(600):
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/ping", timeout=1).ok:
+                    break
+            except requests.RequestException:
+                time.sleep(0.2)
+        else:
+            raise AssertionError((tmp_path / "serve.log").read_text()[-3000:])
+        answer = requests.post(f"http://127.0.0.1:{port}/invocations", timeout=60, json={
+            "dataframe_split": {"columns": ["user_id"], "data": [["3"], ["7"]]}, "params": {"k": 10}})
+        assert answer.ok, answer.text
+        got = pd.DataFrame(answer.json()["predictions"])
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(30)
+    want = pd.read_parquet(away / "by_user.parquet")
+    pd.testing.assert_frame_equal(got[want.columns].astype(want.dtypes.to_dict()), want)
+
+    common, adapter, _ = sft
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    listed = first_test_users(Path(common["data"]["path"]), 6, gen / "users.txt")
+    away, _ = export_and_predict(adapter, listed, [], gen)
+    assert main(["recommend", adapter, "--k", "10", "--as-of", "all", "--users", str(listed), "--out",
+                 str(gen / "recs"), "--local"]) == 0
+    pd.testing.assert_frame_equal(pd.read_parquet(away / "by_user.parquet"), recs_of(gen / "recs"))
+    assert not (Path(__import__("mlflow").artifacts.download_artifacts(
+        "models:/recs-model@champion", tracking_uri=f"sqlite:///{gen}/registry.db")) / "artifacts" / "bundle" / "model"
+                / "model.safetensors").exists()  # the base model stays where it is, named by path

@@ -121,7 +121,11 @@ def training_run(client, cfg, checkpoint: Path) -> str | None:
 
     meta = checkpoint / META_FILE
     if meta.is_file():
-        return json.loads(meta.read_text()).get("mlflow_run_id")
+        run_id = json.loads(meta.read_text()).get("mlflow_run_id")
+        try:  # it may live in another tracking store than the one exported to
+            return client.get_run(run_id).info.run_id if run_id else None
+        except Exception:
+            return None
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
     if exp is None:
         return None
