@@ -108,22 +108,32 @@ def test_ray_data_actors_write_the_same_file_as_local(trained, tmp_path, ray_ses
     assert (tmp_path / "ray" / "rayrec.log").is_file()
 
 
-def test_the_joint_model_recommends_with_its_fused_score(tiny_mm_dataset, tmp_path, tiny_joint_overrides):
+def test_the_joint_model_recommends_with_its_fused_score_and_exports_at_the_end(tiny_mm_dataset, tmp_path,
+                                                                                  tiny_joint_overrides, capsys):
     from rayrec.recs.evaluate import eval_recs
     from rayrec.recs.recommend import job_of
     from rayrec.train.checkpoint import load_state
     from rayrec.train.local import evaluate_checkpoint
 
     job = Path(__file__).resolve().parents[1] / "jobs" / "ur4rec_quickstart.yaml"
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
     assert main(["train", str(job), "--local", f"data.path={tiny_mm_dataset}", "data.prepare_if_missing=false",
-                 f"run.storage_path={tmp_path}/runs", "run.name=joint", "tracking.enabled=false",
-                 *tiny_joint_overrides(tmp_path)]) == 0
+                 f"run.storage_path={tmp_path}/runs", "run.name=joint", f"tracking.uri={uri}",
+                 "export.name=joint", "export.alias=live", *tiny_joint_overrides(tmp_path)]) == 0
+    assert "registered joint version 1 as @live" in capsys.readouterr().out  # export.name: at the end of the run
     run = tmp_path / "runs" / "joint"
     assert main(["recommend", str(run), "--k", "20", "--out", str(tmp_path / "recs"), "--local"]) == 0
     got = eval_recs(tmp_path / "recs", "test")
     want, _ = evaluate_checkpoint(job_of(load_state(run / "final")), run / "final", "test")
     for key in ("test/hr@10", "test/ndcg@10", "test/hr@20", "test/ndcg@20"):
         assert got[key] == pytest.approx(want[key], abs=1e-6)
+    # the registered model carries the joint model's features: the same rows in a fresh process
+    listed = tmp_path / "users.txt"
+    listed.write_text("4\n9\n")
+    away, _ = predict_elsewhere("models:/joint@live", uri, listed, [], tmp_path)
+    assert main(["recommend", str(run), "--k", "10", "--as-of", "all", "--users", str(listed), "--out",
+                 str(tmp_path / "all"), "--local"]) == 0
+    pd.testing.assert_frame_equal(pd.read_parquet(away / "by_user.parquet"), recs_of(tmp_path / "all"))
 
 
 def first_test_users(data: Path, n: int, path: Path) -> Path:
@@ -213,17 +223,22 @@ assert not ray.is_initialized()
 
 
 def export_and_predict(run, listed: Path, histories: list, tmp: Path, *extra: str) -> tuple[Path, dict]:
-    """``rayrec export`` of ``run``, then predictions from the registered model in a fresh process in
-    another folder (no Ray): by_user.parquet (the listed users, k=10) and by_history.parquet."""
+    """``rayrec export`` of ``run``, then ``predict_elsewhere``."""
+    uri = f"sqlite:///{tmp}/registry.db"
+    assert main(["export", str(run), *extra, "--name", "recs-model", "--alias", "champion", "--tracking-uri", uri]) == 0
+    return predict_elsewhere("models:/recs-model@champion", uri, listed, histories, tmp)
+
+
+def predict_elsewhere(model: str, uri: str, listed: Path, histories: list, tmp: Path) -> tuple[Path, dict]:
+    """Predictions of a registered ``model`` in a fresh process in another folder (no Ray):
+    by_user.parquet (the listed users, k=10) and by_history.parquet (the histories, k=5, seen included)."""
     import subprocess
     import sys
 
-    uri = f"sqlite:///{tmp}/registry.db"
-    assert main(["export", str(run), *extra, "--name", "recs-model", "--alias", "champion", "--tracking-uri", uri]) == 0
     away = tmp / "elsewhere"
     away.mkdir()
     env = {**__import__("os").environ, "MLFLOW_TRACKING_URI": uri}
-    done = subprocess.run([sys.executable, "-c", PREDICT, "models:/recs-model@champion", str(listed), repr(histories)],
+    done = subprocess.run([sys.executable, "-c", PREDICT, model, str(listed), repr(histories)],
                           cwd=away, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return away, {"uri": uri}

@@ -97,6 +97,13 @@ def test_asha_sweep_records_trials_and_exports_a_runnable_best_job(ray_session, 
     assert best.model.dropout == pytest.approx(out.best.params["model.dropout"])
     assert best.model.hidden == out.best.params["model.hidden"] and best.train.early_stopping.metric == "val/ndcg@10"
     assert out.best.value == max(r.value for r in out.rows if r.value is not None)
+    # export.name: the best trial's model is registered (what `rayrec tune` does at the end)
+    from rayrec.cli.recs import export_at_end
+    from rayrec.config.schema import ExportConfig
+
+    export_at_end(out.best.checkpoint, sweep.job.model_copy(update={"export": ExportConfig(name="best", alias="top")}))
+    version = c.get_model_version_by_alias("best", "top")
+    assert c.get_run(version.run_id).data.tags["rayrec.export.checkpoint"].startswith(out.best.checkpoint)
     # Tune's dataframe has a row per trial that reported (the crashed one never did); the summary has all
     assert len(pd.read_csv(out.sweep_dir / "results.csv")) == 4 - failing
     assert sorted(pd.read_csv(out.sweep_dir / "summary.csv")["status"]) == statuses

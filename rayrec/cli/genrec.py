@@ -149,9 +149,12 @@ def _train(args, kind: str, label: str) -> int:
                   verbose=args.verbose)
     print(f"\nevaluate: rayrec eval-genrec {args.job} --adapter {out.checkpoint}")
     print_outcome(recipe, out, f"final {label} metrics")
-    if args.eval and out.checkpoint:
-        return _evaluate(cfg, Path(out.checkpoint), None, args.local, None, label)
-    return 0
+    code = _evaluate(cfg, Path(out.checkpoint), None, args.local, None, label) if args.eval and out.checkpoint else 0
+    if cfg.export.name:
+        from rayrec.cli.recs import export_at_end
+
+        export_at_end(out.checkpoint, cfg)
+    return code
 
 
 def cmd_eval(args) -> int:

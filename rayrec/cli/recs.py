@@ -55,13 +55,27 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from rayrec.recs.export import export
 
-    done = export(args.run, args.name, args.alias, job=args.job, tracking_uri=args.tracking_uri)
+    show_export(export(args.run, args.name, args.alias, job=args.job, tracking_uri=args.tracking_uri))
+    return 0
+
+
+def export_at_end(checkpoint, cfg) -> None:
+    """``export.name`` of a job: register what a finished run (or a sweep's best trial) trained."""
+    from rayrec.recs.export import export
+
+    if checkpoint is None:
+        print(f"\nexport.name={cfg.export.name}: nothing to export (no checkpoint)")
+        return
+    print()
+    show_export(export(Path(checkpoint), cfg.export.name, cfg.export.alias, tracking_uri=cfg.tracking.uri))
+
+
+def show_export(done) -> None:
     print(f"registered {done.name} version {done.version}" + (f" as @{done.alias}" if done.alias else "")
           + f" (MLflow run {done.run_id}, {done.tracking_uri})")
     print(f"load it:  mlflow.pyfunc.load_model(\"{done.model_uri}\").predict(pd.DataFrame({{\"user_id\": [...]}}), "
           "params={\"k\": 10})")
     print(f"serve it: mlflow models serve -m {done.model_uri} --env-manager local -h 127.0.0.1 -p 5001")
-    return 0
 
 
 def cmd_eval_recs(args: argparse.Namespace) -> int:

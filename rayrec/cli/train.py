@@ -48,6 +48,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.json:
         atomic_write(args.json, json.dumps(out.metrics, indent=2))
     print_outcome(recipe, out, f"final metrics ({cfg.model.name}, best epoch by {cfg.train.early_stopping.metric})")
+    if cfg.export.name:
+        from rayrec.cli.recs import export_at_end
+
+        export_at_end(out.checkpoint, cfg)
     return 0
 
 

@@ -56,6 +56,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     out = run_sweep(sweep, resume=args.resume, export=args.export, verbose=args.verbose)
     print_outcome(sweep, out)
+    if sweep.job.export.name and out.best is not None and not out.interrupted:
+        from rayrec.cli.recs import export_at_end
+
+        export_at_end(out.best.checkpoint, sweep.job)  # the best trial's model
     return 130 if out.interrupted else 0
 
 

@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from rayrec.config.base import BatchArithmetic, Ks
-from rayrec.config.schema import DataConfig, RunConfig, ScalingConfig, Strict, TrackingConfig
+from rayrec.config.schema import DataConfig, ExportConfig, RunConfig, ScalingConfig, Strict, TrackingConfig
 
 TaskName = Literal["sid_seq", "title_seq", "sid_to_title", "title_to_sid", "sid_seq_to_title", "title_seq_to_title"]
 #: Tasks that ask for the next item after a history (the rest align one item's SID and title).
@@ -167,6 +167,7 @@ class GenRecJobConfig(BatchArithmetic):
     tracking: TrackingConfig = Field(TrackingConfig(experiment="genrec"), description="MLflow tracking")
     run: RunConfig = Field(RunConfig(name="genrec"), description="run name, storage, seed, checkpoints and fault "
                            "tolerance")
+    export: ExportConfig = Field(ExportConfig(), description="register the trained adapter in MLflow at the end")
 
     @property
     def selection_metric(self) -> tuple[str, str]:

@@ -222,6 +222,13 @@ class CheckpointConfig(Strict):
     )
 
 
+class ExportConfig(Strict):
+    name: str | None = Field(None, pattern=r"^[^/@]+$", description="when set, the finished run (a sweep: its best "
+                             "trial) is logged as an MLflow pyfunc model and registered under this name (`rayrec "
+                             "export`)")
+    alias: str | None = Field(None, description="alias the new model version gets (e.g. champion)")
+
+
 class RunConfig(Strict):
     name: str = Field("quickstart", pattern=r"^[A-Za-z0-9_.\-]+$", max_length=100,
                       description="run name (folder under storage_path, MLflow run name; at most 100 characters, not "
@@ -252,6 +259,7 @@ class JobConfig(BatchArithmetic):
     scaling: ScalingConfig = Field(ScalingConfig(), description="Ray Train workers and their resources")
     tracking: TrackingConfig = Field(TrackingConfig(), description="MLflow tracking")
     run: RunConfig = Field(RunConfig(), description="run name, storage, seed, checkpoints and fault tolerance")
+    export: ExportConfig = Field(ExportConfig(), description="register the trained model in MLflow at the end")
 
     @model_validator(mode="after")
     def _joint_epochs(self) -> JobConfig:
