@@ -324,3 +324,23 @@ def test_the_registered_model_is_served_over_http_and_a_generative_one_exported(
     assert not (Path(__import__("mlflow").artifacts.download_artifacts(
         "models:/recs-model@champion", tracking_uri=f"sqlite:///{gen}/registry.db")) / "artifacts" / "bundle" / "model"
                 / "model.safetensors").exists()  # the base model stays where it is, named by path
+
+
+def test_a_checkpoint_of_other_data_is_refused_before_any_actor(tiny_dataset, tmp_path, capsys):
+    import shutil
+
+    from conftest import _synth
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    assert main(["train", str(Path(__file__).resolve().parents[1] / "jobs" / "quickstart.yaml"), "--local",
+                 f"data.path={data}", "data.prepare_if_missing=false", f"run.storage_path={tmp_path}/runs",
+                 "run.name=r", "tracking.enabled=false", "train.epochs=1", "model.hidden=16", "model.max_len=20",
+                 "train.eval.ks=[5,10]"]) == 0
+    shutil.rmtree(data)
+    _synth(data, items=100, users=200)  # the same folder, prepared again from other data
+    capsys.readouterr()
+    assert main(["recommend", str(tmp_path / "runs" / "r"), "--k", "5", "--out", str(tmp_path / "recs")]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"checkpoint .*final was trained on the dataset \w+ \(300 users, 120 items.*now holds", err), err
+    assert not (tmp_path / "recs").exists()
