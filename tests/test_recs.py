@@ -344,3 +344,20 @@ def test_a_checkpoint_of_other_data_is_refused_before_any_actor(tiny_dataset, tm
     err = capsys.readouterr().err
     assert re.search(r"checkpoint .*final was trained on the dataset \w+ \(300 users, 120 items.*now holds", err), err
     assert not (tmp_path / "recs").exists()
+
+
+def test_the_top_k_is_the_head_of_a_stable_sort_ties_to_the_lower_index():
+    import torch
+
+    from rayrec.recs.scoring import ranked_top
+
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(400):
+        n = int(torch.randint(2, 60, (1,), generator=gen))
+        k = int(torch.randint(1, n + 1, (1,), generator=gen))
+        scores = (torch.randint(0, 4, (5, n), generator=gen).float() if trial % 2
+                  else torch.randn(5, n, generator=gen))  # many ties, or none
+        scores[torch.rand(5, n, generator=gen) < 0.2] = -torch.inf  # masked (seen) items tie at -inf
+        items, top = ranked_top(scores, k)
+        want = torch.sort(-scores, dim=1, stable=True).indices[:, :k]
+        assert torch.equal(items, want) and torch.equal(top, scores.gather(1, want))

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 AsOf = Literal["valid", "test", "all"]
 RECS_FILE = "recs.parquet"
 META_KEY = b"rayrec.recs"
+SCORE_BUDGET = 2**24  # scores one batch may hold (64 MiB of float32): the batch shrinks for a large catalogue
 SUPPORTED = ("sasrec", "multi_interest", "ur4rec")  # and the generative track's adapters
 
 
@@ -199,12 +200,13 @@ def recommend(req: Request, out: Path, *, local: bool = False, actors: int | Non
         try:
             with job_console(tmp, []) as con:  # Ray's and Ray Data's output: tmp/rayrec.log
                 kwargs = {**plan.kwargs, "k": req.k, "include_seen": req.include_seen}
+                batch = min(req.batch_size, max(1, SCORE_BUDGET // (plan.ds.num_items + 1)))  # [B, N+1] scores
                 scored = rows[~empty]
                 parts = [pd.DataFrame(popular_top(popularity_counts(plan.ds), rows["key"].to_numpy()[empty], req.k))
                          ] if empty.any() else []
                 if len(scored):
-                    parts.append(_score_local(scored, plan.scorer, kwargs, req.batch_size) if local
-                                 else _score_on_ray(scored, plan, kwargs, req.batch_size, actors, con.attach_ray))
+                    parts.append(_score_local(scored, plan.scorer, kwargs, batch) if local
+                                 else _score_on_ray(scored, plan, kwargs, batch, actors, con.attach_ray))
             recs = pd.concat(parts, ignore_index=True).sort_values(["key", "rank"], kind="stable")
             frame = pd.DataFrame({"user_id": rows["user_id"].to_numpy()[recs["key"].to_numpy()],
                                   "rank": recs["rank"].to_numpy(),

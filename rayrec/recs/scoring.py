@@ -27,8 +27,28 @@ def top_k(scores: torch.Tensor, seen: list[np.ndarray] | None, k: int) -> tuple[
         rows = np.repeat(np.arange(len(seen)), [len(s) for s in seen])
         cols = np.concatenate(seen) if len(seen) else np.zeros(0, dtype=np.int64)
         scores[torch.from_numpy(rows), torch.from_numpy(cols.astype(np.int64))] = -torch.inf
-    order = torch.sort(-scores, dim=1, stable=True).indices[:, :k]  # a stable sort keeps the lower index first
-    return order, scores.gather(1, order)
+    return ranked_top(scores, k)
+
+
+def ranked_top(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` best columns of each row of ``scores`` [B, N], best first, ties to the lower index: what
+    a stable sort of the whole row gives, in linear time. ``topk`` picks k columns; where more columns
+    tie with its k-th value than places are left for them (rare but for -inf tails), the lowest-indexed
+    of them are taken instead; only the k chosen are then sorted."""
+    vals, items = torch.topk(scores, k, dim=1)  # [B, k], any order among equal values
+    kth = vals[:, -1:]
+    redo = (scores >= kth).sum(dim=1, dtype=torch.int32) > k  # more columns tie with the k-th than it took
+    if redo.any():
+        rows = redo.nonzero().squeeze(1)
+        sub, cut = scores[rows], kth[rows]
+        tied = sub == cut
+        room = k - (sub > cut).sum(dim=1, keepdim=True)  # places left for the columns equal to the k-th value
+        chosen = (sub > cut) | (tied & (tied.cumsum(dim=1) <= room))
+        items[rows] = chosen.nonzero()[:, 1].reshape(-1, k)
+    items = items.sort(dim=1).values  # ascending index, so the stable sort below breaks ties by it
+    top = scores.gather(1, items)
+    order = torch.sort(-top, dim=1, stable=True).indices
+    return items.gather(1, order), top.gather(1, order)
 
 
 def as_rows(keys: np.ndarray, items: torch.Tensor, scores: torch.Tensor) -> dict[str, np.ndarray]:
