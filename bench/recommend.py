@@ -27,7 +27,6 @@ import platform
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -35,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from scale import SIZES, child_prepare, maxrss_mib  # noqa: E402  (bench/scale.py: the same data sizes)
+from scale import SIZES, WorkerMemory, child_prepare, maxrss_mib  # noqa: E402  (bench/scale.py's sizes)
 
 SETUPS = {"plain": (0, None), "ray1": (1, None), "ray2": (2, None), "ray1_10k": (1, 10_000)}  # actors, users
 K = 100
@@ -72,48 +71,12 @@ def child_recommend(setup: str, checkpoint: Path, out: Path, users_file: Path | 
             "driver_peak_rss_mib": maxrss_mib(), "output_mib": (out / "recs.parquet").stat().st_size / 2**20}
 
 
-class ActorMemory:
-    """Peak RSS and USS of each Ray Data actor process below ``pid``, sampled every 0.2 s."""
-
-    def __init__(self, pid: int) -> None:
-        import psutil
-
-        self.root, self.peak, self._stop = psutil.Process(pid), {}, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> ActorMemory:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        import psutil
-
-        while not self._stop.wait(0.2):
-            try:
-                procs = self.root.children(recursive=True)
-            except psutil.Error:
-                continue
-            for p in procs:
-                try:
-                    if "MapWorker" not in " ".join(p.cmdline()):
-                        continue
-                    m = p.memory_full_info()
-                except psutil.Error:
-                    continue
-                rss, uss = self.peak.get(p.pid, (0.0, 0.0))
-                self.peak[p.pid] = (max(rss, m.rss / 2**20), max(uss, m.uss / 2**20))
-
-
 def run_child(args: list[str]) -> tuple[dict, dict]:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         result = Path(f.name)
     proc = subprocess.Popen([sys.executable, __file__, "--child", *args, "--result", str(result)],
                             env={**os.environ, "RAY_AUTH_MODE": "disabled"})
-    with ActorMemory(proc.pid) as mem:
+    with WorkerMemory(proc.pid, marker="MapWorker") as mem:  # Ray Data's actors
         rc = proc.wait()
     if rc != 0:
         raise SystemExit(f"child {args} failed with exit code {rc}")

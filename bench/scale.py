@@ -119,12 +119,13 @@ def child_train(setup: str, size: str, data: Path, work: Path) -> dict:
 
 
 class WorkerMemory:
-    """Peak RSS and USS of each Ray Train worker process below ``pid``, sampled every 0.2 s."""
+    """Peak RSS and USS of each process below ``pid`` whose command line holds ``marker`` (Ray Train
+    workers by default), sampled every 0.2 s."""
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, marker: str = "TrainWorker") -> None:
         import psutil
 
-        self.root, self.peak, self._stop = psutil.Process(pid), {}, threading.Event()
+        self.root, self.peak, self._stop, self.marker = psutil.Process(pid), {}, threading.Event(), marker
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def __enter__(self) -> WorkerMemory:
@@ -145,7 +146,7 @@ class WorkerMemory:
                 continue
             for p in procs:
                 try:
-                    if "TrainWorker" not in " ".join(p.cmdline()):
+                    if self.marker not in " ".join(p.cmdline()):
                         continue
                     m = p.memory_full_info()
                 except psutil.Error:

@@ -36,6 +36,20 @@ def recs_of(folder):
     return pd.read_parquet(folder / "recs.parquet")
 
 
+def recs_equal_eval(run: Path, out: Path) -> None:
+    """`rayrec recommend` of a finished run, scored by `eval-recs`, equals `rayrec eval` of its checkpoint."""
+    from rayrec.recs.evaluate import eval_recs
+    from rayrec.recs.recommend import job_of
+    from rayrec.train.checkpoint import load_state
+    from rayrec.train.local import evaluate_checkpoint
+
+    assert main(["recommend", str(run), "--k", "20", "--out", str(out), "--local"]) == 0
+    got = eval_recs(out, "test")
+    want, _ = evaluate_checkpoint(job_of(load_state(run / "final")), run / "final", "test")
+    for key in ("test/hr@5", "test/ndcg@5", "test/hr@10", "test/ndcg@10", "test/hr@20", "test/ndcg@20"):
+        assert got[key] == pytest.approx(want[key], abs=1e-6)
+
+
 def test_eval_recs_equals_eval_on_the_same_checkpoint(trained, tmp_path, capsys):
     from rayrec.recs.evaluate import eval_recs
     from rayrec.train.local import evaluate_checkpoint
@@ -110,11 +124,6 @@ def test_ray_data_actors_write_the_same_file_as_local(trained, tmp_path, ray_ses
 
 def test_the_joint_model_recommends_with_its_fused_score_and_exports_at_the_end(tiny_mm_dataset, tmp_path,
                                                                                   tiny_joint_overrides, capsys):
-    from rayrec.recs.evaluate import eval_recs
-    from rayrec.recs.recommend import job_of
-    from rayrec.train.checkpoint import load_state
-    from rayrec.train.local import evaluate_checkpoint
-
     job = Path(__file__).resolve().parents[1] / "jobs" / "ur4rec_quickstart.yaml"
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     assert main(["train", str(job), "--local", f"data.path={tiny_mm_dataset}", "data.prepare_if_missing=false",
@@ -122,11 +131,7 @@ def test_the_joint_model_recommends_with_its_fused_score_and_exports_at_the_end(
                  "export.name=joint", "export.alias=live", *tiny_joint_overrides(tmp_path)]) == 0
     assert "registered joint version 1 as @live" in capsys.readouterr().out  # export.name: at the end of the run
     run = tmp_path / "runs" / "joint"
-    assert main(["recommend", str(run), "--k", "20", "--out", str(tmp_path / "recs"), "--local"]) == 0
-    got = eval_recs(tmp_path / "recs", "test")
-    want, _ = evaluate_checkpoint(job_of(load_state(run / "final")), run / "final", "test")
-    for key in ("test/hr@10", "test/ndcg@10", "test/hr@20", "test/ndcg@20"):
-        assert got[key] == pytest.approx(want[key], abs=1e-6)
+    recs_equal_eval(run, tmp_path / "recs")
     # the registered model carries the joint model's features: the same rows in a fresh process
     listed = tmp_path / "users.txt"
     listed.write_text("4\n9\n")
@@ -361,3 +366,13 @@ def test_the_top_k_is_the_head_of_a_stable_sort_ties_to_the_lower_index():
         items, top = ranked_top(scores, k)
         want = torch.sort(-scores, dim=1, stable=True).indices[:, :k]
         assert torch.equal(items, want) and torch.equal(top, scores.gather(1, want))
+
+
+def test_the_multi_interest_model_recommends_what_it_evaluates(tiny_dataset, tmp_path):
+    job = Path(__file__).resolve().parents[1] / "jobs" / "multi_interest_quickstart.yaml"
+    assert main(["train", str(job), "--local", f"data.path={tiny_dataset}", "data.prepare_if_missing=false",
+                 f"run.storage_path={tmp_path}/runs", "run.name=mi", "tracking.enabled=false", "model.hidden=16",
+                 "model.num_blocks=1", "model.max_len=20", "model.vae.latent=8", "model.complex.dim=8",
+                 "train.epochs=2", "train.phases.components.until_epoch=1", "train.phases.joint.until_epoch=2",
+                 "train.optim.warmup_steps=0", "scaling.num_workers=1"]) == 0
+    recs_equal_eval(tmp_path / "runs" / "mi", tmp_path / "recs")

@@ -46,7 +46,7 @@ def write_bundle(plan, out: Path) -> dict[str, Any]:
         for f in src.iterdir():
             if f.is_file() and f.name not in TRAINING_ONLY:
                 shutil.copy2(f, out / "model" / f.name)
-        (out / "settings.json").write_text(json.dumps({**plan.kwargs["settings"], "device": "cpu"}))
+        (out / "settings.json").write_text(json.dumps({**plan.kwargs["settings"], "use_gpu": False}))
     else:
         kind = "scores"
         state = load_state(src)

@@ -65,8 +65,7 @@ def decode_settings(cfg, adapter: Path, ds, k: int) -> dict[str, Any]:
         raise ConfigError(f"model.max_length={cfg.model.max_length} leaves {budget} prompt tokens once the longest "
                           f"answer ({trie.max_len} tokens) is reserved; raise model.max_length")
     return {"task": task, "item_sids": item_sids, "titles": titles, "max_history": cfg.prompts.max_history,
-            "max_prompt_tokens": budget, "batch_size": cfg.eval.batch_size,
-            "device": "cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu"}
+            "max_prompt_tokens": budget, "batch_size": cfg.eval.batch_size, "use_gpu": cfg.scaling.use_gpu}
 
 
 class GenRecommender:
@@ -79,7 +78,8 @@ class GenRecommender:
         from rayrec.genrec.lm import load_for_eval
 
         _quiet_loading()
-        self.model, self.tokenizer, _ = load_for_eval(adapter, device=settings["device"])
+        device = "cuda" if settings.get("use_gpu") and torch.cuda.is_available() else "cpu"  # this actor's GPU
+        self.model, self.tokenizer, _ = load_for_eval(adapter, device=device)
         self.sids = {int(i): tuple(s) for i, s in settings["item_sids"].items()}
         self.titles = {int(i): t for i, t in settings["titles"].items()}
         self.task, self.settings = settings["task"], settings

@@ -111,7 +111,7 @@ def plan_for(req: Request) -> Plan:
         return Plan(GenRecommender, {"adapter": str(checkpoint), "settings": settings}, ds,
                     {"checkpoint": str(checkpoint), "job_hash": _hash(meta.get("config") or str(req.job)),
                      "model": f"genrec ({meta.get('stage', 'sft')})"}, cfg,
-                    num_gpus=1.0 if settings["device"] == "cuda" else 0.0)
+                    num_gpus=1.0 if cfg.scaling.use_gpu else 0.0)
     state = load_state(checkpoint)
     cfg = job_of(state)
     if cfg.model.name not in SUPPORTED:
@@ -122,7 +122,8 @@ def plan_for(req: Request) -> Plan:
     check_same_data(state.get("data"), cfg.data.path, f"checkpoint {checkpoint}")
     _check_k(req.k, ds.num_items)
     return Plan(Recommender, {"checkpoint": str(checkpoint), "num_items": ds.num_items}, ds,
-                {"checkpoint": str(checkpoint), "job_hash": _hash(state["config"]), "model": cfg.model.name}, cfg)
+                {"checkpoint": str(checkpoint), "job_hash": _hash(state["config"]), "model": cfg.model.name}, cfg,
+                num_gpus=1.0 if cfg.scaling.use_gpu else 0.0)
 
 
 def _check_k(k: int, num_items: int) -> None:

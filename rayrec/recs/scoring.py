@@ -26,7 +26,7 @@ def top_k(scores: torch.Tensor, seen: list[np.ndarray] | None, k: int) -> tuple[
     if seen is not None:
         rows = np.repeat(np.arange(len(seen)), [len(s) for s in seen])
         cols = np.concatenate(seen) if len(seen) else np.zeros(0, dtype=np.int64)
-        scores[torch.from_numpy(rows), torch.from_numpy(cols.astype(np.int64))] = -torch.inf
+        scores[torch.from_numpy(rows).to(scores.device), torch.from_numpy(cols.astype(np.int64)).to(scores.device)] = -torch.inf
     return ranked_top(scores, k)
 
 
@@ -111,6 +111,9 @@ class Recommender:
                  num_items: int | None = None) -> None:
         torch.set_num_threads(max(1, int(os.environ.get("RAYREC_RECS_THREADS", "1"))))
         self.model, self.cfg, self.num_items = load_scorer(checkpoint, data_path, num_items)
+        gpu = self.cfg.scaling.use_gpu and torch.cuda.is_available()  # a GPU job's actor holds one (num_gpus)
+        self.device = torch.device("cuda" if gpu else "cpu")
+        self.model.to(self.device)
         self.k, self.include_seen = k, include_seen
 
     def __call__(self, batch: dict[str, Any], k: int | None = None, include_seen: bool | None = None
@@ -123,9 +126,9 @@ class Recommender:
         values, offsets = ragged(batch["history"])
         history = left_padded(values, offsets, self.cfg.model.max_len)
         users = np.asarray(batch["user_idx"], dtype=np.int64)
-        rows = {"history": torch.from_numpy(history), "user_idx": torch.from_numpy(users)}
+        rows = {"history": torch.from_numpy(history).to(self.device), "user_idx": torch.from_numpy(users).to(self.device)}
         with torch.inference_mode():
             scores = score_rows(self.model, rows)  # [B, N+1]
-        seen = None if include_seen else np.split(values.astype(np.int64), offsets[1:-1])
-        items, top = top_k(scores, seen, k)
-        return as_rows(batch["key"], items, top)
+            seen = None if include_seen else np.split(values.astype(np.int64), offsets[1:-1])
+            items, top = top_k(scores, seen, k)
+        return as_rows(batch["key"], items.cpu(), top.cpu())
