@@ -373,6 +373,6 @@ def test_the_multi_interest_model_recommends_what_it_evaluates(tiny_dataset, tmp
     assert main(["train", str(job), "--local", f"data.path={tiny_dataset}", "data.prepare_if_missing=false",
                  f"run.storage_path={tmp_path}/runs", "run.name=mi", "tracking.enabled=false", "model.hidden=16",
                  "model.num_blocks=1", "model.max_len=20", "model.vae.latent=8", "model.complex.dim=8",
-                 "train.epochs=2", "train.phases.components.until_epoch=1", "train.phases.joint.until_epoch=2",
+                 "train.epochs=3", "train.phases.components.until_epoch=1", "train.phases.joint.until_epoch=2",
                  "train.optim.warmup_steps=0", "scaling.num_workers=1"]) == 0
     recs_equal_eval(tmp_path / "runs" / "mi", tmp_path / "recs")

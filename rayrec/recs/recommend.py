@@ -92,6 +92,7 @@ class Plan:
     meta: dict[str, Any]  # for the output's metadata
     cfg: Any  # the resolved job
     num_gpus: float = 0.0
+    batch_format: str = "numpy"  # what the scorer takes from Ray Data ("pyarrow": no Python object per history)
 
 
 def plan_for(req: Request) -> Plan:
@@ -123,7 +124,7 @@ def plan_for(req: Request) -> Plan:
     _check_k(req.k, ds.num_items)
     return Plan(Recommender, {"checkpoint": str(checkpoint), "num_items": ds.num_items}, ds,
                 {"checkpoint": str(checkpoint), "job_hash": _hash(state["config"]), "model": cfg.model.name}, cfg,
-                num_gpus=1.0 if cfg.scaling.use_gpu else 0.0)
+                num_gpus=1.0 if cfg.scaling.use_gpu else 0.0, batch_format="pyarrow")
 
 
 def _check_k(k: int, num_items: int) -> None:
@@ -208,12 +209,7 @@ def recommend(req: Request, out: Path, *, local: bool = False, actors: int | Non
                 if len(scored):
                     parts.append(_score_local(scored, plan.scorer, kwargs, batch) if local
                                  else _score_on_ray(scored, plan, kwargs, batch, actors, con.attach_ray))
-            recs = pd.concat(parts, ignore_index=True).sort_values(["key", "rank"], kind="stable")
-            frame = pd.DataFrame({"user_id": rows["user_id"].to_numpy()[recs["key"].to_numpy()],
-                                  "rank": recs["rank"].to_numpy(),
-                                  "item_id": recs["item_idx"].map(items).astype(str).to_numpy(),
-                                  "score": recs["score"].to_numpy()})
-            _write(frame, meta, tmp / RECS_FILE)
+            _write(rows_table(pd.concat(parts, ignore_index=True), rows["user_id"], items), meta, tmp / RECS_FILE)
             replace_folder(tmp, out, overwrite=True)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -230,28 +226,46 @@ def _score_local(rows: pd.DataFrame, scorer: type, kwargs: dict[str, Any], batch
 
 def _score_on_ray(rows: pd.DataFrame, plan: Plan, kwargs: dict[str, Any], batch_size: int, actors: int | None,
                   attach) -> pd.DataFrame:
+    import pyarrow as pa
     import ray
     import ray.data
     from ray.data import ActorPoolStrategy
 
     from rayrec.cluster import ensure_ray, quiet_ray_data
+    from rayrec.data.rows import ragged
 
-    ensure_ray()
+    ensure_ray(include_dashboard=False)  # Ray Data needs no state API; the dashboard costs seconds to start
     attach()
     quiet_ray_data()
     cpus = int(ray.cluster_resources().get("CPU", 1))
     size = actors or max(1, cpus - 1)  # one CPU stays free for reading and writing (Ray Data hangs without)
-    ds = ray.data.from_pandas(rows[["key", "user_idx", "history"]]).map_batches(
-        plan.scorer, fn_constructor_kwargs=kwargs, batch_size=int(batch_size), batch_format="numpy",
+    values, offsets = ragged(rows["history"])
+    table = pa.table({"key": rows["key"].to_numpy(), "user_idx": rows["user_idx"].to_numpy(np.int64),
+                      "history": pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))})  # list<int64>
+    ds = ray.data.from_arrow(table).map_batches(
+        plan.scorer, fn_constructor_kwargs=kwargs, batch_size=int(batch_size), batch_format=plan.batch_format,
         compute=ActorPoolStrategy(size=size), num_cpus=1, num_gpus=plan.num_gpus or None)
     return ds.to_pandas()
 
 
-def _write(frame: pd.DataFrame, meta: dict[str, Any], path: Path) -> None:
+def rows_table(recs: pd.DataFrame, user_ids: pd.Series, items: pd.Series):
+    """``recs`` (key, rank, item_idx, score) in (key, rank) order as the output's Arrow columns; the raw
+    ids are taken from two small string arrays (no Python string per row: 14M rows at ML-20M size)."""
     import pyarrow as pa
+
+    key, rank = recs["key"].to_numpy(), recs["rank"].to_numpy()
+    order = np.lexsort((rank, key))
+    vocab = np.full(int(items.index.max()) + 1, "", dtype=object)
+    vocab[items.index.to_numpy()] = items.astype(str).to_numpy()
+    return pa.table({"user_id": pa.array(user_ids.astype(str).to_numpy(), pa.string()).take(pa.array(key[order])),
+                     "rank": pa.array(rank[order].astype(np.int64)),
+                     "item_id": pa.array(vocab, pa.string()).take(pa.array(recs["item_idx"].to_numpy()[order])),
+                     "score": pa.array(recs["score"].to_numpy()[order].astype(np.float64))})
+
+
+def _write(table, meta: dict[str, Any], path: Path) -> None:
     import pyarrow.parquet as pq
 
-    table = pa.Table.from_pandas(frame, preserve_index=False)
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), META_KEY: json.dumps(meta).encode()})
     pq.write_table(table, path)
 

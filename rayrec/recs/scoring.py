@@ -52,13 +52,21 @@ def ranked_top(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 def as_rows(keys: np.ndarray, items: torch.Tensor, scores: torch.Tensor) -> dict[str, np.ndarray]:
-    """[B, k] results -> flat rows, without the -inf ones (a user with fewer than k items left)."""
+    """[B, k] results -> flat rows, without the -inf ones (a user with fewer than k items left). Narrow
+    types (int32, the scores' own float) keep what actors send back small; the output widens them."""
     b, k = items.shape
-    score = scores.reshape(-1).numpy().astype(np.float64)
+    score = scores.reshape(-1).numpy()
     keep = np.isfinite(score)
-    return {"key": np.repeat(np.asarray(keys, dtype=np.int64), k)[keep],
-            "rank": np.tile(np.arange(1, k + 1), b)[keep],
-            "item_idx": items.reshape(-1).numpy().astype(np.int64)[keep], "score": score[keep]}
+    return {"key": np.repeat(np.asarray(keys, dtype=np.int32), k)[keep],
+            "rank": np.tile(np.arange(1, k + 1, dtype=np.int32), b)[keep],
+            "item_idx": items.reshape(-1).numpy().astype(np.int32)[keep], "score": score[keep]}
+
+
+def column(values) -> np.ndarray:
+    """An int64 column of a numpy or an Arrow batch."""
+    if hasattr(values, "to_numpy") and not isinstance(values, np.ndarray):
+        values = values.to_numpy()
+    return np.asarray(values, dtype=np.int64)
 
 
 def job_of(state: dict[str, Any]):
@@ -123,12 +131,12 @@ class Recommender:
 
         k = self.k if k is None else k
         include_seen = self.include_seen if include_seen is None else include_seen
-        values, offsets = ragged(batch["history"])
+        values, offsets = ragged(batch["history"])  # numpy object rows, or Arrow's list column as it is
         history = left_padded(values, offsets, self.cfg.model.max_len)
-        users = np.asarray(batch["user_idx"], dtype=np.int64)
+        users = column(batch["user_idx"])
         rows = {"history": torch.from_numpy(history).to(self.device), "user_idx": torch.from_numpy(users).to(self.device)}
         with torch.inference_mode():
             scores = score_rows(self.model, rows)  # [B, N+1]
             seen = None if include_seen else np.split(values.astype(np.int64), offsets[1:-1])
             items, top = top_k(scores, seen, k)
-        return as_rows(batch["key"], items.cpu(), top.cpu())
+        return as_rows(column(batch["key"]), items.cpu(), top.cpu())
