@@ -14,8 +14,9 @@ of test, through `rayrec.recs.recommend.recommend` in a fresh process:
   ray1_10k  ray1 for the first 10,000 users only: an actor's memory should not grow with the users
 
 Timed: the whole call (Ray's start included), and users/s over it. Memory: peak RSS of the driver
-process and, sampled every 0.2 s, of each Ray Data actor (RSS and USS). Prints a table and writes
-bench/results/recommend.json.
+process and, sampled every 0.2 s, of each Ray Data actor: RSS, USS and anonymous RSS (RSS less
+shared pages: the actor's own heap, without the object-store blocks it maps, which count in its RSS
+and USS until the driver reads them). Prints a table and writes bench/results/recommend.json.
 """
 
 from __future__ import annotations
@@ -122,8 +123,9 @@ def main() -> int:
             extra = [str(first_users(data, limit, work / f"users_{size}_{limit}.txt"))] if limit else []
             res, peaks = run_child(["recommend", setup, str(checkpoint), str(work / f"recs_{size}_{setup}"), *extra])
             row = {"size": size, "setup": setup, "actors": actors, "items": SIZES[size][1], **res,
-                   "actor_peak_rss_mib": sorted(round(r, 1) for r, _ in peaks.values()),
-                   "actor_peak_uss_mib": sorted(round(u, 1) for _, u in peaks.values())}
+                   "actor_peak_rss_mib": sorted(round(r, 1) for r, _, _ in peaks.values()),
+                   "actor_peak_uss_mib": sorted(round(u, 1) for _, u, _ in peaks.values()),
+                   "actor_peak_anon_mib": sorted(round(a, 1) for _, _, a in peaks.values())}
             rows.append(row)
             print(f"[{size}] {setup:9s} {res['users']:>7,} users  {res['seconds']:7.1f} s  {res['users_per_s']:8.0f} "
                   f"users/s  driver {res['driver_peak_rss_mib']:6.0f} MiB  actors {row['actor_peak_rss_mib']} MiB",
@@ -135,13 +137,14 @@ def main() -> int:
                 r["users_per_s_vs_plain"] = r["users_per_s"] / plain["users_per_s"]
 
     header = f"{'size':5s} {'setup':9s} {'users':>8s} {'seconds':>8s} {'users/s':>8s} {'vs plain':>8s} " \
-             f"{'driver MiB':>10s} {'actor RSS MiB':>14s} {'actor USS MiB':>14s}"
+             f"{'driver MiB':>10s} {'actor RSS MiB':>14s} {'actor USS MiB':>14s} {'actor anon MiB':>14s}"
     print("\n" + header + "\n" + "-" * len(header))
     for r in rows:
         print(f"{r['size']:5s} {r['setup']:9s} {r['users']:>8,} {r['seconds']:8.1f} {r['users_per_s']:8.0f} "
               f"{r.get('users_per_s_vs_plain', float('nan')):8.2f} {r['driver_peak_rss_mib']:10.0f} "
               f"{'/'.join(f'{x:.0f}' for x in r['actor_peak_rss_mib']) or '-':>14s} "
-              f"{'/'.join(f'{x:.0f}' for x in r['actor_peak_uss_mib']) or '-':>14s}")
+              f"{'/'.join(f'{x:.0f}' for x in r['actor_peak_uss_mib']) or '-':>14s} "
+              f"{'/'.join(f'{x:.0f}' for x in r['actor_peak_anon_mib']) or '-':>14s}")
     import torch
 
     args.out.parent.mkdir(parents=True, exist_ok=True)

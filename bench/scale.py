@@ -119,8 +119,9 @@ def child_train(setup: str, size: str, data: Path, work: Path) -> dict:
 
 
 class WorkerMemory:
-    """Peak RSS and USS of each process below ``pid`` whose command line holds ``marker`` (Ray Train
-    workers by default), sampled every 0.2 s."""
+    """Peak RSS, USS and anonymous RSS (RSS less shared and file pages: what the process allocated itself,
+    without the object store's pages it maps) of each process below ``pid`` whose command line holds
+    ``marker`` (Ray Train workers by default), sampled every 0.2 s."""
 
     def __init__(self, pid: int, marker: str = "TrainWorker") -> None:
         import psutil
@@ -151,8 +152,9 @@ class WorkerMemory:
                     m = p.memory_full_info()
                 except psutil.Error:
                     continue
-                rss, uss = self.peak.get(p.pid, (0.0, 0.0))
-                self.peak[p.pid] = (max(rss, m.rss / 2**20), max(uss, m.uss / 2**20))
+                rss, uss, anon = self.peak.get(p.pid, (0.0, 0.0, 0.0))
+                own = (m.rss - m.shared) / 2**20  # anonymous memory: the process's heap, not object-store pages
+                self.peak[p.pid] = (max(rss, m.rss / 2**20), max(uss, m.uss / 2**20), max(anon, own))
 
 
 def run_child(args: list[str]) -> tuple[dict, dict]:
@@ -201,8 +203,8 @@ def main() -> int:
                    "epoch_job_s": res["seconds"], "ray_start_s": res["ray_start_s"],
                    "prepare_plus_epoch_s": prep["seconds"] + res["seconds"],
                    "driver_peak_rss_mib": res["driver_peak_rss_mib"],
-                   "worker_peak_rss_mib": [round(r, 1) for r, _ in workers.values()],
-                   "worker_peak_uss_mib": [round(u, 1) for _, u in workers.values()],
+                   "worker_peak_rss_mib": [round(r, 1) for r, _, _ in workers.values()],
+                   "worker_peak_uss_mib": [round(u, 1) for _, u, _ in workers.values()],
                    "table_mib": res["table_mib"], "sliding_windows": res["sliding_windows"],
                    "sliding_table_mib": res["sliding_table_mib"], "test_ndcg@10": res["test_ndcg@10"]}
             rows.append(row)

@@ -8,6 +8,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from rayrec.config.schema import JobConfig
 from rayrec.errors import ClusterError
@@ -241,12 +242,75 @@ def shared_paths(cfg):
     if not root:
         return cfg
     cfg = cfg.model_copy(deep=True)
+    for _, section, name, value in _shared_fields(cfg):
+        if isinstance(value, Path) and not value.is_absolute():
+            setattr(section, name, Path(root).expanduser() / value)
+    return cfg
+
+
+def _shared_fields(cfg) -> Iterator[tuple[str, Any, str, Any]]:
+    """(dotted key, its section, field name, value) of each ``SHARED_PATHS`` key ``cfg`` has."""
     for dotted in SHARED_PATHS:
         *parents, name = dotted.split(".")
         section = cfg
         for part in parents:
             section = getattr(section, part, None)
-        value = getattr(section, name, None) if section is not None else None
-        if isinstance(value, Path) and not value.is_absolute():
-            setattr(section, name, Path(root).expanduser() / value)
-    return cfg
+        if section is not None and hasattr(section, name):
+            yield dotted, section, name, getattr(section, name)
+
+
+def _shared_values(cfg) -> dict[str, Path]:
+    """``SHARED_PATHS`` of ``cfg`` that are set: dotted key -> path."""
+    return {dotted: Path(value).expanduser() for dotted, _, _, value in _shared_fields(cfg) if value}
+
+
+def check_shared_storage(cfg, timeout_s: float = 120.0) -> None:
+    """Every alive node of the cluster sees the job's run storage, data and index/feature folders as the
+    same files the driver sees; a node that sees other files (a head-local path, another mount) fails
+    the run here, naming the node and the path, before any worker starts.
+
+    The driver writes a marker holding a fresh token into each folder (a file: its folder); a zero-CPU
+    task pinned to each node reads them back; the markers are removed again. One node: nothing to do.
+    """
+    import uuid
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) < 2:
+        return
+    token = uuid.uuid4().hex
+    markers: dict[str, tuple[str, str]] = {}
+    try:
+        for key, path in _shared_values(cfg).items():
+            folder = path if path.is_dir() else path.parent
+            if not folder.is_dir():
+                continue  # made later by the job (a feature cache): nothing to compare yet
+            marker = folder / f".rayrec-shared-{token}"
+            marker.write_text(token)
+            markers[key] = (str(path), str(marker))
+
+        @ray.remote(num_cpus=0, max_retries=0)
+        def read(found: dict[str, tuple[str, str]]) -> dict[str, bool]:
+            def same(p: str) -> bool:
+                try:
+                    return Path(p).read_text() == token
+                except OSError:
+                    return False
+            return {key: same(marker) for key, (_, marker) in found.items()}
+
+        refs = {n["NodeManagerAddress"] + " " + n["NodeID"][:8]: read.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(markers) for n in nodes}
+        seen = dict(zip(refs, ray.get(list(refs.values()), timeout=timeout_s)))
+    finally:
+        for _, marker in markers.values():
+            Path(marker).unlink(missing_ok=True)
+    bad = [(node, key) for node, ok in seen.items() for key, same in ok.items() if not same]
+    if bad:
+        node, key = bad[0]
+        raise ClusterError(
+            f"node {node} does not see the files of {key} = {markers[key][0]} that the driver sees (another disk, or "
+            f"no mount there){f'; {len(bad) - 1} more node/path pairs alike' if len(bad) > 1 else ''}. Every node "
+            f"must see the run storage and the data: put them on a file system all nodes mount (set "
+            f"{STORAGE_ROOT_ENV}) or use object storage (s3://, gs://) for run.storage_path")

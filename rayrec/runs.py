@@ -158,12 +158,13 @@ def run_job(recipe: Recipe, cfg: Any, *, local: bool = False, source: str | None
 
 def start_ray(cfg: Any, attach: Callable[[], None] | None = None) -> None:
     """Start or join Ray, take over its forwarded output (``attach``), and check the job fits."""
-    from rayrec.cluster import ensure_ray, preflight
+    from rayrec.cluster import check_shared_storage, ensure_ray, preflight
 
     ensure_ray()
     if attach is not None:
         attach()
     preflight(cfg)
+    check_shared_storage(cfg)  # on several nodes: every one sees the run's storage and data
 
 
 # ----------------------------------------------------------------------------- run folder

@@ -187,3 +187,59 @@ def raise_interrupt_on_sigterm():
         raise KeyboardInterrupt(f"signal {signum}")
 
     return signal.signal(signal.SIGTERM, handler)
+
+
+class WorkerNode(LocalHead):
+    """One more Ray node of ``head``'s cluster on this host (``ray start --address``): its own temp dir and
+    ports, ``resources`` (e.g. ``{"node_a": 1}``) to place work on it, and ``kill()`` to lose it at once.
+
+    ``private_tmpfs``: the node runs in a mount namespace of its own (``unshare -m``) with an empty tmpfs
+    over that folder, so it sees other files there than the driver does (a disk no other node mounts).
+    """
+
+    def __init__(self, head: LocalHead, num_cpus: int = 1, resources: dict[str, float] | None = None,
+                 private_tmpfs: Path | None = None) -> None:
+        super().__init__(num_cpus=num_cpus, env=head.extra_env)
+        self.head, self.resources, self.private_tmpfs = head, dict(resources or {}), private_tmpfs
+        self.ports = dict(zip(NODE_PORT_FLAGS, free_ports(len(NODE_PORT_FLAGS))))
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return self.head.env(**extra)
+
+    def _launch(self) -> None:
+        import json
+
+        cmd = [str(BIN / "ray"), "start", "--address", self.head.gcs_address, "--block", "--node-ip-address",
+               "127.0.0.1", "--disable-usage-stats", "--min-worker-port", "0", "--max-worker-port", "0",
+               "--num-cpus", str(self.num_cpus), "--num-gpus", "0", "--object-store-memory", str(100 * 1024**2),
+               "--resources", json.dumps(self.resources), "--temp-dir", str(self.temp_dir)]
+        for flag, port in self.ports.items():
+            cmd += [flag, str(port)]
+        if self.private_tmpfs is not None:
+            inner = " ".join(f"'{c}'" for c in cmd)
+            cmd = ["unshare", "-m", "--propagation", "private", "sh", "-c",
+                   f"mount -t tmpfs rayrec-test '{self.private_tmpfs}' && exec {inner}"]
+        log = open(self.temp_dir / "ray_start.log", "wb")
+        self.proc = subprocess.Popen(cmd, env=self.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ray start (worker node) exited {self.proc.returncode}:\n{self.log_tail()}")
+            if "Ray runtime started" in self.log_tail(10**6):
+                time.sleep(2)  # the raylet registers with the GCS right after
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"Ray worker node not ready after {timeout:.0f} s:\n{self.log_tail()}")
+
+    def kill(self) -> None:
+        """Lose the node at once: SIGKILL to its raylet, its workers and everything in its process group."""
+        import psutil
+
+        for p in self._processes(psutil):
+            _signal(p, signal.SIGKILL)
+
+
+NODE_PORT_FLAGS = ["--node-manager-port", "--object-manager-port", "--runtime-env-agent-port",
+                   "--dashboard-agent-grpc-port", "--dashboard-agent-listen-port", "--metrics-export-port"]

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 AsOf = Literal["valid", "test", "all"]
 RECS_FILE = "recs.parquet"
 META_KEY = b"rayrec.recs"
+BLOCK_BATCHES = 64  # batches of users per Ray Data block
 SCORE_BUDGET = 2**24  # scores one batch may hold (64 MiB of float32): the batch shrinks for a large catalogue
 SUPPORTED = ("sasrec", "multi_interest", "ur4rec")  # and the generative track's adapters
 
@@ -242,7 +243,11 @@ def _score_on_ray(rows: pd.DataFrame, plan: Plan, kwargs: dict[str, Any], batch_
     values, offsets = ragged(rows["history"])
     table = pa.table({"key": rows["key"].to_numpy(), "user_idx": rows["user_idx"].to_numpy(np.int64),
                       "history": pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))})  # list<int64>
-    ds = ray.data.from_arrow(table).map_batches(
+    # blocks of a few thousand users: the actors share them out and stream them back, so what an actor
+    # holds at once (its block's output) does not grow with the number of users
+    step = BLOCK_BATCHES * int(batch_size)
+    blocks = [table.slice(i, step) for i in range(0, len(table), step)] or [table]
+    ds = ray.data.from_arrow(blocks).map_batches(
         plan.scorer, fn_constructor_kwargs=kwargs, batch_size=int(batch_size), batch_format=plan.batch_format,
         compute=ActorPoolStrategy(size=size), num_cpus=1, num_gpus=plan.num_gpus or None)
     return ds.to_pandas()
