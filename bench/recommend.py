@@ -1,6 +1,6 @@
 """Batch recommendations: users/s of `rayrec recommend` on Ray Data actors against a plain in-process loop.
 
-Usage:  nice python bench/recommend.py [--sizes 1m,20m] [--setups plain,ray1,ray2,ray1_10k] [--work DIR]
+Usage:  nice python bench/recommend.py [--sizes 1m,20m] [--setups plain,ray1,ray2,ray1_10k,ray1_40k] [--work DIR]
 
 Data: the synthetic source at the MovieLens-1M and -20M sizes of bench/scale.py (6,040 x 3,706 and
 138,493 x 26,744). The checkpoint: SASRec as in bench/scale.py (hidden 32, 1 block, max_len 50) with
@@ -11,7 +11,8 @@ of test, through `rayrec.recs.recommend.recommend` in a fresh process:
   plain     ``--local``: the same scorer class called over the same batches in this process
   ray1      Ray Data ``map_batches`` on an ``ActorPoolStrategy(size=1)`` (the default on 2 CPUs)
   ray2      two actors (every CPU of this machine)
-  ray1_10k  ray1 for the first 10,000 users only: an actor's memory should not grow with the users
+  ray1_10k  ray1 for the first 10,000 users only (less than one block of 64 x 256 users), and
+  ray1_40k  for 40,000 (2.4 blocks): beyond a block an actor's memory should not grow with the users
 
 Timed: the whole call (Ray's start included), and users/s over it. Memory: peak RSS of the driver
 process and, sampled every 0.2 s, of each Ray Data actor: RSS, USS and anonymous RSS (RSS less
@@ -37,7 +38,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from scale import SIZES, WorkerMemory, child_prepare, maxrss_mib  # noqa: E402  (bench/scale.py's sizes)
 
-SETUPS = {"plain": (0, None), "ray1": (1, None), "ray2": (2, None), "ray1_10k": (1, 10_000)}  # actors, users
+SETUPS = {"plain": (0, None), "ray1": (1, None), "ray2": (2, None), "ray1_10k": (1, 10_000),
+          "ray1_40k": (1, 40_000)}  # actors, users
 K = 100
 
 
@@ -95,7 +97,7 @@ def first_users(data: Path, n: int, path: Path) -> Path:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="1m,20m")
-    p.add_argument("--setups", default="plain,ray1,ray2,ray1_10k")
+    p.add_argument("--setups", default="plain,ray1,ray2,ray1_10k,ray1_40k")
     p.add_argument("--work", type=Path, default=None, help="reuse the datasets prepared there (bench/scale.py's too)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "recommend.json")
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
