@@ -376,3 +376,18 @@ def test_the_multi_interest_model_recommends_what_it_evaluates(tiny_dataset, tmp
                  "train.epochs=3", "train.phases.components.until_epoch=1", "train.phases.joint.until_epoch=2",
                  "train.optim.warmup_steps=0", "scaling.num_workers=1"]) == 0
     recs_equal_eval(tmp_path / "runs" / "mi", tmp_path / "recs")
+
+
+def test_a_popularity_run_recommends_the_most_popular_unseen_items(tiny_dataset, tmp_path):
+    assert main(["train", str(Path(__file__).resolve().parents[1] / "jobs" / "quickstart.yaml"), "--local",
+                 f"data.path={tiny_dataset}", "data.prepare_if_missing=false", f"run.storage_path={tmp_path}/runs",
+                 "run.name=pop", "tracking.enabled=false", "model={name: popularity}", "train.eval.ks=[5,10]"]) == 0
+    assert main(["recommend", str(tmp_path / "runs" / "pop"), "--k", "5", "--out", str(tmp_path / "recs"),
+                 "--local"]) == 0
+    items = pd.read_parquet(tiny_dataset / "items.parquet").set_index("item_idx")["source_id"].astype(str)
+    users = pd.read_parquet(tiny_dataset / "users.parquet").set_index("user_idx")["source_id"].astype(str)
+    counts = pd.Series([i for s in pd.read_parquet(tiny_dataset / "train.parquet")["seq"] for i in s]).value_counts()
+    ranking = sorted(counts.index, key=lambda i: (-counts[i], i))
+    got = recs_of(tmp_path / "recs").groupby("user_id", sort=False)["item_id"].apply(list)
+    for u, h in pd.read_parquet(tiny_dataset / "test.parquet")[["user_idx", "history"]].head(50).itertuples(index=False):
+        assert got[users[u]] == [items[i] for i in ranking if i not in set(h)][:5]

@@ -39,7 +39,7 @@ RECS_FILE = "recs.parquet"
 META_KEY = b"rayrec.recs"
 BLOCK_BATCHES = 64  # batches of users per Ray Data block
 SCORE_BUDGET = 2**24  # scores one batch may hold (64 MiB of float32): the batch shrinks for a large catalogue
-SUPPORTED = ("sasrec", "multi_interest", "ur4rec")  # and the generative track's adapters
+SUPPORTED = ("sasrec", "multi_interest", "ur4rec", "popularity")  # and the generative track's adapters
 
 
 @dataclass(frozen=True)

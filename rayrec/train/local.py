@@ -28,6 +28,7 @@ from rayrec.train.evaluation import evaluate
 from rayrec.train.inputs import DataInfo, TableBatches, data_info, row_tables
 from rayrec.train.loop import LossModule, fit
 from rayrec.train.specs import build, has_parameters
+from rayrec.train.state import TrainState
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,8 @@ def run_local(cfg: JobConfig, ds: Prepared, info: DataInfo, *, run_dir: Path | N
         model.fit(ds.table("train")["seq"])
         final = evaluate(model, batches.valid(), cfg, info.num_items, device, prefix="val/")
         final.update(evaluate(model, batches.test(), cfg, info.num_items, device, prefix="test/"))
-        reporter.report({"epoch": 0, **final}, None)
+        # its counts are its weights: a checkpoint, so `rayrec recommend`, `eval` and `export` read it as any model's
+        reporter.report({"epoch": 0, **final}, TrainState().checkpoint(model, cfg))
         return final, reporter
     resume = load_state(resume_from) if resume_from else None
     if resume is not None:
