@@ -12,6 +12,7 @@ from typing import Any
 
 from rayrec.config.schema import JobConfig
 from rayrec.errors import ClusterError
+from rayrec.storage import is_object_uri
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +262,8 @@ def _shared_fields(cfg) -> Iterator[tuple[str, Any, str, Any]]:
 
 def _shared_values(cfg) -> dict[str, Path]:
     """``SHARED_PATHS`` of ``cfg`` that are set: dotted key -> path."""
-    return {dotted: Path(value).expanduser() for dotted, _, _, value in _shared_fields(cfg) if value}
+    return {dotted: Path(value).expanduser() for dotted, _, _, value in _shared_fields(cfg)
+            if value and not is_object_uri(value)}  # an object store is the same for every node
 
 
 def check_shared_storage(cfg, timeout_s: float = 120.0) -> None:

@@ -34,6 +34,7 @@ from rayrec.data.atomic import atomic_write, clear_stale_temporaries
 from rayrec.errors import ConfigError, RayrecError
 from rayrec.run_lock import hold_run
 from rayrec.stopping import Stopped, as_stopped, on_signals
+from rayrec.storage import ObjectFolder, is_object_uri, local_home, open_folder
 from rayrec.tracking.mlflow_tracking import NOT_LOGGED, Tracker, check_reachable, open_run, resolve_uri
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ class Outcome:
     """What a run ends with: final metrics, its folder, the checkpoint (an SFT run: the best adapter)."""
 
     metrics: dict[str, float]
-    run_dir: Path
+    run_dir: Path | str  # a folder, or the run's object-store URI
     checkpoint: str | None = None
     mlflow_run_id: str | None = None
     history: list[dict[str, float]] = field(default_factory=list)
@@ -67,6 +68,12 @@ class Run:
     console: bool = True  # the driver shows a console: workers send it progress events
     tracker: Tracker = field(default_factory=Tracker.null)
     shared: Any = None  # a sweep trial: what the sweep's driver made once for every trial (the recipe's ``share``)
+    store: ObjectFolder | None = None  # on object storage: the run's folder there (``dir`` is then the driver's own)
+
+    @property
+    def where(self) -> str:
+        """The run's checkpoints: its folder, or its object-store URI."""
+        return self.store.uri if self.store is not None else str(self.dir)
 
 
 @dataclass
@@ -98,6 +105,7 @@ class Recipe:
     tags: Callable[[Any], dict[str, str]] = lambda cfg: {}
     in_process: Callable[[Any], bool] = lambda cfg: False  # e.g. a parameter-free baseline
     checkpoint_label: str = "checkpoint"  # what the checkpoint is called on the console and in MLflow
+    object_storage: bool = False  # its checkpoints go through Ray Train only, so run.storage_path may be s3://, gs://
 
 
 Tracking = Callable[[Any, Path], Tracker]  # (cfg, run folder) -> the run's MLflow handle
@@ -115,22 +123,22 @@ def run_job(recipe: Recipe, cfg: Any, *, local: bool = False, source: str | None
     from rayrec.cluster import shared_paths
 
     cfg = shared_paths(cfg)  # on a cluster: data and checkpoints on its shared storage
-    storage = check_storage(cfg.run.storage_path)
     in_process = local or recipe.in_process(cfg)
+    storage = check_storage(cfg.run.storage_path, recipe, in_process)
     if callbacks and in_process:
         raise ConfigError(f"this {recipe.name} job runs in one process (--local, or a model with nothing to "
                           "train on workers), so Ray Train callbacks (a sweep's reports) would never be called")
     if cfg.tracking.enabled and tracking is None:  # a sweep's trials: its driver checked the store
         check_reachable(resolve_uri(cfg.tracking.uri))
     with ExitStack() as owned:
-        run_dir = claim_run_dir(storage, cfg.run.name, owned)  # refuses while another process trains it
+        run_dir, store = claim_run_dir(storage, cfg.run.name, owned)  # refuses while another process trains it
         with job_console(run_dir, recipe.console_keys(cfg), verbose=verbose, enabled=console) as con:
             run = Run(run_dir, local=in_process, resume_from=resume_from, callbacks=list(callbacks or []),
-                      console=con is not None, shared=shared)
+                      console=con is not None, shared=shared, store=store)
             if not run.local:
                 start_ray(cfg, attach=con.attach_ray if con else None)
             inputs = recipe.prepare(cfg, run)
-            run.tracker = (tracking or default_tracking(recipe, source))(cfg, run_dir)
+            run.tracker = (tracking or default_tracking(recipe, source, run.where))(cfg, run_dir)
             try:
                 recipe.record(run.tracker, inputs)
                 with on_signals(at_step_boundary=run.local):  # SIGTERM/SIGHUP/SIGINT: Stopped, nothing half-written
@@ -138,14 +146,12 @@ def run_job(recipe: Recipe, cfg: Any, *, local: bool = False, source: str | None
                 if con is not None and not run.local:
                     con.wait_end()
                 finish(run.tracker, recipe, outcome)
-                if outcome.checkpoint:  # what a later stage reads from the run folder (GRPO: the SFT adapter)
-                    atomic_write(run_dir / BEST_CHECKPOINT, str(outcome.checkpoint))
-                atomic_write(run_dir / COMPLETE_MARKER, outcome.mlflow_run_id or "")
+                mark_complete(run, outcome)
             except BaseException as e:
                 stopped = as_stopped(e)
                 if stopped is not None:
                     run.tracker.finish("KILLED", timeout=5)
-                    raise Stopped(stopped.signum, f"{stopped}; {resume_hint(run_dir)}") from None
+                    raise Stopped(stopped.signum, f"{stopped}; {resume_hint(run)}") from None
                 run.tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", timeout=5)
                 raise
             not_logged = run.tracker.finish("FINISHED") + int(outcome.metrics.get(NOT_LOGGED, 0))
@@ -170,9 +176,17 @@ def start_ray(cfg: Any, attach: Callable[[], None] | None = None) -> None:
 # ----------------------------------------------------------------------------- run folder
 
 
-def check_storage(path: Path) -> Path:
-    """The storage folder must be creatable and writable before any worker starts."""
-    path = path.expanduser().resolve()
+def check_storage(path: Path | str, recipe: Recipe | None = None, in_process: bool = False) -> Path | ObjectFolder:
+    """The storage folder must be creatable and writable before any worker starts; an object-store URI
+    must be writable, and only for a recipe whose checkpoints all go through Ray Train."""
+    if is_object_uri(path):
+        if recipe is not None and (in_process or not recipe.object_storage):
+            why = ("runs in one process (--local, or a model with nothing to train on workers)" if in_process
+                   else f"is a {recipe.name} job, whose trainer writes its checkpoints as local files")
+            raise ConfigError(f"run.storage_path {path}: this job {why}; object storage holds the checkpoints "
+                              "Ray Train workers report. Give it a folder (a shared one on a cluster)")
+        return open_folder(str(path))
+    path = Path(path).expanduser().resolve()
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -180,6 +194,25 @@ def check_storage(path: Path) -> Path:
     if not os.access(path, os.W_OK):
         raise RayrecError(f"run.storage_path {path} is not writable")
     return path
+
+
+def local_checkpoint(path: Path | str) -> Path:
+    """A run or checkpoint folder to read in this process: ``path``, or for an object-store URI a local copy
+    of the checkpoint (of a finished run: its chosen one; of an unfinished one: its newest), kept under
+    ``rayrec.storage.local_home`` (a checkpoint is written once, so the copy stays true)."""
+    if not is_object_uri(str(path)):
+        return Path(path).expanduser()
+    from rayrec.train.checkpoint import STATE_FILE
+
+    folder = ObjectFolder.at(str(path))
+    if not folder.exists(STATE_FILE) and not folder.exists("adapter_config.json"):
+        pointer = folder.read_text(BEST_CHECKPOINT)
+        chosen = pointer.strip() if pointer else newest_stored(folder)
+        if chosen is None:
+            raise RayrecError(f"{path}: neither a checkpoint (no {STATE_FILE}) nor a run with checkpoints")
+        log.info("%s: using its checkpoint %s", path, chosen)
+        folder = ObjectFolder.at(chosen)
+    return folder.download(local_home(folder.uri))
 
 
 def run_checkpoint(path: Path | None) -> Path | None:
@@ -194,51 +227,94 @@ def run_checkpoint(path: Path | None) -> Path | None:
     return path
 
 
-def claim_run_dir(storage: Path, name: str, owned: ExitStack) -> Path:
+def claim_run_dir(storage: Path | ObjectFolder, name: str, owned: ExitStack) -> tuple[Path, ObjectFolder | None]:
     """``pick_run_dir``, owned (``rayrec.run_lock``) until ``owned`` closes; a run that completed while
-    this process waited for it moves on to the next ``name_vN``."""
+    this process waited for it moves on to the next ``name_vN``.
+
+    On object storage the run's folder there comes second, and the lock and the console log are kept
+    in the driver's own folder of it (``rayrec.storage.local_home``): the lock guards against a second
+    trainer of the run on this host (an object store has no lock to take).
+    """
     while True:
-        run_dir = pick_run_dir(storage, name)
+        picked = pick_run_dir(storage, name)
+        store = picked if isinstance(picked, ObjectFolder) else None
+        run_dir = local_home(store.uri) if store is not None else picked
         attempt = ExitStack()
         attempt.enter_context(hold_run(run_dir))
-        if not (run_dir / COMPLETE_MARKER).exists():
+        if not is_complete(picked):
             owned.enter_context(attempt)
             clear_stale_temporaries(run_dir)  # half-written files of a writer that was killed
-            return run_dir
+            return run_dir, store
         attempt.close()
 
 
-def resume_hint(run_dir: Path) -> str:
+def is_complete(run: Path | ObjectFolder) -> bool:
+    """The run finished: its folder holds the completion marker."""
+    return run.exists(COMPLETE_MARKER) if isinstance(run, ObjectFolder) else (run / COMPLETE_MARKER).exists()
+
+
+def mark_complete(run: Run, outcome: Outcome) -> None:
+    """The run's last writes: the pointer to its checkpoint (what a later stage reads from the run folder,
+    GRPO the SFT adapter), then the completion marker. On object storage each is one whole object."""
+    if run.store is not None:
+        outcome.run_dir = run.store.uri
+        if outcome.checkpoint:
+            run.store.write_text(BEST_CHECKPOINT, str(outcome.checkpoint))
+        run.store.write_text(COMPLETE_MARKER, outcome.mlflow_run_id or "")
+        return
+    if outcome.checkpoint:
+        atomic_write(run.dir / BEST_CHECKPOINT, str(outcome.checkpoint))
+    atomic_write(run.dir / COMPLETE_MARKER, outcome.mlflow_run_id or "")
+
+
+def resume_hint(run: Run) -> str:
     """Where a stopped run stands, and how to go on."""
     from rayrec.train.checkpoint import latest_checkpoint
 
-    newest = latest_checkpoint(run_dir)
+    newest = newest_stored(run.store) if run.store is not None else latest_checkpoint(run.dir)
     if newest is None:
-        return f"no checkpoint was written yet in {run_dir}: run the same command again to start over"
+        return f"no checkpoint was written yet in {run.where}: run the same command again to start over"
     return f"the newest complete checkpoint is {newest}: run the same command again to resume from it"
 
 
-def pick_run_dir(storage: Path, name: str) -> Path:
+def newest_stored(store: ObjectFolder) -> str | None:
+    """The newest complete checkpoint of an object-store run (its ``state.pt`` is there: Ray uploads a
+    checkpoint's files one object each, so a folder cut short lacks it or holds it whole)."""
+    from rayrec.train.checkpoint import STATE_FILE, checkpoint_rank
+
+    ranked = sorted((checkpoint_rank(n), n) for n in store.folders() if checkpoint_rank(n)[0] >= 0)
+    for _, name in reversed(ranked):
+        if store.exists(f"{name}/{STATE_FILE}"):
+            return store.child(name).uri
+    return None
+
+
+def pick_run_dir(storage: Path | ObjectFolder, name: str) -> Path | ObjectFolder:
     """``storage/name``, or the next ``name_vN`` if that run already completed.
 
     An unfinished run folder is reused, so re-running after a crash resumes it.
     """
-    candidate, n = storage / name, 1
-    while (candidate / COMPLETE_MARKER).exists():
+    def child(n: str) -> Path | ObjectFolder:
+        return storage.child(n) if isinstance(storage, ObjectFolder) else storage / n
+
+    candidate, n = child(name), 1
+    while is_complete(candidate):
         n += 1
-        candidate = storage / f"{name}_v{n}"
+        candidate = child(f"{name}_v{n}")
     return candidate
 
 
 # ----------------------------------------------------------------------------- MLflow
 
 
-def default_tracking(recipe: Recipe, source: str | None) -> Tracking:
+def default_tracking(recipe: Recipe, source: str | None, key: str | None = None) -> Tracking:
+    """Opens the run's MLflow run; ``key`` (default: the run folder) names the run across driver restarts:
+    an object-store run's URI, so a re-run from another machine continues the same MLflow run."""
     def open_tracking(cfg: Any, run_dir: Path) -> Tracker:
         if not cfg.tracking.enabled:
             return Tracker.null()
         tags = {"rayrec.recipe": recipe.name, **recipe.tags(cfg), "rayrec.job_file": source or ""}
-        tracker = open_run(resolve_uri(cfg.tracking.uri), cfg.tracking.experiment, str(run_dir), run_dir.name,
+        tracker = open_run(resolve_uri(cfg.tracking.uri), cfg.tracking.experiment, key or str(run_dir), run_dir.name,
                            tags=tags, max_outage_s=cfg.tracking.max_outage_s)
         changed = tracker.log_params(flatten(cfg))
         if not changed:
@@ -278,16 +354,20 @@ def finish(tracker: Tracker, recipe: Recipe, outcome: Outcome) -> None:
 # ----------------------------------------------------------------------------- Ray Train
 
 
-def build_trainer(cfg: Any, parts: TrainerParts, *, run_dir: Path, callbacks: list | None = None,
+def build_trainer(cfg: Any, parts: TrainerParts, *, run_dir: Path | str, callbacks: list | None = None,
                   base_config: dict[str, Any] | None = None):
-    """The one ``TorchTrainer`` builder: the job's ``scaling`` and ``run`` sections + the recipe's loop."""
+    """The one ``TorchTrainer`` builder: the job's ``scaling`` and ``run`` sections + the recipe's loop.
+
+    ``run_dir``: the run's folder or object-store URI. Ray gets the URI as a string, so each of its
+    processes resolves the store from its own environment (no credentials travel with the trainer)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     metric, mode = parts.score
+    parent, _, name = str(run_dir).rstrip("/").rpartition("/")
     run = ray.train.RunConfig(
-        name=run_dir.name,
-        storage_path=str(run_dir.parent),
+        name=name,
+        storage_path=parent,
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.checkpoint.num_to_keep,
                                                      checkpoint_score_attribute=metric, checkpoint_score_order=mode),
         # max_failures: worker deaths survived (resume from the newest checkpoint); the controller
@@ -315,10 +395,11 @@ def fit_on_ray(recipe: Recipe, cfg: Any, inputs: Any, run: Run) -> Outcome:
     """Build the recipe's trainer, fit it within ``scaling.start_timeout_s``, read the outcome."""
     from rayrec.train.checkpoint import newest_readable
 
-    newest = newest_readable(run.dir)  # may be newer than Ray's registered one (stopped right after a report)
+    # may be newer than Ray's registered one (stopped right after a report)
+    newest = newest_stored(run.store) if run.store is not None else newest_readable(run.dir)
     base = {"tracking_uri": run.tracker.uri, "mlflow_run_id": run.tracker.run_id,
             "resume_from": run.resume_from, "console": run.console, "newest_on_disk": str(newest) if newest else None}
-    trainer = build_trainer(cfg, recipe.trainer(cfg, inputs, run), run_dir=run.dir, callbacks=run.callbacks,
+    trainer = build_trainer(cfg, recipe.trainer(cfg, inputs, run), run_dir=run.where, callbacks=run.callbacks,
                             base_config=base)
     return recipe.outcome(cfg, fit(trainer, cfg), run)
 

@@ -158,3 +158,30 @@ def sft(tiny_dataset, tmp_path_factory):
         "run": {"name": "sft", "storage_path": str(tmp / "runs")}})
     out = recipes.run(cfg, local=True)
     return common, out.checkpoint, tmp
+
+
+@pytest.fixture(scope="module")
+def ft_job(tmp_path_factory):
+    """Writes job YAMLs for the slow fault tests: 4 epochs of 19 batches, one worker, 2 failures allowed."""
+    from rayrec.config import dump_job
+    from rayrec.config.schema import JobConfig
+
+    work = tmp_path_factory.mktemp("ft")
+    data = _synth(work / "data", users=600, items=150, mean_len=20)
+
+    def write(name: str, **run) -> Path:
+        cfg = JobConfig.model_validate({
+            "data": {"path": str(data), "prepare_if_missing": False},
+            "model": {"name": "sasrec", "hidden": 16, "num_blocks": 1, "dropout": 0.1, "max_len": 20},
+            "train": {"epochs": 4, "batch_size": 32, "optim": {"lr": 0.005}, "shuffle_buffer": 128,
+                      "early_stopping": {"patience": 10}, "eval": {"ks": [10], "batch_size": 256}},
+            "scaling": {"num_workers": 1, "resources_per_worker": {"CPU": 1}},
+            "tracking": {"uri": f"sqlite:///{work}/mlflow.db", "experiment": "ft"},
+            "run": {"name": name, "storage_path": str(work / "runs"), "seed": 0, "max_failures": 2, **run},
+        })
+        path = work / f"{name}.yaml"
+        path.write_text(dump_job(cfg))
+        return path
+
+    write.work = work
+    return write

@@ -20,7 +20,6 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from rayrec import recipes
-from rayrec.config import dump_job
 from rayrec.data.dataset import open_prepared
 from rayrec.errors import ClusterError
 from rayrec.tracking.mlflow_tracking import RUN_KEY_TAG, Tracker
@@ -198,34 +197,6 @@ def head(tmp_path_factory):
     finally:
         h.stop()
         signal.signal(signal.SIGTERM, previous)
-
-
-@pytest.fixture(scope="module")
-def ft_job(tmp_path_factory):
-    """Writes job YAMLs for the slow tests: 4 epochs of 19 batches, one worker, 2 failures allowed."""
-    from conftest import _synth
-
-    from rayrec.config.schema import JobConfig
-
-    work = tmp_path_factory.mktemp("ft")
-    data = _synth(work / "data", users=600, items=150, mean_len=20)
-
-    def write(name: str, **run) -> Path:
-        cfg = JobConfig.model_validate({
-            "data": {"path": str(data), "prepare_if_missing": False},
-            "model": {"name": "sasrec", "hidden": 16, "num_blocks": 1, "dropout": 0.1, "max_len": 20},
-            "train": {"epochs": 4, "batch_size": 32, "optim": {"lr": 0.005}, "shuffle_buffer": 128,
-                      "early_stopping": {"patience": 10}, "eval": {"ks": [10], "batch_size": 256}},
-            "scaling": {"num_workers": 1, "resources_per_worker": {"CPU": 1}},
-            "tracking": {"uri": f"sqlite:///{work}/mlflow.db", "experiment": "ft"},
-            "run": {"name": name, "storage_path": str(work / "runs"), "seed": 0, "max_failures": 2, **run},
-        })
-        path = work / f"{name}.yaml"
-        path.write_text(dump_job(cfg))
-        return path
-
-    write.work = work
-    return write
 
 
 def start_driver(head, job: Path, log: Path) -> subprocess.Popen:

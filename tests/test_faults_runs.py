@@ -5,6 +5,7 @@ Each test reproduces what a hostile but realistic user did, and asserts the new 
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 
@@ -217,13 +218,14 @@ def test_resuming_into_a_model_of_another_size_says_so(job_file, capsys, monkeyp
 class MlflowServer:
     """A real ``mlflow server`` on 127.0.0.1 that a test can kill (-9, its whole process group) and start again."""
 
-    def __init__(self, folder):
+    def __init__(self, folder, artifacts: str | None = None, env: dict[str, str] | None = None):
         import socket
 
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.folder, self.proc = folder, None
+        self.artifacts, self.env = artifacts or str(folder / "artifacts"), env  # artifacts: a folder or s3://...
         self.uri = f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
@@ -235,9 +237,10 @@ class MlflowServer:
 
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.folder}/m.db",
-             "--artifacts-destination", str(self.folder / "artifacts"), "--host", "127.0.0.1", "--port",
+             "--artifacts-destination", self.artifacts, "--host", "127.0.0.1", "--port",
              str(self.port), "--workers", "1"],
-            stdout=subprocess.DEVNULL, stderr=open(self.folder / "server.log", "ab"), start_new_session=True)
+            stdout=subprocess.DEVNULL, stderr=open(self.folder / "server.log", "ab"), start_new_session=True,
+            env={**os.environ, **(self.env or {})})
         for _ in range(300):
             try:
                 if requests.get(f"{self.uri}/health", timeout=1).ok:

@@ -110,7 +110,7 @@ FLOORS: dict[str, int] = {
     "prefs": 3,
     "models": 2, "strategies": 2, "data": 2, "eval": 2, "tracking": 2, "cluster": 2,
     "config": 1,
-    "errors": 0, "secrets": 0, "console": 0, "stopping": 0, "run_lock": 0, "": 0,
+    "errors": 0, "secrets": 0, "console": 0, "stopping": 0, "run_lock": 0, "storage": 0, "": 0,
 }
 
 

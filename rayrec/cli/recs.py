@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from rayrec.storage import path_or_uri
+
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     r = sub.add_parser("recommend", help="top-K items per user from a trained run, to a Parquet file")
-    r.add_argument("run", type=Path, help="a run folder (its chosen checkpoint), a checkpoint folder or an SFT/GRPO adapter")
+    r.add_argument("run", type=path_or_uri, help="a run folder (its chosen checkpoint), a checkpoint folder or an SFT/GRPO adapter")
     r.add_argument("job", type=Path, nargs="?", help="the job of an adapter that does not keep its own (older checkpoints)")
     r.add_argument("--k", type=int, default=20, help="items per user (default 20)")
     r.add_argument("--out", type=Path, required=True, help="output folder (replaced whole on a rerun)")
@@ -25,7 +27,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     r.set_defaults(func=cmd_recommend)
 
     x = sub.add_parser("export", help="log a trained run as an MLflow pyfunc model and register it")
-    x.add_argument("run", type=Path, help="a run folder (its chosen checkpoint), a checkpoint folder or an adapter")
+    x.add_argument("run", type=path_or_uri, help="a run folder (its chosen checkpoint), a checkpoint folder or an adapter")
     x.add_argument("job", type=Path, nargs="?", help="the job of an adapter that does not keep its own")
     x.add_argument("--name", required=True, help="registered model name")
     x.add_argument("--alias", help="alias to point at the new version (e.g. champion)")
@@ -67,7 +69,7 @@ def export_at_end(checkpoint, cfg) -> None:
         print(f"\nexport.name={cfg.export.name}: nothing to export (no checkpoint)")
         return
     print()
-    show_export(export(Path(checkpoint), cfg.export.name, cfg.export.alias, tracking_uri=cfg.tracking.uri))
+    show_export(export(path_or_uri(str(checkpoint)), cfg.export.name, cfg.export.alias, tracking_uri=cfg.tracking.uri))
 
 
 def show_export(done) -> None:

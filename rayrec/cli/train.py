@@ -8,6 +8,7 @@ from pathlib import Path
 
 from rayrec.data.atomic import atomic_write
 from rayrec.errors import ConfigError
+from rayrec.storage import path_or_uri
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -26,7 +27,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("eval", help="evaluate a checkpoint on the valid or test split")
     e.add_argument("job", type=Path)
     e.add_argument("overrides", nargs="*")
-    e.add_argument("--checkpoint", required=True, type=Path, help="checkpoint folder (holds state.pt)")
+    e.add_argument("--checkpoint", required=True, type=path_or_uri,
+                   help="checkpoint folder (holds state.pt), or its s3:// / gs:// URI")
     e.add_argument("--split", choices=["valid", "test"], default="test")
     e.add_argument("--weights", choices=["best", "last"], default="best")
     e.set_defaults(func=cmd_eval)
@@ -91,11 +93,11 @@ def _print_groups(rows: list[tuple[str, ...]], title: str) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from rayrec.cli.jobs import sequential_job
-    from rayrec.runs import print_table
+    from rayrec.runs import local_checkpoint, print_table
     from rayrec.train.local import evaluate_checkpoint
 
     cfg = sequential_job(args)
-    metrics, epoch = evaluate_checkpoint(cfg, args.checkpoint, args.split, args.weights)
+    metrics, epoch = evaluate_checkpoint(cfg, local_checkpoint(args.checkpoint), args.split, args.weights)
     print_table([(k, f"{v:.4f}") for k, v in sorted(metrics.items())],
                 f"{args.split} metrics of {args.checkpoint} ({args.weights} weights, epoch {epoch})")
     return 0

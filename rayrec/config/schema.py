@@ -9,12 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from rayrec.config.base import BatchArithmetic, Ks, LossConfig, SASRecConfig, Strict  # noqa: F401  (every section is found here)
 from rayrec.config.joint import JointConfig
 from rayrec.config.multi_interest import MultiInterestConfig
 from rayrec.config.progressive import GroupRule, ProgressiveMixin
+from rayrec.storage import storage_value
 
 SplitProtocol = Literal["leave_one_out", "temporal", "user_prefix"]
 SourceName = Literal[
@@ -92,6 +93,9 @@ class PopularityConfig(Strict):
     max_len: int = Field(50, ge=1, description="history length (only used to mask seen items)")
 
 
+
+#: A local folder (``Path``) or an object-store URI (``str``: ``s3://bucket/prefix``), see ``rayrec.storage``.
+StoragePath = Annotated[Path | str, BeforeValidator(storage_value)]
 
 ModelConfig = Annotated[SASRecConfig | PopularityConfig | JointConfig | MultiInterestConfig, Field(discriminator="name")]
 
@@ -233,8 +237,10 @@ class RunConfig(Strict):
     name: str = Field("quickstart", pattern=r"^[A-Za-z0-9_.\-]+$", max_length=100,
                       description="run name (folder under storage_path, MLflow run name; at most 100 characters, not "
                       "'.' or '..')")
-    storage_path: Path = Field(Path("runs"), description="where Ray Train writes checkpoints; a relative "
-                                "path is under $RAYREC_STORAGE_ROOT when set (a cluster's shared storage)")
+    storage_path: StoragePath = Field(Path("runs"), description="where Ray Train writes checkpoints: a folder (a "
+                                      "relative one is under $RAYREC_STORAGE_ROOT when set, a cluster's shared "
+                                      "storage) or object storage, s3://BUCKET/PREFIX or gs://BUCKET/PREFIX "
+                                      "(credentials from the environment only)")
     seed: int = Field(0, description="seed of the run: initialisation, shuffling, negative sampling, index building")
     checkpoint: CheckpointConfig = Field(CheckpointConfig(), description="which checkpoints are written and kept")
     max_failures: int = Field(0, ge=-1, description="worker failures tolerated (-1 = unlimited)")

@@ -17,6 +17,7 @@ from rayrec.console import report_end, send_to_driver
 from rayrec.data.dataset import Prepared, ensure_prepared
 from rayrec.data.streaming import ray_dataset
 from rayrec.runs import Outcome, Recipe, Run, TrainerParts
+from rayrec.storage import checkpoint_uri
 from rayrec.tracking.mlflow_tracking import Tracker
 from rayrec.train.checkpoint import newest_readable, resume_metrics, seed_everything
 from rayrec.train.inputs import (
@@ -213,7 +214,7 @@ def trainer_parts(cfg: JobConfig, inputs: Inputs, run: Run, loop=train_loop_per_
 
 
 def outcome(cfg: JobConfig, result, run: Run) -> Outcome:
-    ckpt = result.checkpoint.path if result.checkpoint else None
+    ckpt = checkpoint_uri(result.checkpoint) if result.checkpoint else None
     return Outcome(dict(result.metrics or {}), run.dir, ckpt, run.tracker.run_id)
 
 
@@ -230,4 +231,5 @@ RECIPE = Recipe(
     trainer=trainer_parts, outcome=outcome, console_keys=console_keys, share=share,
     tags=lambda cfg: {"rayrec.model": cfg.model.name},
     in_process=lambda cfg: spec_of(cfg.model.name).parameter_free,
+    object_storage=True,  # every checkpoint is a Ray Train report (``workers.torch.RayReporter``)
 )

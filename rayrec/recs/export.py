@@ -57,7 +57,7 @@ def requirements(kind: str) -> list[str]:
     return [f"{n}=={version(n)}" for n in names]
 
 
-def export(run: Path, name: str, alias: str | None = None, *, job: Path | None = None,
+def export(run: Path | str, name: str, alias: str | None = None, *, job: Path | None = None,
            tracking_uri: str | None = None) -> Exported:
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -70,7 +70,7 @@ def export(run: Path, name: str, alias: str | None = None, *, job: Path | None =
 
     if not name or "/" in name or "@" in name:
         raise ConfigError(f"--name {name!r}: a registered model name has no '/' or '@'")
-    plan = plan_for(Request(Path(run), 1, job=job))
+    plan = plan_for(Request(run, 1, job=job))
     cfg = plan.cfg
     uri = resolve_uri(tracking_uri or cfg.tracking.uri)
     check_reachable(uri)
@@ -129,7 +129,11 @@ def training_run(client, cfg, checkpoint: Path) -> str | None:
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
     if exp is None:
         return None
-    for folder in (checkpoint.parent, checkpoint.parent.resolve()):
+    from rayrec.storage import home_uri
+
+    for folder in (checkpoint.parent, checkpoint.parent.resolve(), home_uri(checkpoint.parent)):  # (a copy of) a run
+        if folder is None:
+            continue
         found = client.search_runs([exp.experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{folder}'",
                                    order_by=["attributes.start_time DESC"], max_results=1)
         if found:

@@ -54,13 +54,13 @@ class Request:
     job: Path | None = None  # the job of a generative checkpoint that does not keep its own
 
 
-def resolve_checkpoint(path: Path) -> Path:
+def resolve_checkpoint(path: Path | str) -> Path:
     """A checkpoint folder (``state.pt``, or an SFT/GRPO adapter), or the chosen checkpoint of a run folder."""
     from rayrec.recs.generative import is_adapter
-    from rayrec.runs import run_checkpoint
+    from rayrec.runs import local_checkpoint, run_checkpoint
     from rayrec.train.checkpoint import STATE_FILE, latest_checkpoint
 
-    path = Path(path).expanduser()
+    path = local_checkpoint(path)  # an object-store run or checkpoint: a local copy
     if (path / STATE_FILE).is_file() or is_adapter(path):
         return path
     chosen = run_checkpoint(path)

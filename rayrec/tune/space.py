@@ -214,6 +214,17 @@ class SearchSpace(Strict):
                                      "epochs in all (trial-epochs): the same budget gives models the same search effort")
     storage_path: Path = Field(Path("runs/tune"), description="sweep folder parent (relative to the working dir)")
 
+    @field_validator("storage_path", mode="before")
+    @classmethod
+    def _a_folder(cls, v: Any) -> Any:
+        """A sweep's trials resume and report through files beside their runs: its folder is a local or
+        shared one (a trial's run on object storage is not supported yet; see cluster/README.md)."""
+        if isinstance(v, str) and "://" in v:
+            raise ValueError(f"{v.split('://')[0]}:// is not supported for a sweep's folder yet: sweeps keep their "
+                             "folder on a file system every node mounts (a relative one is under "
+                             "$RAYREC_STORAGE_ROOT on a cluster)")
+        return v
+
     @field_validator("num_samples", mode="before")
     @classmethod
     def _samples(cls, v: Any) -> Any:

@@ -61,4 +61,7 @@ def resume_checkpoint(explicit: str | None):
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         return ckpt
-    return ray.train.Checkpoint.from_directory(explicit) if explicit else None
+    if not explicit:
+        return None
+    # an object-store URI: the file system comes from this worker's environment
+    return ray.train.Checkpoint(explicit) if "://" in explicit else ray.train.Checkpoint.from_directory(explicit)

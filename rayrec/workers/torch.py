@@ -25,10 +25,14 @@ def resume_state(explicit: str | None, newest_on_disk: str | None = None) -> dic
     """The loaded state of ``resume_checkpoint`` (the sequential and joint loops' format), or of
     ``newest_on_disk`` (the driver's ``newest_readable``) when that one is newer: a run stopped
     right after a report has the checkpoint in its folder before Ray's controller registered it."""
+    import ray.train
+
     ckpt = resume_checkpoint(explicit)
     if newest_on_disk and (ckpt is None or ray_registered_older(ckpt, newest_on_disk)):
         log.info("resuming from %s, newer than the checkpoint Ray registered", newest_on_disk)
-        return load_state(newest_on_disk)
+        if "://" not in newest_on_disk:
+            return load_state(newest_on_disk)
+        ckpt = ray.train.Checkpoint(newest_on_disk)  # object storage: resolved from this worker's environment
     if ckpt is None:
         return None
     with ckpt.as_directory() as d:
