@@ -57,12 +57,11 @@ def test_object_storage_is_refused_for_a_run_in_one_process(job_file, capsys):
           r"run.storage_path s3://bucket/runs: this job runs in one process .*Give it a folder")
 
 
-def test_a_sweep_folder_on_object_storage_is_refused_with_the_reason(tmp_path, capsys):
-    space = (ROOT / "search_spaces" / "sasrec_quick.yaml").read_text()
-    path = tmp_path / "space.yaml"
-    path.write_text(re.sub(r"(?m)^storage_path: .*$", "storage_path: s3://bucket/tune", space))
-    assert main(["tune", str(path)]) == 2
-    assert "s3:// is not supported for a sweep's folder yet" in capsys.readouterr().err
+def test_a_sweep_folder_uri_stays_a_uri():
+    from rayrec.tune.space import load_space
+
+    sweep = load_space(ROOT / "search_spaces" / "sasrec_quick.yaml", ["storage_path=s3://bucket/tune/"])
+    assert sweep.space.storage_path == "s3://bucket/tune"
 
 
 # ----------------------------------------------------------------------------- on a real S3 API
@@ -185,3 +184,46 @@ def test_a_run_on_s3_killed_and_run_again_resumes_and_ends_as_the_uninterrupted_
     finally:
         os.environ.pop("RAYREC_HOME", None)
         mlflow.kill()
+
+
+@pytest.mark.slow
+def test_a_two_trial_sweep_keeps_its_state_and_its_trials_runs_on_s3(s3, s3_head, ft_job, tmp_path):
+    """`rayrec tune` with storage_path=s3://...: Tune's state, each trial's checkpoints and completion marker,
+    the summary and the best job are in the bucket; the console and the CSVs in the driver's own folder."""
+    import yaml
+    from local_ray import BIN
+    from mlflow.tracking import MlflowClient
+
+    job = ft_job("s3sweep_base")
+    text = job.read_text().replace(f"storage_path: {ft_job.work / 'runs'}", "storage_path: s3://bucket/runs")
+    job.write_text(text.replace("epochs: 4", "epochs: 2"))
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({
+        "job": str(job), "name": "s3sweep", "metric": "val/ndcg@10", "num_samples": 2, "max_concurrent_trials": 2,
+        "params": {"model.dropout": {"dist": "uniform", "low": 0.0, "high": 0.3}},
+        "trial": {"num_workers": 1, "resources_per_worker": {"CPU": 0.25}, "driver_cpu": 0.25},
+        "searcher": {"name": "random", "seed": 0}, "scheduler": {"name": "none"},
+        "storage_path": "s3://bucket/tune"}, sort_keys=False))
+    env = s3_head.env(RAY_ADDRESS=s3_head.gcs_address, RAYREC_HOME=str(tmp_path / "home"))
+    done = subprocess.run([str(BIN / "rayrec"), "tune", str(space)], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert "sweep store:  s3://bucket/tune/s3sweep " in done.stdout, done.stdout
+
+    keys = s3.keys("bucket", "tune/s3sweep/")
+    finals = [k for k in keys if k.endswith("/final/state.pt")]
+    trials = {k.split("/")[2] for k in finals}
+    assert len(trials) == 2 and all(t.startswith("trial_") for t in trials), keys
+    for trial in trials:  # each trial is a rayrec run in the trial's folder, finished
+        assert any(k.startswith(f"tune/s3sweep/{trial}/") and k.endswith("/.rayrec_complete") for k in keys)
+    assert {"tune/s3sweep/summary.csv", "tune/s3sweep/best.yaml", "tune/s3sweep/.rayrec_sweep_complete"} <= set(keys)
+    assert any(k.startswith("tune/s3sweep/experiment_state") for k in keys), keys  # what --resume restores
+    best = yaml.safe_load(s3.read("bucket", "tune/s3sweep/best.yaml"))
+    assert best["run"]["storage_path"] == "s3://bucket/runs"  # `rayrec train best.yaml` trains on the bucket too
+    assert (tmp_path / "home" / "object_runs" / "s3" / "bucket" / "tune" / "s3sweep" / "summary.csv").is_file()
+
+    c = MlflowClient(f"sqlite:///{ft_job.work}/mlflow.db")
+    exp = c.get_experiment_by_name("ft")
+    (parent,) = c.search_runs([exp.experiment_id], "tags.`rayrec.run_dir` = 's3://bucket/tune/s3sweep'")
+    kids = c.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert parent.info.status == "FINISHED" and sorted(k.info.status for k in kids) == ["FINISHED"] * 2

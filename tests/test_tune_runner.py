@@ -60,10 +60,10 @@ def test_trials_are_packed_leaving_a_cpu_for_ray_data(sweep, monkeypatch):
 
 
 def test_sweep_folder_new_versioned_or_resumed(tmp_path):
-    assert pick_sweep_dir(tmp_path, "s", resume=False) == tmp_path / "s"
+    assert pick_sweep_dir(tmp_path, "s", resume=False).dir == tmp_path / "s"
     (tmp_path / "s").mkdir()
     (tmp_path / "s" / COMPLETE_MARKER).write_text("")
-    assert pick_sweep_dir(tmp_path, "s", resume=False) == tmp_path / "s_v2"
+    assert pick_sweep_dir(tmp_path, "s", resume=False).dir == tmp_path / "s_v2"
     with pytest.raises(RayrecError, match="--resume: no saved sweep at .*s; run without --resume"):
         pick_sweep_dir(tmp_path, "s", resume=True)
 

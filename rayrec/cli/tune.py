@@ -148,6 +148,8 @@ def print_outcome(sweep, out) -> None:
             print(f"  its test metrics (reported once, not used for selection): {shown}")
         print(f"  best config: {out.best_job}   ({sweep.kind.command} {out.best_job})")
     print(f"sweep folder: {out.sweep_dir}\nresults:      {out.sweep_dir / 'results.csv'}")
+    if out.store:
+        print(f"sweep store:  {out.store} (Tune's state and the trials' checkpoints)")
     if out.parent_run_id:
         print(f"mlflow run:   {out.parent_run_id} (parent; trials are its children)")
     if out.interrupted:

@@ -23,8 +23,9 @@ from pydantic import BaseModel
 from rayrec.cluster import DATA_CPU_RESERVE, shared_paths
 from rayrec.config.kinds import GENREC
 from rayrec.config.loader import dump_job
-from rayrec.errors import RayrecError
+from rayrec.errors import ConfigError, RayrecError
 from rayrec.runs import check_storage
+from rayrec.storage import ObjectFolder, local_home, storage_value
 from rayrec.tracking.mlflow_tracking import Tracker, check_reachable, resolve_uri
 from rayrec.tune.space import OptunaSpace, Sweep
 
@@ -47,6 +48,17 @@ class TrialRow:
     trained: int = 0  # epochs the trial trained (its epoch reports): what the epoch budget counts
 
 
+@dataclass(frozen=True)
+class SweepPlace:
+    """Where a sweep lives: ``tune``, Tune's folder of it (its state, the trials' results and runs: a folder
+    or an object-store URI), and ``dir``, the folder this machine writes the console log, the summary CSVs
+    and the best job into (the same folder, or on object storage this machine's folder of it)."""
+
+    tune: str
+    dir: Path
+    store: ObjectFolder | None = None
+
+
 @dataclass
 class SweepOutcome:
     sweep_dir: Path
@@ -57,6 +69,7 @@ class SweepOutcome:
     parent_run_id: str | None = None
     interrupted: bool = False
     log_path: Path | None = None
+    store: str | None = None  # on object storage: the sweep's URI (Tune's state, the trials' runs)
 
 
 def run_sweep(sweep: Sweep, *, resume: bool = False, export: Path | None = None,
@@ -72,7 +85,14 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, export: Path | None = None,
     # 1. cheap checks first: storage, sweep folder, MLflow
     job = absolute_paths(shared_paths(sweep.job))  # on a cluster: data on its shared storage
     storage = check_storage(sweep.space.storage_path)
-    sweep_dir = pick_sweep_dir(storage, sweep.name, resume)
+    if isinstance(storage, ObjectFolder):
+        from rayrec.recipes import recipe_for
+
+        if not recipe_for(job).object_storage:
+            raise ConfigError(f"storage_path {storage.uri}: the trials of a {sweep.kind.name} sweep write their "
+                              "checkpoints as local files; give the sweep a folder (a shared one on a cluster)")
+    place = pick_sweep_dir(storage, sweep.name, resume)
+    sweep_dir = place.dir
     uri = resolve_uri(job.tracking.uri) if job.tracking.enabled else None
     if uri:
         check_reachable(uri)
@@ -84,11 +104,11 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, export: Path | None = None,
         shared = prepare_shared(sweep, job)
         logging.getLogger("tensorboardX").setLevel(logging.WARNING)  # it renames every metric with '@'
         concurrency = fit_concurrency(sweep)
-        parent = _open_parent(sweep, job, uri, sweep_dir, resume)
-        plan = _plan(sweep, job, sweep_dir, uri, parent.run_id)
+        parent = _open_parent(sweep, job, uri, place.tune, resume)
+        plan = _plan(sweep, job, place.tune, uri, parent.run_id)
         plan.shared = shared
         # 3. tune: a new Tuner, or the saved one (finished trials are kept, unfinished ones continue)
-        tuner = _tuner(sweep, plan, sweep_dir, concurrency, resume, verbose)
+        tuner = _tuner(sweep, plan, place, concurrency, resume, verbose)
         start = time.monotonic()
         try:
             grid = tuner.fit()  # Ctrl-C: Tune saves the sweep and returns; --resume continues it
@@ -98,7 +118,7 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, export: Path | None = None,
         # 4. report: summary, CSVs, the best trial as a runnable job, the parent run's records
         budget = sweep.space.time_budget_s
         out_of_time = bool(budget) and time.monotonic() - start >= 0.95 * budget
-        out = _report(sweep, plan, grid, sweep_dir, parent, export, out_of_time)
+        out = _report(sweep, plan, grid, place, parent, export, out_of_time)
     out.log_path = console.log_path
     return out
 
@@ -141,23 +161,35 @@ def prepare_shared(sweep: Sweep, job: BaseModel) -> Any:
     return recipe_for(job).share(job)
 
 
-def pick_sweep_dir(storage: Path, name: str, resume: bool) -> Path:
+def pick_sweep_dir(storage: Path | ObjectFolder, name: str, resume: bool) -> SweepPlace:
     """``storage/name`` for a new sweep (``name_vN`` once it completed); the saved one to resume."""
     from ray.tune import Tuner
 
-    path = storage / name
+    def place(n: str) -> SweepPlace:
+        if isinstance(storage, ObjectFolder):
+            store = storage.child(n)
+            return SweepPlace(store.uri, local_home(store.uri), store)
+        return SweepPlace(str(storage / n), storage / n)
+
+    path = place(name)
     if resume:
-        if not Tuner.can_restore(str(path)):
-            raise RayrecError(f"--resume: no saved sweep at {path}; run without --resume to start it")
+        if not Tuner.can_restore(path.tune):
+            raise RayrecError(f"--resume: no saved sweep at {path.tune}; run without --resume to start it")
         return path
     n = 1
-    while (path / COMPLETE_MARKER).exists():
+    while is_complete(path):
         n += 1
-        path = storage / f"{name}_v{n}"
-    if Tuner.can_restore(str(path)):
-        raise RayrecError(f"an interrupted sweep is saved at {path}; continue it with --resume, or start a "
+        path = place(f"{name}_v{n}")
+    if Tuner.can_restore(path.tune):
+        raise RayrecError(f"an interrupted sweep is saved at {path.tune}; continue it with --resume, or start a "
                           f"new one under another name (override name={name}_new)")
     return path
+
+
+def is_complete(place: SweepPlace) -> bool:
+    if place.store is not None:
+        return place.store.exists(COMPLETE_MARKER)
+    return (place.dir / COMPLETE_MARKER).exists()
 
 
 def fit_concurrency(sweep: Sweep) -> int:
@@ -186,7 +218,7 @@ def fit_concurrency(sweep: Sweep) -> int:
     return min(fits, sweep.space.max_concurrent_trials)
 
 
-def _open_parent(sweep: Sweep, job: BaseModel, uri: str | None, sweep_dir: Path, resume: bool) -> Tracker:
+def _open_parent(sweep: Sweep, job: BaseModel, uri: str | None, sweep_dir: str, resume: bool) -> Tracker:
     from rayrec.tune.mlflow_sweep import BASE_JOB_TAG, open_parent
 
     if not uri:
@@ -205,13 +237,13 @@ def _open_parent(sweep: Sweep, job: BaseModel, uri: str | None, sweep_dir: Path,
     return parent
 
 
-def _plan(sweep: Sweep, job: BaseModel, sweep_dir: Path, uri: str | None, parent_id: str | None):
+def _plan(sweep: Sweep, job: BaseModel, sweep_dir: str, uri: str | None, parent_id: str | None):
     from rayrec.tune.space import reports_clock, trial_base
     from rayrec.tune.trial import TrialPlan
 
     t = sweep.space.trial
     return TrialPlan(
-        sweep=sweep.name, sweep_dir=str(sweep_dir), base=trial_base(job), job_source=str(sweep.job_source),
+        sweep=sweep.name, sweep_dir=sweep_dir, base=trial_base(job), job_source=str(sweep.job_source),
         metric=sweep.space.metric, mode=sweep.space.resolved_mode,
         epochs=(None if reports_clock(job) or sweep.max_epochs == job.train.epochs  # (ur4rec: the stages' sum)
                 else sweep.max_epochs),
@@ -220,7 +252,7 @@ def _plan(sweep: Sweep, job: BaseModel, sweep_dir: Path, uri: str | None, parent
     )
 
 
-def _tuner(sweep: Sweep, plan, sweep_dir: Path, concurrency: int, resume: bool, verbose: bool = False):
+def _tuner(sweep: Sweep, plan, place: SweepPlace, concurrency: int, resume: bool, verbose: bool = False):
     """A ``Tuner`` over the trial function: Optuna search, ASHA on the epoch clock, MLflow callback."""
     from ray import tune
 
@@ -228,18 +260,19 @@ def _tuner(sweep: Sweep, plan, sweep_dir: Path, concurrency: int, resume: bool, 
 
     trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), {"CPU": sweep.space.trial.driver_cpu})
     if resume:  # Tune restores the run config, the epoch budget's stopper (and its count) included
-        return tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_unfinished=True, resume_errored=False)
+        return tune.Tuner.restore(place.tune, trainable=trainable, resume_unfinished=True, resume_errored=False)
     from rayrec.tune.budget import EpochBudget
 
     s = sweep.space
-    stop = EpochBudget(s.epoch_budget, record=sweep_dir) if s.epoch_budget else None
+    stop = EpochBudget(s.epoch_budget, record=place.dir) if s.epoch_budget else None
     tune_config = tune.TuneConfig(
         metric=_objective(sweep), mode=s.resolved_mode, search_alg=make_searcher(sweep), scheduler=make_scheduler(sweep),
         num_samples=s.num_samples, max_concurrent_trials=concurrency, time_budget_s=s.time_budget_s,
         trial_dirname_creator=_trial_dirname(), trial_name_creator=_trial_dirname(),
     )
+    parent, _, name = place.tune.rpartition("/")  # a URI as a string: each process resolves the store itself
     run_config = tune.RunConfig(
-        name=sweep_dir.name, storage_path=str(sweep_dir.parent), callbacks=[_recorder(sweep, plan)], stop=stop,
+        name=name, storage_path=parent, callbacks=[_recorder(sweep, plan)], stop=stop,
         failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         verbose=None if verbose else 0,  # rayrec's recorder prints one line per trial epoch
@@ -310,12 +343,14 @@ def asha_rungs(grace: int, reduction_factor: float, max_epochs: int) -> list[flo
 # --- the end of a sweep -----------------------------------------------------------------------
 
 
-def _report(sweep: Sweep, plan, grid, sweep_dir: Path, parent: Tracker, export: Path | None,
+def _report(sweep: Sweep, plan, grid, place: SweepPlace, parent: Tracker, export: Path | None,
             out_of_time: bool) -> SweepOutcome:
     """Summary, CSVs, the best job and the parent run's records."""
     from rayrec.tune.reports import is_test_report
 
-    statuses = saved_statuses(sweep_dir)
+    sweep_dir = place.dir
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    statuses = saved_statuses(place.tune)
     rows = trial_rows(sweep, grid, statuses)
     from rayrec.tune.budget import recorded_spent
 
@@ -344,12 +379,19 @@ def _report(sweep: Sweep, plan, grid, sweep_dir: Path, parent: Tracker, export: 
         if closed:
             log.info("the %s stopped trials %s; their runs are recorded as stopped early", ended_by, ", ".join(closed))
     _finish_parent(parent, sweep, rows, best, sweep_dir, interrupted)
+    if place.store is not None:  # beside Tune's state: the summary, the best job, then the completion marker
+        for name in (RESULTS_CSV, SUMMARY_CSV, BEST_JOB):
+            if (sweep_dir / name).exists():
+                place.store.write_text(name, (sweep_dir / name).read_text())
     if not interrupted:
         (sweep_dir / COMPLETE_MARKER).write_text(parent.run_id or "")
-    return SweepOutcome(sweep_dir, rows, best, best_job, best_test or {}, parent.run_id, interrupted)
+        if place.store is not None:
+            place.store.write_text(COMPLETE_MARKER, parent.run_id or "")
+    return SweepOutcome(sweep_dir, rows, best, best_job, best_test or {}, parent.run_id, interrupted,
+                        store=place.store.uri if place.store is not None else None)
 
 
-def saved_statuses(sweep_dir: Path) -> dict[str, str]:
+def saved_statuses(sweep_dir: Path | str) -> dict[str, str]:
     """Each trial's status as the sweep's saved state holds it (what ``--resume`` continues from).
 
     After Ctrl-C, Tune saves the state before it stops the running trials, so the saved
@@ -429,7 +471,7 @@ def write_best_job(sweep: Sweep, plan, best: TrialRow, path: Path) -> Path:
     from rayrec.tune.trial import trial_job
 
     cfg = trial_job(plan, best.params, name=f"{sweep.name}_best")
-    cfg.run.storage_path = Path(plan.base["run"]["storage_path"])
+    cfg.run.storage_path = storage_value(plan.base["run"]["storage_path"])
     values = "\n".join(f"#   {k}: {v!r}" for k, v in best.params.items())
     header = (f"# Best trial {best.trial_id} of sweep '{sweep.name}' ({sweep.source}):\n"
               f"# best {sweep.space.metric} = {best.value:.4f} after {best.epochs} epochs ({best.status}).\n"

@@ -51,6 +51,7 @@ from rayrec.config.kinds import (
     metric_problem,
 )
 from rayrec.config.loader import apply_overrides, config_paths, load_model, read_yaml, validate
+from rayrec.config.schema import StoragePath
 from rayrec.errors import ConfigError
 from rayrec.eval.metrics import metric_mode
 from rayrec.tune.paths import PathError, get_path, schema_path, set_paths
@@ -212,18 +213,8 @@ class SearchSpace(Strict):
     time_budget_s: float | None = Field(None, gt=0, description="stop starting/running trials after this long")
     epoch_budget: int | None = Field(None, ge=1, description="stop the sweep once its trials have trained this many "
                                      "epochs in all (trial-epochs): the same budget gives models the same search effort")
-    storage_path: Path = Field(Path("runs/tune"), description="sweep folder parent (relative to the working dir)")
-
-    @field_validator("storage_path", mode="before")
-    @classmethod
-    def _a_folder(cls, v: Any) -> Any:
-        """A sweep's trials resume and report through files beside their runs: its folder is a local or
-        shared one (a trial's run on object storage is not supported yet; see cluster/README.md)."""
-        if isinstance(v, str) and "://" in v:
-            raise ValueError(f"{v.split('://')[0]}:// is not supported for a sweep's folder yet: sweeps keep their "
-                             "folder on a file system every node mounts (a relative one is under "
-                             "$RAYREC_STORAGE_ROOT on a cluster)")
-        return v
+    storage_path: StoragePath = Field(Path("runs/tune"), description="sweep folder parent (relative to the working "
+                                      "dir), or object storage: s3://BUCKET/PREFIX, gs://BUCKET/PREFIX")
 
     @field_validator("num_samples", mode="before")
     @classmethod

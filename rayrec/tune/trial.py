@@ -15,13 +15,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
 from rayrec.config.kinds import SEQUENTIAL, kind_named
 from rayrec.config.loader import validate
+from rayrec.storage import storage_value
 from rayrec.tune.paths import set_paths
 from rayrec.tune.reports import SweepReportCallback
 
@@ -79,7 +79,8 @@ def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
     trial_id = tune.get_context().get_trial_id()
     params = {k: _native(config[k]) for k in plan.searched if k in config}
     cfg = trial_job(plan, params, name=f"{plan.sweep}-{trial_id}")
-    cfg.run.storage_path = Path(plan.sweep_dir) / trial_dirname_of(trial_id)  # the run folder: inside the trial's
+    # the run folder: inside the trial's (a folder, or an object-store URI)
+    cfg.run.storage_path = storage_value(f"{plan.sweep_dir.rstrip('/')}/{trial_dirname_of(trial_id)}")
     kind = kind_named(plan.kind)
     report = SweepReportCallback(plan.metric, plan.mode, last_epoch=None if kind.test_report else job_epochs(cfg),
                                  steps_per_report=cfg.train.save_steps if reports_clock(cfg) else None)
