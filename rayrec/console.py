@@ -217,11 +217,21 @@ class Console:
         return wrapped
 
 
+#: Loggers whose errors rayrec says itself in one line, so they go to the log file only: Tune's controller
+#: logs each trial failure with its traceback; the sweep's recorder says "trial X failed: ..." or "lost ...,
+#: started again".
+SAID_BY_RAYREC = ("ray.tune.execution.tune_controller",)
+
+
+def _to_console(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR and not record.name.startswith(SAID_BY_RAYREC)
+
+
 class _ConsoleFilter(logging.Filter):
     """What reaches the console without ``--verbose``: rayrec's own INFO and up, anyone's errors."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.name.startswith("rayrec") or record.levelno >= logging.ERROR
+        return record.name.startswith("rayrec") or _to_console(record)
 
 
 class _ToFile(logging.Filter):
@@ -235,7 +245,7 @@ class _ToFile(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno >= self.file.level:
             self.file.handle(record)
-        if record.levelno >= logging.ERROR:
+        if _to_console(record):
             for h in self.console:
                 h.handle(record)
         return False

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 COMPLETE_MARKER = ".rayrec_complete"
 BEST_CHECKPOINT = "best_checkpoint.txt"  # the finished run's checkpoint (an SFT run: its best adapter)
+FINAL_METRICS = "final_metrics.json"  # the finished run's final metrics and checkpoint (what a sweep reads again)
 CHECKPOINT_TAG = "rayrec.checkpoint"
 
 
@@ -255,16 +256,33 @@ def is_complete(run: Path | ObjectFolder) -> bool:
 
 def mark_complete(run: Run, outcome: Outcome) -> None:
     """The run's last writes: the pointer to its checkpoint (what a later stage reads from the run folder,
-    GRPO the SFT adapter), then the completion marker. On object storage each is one whole object."""
+    GRPO the SFT adapter), its final metrics, then the completion marker. On object storage each is one
+    whole object."""
+    import json
+
+    final = json.dumps({"metrics": outcome.metrics, "checkpoint": outcome.checkpoint}, default=str)
     if run.store is not None:
         outcome.run_dir = run.store.uri
         if outcome.checkpoint:
             run.store.write_text(BEST_CHECKPOINT, str(outcome.checkpoint))
+        run.store.write_text(FINAL_METRICS, final)
         run.store.write_text(COMPLETE_MARKER, outcome.mlflow_run_id or "")
         return
     if outcome.checkpoint:
         atomic_write(run.dir / BEST_CHECKPOINT, str(outcome.checkpoint))
+    atomic_write(run.dir / FINAL_METRICS, final)
     atomic_write(run.dir / COMPLETE_MARKER, outcome.mlflow_run_id or "")
+
+
+def finished_result(run: Path | ObjectFolder) -> dict[str, Any] | None:
+    """``{"metrics": ..., "checkpoint": ...}`` of a run that completed (``mark_complete``), else None."""
+    import json
+
+    if not is_complete(run):
+        return None
+    text = run.read_text(FINAL_METRICS) if isinstance(run, ObjectFolder) else (
+        (run / FINAL_METRICS).read_text() if (run / FINAL_METRICS).is_file() else None)
+    return json.loads(text) if text else {"metrics": {}, "checkpoint": None}
 
 
 def resume_hint(run: Run) -> str:

@@ -152,3 +152,146 @@ def test_losing_the_node_of_rank_1_resumes_on_a_replacement_node_as_if_never_los
     assert resumed == [1.0] and run.info.status == "FINISHED" and out["epoch"] == 4, report
     assert out["best/val/ndcg@10"] == pytest.approx(reference["best/val/ndcg@10"], abs=1e-6), report
     assert out["test/ndcg@10"] == pytest.approx(reference["test/ndcg@10"], abs=1e-6), report
+
+
+def trial_runs(sweep_dir: Path) -> dict[str, Path]:
+    """trial id -> its rayrec run folder (``trial_ID/SWEEP-ID``), for the trials started so far."""
+    return {d.parent.name.removeprefix("trial_"): d for d in sweep_dir.glob("trial_*/*-*") if d.is_dir()}
+
+
+def newest_epoch(run: Path) -> int:
+    done = [int(p.parent.name.split("_")[1]) for p in run.glob("epoch_*/state.pt") if "_step_" not in p.parent.name]
+    return max(done, default=0)
+
+
+@pytest.mark.slow
+def test_a_sweep_survives_losing_a_trials_node_and_its_own_driver(tmp_path):
+    """A 2-trial sweep whose trial drivers sit on 2 worker nodes (a `trial_slot` each). After a trial's epoch-1
+    checkpoint, SIGKILL one node: Tune starts that trial again (trial.max_failures) on a replacement node,
+    where its run resumes from its newest checkpoint. Then SIGKILL the sweep's driver; `rayrec tune --resume`
+    ends every trial, with one MLflow child run per trial and the uninterrupted sweep's best config."""
+    import json
+    import os
+    import signal
+    import time
+
+    import psutil
+    import yaml
+    from conftest import _synth
+    from local_ray import BIN, LocalHead, WorkerNode, raise_interrupt_on_sigterm
+    from mlflow.tracking import MlflowClient
+    from test_fault_tolerance import alive
+
+    from rayrec.config import dump_job
+    from rayrec.config.schema import JobConfig
+
+    raise_interrupt_on_sigterm()
+    data = _synth(tmp_path / "data", users=600, items=150, mean_len=20)
+    (tmp_path / "job.yaml").write_text(dump_job(JobConfig.model_validate({
+        "data": {"path": str(data), "prepare_if_missing": False},
+        "model": {"name": "sasrec", "hidden": 16, "num_blocks": 1, "max_len": 20},
+        "train": {"epochs": 4, "batch_size": 32, "optim": {"lr": 0.005}, "shuffle_buffer": 128,
+                  "early_stopping": {"patience": 10}, "eval": {"ks": [10], "batch_size": 256}},
+        "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "sweeps"},
+        "run": {"storage_path": str(tmp_path / "runs"), "seed": 0, "max_failures": 2}})))
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump({
+        "job": "job.yaml", "metric": "val/ndcg@10", "num_samples": 2, "max_concurrent_trials": 2,
+        "params": {"model.dropout": {"dist": "uniform", "low": 0.0, "high": 0.4}},
+        "trial": {"num_workers": 1, "resources_per_worker": {"CPU": 0.25}, "driver_cpu": 0.25,
+                  "driver_resources": {"trial_slot": 1}},
+        "searcher": {"name": "random", "seed": 0}, "scheduler": {"name": "none"},
+        "storage_path": str(tmp_path / "tune")}, sort_keys=False))
+    fast = {"RAY_health_check_period_ms": "500", "RAY_health_check_timeout_ms": "1000",
+            "RAY_health_check_failure_threshold": "3"}
+    head = LocalHead(num_cpus=1, env=fast).start()
+    nodes: list = []
+
+    def tune(*args: str, **kw) -> subprocess.Popen:
+        return subprocess.Popen([str(BIN / "rayrec"), "tune", str(tmp_path / "space.yaml"), *args],
+                                env=head.env(RAY_ADDRESS=head.gcs_address), cwd=tmp_path, start_new_session=True,
+                                stdout=open(tmp_path / f"{args[0].split('=')[1]}.log", "ab"), stderr=subprocess.STDOUT)
+
+    def log(name: str) -> str:
+        return (tmp_path / f"{name}.log").read_text()[-5000:]
+
+    try:
+        nodes += [WorkerNode(head, 1, {"trial_slot": 1}).start(), WorkerNode(head, 1, {"trial_slot": 1}).start()]
+        start = time.monotonic()
+        assert tune("name=reference").wait(900) == 0, log("reference")
+        reference_s = time.monotonic() - start
+
+        start = time.monotonic()
+        proc, sweep_dir = tune("name=lossy"), tmp_path / "tune" / "lossy"
+        deadline = time.monotonic() + 600
+        while True:  # a node whose trial driver (it holds its run's lock) has a checkpoint
+            assert proc.poll() is None and time.monotonic() < deadline, log("lossy")
+            held = {n: {Path(f.path).parent for p in n._processes(psutil) for f in _open_files(p)
+                        if f.path.endswith(".rayrec.lock")} for n in nodes}
+            ready = [(n, run) for n, runs in held.items() for run in runs if 1 <= newest_epoch(run) < 3]
+            if ready:
+                break
+            time.sleep(0.2)
+        victim, held = ready[0]
+        lost_trial = held.parent.name.removeprefix("trial_")
+        at_kill = newest_epoch(held)
+        victim.kill()
+        nodes.remove(victim)
+        nodes.append(WorkerNode(head, 1, {"trial_slot": 1}).start())  # the replacement
+        while newest_epoch(held) <= at_kill:  # the trial runs again: a new checkpoint of its run
+            assert proc.poll() is None and time.monotonic() < deadline, log("lossy")
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGKILL)  # now the sweep's driver
+        proc.wait()
+        while alive(head, "RayTrainWorker") and time.monotonic() < deadline:
+            time.sleep(1)  # Ray ends the trials of a dead driver
+        killed_at = {t: newest_epoch(r) for t, r in trial_runs(sweep_dir).items()}
+        assert tune("name=lossy", "--resume").wait(900) == 0, log("lossy")
+        lossy_s = time.monotonic() - start
+    finally:
+        for node in nodes:
+            node.stop()
+        head.stop()
+
+    c = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = c.get_experiment_by_name("sweeps")
+
+    def sweep_runs(name: str):
+        (parent,) = c.search_runs([exp.experiment_id], f"tags.`rayrec.run_dir` = '{tmp_path / 'tune' / name}'")
+        kids = c.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+        return parent, kids
+
+    def summary(name: str) -> list[dict]:
+        import pandas as pd
+
+        return pd.read_csv(tmp_path / "tune" / name / "summary.csv").to_dict("records")
+
+    parent, kids = sweep_runs("lossy")
+    resumed = {k.data.tags["rayrec.trial_id"]: [m.value for m in c.get_metric_history(k.info.run_id, "resume/epoch")]
+               for k in kids}
+    report = {"lost_trial": lost_trial, "lost_after_epoch": at_kill, "driver_killed_at_epochs": killed_at,
+              "resume/epoch per trial": resumed, "reference_s": round(reference_s, 1), "lossy_s": round(lossy_s, 1),
+              "reference": summary("reference"), "lossy": summary("lossy")}
+    print(json.dumps(report, default=str))
+    assert parent.info.status == "FINISHED", report
+    assert sorted(k.data.tags["rayrec.trial_id"] for k in kids) == sorted(trial_runs(sweep_dir)), report  # no duplicate
+    assert [k.info.status for k in kids] == ["FINISHED"] * 2, report
+    assert not list(sweep_dir.glob("trial_*/*_v2")), report  # a trial that had ended is not trained again
+    assert resumed[lost_trial][0] == at_kill, report  # the retried trial resumed from its checkpoint of the loss
+    for trial, epoch in killed_at.items():  # and after the sweep driver's loss, from where each trial was
+        assert (resumed[trial] or [0])[-1] == (epoch if epoch < 4 else resumed[trial][-1] if resumed[trial] else 0), report
+    assert [r["status"] for r in summary("lossy")] == ["completed"] * 2, report
+    said = (tmp_path / "lossy.log").read_text()
+    assert re.search(rf"\[lossy\] trial {lost_trial} lost \(.*node.*\); started again \(1 failure\(s\) so far\)", said), said
+    assert "Traceback" not in said, said  # Tune's own account of the loss stays in the sweep's log file
+    ref, got = summary("reference")[0], summary("lossy")[0]  # best first
+    assert got["model.dropout"] == pytest.approx(ref["model.dropout"]), report
+    assert got["best val/ndcg@10"] == pytest.approx(ref["best val/ndcg@10"], abs=1e-6), report
+
+
+def _open_files(p) -> list:
+    import psutil
+
+    try:
+        return p.open_files()
+    except psutil.Error:
+        return []

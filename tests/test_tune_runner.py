@@ -59,6 +59,18 @@ def test_trials_are_packed_leaving_a_cpu_for_ray_data(sweep, monkeypatch):
         fit_concurrency(sweep)
 
 
+def test_custom_resources_of_trials_bound_the_concurrency_or_are_named_when_missing(sweep, monkeypatch):
+    import ray
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "trial_slot": 2.0})
+    sweep.space.max_concurrent_trials = 4
+    sweep.space.trial.driver_resources = {"trial_slot": 1.0}
+    assert fit_concurrency(sweep) == 2  # one trial driver per slot
+    sweep.space.trial.driver_resources = {"node_gpu_a": 1.0}
+    with pytest.raises(RayrecError, match=r"one trial needs 1 of the resource 'node_gpu_a' .* the cluster has 0"):
+        fit_concurrency(sweep)
+
+
 def test_sweep_folder_new_versioned_or_resumed(tmp_path):
     assert pick_sweep_dir(tmp_path, "s", resume=False).dir == tmp_path / "s"
     (tmp_path / "s").mkdir()
@@ -144,3 +156,35 @@ def test_a_stopped_trial_ends_killed_whatever_order_the_two_sides_finish_in(tmp_
     recorder.on_trial_complete(0, [], trial)  # the recorder first ...
     child.finish("FAILED")  # ... then the trial's own failure path
     assert MlflowClient(uri).get_run(child.run_id).info.status == "KILLED"
+
+
+def test_a_trial_whose_run_had_completed_reports_its_final_result_and_trains_nothing(tiny_job, tmp_path, monkeypatch):
+    """A restored sweep starts a trial again whose run completed before the sweep's driver died: the run's
+    final metrics go to Tune (objective, clock, checkpoint) and no new run folder (``_v2``) is made."""
+    import json
+    from types import SimpleNamespace
+
+    from ray import tune
+
+    from rayrec.runs import COMPLETE_MARKER as RUN_DONE
+    from rayrec.runs import FINAL_METRICS
+    from rayrec.tune.reports import CHECKPOINT_KEY, Objective, is_final
+    from rayrec.tune.trial import replay_finished
+
+    reported: list[dict] = []
+    monkeypatch.setattr(tune, "report", lambda metrics, **kw: reported.append(metrics))
+    cfg = tiny_job.model_copy(deep=True)
+    cfg.run.storage_path, cfg.run.name = tmp_path / "trial_ab12", "s-ab12"
+    report = SimpleNamespace(objective=Objective("val/ndcg@10", "max"))
+    assert replay_finished(cfg, report) is False and reported == []  # not completed: the trial trains
+
+    run = tmp_path / "trial_ab12" / "s-ab12"
+    run.mkdir(parents=True)
+    final = {"epoch": 4, "best/val/ndcg@10": 0.41, "test/ndcg@10": 0.39}
+    (run / FINAL_METRICS).write_text(json.dumps({"metrics": final, "checkpoint": str(run / "final")}))
+    (run / RUN_DONE).write_text("mlflow-run-id")
+    assert replay_finished(cfg, report) is True
+    (got,) = reported
+    assert is_final(got) and got["epoch"] == 4 and got["best/val/ndcg@10"] == 0.41
+    assert got[CHECKPOINT_KEY] == str(run / "final")
+    assert sorted(p.name for p in run.parent.iterdir()) == ["s-ab12"]

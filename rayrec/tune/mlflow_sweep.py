@@ -155,6 +155,13 @@ class TrialRecorder(_tune_callback_base()):
             status, why = STOPPED, "time budget" if budget else "scheduler"
         self._record(trial, status, {"rayrec.stopped_by": why} if why else {})
 
+    def on_trial_recover(self, iteration, trials, trial, **info) -> None:
+        """The trial's driver died (its node lost) and Tune starts it again: it resumes its run."""
+        text = _error_text(trial) or ""
+        last = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
+        say(f"[{self.sweep}] trial {trial.trial_id} lost ({last[-1][:300] if last else 'its driver died'}); "
+            f"started again ({trial.num_failures} failure(s) so far), it resumes from its newest checkpoint")
+
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         text = _error_text(trial) or "unknown error (see the trial's error.txt)"
         last = [line for line in str(text).strip().splitlines() if line.strip()]

@@ -203,6 +203,17 @@ def fit_concurrency(sweep: Sweep) -> int:
     if t.use_gpu:
         gpu = t.num_workers * float(t.resources_per_worker.get("GPU", 1.0))
         limits.append(math.floor(float(total.get("GPU", 0.0)) / gpu + 1e-9))
+    custom: dict[str, float] = dict(t.driver_resources)
+    for k, v in t.resources_per_worker.items():
+        if k not in ("CPU", "GPU"):
+            custom[k] = custom.get(k, 0.0) + t.num_workers * v
+    for k, need in custom.items():
+        if need > 0:
+            if float(total.get(k, 0.0)) < need:
+                raise RayrecError(f"one trial needs {need:g} of the resource {k!r} (trial.driver_resources / "
+                                  f"resources_per_worker), but the cluster has {total.get(k, 0):g}: start nodes with "
+                                  f"--resources '{{\"{k}\": N}}', or drop it from the space file")
+            limits.append(math.floor(float(total[k]) / need + 1e-9))
     fits = min(limits)
     if fits < 1:
         raise RayrecError(
@@ -258,7 +269,9 @@ def _tuner(sweep: Sweep, plan, place: SweepPlace, concurrency: int, resume: bool
 
     from rayrec.tune.trial import run_trial
 
-    trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), {"CPU": sweep.space.trial.driver_cpu})
+    t = sweep.space.trial
+    trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan),
+                                    {"CPU": t.driver_cpu, **t.driver_resources})
     if resume:  # Tune restores the run config, the epoch budget's stopper (and its count) included
         return tune.Tuner.restore(place.tune, trainable=trainable, resume_unfinished=True, resume_errored=False)
     from rayrec.tune.budget import EpochBudget
@@ -273,7 +286,7 @@ def _tuner(sweep: Sweep, plan, place: SweepPlace, concurrency: int, resume: bool
     parent, _, name = place.tune.rpartition("/")  # a URI as a string: each process resolves the store itself
     run_config = tune.RunConfig(
         name=name, storage_path=parent, callbacks=[_recorder(sweep, plan)], stop=stop,
-        failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+        failure_config=tune.FailureConfig(max_failures=t.max_failures, fail_fast=False),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         verbose=None if verbose else 0,  # rayrec's recorder prints one line per trial epoch
     )

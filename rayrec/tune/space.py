@@ -179,6 +179,12 @@ class TrialResources(Strict):
         description="fractional CPUs let several trials share a small machine",
     )
     driver_cpu: float = Field(0.25, ge=0.0, description="CPU reserved by the trial's driver (runs the TorchTrainer)")
+    driver_resources: dict[str, float] = Field(
+        default_factory=dict, description="more resources of the trial's driver, e.g. {trial_slot: 1} with a "
+        "custom resource of that name on some nodes: trials' drivers only there, one per slot")
+    max_failures: int = Field(1, ge=-1, description="times a trial is started again after its driver died (its "
+                              "node lost, the process killed): it resumes its run from the newest checkpoint and "
+                              "the same MLflow child run; -1 = no limit. A trial that fails again is recorded failed")
 
 
 class SearcherConfig(Strict):

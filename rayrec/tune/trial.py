@@ -84,8 +84,33 @@ def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
     kind = kind_named(plan.kind)
     report = SweepReportCallback(plan.metric, plan.mode, last_epoch=None if kind.test_report else job_epochs(cfg),
                                  steps_per_report=cfg.train.save_steps if reports_clock(cfg) else None)
+    if replay_finished(cfg, report):
+        return
     run_job(recipe_for(cfg), cfg, callbacks=[report], tracking=partial(open_child, plan, trial_id, params),
             console=False, shared=plan.shared)
+
+
+def replay_finished(cfg: BaseModel, report: SweepReportCallback) -> bool:
+    """A trial whose run already completed, started again by a restored sweep (its driver died before Tune
+    saved that the trial had ended): report the run's final result to Tune instead of training it again as
+    a new run folder (``NAME_v2``) with a second MLflow child run. False when the run did not complete."""
+    from ray import tune
+
+    from rayrec.runs import check_storage, finished_result
+    from rayrec.storage import ObjectFolder
+    from rayrec.tune.reports import CHECKPOINT_KEY
+
+    storage = check_storage(cfg.run.storage_path)
+    done = finished_result(storage.child(cfg.run.name) if isinstance(storage, ObjectFolder)
+                           else storage / cfg.run.name)
+    if done is None:
+        return False
+    metrics = report.objective.complete(dict(done["metrics"]))
+    if done.get("checkpoint"):
+        metrics[CHECKPOINT_KEY] = done["checkpoint"]
+    log.info("trial run %s had completed: its final result is reported again, nothing is trained", cfg.run.name)
+    tune.report(metrics)
+    return True
 
 
 def trial_dirname_of(trial_id: str) -> str:
