@@ -208,22 +208,87 @@ def ray_train_env(cfg: JobConfig) -> Iterator[None]:
 def placement_error(err: BaseException, cfg: JobConfig) -> ClusterError | None:
     """A ``ClusterError`` stating the shortfall when ``err`` is Ray Train giving up on placing
     the worker group; None for any other failure."""
-    import ray
-
     cause = getattr(err, "controller_failure", None)
     name = type(cause).__name__
     if name == "InsufficientClusterResourcesError":
         return ClusterError(f"the cluster can never hold the workers: {' '.join(str(cause).split())}")
     if name != "WorkerGroupStartupTimeoutError":
         return None
-    sc, free = cfg.scaling, ray.available_resources()
-    asked = ", ".join(f"{k} {v:g}" for k, v in worker_resources(cfg).items())
+    sc = cfg.scaling
     return ClusterError(
-        f"{sc.num_workers} workers x ({asked}) were not placed within {sc.start_timeout_s:g} s "
-        f"({sc.start_attempts} attempt(s)); free now: CPU {free.get('CPU', 0.0):g}, GPU {free.get('GPU', 0.0):g}. "
-        "Other jobs hold the rest, or nodes are still booting: free resources, lower scaling.num_workers, "
-        "or raise scaling.start_timeout_s"
+        f"{sc.num_workers} workers x ({_asked(cfg)}) were not placed within {sc.start_timeout_s:g} s "
+        f"({sc.start_attempts} attempt(s)); free now: {free_of(cfg)}. Other jobs hold the rest, a node was lost, "
+        "or nodes are still booting: free resources, lower scaling.num_workers, or raise scaling.start_timeout_s"
     )
+
+
+def _asked(cfg: JobConfig) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in worker_resources(cfg).items())
+
+
+def free_of(cfg: JobConfig) -> str:
+    """Each resource a worker asks for (CPU and GPU always): free now of the cluster's total, alive nodes."""
+    import ray
+
+    free, total = ray.available_resources(), ray.cluster_resources()
+    keys = dict.fromkeys(["CPU", "GPU", *worker_resources(cfg)])
+    alive = sum(1 for n in ray.nodes() if n.get("Alive"))
+    return ", ".join(f"{k} {free.get(k, 0.0):g} of {total.get(k, 0.0):g}" for k in keys) + f" on {alive} node(s)"
+
+
+class PlacementWatch:
+    """While Ray Train starts (or, after a lost worker, restarts) the worker group: when a placement group
+    has waited ``notice_s`` for resources, one console line says what is asked, what is free and how long
+    Ray Train waits; once per wait. Ray Train itself is silent until it gives up."""
+
+    def __init__(self, cfg: JobConfig, notice_s: float | None = None, poll_s: float = 1.0) -> None:
+        import threading
+
+        sc = cfg.scaling
+        self.cfg, self.poll_s = cfg, poll_s
+        self.notice_s = notice_s if notice_s is not None else min(10.0, sc.start_timeout_s / 2)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rayrec-placement-watch", daemon=True)
+        self.said = 0
+
+    def __enter__(self) -> PlacementWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        import time
+
+        from ray.util import placement_group_table
+
+        known: set[str] = set()
+        try:
+            known = set(placement_group_table())  # other jobs' groups, there before this run
+        except Exception:
+            return
+        waiting_since: float | None = None
+        told = False
+        while not self._stop.wait(self.poll_s):
+            try:
+                table = placement_group_table()
+            except Exception:  # the cluster went away: nothing to watch
+                return
+            pending = [pg for pid, pg in table.items() if pid not in known
+                       and pg.get("state") in ("PENDING", "RESCHEDULING")]
+            if not pending:
+                waiting_since, told = None, False
+                continue
+            waiting_since = waiting_since or time.monotonic()
+            if not told and time.monotonic() - waiting_since >= self.notice_s:
+                told = True
+                self.said += 1
+                sc = self.cfg.scaling
+                log.warning("waiting for the cluster to place %d workers x (%s); free now: %s. Ray Train waits up "
+                            "to %g s (scaling.start_timeout_s) per attempt", sc.num_workers, _asked(self.cfg),
+                            free_of(self.cfg), sc.start_timeout_s)
 
 
 #: Relative paths a job writes or reads as shared data: under ``$RAYREC_STORAGE_ROOT`` on a cluster.

@@ -425,13 +425,13 @@ def fit_on_ray(recipe: Recipe, cfg: Any, inputs: Any, run: Run) -> Outcome:
 def fit(trainer, cfg: Any):
     """``trainer.fit()`` with the start timeout, a placement error that names the shortfall,
     and a failed run as a ``RayrecError``."""
-    from rayrec.cluster import placement_error, ray_train_env
+    from rayrec.cluster import PlacementWatch, placement_error, ray_train_env
 
     # Ray Train's fit() takes SIGINT over from the caller (its handler exits the process with status 1 and no
     # word); rayrec's own (``rayrec.stopping``) handles SIGINT as it does SIGTERM and SIGHUP
     trainer._register_sigint_handler = lambda controller: None
     try:
-        with ray_train_env(cfg):
+        with ray_train_env(cfg), PlacementWatch(cfg):
             result = trainer.fit()
     except Exception as e:
         friendly = placement_error(e, cfg)

@@ -123,23 +123,28 @@ def test_sft_writes_under_the_storage_root(tiny_dataset, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("kind", ["sequential", "sft"])
-def test_workers_that_cannot_be_placed_time_out_with_the_shortfall(ray_session, tiny_job, tiny_dataset, tmp_path, kind):
+def test_workers_that_cannot_be_placed_time_out_with_the_shortfall(ray_session, tiny_job, tiny_dataset, tmp_path, kind,
+                                                                   caplog):
     """The job fits the cluster but another holds the CPUs: scaling.start_timeout_s, not forever, with
-    the same message for every recipe (`rayrec train` and `rayrec sft`)."""
+    the same message for every recipe (`rayrec train` and `rayrec sft`), and one line while it waits."""
     from ray.util.placement_group import placement_group, remove_placement_group
 
     cfg = tiny_job.model_copy(deep=True) if kind == "sequential" else tiny_sft(tiny_dataset, tmp_path)
     cfg.scaling.resources_per_worker = {"CPU": 1.0}
-    cfg.scaling.start_timeout_s, cfg.scaling.start_attempts = 3, 1
+    cfg.scaling.start_timeout_s, cfg.scaling.start_attempts = 5, 1
     hog = placement_group([{"CPU": 1.5}])  # another job's reservation
     ray_session.get(hog.ready(), timeout=60)
     start = time.monotonic()
     try:
-        with pytest.raises(ClusterError, match=r"1 workers x \(CPU 1\) were not placed within 3 s \(1 attempt"):
+        with pytest.raises(ClusterError, match=r"1 workers x \(CPU 1\) were not placed within 5 s \(1 attempt.*; "
+                           r"free now: CPU [\d.]+ of 2, GPU 0 of 0 on 1 node\(s\)"):
             recipes.run(cfg)
     finally:
         remove_placement_group(hog)
     assert time.monotonic() - start < 90
+    waits = [r.getMessage() for r in caplog.records if r.getMessage().startswith("waiting for the cluster")]
+    assert len(waits) == 1 and re.match(r"waiting for the cluster to place 1 workers x \(CPU 1\); free now: CPU "
+                                        r"[\d.]+ of 2.*up to 5 s \(scaling.start_timeout_s\)", waits[0]), waits
     assert os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S") is None  # set for the run only
 
 
