@@ -137,6 +137,10 @@ def test_a_run_on_s3_killed_and_run_again_resumes_and_ends_as_the_uninterrupted_
         assert s3.read("bucket", "runs/s3ref/best_checkpoint.txt").decode() == "s3://bucket/runs/s3ref/final"
         kept = {k.split("/")[2] for k in keys if k.endswith("/state.pt")}
         assert len(kept - {"final"}) <= 2, kept  # num_to_keep, on the bucket
+        from rayrec.recs.evaluate import eval_recs  # the finished run's recommendations, from its URI
+
+        assert main(["recommend", "s3://bucket/runs/s3ref", "--k", "10", "--out", str(tmp_path / "recs"), "--local"]) == 0
+        assert eval_recs(tmp_path / "recs", "test")["test/ndcg@10"] == pytest.approx(ref["test/ndcg@10"], abs=1e-6)
 
         path = job("s3kill")
         log = path.with_suffix(".log")

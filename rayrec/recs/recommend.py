@@ -102,6 +102,7 @@ def plan_for(req: Request) -> Plan:
     from rayrec.data.dataset import check_contents, check_same_data, open_prepared
     from rayrec.recs.generative import GenRecommender, adapter_job, decode_settings, is_adapter
     from rayrec.recs.scoring import Recommender
+    from rayrec.storage import home_uri
     from rayrec.train.checkpoint import load_state
 
     checkpoint = resolve_checkpoint(req.checkpoint).resolve()
@@ -124,7 +125,9 @@ def plan_for(req: Request) -> Plan:
     check_contents(ds)
     check_same_data(state.get("data"), cfg.data.path, f"checkpoint {checkpoint}")
     _check_k(req.k, ds.num_items)
-    return Plan(Recommender, {"checkpoint": str(checkpoint), "num_items": ds.num_items}, ds,
+    # a copy of an object-store checkpoint: each actor makes its own (on a cluster it may run on another node)
+    source = home_uri(checkpoint) or str(checkpoint)
+    return Plan(Recommender, {"checkpoint": source, "num_items": ds.num_items}, ds,
                 {"checkpoint": str(checkpoint), "job_hash": _hash(state["config"]), "model": cfg.model.name}, cfg,
                 num_gpus=1.0 if cfg.scaling.use_gpu else 0.0, batch_format="pyarrow")
 

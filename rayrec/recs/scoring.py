@@ -92,12 +92,13 @@ def load_scorer(checkpoint: str | Path, data_path: str | Path | None = None, num
     weights comes from (the joint model's features) and, without ``num_items``, the item count; an
     exported model passes its own copy and its ``num_items``.
     """
+    from rayrec.runs import local_checkpoint
     from rayrec.train.checkpoint import load_state
     from rayrec.train.inputs import DataInfo
     from rayrec.train.specs import build
     from rayrec.train.state import load_model_weights
 
-    state = load_state(str(checkpoint))
+    state = load_state(local_checkpoint(checkpoint))  # an object-store checkpoint: this process's copy
     cfg = job_of(state)
     data_path = Path(data_path or cfg.data.path)
     if num_items is None:
