@@ -124,6 +124,7 @@ def run_job(recipe: Recipe, cfg: Any, *, local: bool = False, source: str | None
     from rayrec.cluster import shared_paths
 
     cfg = shared_paths(cfg)  # on a cluster: data and checkpoints on its shared storage
+    resume_from = checked_resume_from(resume_from)
     in_process = local or recipe.in_process(cfg)
     storage = check_storage(cfg.run.storage_path, recipe, in_process)
     if callbacks and in_process:
@@ -175,6 +176,17 @@ def start_ray(cfg: Any, attach: Callable[[], None] | None = None) -> None:
 
 
 # ----------------------------------------------------------------------------- run folder
+
+
+def checked_resume_from(path: str | Path | None) -> str | None:
+    """``--resume-from``: absolute (workers run in other folders), and a checkpoint, before any worker starts."""
+    if path is None or is_object_uri(str(path)):
+        return None if path is None else str(path)
+    found = Path(path).expanduser().resolve()
+    if not found.is_dir():
+        raise ConfigError(f"--resume-from {path}: no such checkpoint folder ({found}); give one such as "
+                          "runs/NAME/epoch_0003 or runs/NAME/final")
+    return str(found)
 
 
 def check_storage(path: Path | str, recipe: Recipe | None = None, in_process: bool = False) -> Path | ObjectFolder:
@@ -434,13 +446,32 @@ def fit(trainer, cfg: Any):
         with ray_train_env(cfg), PlacementWatch(cfg):
             result = trainer.fit()
     except Exception as e:
-        friendly = placement_error(e, cfg)
+        friendly = placement_error(e, cfg) or worker_error(e)
         if friendly is None:
             raise
         raise friendly from None
     if result.error:
-        raise RayrecError(f"training failed: {result.error}")
+        raise worker_error(result.error) or RayrecError(f"training failed: {result.error}")
     return result
+
+
+def worker_error(err: BaseException) -> RayrecError | None:
+    """One line for Ray Train giving up on the workers (``WorkerGroupError``): the lowest failed rank's own
+    exception (a rayrec error: its message; another: its type and last line), not Ray's traceback
+    snippets, which stay in the run's log. None for any other error."""
+    failures = getattr(err, "worker_failures", None)
+    if not failures:
+        return None
+    rank, exc = min(failures.items(), key=lambda kv: kv[0])
+    cause = getattr(exc, "cause", None) or exc  # a RayTaskError wraps the worker's own exception
+    if isinstance(cause, RayrecError):
+        said = str(cause).strip().splitlines()[0]
+    else:
+        lines = [line.strip() for line in str(cause).strip().splitlines() if line.strip()]
+        said = f"{type(cause).__name__}: {lines[-1] if lines else ''}".rstrip(": ")
+    more = f" (and {len(failures) - 1} more worker(s))" if len(failures) > 1 else ""
+    logging.getLogger("ray.train").warning("%s", err)  # Ray's own account, traces included: the run's log only
+    return RayrecError(f"training failed on worker rank {rank}{more}: {said}")
 
 
 # ----------------------------------------------------------------------------- the final table

@@ -148,6 +148,28 @@ def test_workers_that_cannot_be_placed_time_out_with_the_shortfall(ray_session, 
     assert os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S") is None  # set for the run only
 
 
+def test_a_workers_error_is_one_line_naming_its_rank_and_resume_from_is_read_from_the_working_dir(
+        ray_session, job_file, tmp_path, monkeypatch, capsys):
+    """A worker that fails (here: resuming a checkpoint of another model size) ends the run with the worker's
+    own message on one line, not Ray's traceback snippets; `--resume-from` relative to where the command
+    runs (Ray's workers run in other folders)."""
+    from rayrec.cli import main
+
+    path, cfg = job_file
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", str(path), "--local", "train.epochs=1"]) == 0
+    assert (tmp_path / "runs" / "t" / "final" / "state.pt").is_file()
+    capsys.readouterr()
+    assert main(["train", str(path), "run.name=bigger", "model.hidden=32", "--resume-from", "runs/t/final"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"^error: training failed on worker rank 0: the checkpoint holds a model of another size "
+                     r"\(.*\(\d+, 16\) there, \(\d+, 32\) here", err.strip().splitlines()[-1]), err
+    assert "Traceback" not in err and "Error Snippet" not in err, err
+    assert "Error Snippet" in (tmp_path / "runs" / "bigger" / "rayrec.log").read_text()  # Ray's account: in the log
+    assert main(["train", str(path), "run.name=none", "--resume-from", "runs/nope"]) == 2
+    assert "--resume-from runs/nope: no such checkpoint folder" in capsys.readouterr().err
+
+
 def test_std_streams_go_to_the_log_while_rayrec_keeps_the_terminal(tmp_path):
     """Ray's C++ core worker writes straight to fd 2, libraries' progress bars and banners to sys.stderr
     and sys.stdout: during a run all of it lands in rayrec.log; the console's lines and rayrec's own
