@@ -218,7 +218,7 @@ def local_checkpoint(path: Path | str) -> Path:
     from rayrec.train.checkpoint import STATE_FILE
 
     folder = ObjectFolder.at(str(path))
-    if not folder.exists(STATE_FILE) and not folder.exists("adapter_config.json"):
+    if not folder.exists(STATE_FILE):  # a run: its chosen checkpoint
         pointer = folder.read_text(BEST_CHECKPOINT)
         chosen = pointer.strip() if pointer else newest_stored(folder)
         if chosen is None:

@@ -21,10 +21,10 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from rayrec.errors import RayrecError
+from rayrec.secrets import secret_name
 
 #: URI schemes of the object stores pyarrow reaches (``gs`` and ``gcs`` are the same store).
 OBJECT_SCHEMES = ("s3", "gs", "gcs")
-_SECRET_QUERY = {"access_key", "secret_key", "session_token", "credentials"}
 
 
 def is_object_uri(value: object) -> bool:
@@ -40,7 +40,7 @@ def storage_value(value: object, key: str = "run.storage_path") -> object:
         if parts.scheme not in OBJECT_SCHEMES:
             raise ValueError(f"{key}: {parts.scheme}:// is not a storage rayrec writes to; use a local or shared "
                              f"folder, or object storage ({', '.join(s + '://' for s in OBJECT_SCHEMES)})")
-        if "@" in parts.netloc or _SECRET_QUERY & set(parse_qs(parts.query)):
+        if "@" in parts.netloc or any(secret_name(k) for k in parse_qs(parts.query)):
             raise ValueError(f"{key}: credentials do not go in the storage URI (they would reach logs, MLflow and "
                              "configs); set them in the environment: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY "
                              "(AWS_ENDPOINT_URL for another S3 API), or GOOGLE_APPLICATION_CREDENTIALS")
